@@ -5,8 +5,18 @@ OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors'
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
-from dataclasses import dataclass, field, replace
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 # ----------------------------------------------------------------------------- configs
 
@@ -168,3 +178,719 @@ def get_model_config(name: str, image_size: int | None = None, context_length: i
                                    mask_ratio=mask_ratio).items() if val is not None}
     t = {"context_length": context_length} if context_length is not None else {}
     return replace(cfg, vision=replace(cfg.vision, **v), text=replace(cfg.text, **t))
+
+
+def _check_config(cfg: CLIPConfig) -> CLIPConfig:
+    """Reject settings the model cannot build, with a one-line reason."""
+    v, t = cfg.vision, cfg.text
+    if v.image_size % v.patch_size:
+        raise ValueError(f"image size {v.image_size} is not a multiple of the patch size {v.patch_size}")
+    if v.mask not in MASK_STRATEGIES:
+        raise ValueError(f"unknown image mask {v.mask!r}; expected one of {', '.join(MASK_STRATEGIES)}")
+    if not 0.0 <= v.mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {v.mask_ratio}")
+    if v.pool not in ("cls", "gap_cls", "gap") or v.pos_embed not in ("learnable", "sincos"):
+        raise ValueError(f"unknown vision pool {v.pool!r} or position embedding {v.pos_embed!r}")
+    if v.pos_embed == "sincos" and v.width % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {v.width}")
+    if t.context_length < 1 or t.pool not in ("eot", "last"):
+        raise ValueError(f"bad text config: context length {t.context_length}, pool {t.pool!r}")
+    if cfg.gelu not in ("exact", "tanh"):
+        raise ValueError(f"unknown GELU flavour {cfg.gelu!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- model
+
+LN_EPS = 1e-5  # OpenCLIP and the authors' clipa_torch both use torch's default LayerNorm eps
+MASK_STRATEGIES = ("none", "random", "grid", "block")
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table [1 + grid*grid, width] (MAE / OpenCLIP order: first half encodes the
+    column, second half the row; each half is [sin, cos]); the CLS row is zero."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos):
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()
+
+
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """Patches kept by masking: int(N * (1 - p)), at least one. Static, so XLA compiles one graph."""
+    return max(1, int(num_patches * (1.0 - mask_ratio)))
+
+
+def _bayer(size: int) -> torch.Tensor:
+    """Ordered-dither (Bayer) matrix [size, size] with values 0..size^2-1: the first size^2/4 values
+    form a stride-2 sub-grid, the first half a checkerboard, and so on - a regular pattern for any
+    keep fraction."""
+    m = torch.zeros(1, 1, dtype=torch.long)
+    base = torch.tensor([[0, 2], [3, 1]])
+    while m.shape[0] < size:
+        n = m.shape[0]
+        # finest 2x2 position decides the high digits, the coarser position the low ones
+        m = (n * n) * base.repeat(n, n) + m.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    return m
+
+
+def mask_indices(batch: int, grid: int, strategy: str, mask_ratio: float, device) -> torch.Tensor:
+    """Indices [batch, K] of the patch tokens to keep (K = keep_count), drawn on `device`.
+
+    random: a uniform random subset per sample (FLIP).
+    grid:   a regular sub-grid (one patch of each 2x2 cell at 75%, a checkerboard at 50%), at a random
+            offset per sample.
+    block:  square blocks of patches dropped one after another (BEiT style) until the ratio is met; the
+            last block is cut to hit the exact count.
+    All random numbers come from torch.rand/randint on the device: no host RNG, no sync."""
+    n = grid * grid
+    k = keep_count(n, mask_ratio)
+    if strategy == "random":
+        score = torch.rand(batch, n, device=device)
+    elif strategy == "grid":
+        tile = 8
+        pattern = _bayer(tile).to(device)                                   # [8, 8]
+        offset = torch.randint(0, tile, (batch, 2), device=device)
+        r = torch.arange(grid, device=device)
+        rows = (r[None, :, None] + offset[:, 0, None, None]) % tile        # [B, g, 1]
+        cols = (r[None, None, :] + offset[:, 1, None, None]) % tile        # [B, 1, g]
+        rank = pattern[rows, cols].reshape(batch, n)                         # lower = kept first
+        score = -(rank * n + torch.arange(n, device=device)).float()        # ties: raster order
+    elif strategy == "block":
+        drop = n - k
+        max_side = max(1, grid // 2)
+        mean_area = sum(s * s for s in range(1, max_side + 1)) / max_side
+        blocks = min(n, int(math.ceil(2.0 * drop / mean_area)) + 2)
+        side = torch.randint(1, max_side + 1, (batch, blocks, 1), device=device)
+        top = (torch.rand(batch, blocks, 1, device=device) * (grid - side + 1)).floor()
+        left = (torch.rand(batch, blocks, 1, device=device) * (grid - side + 1)).floor()
+        pos = torch.arange(n, device=device)
+        py, px = (pos // grid)[None, None], (pos % grid)[None, None]
+        inside = (py >= top) & (py < top + side) & (px >= left) & (px < left + side)  # [B, M, N]
+        order = torch.arange(blocks, device=device, dtype=torch.float32)[None, :, None]
+        first = torch.where(inside, order, float(blocks)).amin(dim=1)       # first block covering it
+        # dropped first: patches of earlier blocks; random order inside a block and among the rest
+        score = first + torch.rand(batch, n, device=device)
+    else:
+        raise ValueError(f"unknown mask strategy {strategy!r}")
+    return score.topk(k, dim=1).indices
+
+
+def _gelu(flavour: str) -> nn.Module:
+    return nn.GELU(approximate="tanh" if flavour == "tanh" else "none")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with OpenCLIP's parameter names (in_proj_weight/bias, out_proj),
+    computed by F.scaled_dot_product_attention on batch-first tensors."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, gelu: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=LN_EPS)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", _gelu(gelu))
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _checkpoint(fn, *args):
+    if args[0].device.type == "xla":
+        from torch_xla.utils.checkpoint import checkpoint  # lazy: torch_xla only on XLA devices
+        return checkpoint(fn, *args)
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, gelu: str):
+        super().__init__()
+        self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio, gelu) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = _checkpoint(lambda y, blk=block: blk(y, causal=causal), x)
+            else:
+                x = block(x, causal=causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT with OpenCLIP's parameter names (conv1, class_embedding, positional_embedding, ln_pre,
+    transformer, ln_post, proj), so an OpenCLIP `visual.*` state dict loads unchanged."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, gelu: str):
+        super().__init__()
+        self.cfg = cfg
+        w, scale = cfg.width, cfg.width ** -0.5
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        if cfg.pos_embed == "sincos":
+            # fixed: a buffer (not trained), saved so exported files carry the table, and
+            # recomputed for whatever grid the model is built at
+            self.register_buffer("positional_embedding", sincos_2d(w, cfg.grid))
+        else:
+            self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, w))
+        self.ln_pre = nn.LayerNorm(w, eps=LN_EPS) if cfg.pre_norm else None
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, gelu)
+        self.ln_post = nn.LayerNorm(w, eps=LN_EPS)
+        self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
+
+    def forward(self, images: torch.Tensor, mask: bool = False) -> torch.Tensor:
+        x = self.conv1(images)                                   # [B, W, g, g]
+        b, w, gh, gw = x.shape
+        if gh * gw + 1 != self.positional_embedding.shape[0]:
+            raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px do not fit this model "
+                             f"(built for {self.cfg.image_size} px)")
+        x = x.flatten(2).transpose(1, 2)                         # [B, N, W]
+        pos = self.positional_embedding.to(x.dtype)
+        x = x + pos[1:]
+        if mask:
+            # token reduction: keep a static number of patch tokens, after the position embedding
+            keep = mask_indices(b, gh, self.cfg.mask, self.cfg.mask_ratio, x.device)
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, w))
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(b, 1, w)
+        x = torch.cat([cls, x], dim=1)                           # CLS always kept
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        x = self.transformer(x)
+        if self.cfg.pool == "cls":
+            pooled = x[:, 0]
+        elif self.cfg.pool == "gap_cls":
+            pooled = x.mean(dim=1)                               # v1 GAP: all tokens, CLS included
+        else:
+            pooled = x[:, 1:].mean(dim=1)                        # v2 GAP: patch tokens only
+        return self.ln_post(pooled) @ self.proj
+
+
+class TextTransformer(nn.Module):
+    """Text tower; parameter names as OpenCLIP's CLIP text tower (under a `text.` prefix here)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, gelu: str):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, gelu)
+        self.ln_final = nn.LayerNorm(w, eps=LN_EPS)
+        self.text_projection = nn.Parameter(torch.empty(w, embed_dim))
+        # OpenCLIP's text init (std scaled by width and depth)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = w ** -0.5 * (2 * cfg.layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=w ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=w ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"{n} text tokens exceed the context length {self.cfg.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        x = self.ln_final(self.transformer(x, causal=self.cfg.causal))
+        if self.cfg.pool == "eot":
+            x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT = largest id
+        else:
+            x = x[:, -1]                                          # v2: last position
+        return x @ self.text_projection
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = _check_config(cfg)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.gelu)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False, mask: bool | None = None):
+        """images: NORMALISED float [B, 3, H, W]. mask None -> mask iff training and the config asks."""
+        if mask is None:
+            mask = self.training
+        mask = bool(mask) and self.cfg.vision.mask != "none" and self.cfg.vision.mask_ratio > 0
+        x = self.visual(images, mask=mask)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False):
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
+                self.logit_scale.exp())
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def weights_metadata(model_name: str, cfg: CLIPConfig) -> dict[str, str]:
+    """safetensors header metadata of our weights files (all values str)."""
+    return {"format": "clipa", "model_name": str(model_name),
+            "model_config": json.dumps(dataclasses.asdict(cfg))}
+
+
+def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
+    """The CLIPConfig stored by weights_metadata, or None when the file carries none."""
+    if not meta or meta.get("format") != "clipa" or "model_config" not in meta:
+        return None
+    try:
+        d = json.loads(meta["model_config"])
+        return CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"weights metadata holds an unreadable model config ({e})") from None
+
+
+def _resolve_checkpoint_path(path) -> str:
+    """A file, a training checkpoint dir (model.safetensors inside), or a run dir / checkpoints dir
+    whose `latest` file names the newest checkpoint."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        for cand in (path, os.path.join(path, "checkpoints")):
+            if os.path.isfile(os.path.join(cand, "model.safetensors")):
+                return os.path.join(cand, "model.safetensors")
+            latest = os.path.join(cand, "latest")
+            if os.path.isfile(latest):
+                with open(latest) as f:
+                    name = f.read().strip()
+                return _resolve_checkpoint_path(os.path.join(cand, name))
+        raise FileNotFoundError(f"no model.safetensors (or checkpoints/latest) in directory {path}")
+    return path
+
+
+def read_weights(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) from our checkpoint dir / .safetensors file / a torch state-dict file.
+
+    Torch files are read with weights_only=True (never unpickle arbitrary objects); OpenCLIP training
+    checkpoints wrap the weights in {"state_dict": ...} with DDP's "module." prefixes."""
+    file = _resolve_checkpoint_path(path)
+    with open(file, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if file.endswith(".safetensors") or head[8:9] == b"{":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(file, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            return sd, meta
+        except (SafetensorError, OSError, ValueError) as e:
+            if file.endswith(".safetensors"):
+                raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of all kinds: not a (safe) checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{file} is not a torch checkpoint readable with weights_only=True ({first})") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{file} holds no state dict of tensors")
+    sd = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+    return sd, {}
+
+
+# OpenCLIP's CLIP class (and the authors' clipa_torch, which the converted CLIPA-v2 weights were
+# written for) keep the text tower at the top level; here it lives under `text.`.
+_TEXT_TOP_LEVEL = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def detect_layout(sd: dict) -> str:
+    """'clipa' (ours, = OpenCLIP CustomTextCLIP names), 'openclip-v1' (OpenCLIP CLIP with ln_pre),
+    'openclip-v2' (no ln_pre: OpenCLIP ViT-*-14-CLIPA and the authors' converted BigVision files)."""
+    if "text.token_embedding.weight" in sd:
+        return "clipa"
+    if "token_embedding.weight" in sd:
+        return "openclip-v1" if "visual.ln_pre.weight" in sd else "openclip-v2"
+    raise ValueError("not a CLIP state dict: no text token embedding "
+                     f"(first keys: {', '.join(list(sd)[:4])})")
+
+
+def to_clipa_keys(sd: dict) -> dict:
+    if detect_layout(sd) == "clipa":
+        return dict(sd)
+    return {("text." + k if k.startswith(_TEXT_TOP_LEVEL) else k): v for k, v in sd.items()}
+
+
+def to_openclip_keys(sd: dict) -> dict:
+    """Our names -> OpenCLIP CLIP names (the inverse key map)."""
+    return {(k[len("text."):] if k.startswith("text.") else k): v for k, v in sd.items()}
+
+
+def resize_image_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """[1 + g0*g0, W] -> [1 + grid*grid, W]: CLS row kept, the patch grid resized bicubic with
+    antialiasing (OpenCLIP's rule, so both libraries give the same table)."""
+    old = int(round(math.sqrt(table.shape[0] - 1)))
+    if old * old + 1 != table.shape[0]:
+        raise ValueError(f"image position table of {table.shape[0]} rows is not 1 + a square grid")
+    if old == grid:
+        return table
+    patches = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", antialias=True,
+                            align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:1], patches])
+
+
+def resize_text_pos_embed(table: torch.Tensor, length: int) -> torch.Tensor:
+    """[T0, W] -> [length, W], linear (OpenCLIP's rule)."""
+    if table.shape[0] == length:
+        return table
+    x = F.interpolate(table.float().T[None], size=length, mode="linear", align_corners=False)
+    return x[0].T.to(table.dtype).contiguous()
+
+
+def _few(keys, n=4) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
+    """Load weights of any supported layout into `model`, resizing position tables to its grid and
+    context length (a fixed sin-cos table is recomputed, not interpolated). Returns the layout name.
+    A checkpoint of another architecture is a one-line ValueError naming missing/unexpected keys."""
+    sd, _ = read_weights(path)
+    layout = detect_layout(sd)
+    sd = to_clipa_keys(sd)
+    own = model.state_dict()
+    v = model.cfg.vision
+    if "visual.positional_embedding" in sd:
+        if v.pos_embed == "sincos":
+            sd["visual.positional_embedding"] = own["visual.positional_embedding"]
+        else:
+            sd["visual.positional_embedding"] = resize_image_pos_embed(sd["visual.positional_embedding"], v.grid)
+    if "text.positional_embedding" in sd:
+        sd["text.positional_embedding"] = resize_text_pos_embed(sd["text.positional_embedding"],
+                                                                model.cfg.text.context_length)
+    if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
+        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
+    missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(sd))
+              if sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected or shapes):
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {_few(shapes, 2)}")
+        raise ValueError(f"{os.fspath(path)} ({layout} layout) does not fit this {model.cfg.family} "
+                         f"architecture: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=strict)
+    return layout
+
+
+def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None = None,
+                 context_length: int | None = None, pos_embed: str | None = None, mask: str | None = None,
+                 mask_ratio: float | None = None, pretrained=None) -> CLIP:
+    """Build a CLIP by registry name (or alias, or a CLIPConfig); name None takes the config stored in
+    the `pretrained` weights file. Overrides apply on top (image_size is CLIPA's resize reduction)."""
+    over = dict(image_size=image_size, context_length=context_length, pos_embed=pos_embed, mask=mask,
+                mask_ratio=mask_ratio)
+    if name_or_cfg is None:
+        if pretrained is None:
+            raise ValueError("give a model name or a pretrained checkpoint that records its config")
+        cfg = config_from_metadata(read_weights(pretrained)[1])
+        if cfg is None:
+            raise ValueError(f"{os.fspath(pretrained)} records no model config: pass the model name")
+        name_or_cfg = cfg
+    if isinstance(name_or_cfg, CLIPConfig):
+        v = {k: val for k, val in over.items() if val is not None and k != "context_length"}
+        cfg = replace(name_or_cfg, vision=replace(name_or_cfg.vision, **v))
+        if context_length is not None:
+            cfg = replace(cfg, text=replace(cfg.text, context_length=context_length))
+    else:
+        cfg = get_model_config(name_or_cfg, **over)
+    model = CLIP(cfg)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def create_model_and_transforms(name, pretrained=None, force_image_size=None, image_mean=None,
+                                image_std=None, interpolation=None, square_resize_only=None,
+                                **create_model_kwargs):
+    """(model, train_transform, eval_transform) as OpenCLIP offers it: each transform maps a PIL image
+    to a NORMALISED float CHW tensor. Defaults come from the model family (CLIPConfig properties)."""
+    import data  # lazy: data.py pulls in image libraries the model itself does not need
+    model = create_model(name, image_size=force_image_size, pretrained=pretrained, **create_model_kwargs)
+    cfg = model.cfg
+    size = cfg.vision.image_size
+    mean = tuple(image_mean) if image_mean is not None else cfg.image_mean
+    std = tuple(image_std) if image_std is not None else cfg.image_std
+    interp = interpolation or cfg.interpolation
+    square = cfg.square_resize_only if square_resize_only is None else square_resize_only
+    train = data.Normalized(data.train_transform(size), mean, std)
+    evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square),
+                               mean, std)
+    return model, train, evaluate
+
+
+# ----------------------------------------------------------------------------- OpenCLIP export
+
+# OpenCLIP 3.3.0 configs with the same weights layout, keyed by (family, vision width, layers, patch,
+# text width, layers, embed dim). Their context length (v1: 77) and image size (224) may differ from
+# ours: the printed call passes force_context_length / force_image_size then.
+OPENCLIP_NAMES = {
+    ("v1", 768, 12, 16, 512, 12, 512): "ViT-B-16",
+    ("v1", 1024, 24, 16, 768, 12, 768): "ViT-L-16",
+    ("v1", 1280, 32, 14, 1024, 24, 1024): "ViT-H-14",
+    ("v2", 1024, 24, 14, 768, 12, 768): "ViT-L-14-CLIPA",
+    ("v2", 1280, 32, 14, 1024, 24, 1024): "ViT-H-14-CLIPA",
+    ("v2", 1664, 48, 14, 1280, 32, 1280): "ViT-bigG-14-CLIPA",
+}
+
+
+def openclip_model_cfg(cfg: CLIPConfig) -> dict:
+    """The OpenCLIP 3.3 model config (open_clip_config.json's "model_cfg") of this architecture.
+    Exact except v1 GAP (mean incl. CLS), which OpenCLIP cannot express (its 'avg' drops CLS)."""
+    v, t = cfg.vision, cfg.text
+    act = {"act_kwargs": {"approximate": "tanh"}} if cfg.gelu == "tanh" else {}
+    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
+                  mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, no_ln_pre=not v.pre_norm,
+                  pool_type="tok" if v.pool == "cls" else "avg", final_ln_after_pool=v.pool != "cls", **act)
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=not t.causal,
+                pool_type="argmax" if t.pool == "eot" else "last", **act)
+    if t.tokenizer == "wordpiece":
+        text.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
+    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
+
+
+def openclip_target(cfg: CLIPConfig) -> tuple[str | None, dict, list[str]]:
+    """(OpenCLIP model name or None, create_model kwargs, caveats) for exported weights."""
+    v, t = cfg.vision, cfg.text
+    name = OPENCLIP_NAMES.get((cfg.family, v.width, v.layers, v.patch_size, t.width, t.layers, cfg.embed_dim))
+    kwargs, notes = {}, []
+    if name is None:
+        notes.append("no built-in OpenCLIP config has this architecture: export to a directory and load "
+                     "it with open_clip.create_model('local-dir:DIR')")
+        return None, kwargs, notes
+    if cfg.family == "v2" and v.image_size == 336:
+        name += "-336"
+    elif v.image_size != 224:
+        kwargs["force_image_size"] = v.image_size
+    if t.context_length != (77 if cfg.family == "v1" else 32):
+        kwargs["force_context_length"] = t.context_length
+    if cfg.gelu == "tanh":
+        notes.append(f"{name} uses exact GELU where these weights were trained with tanh GELU: features "
+                     "differ slightly; load the exported directory with 'local-dir:' for the exact model")
+    if v.pool == "gap_cls":
+        notes.append("v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent: OpenCLIP's "
+                     "'avg' pool drops CLS, so its image features differ from ours")
+    return name, kwargs, notes
+
+
+def export_open_clip(ckpt, out, model_name: str | None = None) -> dict:
+    """Write `ckpt` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
+    an existing directory or a path ending in '/' -> DIR/open_clip_model.safetensors plus
+    DIR/open_clip_config.json (OpenCLIP's 'local-dir:' format, exact architecture); else torch.save."""
+    _, meta = read_weights(ckpt)
+    cfg = get_model_config(model_name) if model_name else config_from_metadata(meta)
+    if cfg is None:
+        raise ValueError(f"{os.fspath(ckpt)} records no model config: pass --model NAME")
+    model = create_model(cfg, pretrained=ckpt)
+    sd = {k: t.detach().contiguous() for k, t in to_openclip_keys(model.state_dict()).items()}
+    out = os.fspath(out)
+    as_dir = os.path.isdir(out) or out.endswith(("/", os.sep))
+    if as_dir:
+        os.makedirs(out, exist_ok=True)
+        weights = os.path.join(out, "open_clip_model.safetensors")
+        preprocess = {"size": cfg.vision.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+                      "interpolation": cfg.interpolation,
+                      "resize_mode": "squash" if cfg.square_resize_only else "shortest"}
+        with open(os.path.join(out, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": openclip_model_cfg(cfg), "preprocess_cfg": preprocess}, f, indent=2)
+    else:
+        weights = out
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"output directory does not exist: {parent}")
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(sd, weights)
+    else:
+        torch.save(sd, weights)
+    name, kwargs, notes = openclip_target(cfg)
+    return {"path": weights, "dir": out if as_dir else None, "openclip_name": name, "kwargs": kwargs,
+            "notes": notes, "tensors": len(sd)}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _block_macs(tokens: int, width: int, mlp_ratio: float) -> int:
+    # qkv + out projections 4*L*D^2, MLP 2*L*D*H, attention scores and weighted sum 2*L^2*D
+    return 4 * tokens * width ** 2 + 2 * tokens * width * int(width * mlp_ratio) + 2 * tokens ** 2 * width
+
+
+def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: int | None = None,
+                mask_ratio: float = 0.0) -> dict:
+    """Forward GFLOPs per sample in the CLIPA papers' convention (1 multiply-add = 1 FLOP): matmuls of
+    the patch embedding (all patches), the transformer blocks (kept patches + CLS), the projections.
+    Norms, softmax, GELU and additions are not counted."""
+    v, t = cfg.vision, cfg.text
+    size = image_size or v.image_size
+    ctx = context_length or t.context_length
+    if size % v.patch_size or size <= 0:
+        raise ValueError(f"image size {size} is not a positive multiple of the patch size {v.patch_size}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    if ctx <= 0:
+        raise ValueError(f"context length must be positive, got {ctx}")
+    n = (size // v.patch_size) ** 2
+    kept = keep_count(n, mask_ratio) if mask_ratio > 0 else n
+    image = (n * 3 * v.patch_size ** 2 * v.width + v.layers * _block_macs(kept + 1, v.width, v.mlp_ratio)
+             + v.width * cfg.embed_dim)
+    text = t.layers * _block_macs(ctx, t.width, t.mlp_ratio) + t.width * cfg.embed_dim
+    return {"image_gflops": image / 1e9, "text_gflops": text / 1e9, "total_gflops": (image + text) / 1e9,
+            "image_size": size, "context_length": ctx, "mask_ratio": mask_ratio, "patches": n,
+            "patches_kept": kept}
+
+
+# The papers' schedules (CLIPA_SPEC sections 3-4): (label, image size, text tokens, mask ratio)
+TRAIN_SETTINGS = {
+    "ViT-B-16-CL16": [("pre-train I50 T16", 112, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
+    "ViT-L-16-CL16-Syntax-GAP": [("pre-train I17 T16", 64, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
+    "ViT-L-16-CL8-Syntax-GAP": [("pre-train I37 T8", 96, 8, 0.0), ("fine-tune (as CL32)", 224, 32, 0.0)],
+    "ViT-L-16-CL16-GAP": [("fine-tune", 224, 16, 0.0)],
+    "ViT-L-16-CL32-GAP": [("fine-tune", 224, 32, 0.0)],
+    "ViT-H-14-CL8-Syntax-GAP": [("pre-train I36 T8", 84, 8, 0.0)],
+    "ViT-H-14-CL32-GAP": [("fine-tune 224, 30% mask", 224, 32, 0.3), ("fine-tune 336, 40% mask", 336, 32, 0.4)],
+    "ViT-L-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("224, no mask", 224, 32, 0.0),
+                                    ("fine-tune 224, 30% mask", 224, 32, 0.3),
+                                    ("fine-tune 336, 40% mask", 336, 32, 0.4)],
+    "ViT-H-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("pre-train 70px T8", 70, 8, 0.0),
+                                    ("224, no mask", 224, 32, 0.0), ("fine-tune 224, 30% mask", 224, 32, 0.3),
+                                    ("fine-tune 336, 40% mask", 336, 32, 0.4)],
+    "ViT-bigG-14-CL32-GAP-BigVision": [("pre-train 70px T8", 70, 8, 0.0), ("224, no mask", 224, 32, 0.0),
+                                       ("fine-tune 224, 30% mask", 224, 32, 0.3),
+                                       ("fine-tune 336, 40% mask", 336, 32, 0.4)],
+}
+
+
+def flops_table() -> str:
+    rows = ["| model | setting | image px | patches kept | text tokens | image GFLOPs | text GFLOPs | total GFLOPs |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in MODEL_CONFIGS:
+        cfg = MODEL_CONFIGS[name]
+        settings = TRAIN_SETTINGS.get(name, [("native", cfg.vision.image_size, cfg.text.context_length, 0.0)])
+        for label, size, ctx, ratio in settings:
+            f = count_flops(cfg, size, ctx, ratio)
+            rows.append(f"| {name} | {label} | {size} | {f['patches_kept']}/{f['patches']} | {ctx} | "
+                        f"{f['image_gflops']:.2f} | {f['text_gflops']:.2f} | {f['total_gflops']:.2f} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="model.py", description="CLIPA models: FLOPs counter and OpenCLIP export")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    f = sub.add_parser("flops", help="forward GFLOPs per sample (1 multiply-add = 1 FLOP)")
+    f.add_argument("name")
+    f.add_argument("--image-size", type=int)
+    f.add_argument("--context-length", type=int)
+    f.add_argument("--mask-ratio", type=float, default=0.0)
+    f.add_argument("--json", action="store_true")
+    sub.add_parser("flops-table", help="markdown FLOPs table of every registry config")
+    e = sub.add_parser("export", help="write a checkpoint as OpenCLIP weights")
+    e.add_argument("ckpt")
+    e.add_argument("--to", choices=["open_clip"], required=True)
+    e.add_argument("out")
+    e.add_argument("--model", help="registry name (needed when the checkpoint records no config)")
+    sub.add_parser("list", help="registry names and aliases")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "flops":
+            r = count_flops(get_model_config(args.name), args.image_size, args.context_length, args.mask_ratio)
+            if args.json:
+                print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops")}))
+            else:
+                print(f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
+                      f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
+                      f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
+                      "(forward, per sample, 1 multiply-add = 1 FLOP)")
+        elif args.cmd == "flops-table":
+            print(flops_table())
+        elif args.cmd == "list":
+            print("\n".join(list_models() + [f"{a} -> {b[0]}" for a, b in MODEL_ALIASES.items()]))
+        else:
+            info = export_open_clip(args.ckpt, args.out, args.model)
+            print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
+            if info["openclip_name"]:
+                kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())
+                print(f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
+                      f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})")
+            if info["dir"]:
+                print(f"exact architecture: open_clip.create_model('local-dir:{info['dir']}')  "
+                      f"(CLIP_benchmark: --model local-dir:{info['dir']})")
+            for note in info["notes"]:
+                print(f"note: {note}")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
