@@ -1,0 +1,441 @@
+"""One small runtime API over CUDA (torchrun/DDP), XLA (PJRT, SPMD data parallel) and CPU.
+
+train.py talks only to a `Runtime`: device, rank, world size, barrier, all-gather with gradient,
+all-reduce, the step boundary, step closures, compile counting, atomic saves. No `if xla:` elsewhere.
+
+Device choice (CLIPA_SPEC section 8): from what the user asked (--device auto|cuda|xla|cpu) and what
+the machine has. "torch_xla imports" is NOT a reason to use XLA: auto picks CUDA when a GPU is
+visible, XLA only when a TPU is attached (or PJRT_DEVICE=TPU), else the CPU.
+
+Multi-device XLA uses SPMD (one process per host, the global batch sharded over a 1-D 'data' mesh,
+parameters replicated): the compiler inserts the all-reduces and all-gathers. Multi-process PJRT
+collectives abort on the CPU client (CLIPA_SPEC section 9), SPMD runs there, so the path users take
+on a TPU is the path the tests exercise with 2 CPU devices.
+
+CLI:  python xla_utils.py launch [--nproc N] [--device ...] SCRIPT ARGS...
+      python xla_utils.py info
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DEVICES = ("auto", "cuda", "xla", "cpu")
+
+
+# ----------------------------------------------------------------------------- device detection
+
+def tpu_attached() -> bool:
+    """True when a TPU is visible (without initialising any runtime)."""
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        return True
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return False
+    try:
+        from torch_xla._internal import tpu
+        return tpu.num_available_chips() > 0
+    except Exception:  # torch_xla missing or no libtpu
+        return False
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """'auto'|'cuda'|'xla'|'cpu' -> the kind of runtime to start; raises ValueError if unavailable."""
+    requested = (requested or "auto").lower()
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "xla" if tpu_attached() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    if requested == "xla":
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--device xla asked for, but torch_xla does not import ({e})") from None
+    return requested
+
+
+# ----------------------------------------------------------------------------- gather with grad
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over ranks and returns this rank's slice.
+
+    Every rank's loss depends on every rank's features, so d(sum_r loss_r)/d(my features) needs
+    the contributions of all ranks: an all-reduce (sum) of the gathered gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+# ----------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    kind: str                      # "cuda" | "xla" | "cpu"
+    device: torch.device
+    rank: int = 0                  # data rank: which slice of the data this process reads
+    world_size: int = 1            # number of data ranks (processes)
+    local_rank: int = 0
+    num_devices: int = 1           # devices taking part (XLA SPMD: all devices of all hosts)
+    distributed: bool = False      # torch.distributed process group (CUDA/CPU multi-process)
+    mesh: object = None            # XLA SPMD mesh (None: one device)
+    _closures: list = field(default_factory=list, repr=False)
+
+    # -- identity
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def spmd(self) -> bool:
+        return self.mesh is not None
+
+    def describe(self) -> str:
+        if self.kind == "xla":
+            import torch_xla.runtime as xr
+            how = (f"SPMD data parallel over {self.num_devices} devices, {self.world_size} host process(es)"
+                   if self.spmd else "1 device")
+            return f"device: xla ({xr.device_type()}, PJRT, {how})"
+        if self.kind == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            return (f"device: cuda ({name}; {self.world_size} process(es)"
+                    f"{', DDP/nccl' if self.distributed else ''})")
+        return f"device: cpu ({self.world_size} process(es){', DDP/gloo' if self.distributed else ''})"
+
+    # -- collectives
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+        elif self.kind == "xla" and self.world_size > 1:
+            import torch_xla.core.xla_model as xm
+            xm.rendezvous("clipa_barrier")
+
+    def all_gather_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Features of the whole global batch, autograd flowing back to every rank; also returns
+        this rank's row offset (labels = arange(b) + offset). Under SPMD the tensor already is the
+        global batch (the compiler does the gather), so it is returned as is with offset 0."""
+        if self.distributed and self.world_size > 1:
+            return _AllGatherWithGrad.apply(x), self.rank * x.shape[0]
+        return x, 0
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over data ranks (in place for DDP; a no-op single process or SPMD)."""
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x /= self.world_size
+        return x
+
+    def all_gather_object(self, obj) -> list:
+        if self.distributed and self.world_size > 1:
+            out = [None] * self.world_size
+            dist.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (time-based save decisions)."""
+        if self.distributed and self.world_size > 1:
+            t = torch.tensor([1.0 if flag else 0.0],
+                             device=self.device if self.kind == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item() > 0)
+        return flag
+
+    # -- model and data placement
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP for multi-process CUDA/CPU; under SPMD parameters stay replicated (no annotation)."""
+        if self.distributed and self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.local_rank] if self.kind == "cuda" else None
+            return DDP(model, device_ids=ids, broadcast_buffers=False)
+        return model
+
+    def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Host batch -> device. Under SPMD each host passes its local rows; dimension 0 is sharded
+        over the mesh ('minibatch' sharding assembles the global batch across hosts)."""
+        if not self.spmd:
+            return [t.to(self.device, non_blocking=self.kind == "cuda") for t in tensors]
+        import torch_xla.core.xla_model as xm
+        import torch_xla.distributed.spmd as xs
+        out = []
+        for t in tensors:
+            spec = xs.ShardingSpec(self.mesh, ("data",) + (None,) * (t.dim() - 1),
+                                   minibatch=self.world_size > 1)
+            out.append(xm.send_cpu_data_to_device([t], self.device, spec)[0])
+        return out
+
+    # -- step boundary and logging
+    def step_boundary(self):
+        """End of one training step: XLA cuts and runs the traced graph here; eager elsewhere."""
+        if self.kind == "xla":
+            import torch_xla
+            torch_xla.sync()
+
+    def add_step_closure(self, fn, args=()):
+        """Run fn(*args) once the step's values exist on the host: on XLA after the step's graph
+        has run (no extra host sync inside the step); immediately elsewhere."""
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.add_step_closure(fn, args=args)
+        else:
+            fn(*args)
+
+    def compile_count(self) -> int | None:
+        """Number of XLA graph compilations so far (None off XLA)."""
+        if self.kind != "xla":
+            return None
+        import torch_xla.debug.metrics as met
+        data = met.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    def autocast(self, precision: str):
+        """Context manager for the forward pass: bf16 autocast or nothing (fp32)."""
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        if precision == "bf16":
+            return torch.autocast(self.kind, dtype=torch.bfloat16)
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+
+    def synchronize(self):
+        """Wait for queued device work (timing only)."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.wait_device_ops()
+
+    # -- seeds and RNG state
+    def seed(self, seed: int):
+        """Seed python, numpy, torch (and the XLA device RNG)."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.set_rng_state(seed, device=self.device)
+
+    def rng_state(self) -> dict:
+        """RNG states as plain types / tensors (loadable with torch.load(weights_only=True))."""
+        st = np.random.get_state()
+        state = {"python": random.getstate(),
+                 "numpy": {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
+                           "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+                 "torch": torch.get_rng_state()}
+        if self.kind == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            state["xla"] = int(xm.get_rng_state(device=self.device))
+        return state
+
+    def set_rng_state(self, state: dict):
+        random.setstate(_tuplify(state["python"]))
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.kind == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        if "xla" in state and self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.set_rng_state(state["xla"], device=self.device)
+
+    def shutdown(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Start the runtime for `device` (auto|cuda|xla|cpu). Reads torchrun's RANK/WORLD_SIZE/
+    LOCAL_RANK for CUDA/CPU; on XLA uses every addressable device through SPMD when there are
+    several (must run before any XLA tensor exists)."""
+    kind = resolve_device(device)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+    if kind == "xla":
+        if env_world > 1:
+            raise ValueError("XLA runs one process per host (SPMD); do not start it with torchrun "
+                             "(use: python xla_utils.py launch SCRIPT ...)")
+        import torch_xla
+        import torch_xla.runtime as xr
+        n = xr.global_runtime_device_count()
+        mesh = None
+        if n > 1:
+            import torch_xla.distributed.spmd as xs
+            xr.use_spmd()
+            mesh = xs.Mesh(np.arange(n), (n,), ("data",))
+        return Runtime("xla", torch_xla.device(), rank=xr.process_index(), world_size=xr.process_count(),
+                       num_devices=n, mesh=mesh)
+
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    distributed = env_world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return Runtime(kind, dev, rank=rank, world_size=env_world, local_rank=local_rank,
+                   num_devices=env_world, distributed=distributed)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def _fsync_dir(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn) -> str:
+    """Write a file atomically: write_fn(tmp_path) writes it, then fsync and rename over `path`.
+    A reader (or a resumed run after a kill) sees the old file or the new one, never half of one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(d)
+    return path
+
+
+def atomic_save(obj, path: str) -> str:
+    """torch.save(obj) atomically (obj must hold only weights_only-loadable types)."""
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def atomic_write_text(text: str, path: str) -> str:
+    def w(p):
+        with open(p, "w") as f:
+            f.write(text)
+    return atomic_write(path, w)
+
+
+def atomic_dir(final_dir: str, fill_fn) -> str:
+    """Create a directory atomically: fill_fn(tmp_dir) writes the files (each fsync'ed), then
+    the directory is renamed into place. An existing final_dir is replaced."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final_dir)}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        fill_fn(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final_dir):
+            shutil.rmtree(final_dir)
+        os.rename(tmp, final_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(parent)
+    return final_dir
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def launch_command(script: str, args: list[str], *, device: str = "auto", nproc: int | None = None,
+                   nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
+                   master_port: int = 29500) -> tuple[list[str], dict]:
+    """The command (and extra environment) that starts SCRIPT on this machine.
+
+    CUDA: torchrun with one process per GPU (or --nproc). CPU: torchrun with --nproc processes
+    (default 1). XLA/TPU: one process per host with PJRT_DEVICE=TPU; the script uses SPMD over all
+    local chips. On a TPU pod run the same launch command on every host
+    (gcloud compute tpus tpu-vm ssh NAME --worker=all --command "...")."""
+    kind = resolve_device(device)
+    env = {}
+    if kind == "xla":
+        if nproc not in (None, 1):
+            raise ValueError("XLA uses one process per host (SPMD over its devices); drop --nproc")
+        env["PJRT_DEVICE"] = os.environ.get("PJRT_DEVICE") or ("TPU" if tpu_attached() else "CPU")
+        return [sys.executable, script, "--device", "xla", *args], env
+    if nproc is None:
+        nproc = torch.cuda.device_count() if kind == "cuda" else 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+           f"--master_port={master_port}", script, "--device", kind, *args]
+    if kind == "cpu":
+        # each process gets its share of the cores instead of all of them fighting
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    return cmd, env
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lp = sub.add_parser("launch", help="start SCRIPT with the right processes for this machine")
+    lp.add_argument("--device", default="auto", choices=DEVICES)
+    lp.add_argument("--nproc", type=int, default=None, help="processes (default: GPU count, 1 on CPU)")
+    lp.add_argument("--nnodes", type=int, default=1)
+    lp.add_argument("--node-rank", type=int, default=0)
+    lp.add_argument("--master-addr", default="127.0.0.1")
+    lp.add_argument("--master-port", type=int, default=29500)
+    lp.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    lp.add_argument("script")
+    lp.add_argument("args", nargs=argparse.REMAINDER)
+    ip = sub.add_parser("info", help="print which device auto would pick")
+    ip.add_argument("--device", default="auto", choices=DEVICES)
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "info":
+            print(f"device: {resolve_device(a.device)} (cuda GPUs: {torch.cuda.device_count()}, "
+                  f"TPU attached: {tpu_attached()})")
+            return 0
+        if not os.path.exists(a.script):
+            raise FileNotFoundError(f"script not found: {a.script}")
+        cmd, env = launch_command(a.script, a.args, device=a.device, nproc=a.nproc, nnodes=a.nnodes,
+                                  node_rank=a.node_rank, master_addr=a.master_addr,
+                                  master_port=a.master_port)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.print_only:
+        print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(cmd))
+        return 0
+    return subprocess.call(cmd, env={**os.environ, **env})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
