@@ -1,0 +1,360 @@
+"""tokenizer.py against what we did not write: OpenCLIP's SimpleTokenizer (CLIP BPE) and
+transformers' pure-Python BertTokenizer (WordPiece), plus the reduction strategies' contracts."""
+import pickle
+import random
+import string
+
+import pytest
+import torch
+
+import tokenizer as T
+
+SOT, EOT, CLS = 49406, 49407, 101
+
+
+# ----------------------------------------------------------------------------- the corpus
+
+HAND = [
+    "", " ", "\t\n  \r\n", "a", "A", "!!!", "...", "a diagram", "a dog", "a cat",
+    "a large brown dog running on the green grass",
+    "A man riding a wave on top of a surfboard.",
+    "Café crème brûlée à la française", "naïve façade Ångström Øresund", "ÀÉÎÕÜ àéîõü ñ ß",
+    "日本語のテキスト", "这是一只狗", "한국어 캡션", "Ελληνικά κείμενα", "Русский текст про кошку",
+    "עברית", "العربية", "हिन्दी", "ไทย",
+    "😀 🐶🐱 👍🏽 👨‍👩‍👧‍👦 ❤️ 🇺🇸", "dog 🐕 running 🏃‍♂️", "★☆♥♦ → ← ∞ ≠ ± © ® ™",
+    "Tom &amp; Jerry", "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp; double", "&quot;quoted&quot; &#39;s &#x27;",
+    "fish &chips", "a & b", "AT&T", "&nbsp;space", "<b>html</b> tags <br/>",
+    "https://www.example.com/path/to/image_001.jpg?size=large&v=2",
+    "visit http://foo.bar/baz#frag or mail me@example.org",
+    "123", "3.14159", "1,000,000 views", "2019-05-17 12:30:45", "iPhone 12 Pro Max 256GB", "½ ¾ ² ³ ①②",
+    "a    lot     of      spaces", "tabs\tand\nnewlines\r\nmixed", "\u00a0non\u00a0breaking\u2003em space",
+    "zero\u200bwidth\u200djoiner", "soft\u00adhyphen", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３", "ﬁ ﬂ ligatures",
+    "curly ‘quotes’ and “double” — dash – en … ellipsis", "mojibake: cafÃ© donâ€™t",
+    "control\x00chars\x01\x07\x1b[31mred\x1b[0m\x7f", "vertical\x0btab form\x0cfeed", "fs\x1cgs\x1drs\x1eus\x1f",
+    "it's they're we've I'm you'll he'd don't", "IT'S THEY'RE", "'s 't 're", "rock'n'roll",
+    "hello <start_of_text> world <end_of_text> !", "[CLS] [SEP] [MASK] [PAD]",
+    "ALL CAPS CAPTION FOR A PHOTO", "MiXeD CaSe CaPtIoN", "snake_case_words and kebab-case-words",
+    "e.g. i.e. etc. U.S.A. Dr. Smith", "#hashtag @mention $100 50% a+b=c {x} [y] (z) <w>",
+    "word" * 60, "supercalifragilisticexpialidocious " * 3, "x" * 300, "ab" * 200,
+    "ａ" * 50, "é" * 120, "\ufffd replacement \ufffd", "\ud800 lone surrogate",
+    "Straße STRASSE straße", "İstanbul ıi", "ǅemal ǆ", "ὈΔΥΣΣΕΎΣ",
+    " ".join(["lorem ipsum dolor sit amet"] * 400),          # ~10k characters
+    "".join(chr(0x4E00 + i) for i in range(2000)),           # long CJK run
+]
+
+
+def _generated(n: int, seed: int) -> list[str]:
+    """Caption-like and noisy strings: words, casing, punctuation, numbers, unicode, entities."""
+    r = random.Random(seed)
+    words = ("dog cat man woman child car tree house beach sunset mountain river city street bike "
+             "red green blue old new small large happy vintage wooden modern running sitting holding "
+             "playing eating photo image picture stock illustration vector background free shipping "
+             "the a an of on in at with and for near under over by").split()
+    uni = ("é", "ü", "ñ", "ç", "ø", "å", "ß", "œ", "日", "本", "猫", "ç", "İ", "Σ", "ж", "😀", "🐶",
+           "—", "’", "“", "”", "…", "\u00a0", "\u200b", "©", "°", "€", "£", "¥", "½", "ｆ")
+    extras = ("&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&nbsp;", "http://x.co/a?b=1&c=2",
+              "www.site.com", "#tag", "@user", "...", "!!", "?", "(1)", "[2]", "1080p", "4k", "x2",
+              "'s", "n't", "’s", "\t", "\n", "  ", " - ", "/", "|", ":", ";", "*", "_", "~", "`")
+    out = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:       # plain caption
+            toks = [r.choice(words) for _ in range(r.randint(3, 25))]
+        elif kind == 1:     # caption with extras and numbers
+            toks = [r.choice(words) if r.random() < 0.7 else
+                    (r.choice(extras) if r.random() < 0.7 else str(r.randint(0, 99999)))
+                    for _ in range(r.randint(3, 30))]
+        elif kind == 2:     # unicode sprinkled
+            toks = [r.choice(words) + (r.choice(uni) if r.random() < 0.4 else "")
+                    for _ in range(r.randint(2, 20))]
+        elif kind == 3:     # random printable ASCII (whitespace runs, '&', punctuation)
+            alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n\r" * 4
+            out.append("".join(r.choice(alphabet) for _ in range(r.randint(0, 120))))
+            continue
+        else:               # random code points from many scripts, incl. controls and marks
+            ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF),
+                      (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0x1F300, 0x1F64F),
+                      (0x2000, 0x206F), (0xFF00, 0xFFEF), (0x0, 0x1F)]
+            out.append("".join(chr(r.randint(*r.choice(ranges))) for _ in range(r.randint(1, 60))))
+            continue
+        cap = " ".join(toks)
+        if r.random() < 0.3:
+            cap = cap.upper() if r.random() < 0.3 else cap.capitalize()
+        out.append(cap)
+    return out
+
+
+CORPUS = HAND + _generated(1200, seed=0) + T.synthetic_captions(100, seed=5)
+
+
+def test_corpus_is_big_and_varied():
+    assert len(CORPUS) >= 1000
+    assert any(len(c) >= 10_000 for c in CORPUS)
+    assert sum(not c.isascii() for c in CORPUS) > 300
+
+
+# ----------------------------------------------------------------------------- CLIP BPE
+
+@pytest.fixture(scope="module")
+def open_clip_tokenizer():
+    oc = pytest.importorskip("open_clip.tokenizer")
+    return oc.SimpleTokenizer()
+
+
+@pytest.mark.parametrize("ctx", [77, 16, 8])
+def test_bpe_truncation_matches_open_clip(open_clip_tokenizer, ctx):
+    ours = T.Tokenizer("clip_bpe", ctx, "truncate")(CORPUS)
+    ref = open_clip_tokenizer(CORPUS, context_length=ctx)
+    bad = [CORPUS[i][:60] for i in range(len(CORPUS)) if not torch.equal(ours[i], ref[i])]
+    assert not bad, f"{len(bad)} captions differ, e.g. {bad[:5]}"
+    assert ours.dtype == torch.long and ours.shape == (len(CORPUS), ctx)
+
+
+def test_bpe_row_layout():
+    tok = T.Tokenizer("clip_bpe", 8)
+    short, long_, empty = tok(["a dog", "one two three four five six seven eight nine", ""]).tolist()
+    assert short[0] == SOT and short[3] == EOT and short[4:] == [0] * 4
+    assert long_[0] == SOT and long_[-1] == EOT and len(long_) == 8 and EOT not in long_[:-1]
+    assert empty == [SOT, EOT] + [0] * 6
+    assert tok.vocab_size == 49408 and tok.decode(short) == "a dog"
+
+
+def test_bpe_long_word_merge_is_the_plain_merge():
+    bpe = T._backend("clip_bpe")
+    r = random.Random(0)
+    for n in (41, 80, 200, 500):
+        for alphabet in ("ab", "abcdefgh", string.ascii_lowercase, "éàü日本"):
+            word = "".join(r.choice(alphabet) for _ in range(n))
+            syms = [bpe.byte_chars[b] for b in word.encode()]
+            syms[-1] += "</w>"
+            assert bpe._merge_long(list(syms)) == bpe._merge(list(syms)), word[:40]
+
+
+def test_bpe_long_word_matches_open_clip(open_clip_tokenizer):
+    r = random.Random(1)
+    words = ["".join(r.choice("abcdefghijklmnop") for _ in range(300)), "na" * 150, "z" * 400]
+    for w in words:
+        assert T._backend("clip_bpe").encode(w) == open_clip_tokenizer.encode(w)
+
+
+def test_word_cache_clears_when_full(monkeypatch):
+    bpe = T._backend("clip_bpe")
+    monkeypatch.setattr(T.ClipBPE, "MAX_CACHE", 5)
+    before = bpe.encode("alpha beta gamma delta epsilon zeta eta theta <start_of_text>")
+    assert len(bpe.cache) <= 6
+    assert bpe.encode("alpha beta gamma delta epsilon zeta eta theta <start_of_text>") == before
+    bpe.cache.clear()
+    bpe.cache.update(bpe._pinned)
+
+
+# ----------------------------------------------------------------------------- WordPiece
+
+@pytest.fixture(scope="module")
+def bert_reference():
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.BertTokenizer(vocab_file=T.BERT_VOCAB, do_lower_case=True)
+
+    def encode(texts, ctx):
+        rows = torch.zeros(len(texts), ctx, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = ([CLS] + ref.convert_tokens_to_ids(ref.tokenize(t)))[:ctx]
+            rows[i, :len(ids)] = torch.tensor(ids)
+        return rows
+    return encode
+
+
+def test_bert_vocab_file():
+    with open(T.BERT_VOCAB, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == 30522
+    assert lines[0] == "[PAD]" and lines[100:104] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert lines[30521] == "##～" and lines[1996] == "the"
+
+
+@pytest.mark.parametrize("ctx", [32, 8])
+def test_wordpiece_matches_transformers(bert_reference, ctx):
+    corpus = [c for c in CORPUS if "[" not in c]    # BertTokenizer keeps literal "[CLS]" etc. whole
+    ours = T.Tokenizer("wordpiece", ctx, "truncate")(corpus)
+    ref = bert_reference(corpus, ctx)
+    bad = [corpus[i][:60] for i in range(len(corpus)) if not torch.equal(ours[i], ref[i])]
+    assert not bad, f"{len(bad)} captions differ, e.g. {bad[:5]}"
+
+
+def test_wordpiece_row_layout():
+    tok = T.Tokenizer("wordpiece", 32)
+    row = tok(["Hello world, a DOG!"])[0].tolist()
+    assert row[:7] == [CLS, 7592, 2088, 1010, 1037, 3899, 999] and row[7:] == [0] * 25
+    assert 102 not in row                                   # no [SEP]
+    assert tok([""])[0].tolist() == [CLS] + [0] * 31
+    cut = tok([" ".join(["dog"] * 40)])[0].tolist()
+    assert cut == [CLS] + [3899] * 31                       # cut: [CLS] + the first 31 pieces
+    assert tok.vocab_size == 30522 and tok.decode(row) == "hello world , a dog !"
+
+
+# ----------------------------------------------------------------------------- reductions
+
+def _content(row, tokenizer):
+    row = [i for i in row]
+    if tokenizer == "clip_bpe":
+        return row[1:row.index(EOT)]
+    while row and row[-1] == 0:
+        row.pop()
+    return row[1:]
+
+
+def _is_subsequence(small, big):
+    it = iter(big)
+    return all(x in it for x in small)
+
+
+@pytest.mark.parametrize("tk,ctx", [("clip_bpe", 8), ("clip_bpe", 16), ("wordpiece", 8)])
+@pytest.mark.parametrize("reduction", ["random", "block"])
+def test_random_and_block_masking(tk, ctx, reduction):
+    caps = T.synthetic_captions(50, seed=3) + ["a dog", ""]
+    full = T.Tokenizer(tk, 200, "truncate")
+    tok = T.Tokenizer(tk, ctx, reduction)
+    out = tok(caps, rng=random.Random(7))
+    assert out.shape == (len(caps), ctx) and out.dtype == torch.long
+    k = tok.content_length
+    for cap, row in zip(caps, out.tolist()):
+        all_ids = _content(full([cap])[0].tolist(), tk)
+        kept = _content(row, tk)
+        assert len(kept) == min(k, len(all_ids))
+        assert _is_subsequence(kept, all_ids)
+        if reduction == "block":
+            assert any(all_ids[s:s + len(kept)] == kept for s in range(len(all_ids) - len(kept) + 1))
+    # reproducible with a seeded rng, different across seeds, module `random` when rng is None
+    assert torch.equal(out, tok(caps, rng=random.Random(7)))
+    assert not torch.equal(out, tok(caps, rng=random.Random(8)))
+    random.seed(123)
+    a = tok(caps)
+    random.seed(123)
+    assert torch.equal(a, tok(caps))
+
+
+def test_short_captions_are_not_masked():
+    for red in T.REDUCTIONS:
+        tok = T.Tokenizer("clip_bpe", 16, red)
+        assert torch.equal(tok(["a dog on a bed"], rng=random.Random(0)),
+                           T.Tokenizer("clip_bpe", 16)(["a dog on a bed"]))
+
+
+def test_syntax_priority_table():
+    assert T.word_priority("dog") == T.NOUN and T.word_priority("grass") == T.NOUN
+    assert T.word_priority("large") == T.ADJ and T.word_priority("green") == T.ADJ
+    assert T.word_priority("running") == T.VERB and T.word_priority("is") == T.VERB
+    assert T.word_priority("the") == T.OTHER and T.word_priority("on") == T.OTHER
+    assert T.word_priority("7") == T.OTHER and T.word_priority("!") == T.OTHER
+    assert T.word_priority("zorblaxian") == T.NOUN             # unknown word: a noun, like taggers guess
+    assert T.word_priority("glorptly") == T.OTHER              # unknown -ly adverb: suffix rule
+    words, suffixes = T.syntax_table()
+    assert 5_000 < len(words) < 50_000 and len(suffixes) < 500
+
+
+def test_syntax_masking_keeps_nouns_first():
+    tok = T.Tokenizer("clip_bpe", 6, "syntax")                 # 4 content tokens
+    kept = tok.decode(tok(["a large brown dog running on the green grass"])[0]).split()
+    assert "dog" in kept and "grass" in kept and len(kept) == 4
+    assert not {"a", "on", "the", "running"} & set(kept)
+    assert kept == sorted(kept, key="a large brown dog running on the green grass".split().index)
+    tok = T.Tokenizer("clip_bpe", 5, "syntax")                 # 3 content tokens
+    kept = tok.decode(tok(["A man riding a wave on top of a surf board."])[0]).split()
+    assert kept[:2] == ["man", "wave"] and len(kept) == 3 and kept[2] in ("top", "surf")
+    tok = T.Tokenizer("clip_bpe", 8, "syntax")
+    assert tok.decode(tok(["two young girls sitting at a table eating pizza"])[0]).split() == \
+        ["young", "girls", "sitting", "table", "eating", "pizza"]
+    # a word of several BPE tokens can overflow the row: then it is truncated, EOT last
+    tok = T.Tokenizer("clip_bpe", 5, "syntax")
+    row = tok(["the skateboarder jumped over photographers"])[0].tolist()
+    assert row[0] == SOT and row[-1] == EOT and len(row) == 5
+
+
+def test_syntax_masking_wordpiece_and_equal_priority_order():
+    tok = T.Tokenizer("wordpiece", 5, "syntax")                # [CLS] + 4 words
+    assert tok.decode(tok(["a large brown dog running on the green grass"])[0]).split() == \
+        ["large", "brown", "dog", "grass"]
+    # equal priorities keep the earlier words (stable), in sentence order
+    assert T.syntax_select(["cat", "dog", "bird", "fish"], 2) == ["cat", "dog"]
+    assert T.syntax_select(["the", "a", "cat", "an"], 2) == ["the", "cat"]
+
+
+# ----------------------------------------------------------------------------- robustness
+
+WEIRD = [None, 0, 12345, 3.5, b"bytes caption", b"\xff\xfe\xfa invalid utf-8 \xc3", bytearray(b"dog"),
+         "", "x" * 10_000, " ".join(["word"] * 3000), "\x00" * 100, "\ud83d", ["nested"]]
+
+
+@pytest.mark.parametrize("tk", T.TOKENIZERS)
+@pytest.mark.parametrize("reduction", T.REDUCTIONS)
+def test_weird_inputs_do_not_crash(tk, reduction):
+    tok = T.Tokenizer(tk, 8, reduction)
+    out = tok(WEIRD, rng=random.Random(0))
+    assert out.shape == (len(WEIRD), 8)
+    empty = out[WEIRD.index("")].tolist()
+    assert empty == ([SOT, EOT] + [0] * 6 if tk == "clip_bpe" else [CLS] + [0] * 7)
+    assert out[0].tolist() == empty                       # None is an empty caption
+    assert tok("a dog").shape == (1, 8) and tok(None).shape == (1, 8) and tok(7).shape == (1, 8)
+    assert tok([]).shape == (0, 8)
+    assert torch.equal(tok(b"a dog"), tok("a dog"))
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"valid: truncate, random, block, syntax"):
+        T.Tokenizer("clip_bpe", 16, "shuffle")
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        T.Tokenizer("sentencepiece", 16)
+    with pytest.raises(ValueError, match="context_length"):
+        T.Tokenizer("clip_bpe", 1)
+    with pytest.raises(ValueError, match="valid: truncate"):
+        T.get_tokenizer("ViT-B-16-CL16", reduction="nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        T.get_tokenizer("ViT-Nope")
+
+
+# ----------------------------------------------------------------------------- get_tokenizer
+
+def test_get_tokenizer_serves_every_registered_model():
+    import model
+    names = model.list_models() + sorted(model.MODEL_ALIASES)
+    for name in names:
+        cfg = model.get_model_config(name).text
+        tok = T.get_tokenizer(name)
+        assert (tok.tokenizer, tok.context_length, tok.reduction) == \
+            (cfg.tokenizer, cfg.context_length, cfg.reduction), name
+        assert ("Syntax" in name) == (tok.reduction == "syntax"), name
+        out = tok(["a diagram", "a dog", "a cat"], rng=random.Random(0))
+        assert out.shape == (3, cfg.context_length) and int(out.max()) < cfg.vocab_size, name
+        ev = T.get_tokenizer(name, reduction="truncate")
+        assert ev.reduction == "truncate" and ev.context_length == cfg.context_length
+    assert T.get_tokenizer("ViT-H-14-CLIPA").tokenizer == "wordpiece"
+    assert T.get_tokenizer("ViT-L-16-CL8-Syntax-GAP", context_length=32).context_length == 32
+
+
+def test_tokenizer_pickles_for_data_loader_workers():
+    tok = T.get_tokenizer("ViT-L-16-CL8-Syntax-GAP")
+    blob = pickle.dumps(tok)
+    assert len(blob) < 1000                       # config only; vocabularies load once per process
+    again = pickle.loads(blob)
+    caps = T.synthetic_captions(20, seed=9)
+    assert torch.equal(again(caps), tok(caps))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli(capsys):
+    assert T.main(["encode", "--model", "ViT-B-16-CL16", "a photo of a dog"]) == 0
+    out = capsys.readouterr().out
+    assert "a photo of a dog" in out and str(SOT) in out
+    assert T.main(["encode", "--model", "ViT-Nope", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model") and err.count("\n") == 1
+    assert T.main(["bench", "--n", "0"]) == 2
+
+
+def test_bench_runs_small(capsys):
+    rows = T.bench(n=40, batch=16)
+    names = [r["name"] for r in rows]
+    assert any(n.startswith("open_clip") for n in names)
+    assert all(f"clip_bpe {red} (ctx 16)" in names for red in T.REDUCTIONS)
+    assert all(r["batched"] > 0 for r in rows)
+    assert "| clip_bpe syntax (ctx 8)" in capsys.readouterr().out
