@@ -126,28 +126,43 @@ class Preprocess:
         return p
 
 
+def eval_image_transform(pre: Preprocess):
+    """data.py's uint8 eval transform, decoding JPEGs at full resolution: the reduced-scale (draft)
+    decode that speeds up training changes pixels by ~2-3 levels on large images, and zero-shot
+    numbers must match the reference preprocessing (torchvision Resize + CenterCrop on the full image)."""
+    import data
+    return data.EvalTransform(pre.image_size, pre.interpolation, pre.square_resize_only, draft=False)
+
+
 def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, batch_size: int = 64,
              num_workers: int = 2, device=None, dtype: torch.dtype | None = None, fmt: str | None = None,
              force_image_size: int | None = None, image_mean=None, image_std=None,
              interpolation: str | None = None, square_resize_only: bool | None = None,
-             tokenizer=None, model_name: str | None = None, rank: int | None = None,
-             world_size: int | None = None, progress: bool = False, limit: int | None = None) -> dict:
+             tokenizer=None, model_name: str | None = None, runtime=None, progress: bool = False,
+             limit: int | None = None) -> dict:
     """Zero-shot accuracy of `model` on the classification set at `data_path`.
 
     classnames: list or file path; None -> the 1000 ImageNet-1K names shipped in assets/.
     templates: list, 'openai' (80, default), 'short' (7) or a file path.
     dtype: autocast dtype (None: bfloat16 on CUDA, float32 elsewhere).
-    rank/world_size: None -> from xla_utils (several processes: each evaluates its shard and the
-    counts are summed). Returns dict(top1, top5, mean_per_class_recall, n) plus details.
+    runtime: an xla_utils.Runtime (train.py passes its own): with several processes each rank
+    evaluates its shard and the counts are summed; under XLA SPMD each batch is sharded over the
+    mesh. None -> the model's device, torch.distributed's rank/world size if initialised.
+    tokenizer: None -> tokenizer.get_tokenizer(model_name or model_cfg, reduction="truncate").
+    Returns dict(top1, top5, mean_per_class_recall, n) plus details.
     The model is put in eval mode (no image masking) and its previous mode restored afterwards."""
     import data
 
     clip = _unwrap(model)
-    device = torch.device(device) if device is not None else next(clip.parameters()).device
+    if runtime is None:
+        device = torch.device(device) if device is not None else next(clip.parameters()).device
+        runtime = _default_runtime(device)
+    device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if rank is None or world_size is None:
-        rank, world_size = _rank_world()
+    if runtime.spmd and batch_size % runtime.num_devices:
+        raise ValueError(f"batch size {batch_size} must be a multiple of the {runtime.num_devices} "
+                         "XLA devices it is sharded over")
     if isinstance(classnames, str) or classnames is None:
         classnames = load_classnames(classnames)
     if templates is None or isinstance(templates, str):
@@ -157,8 +172,7 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     pre = Preprocess.for_model(model_cfg, force_image_size, image_mean, image_std, interpolation,
                                square_resize_only)
 
-    transform = data.eval_transform(pre.image_size, interpolation=pre.interpolation,
-                                    square_resize_only=pre.square_resize_only)
+    transform = eval_image_transform(pre)
     loader, classes = data.make_eval_loader(data_path, transform, batch_size, fmt=fmt,
                                             num_workers=num_workers, rank=rank, world_size=world_size)
     if len(classes) != len(classnames):
@@ -171,11 +185,13 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     try:
         weights = build_classifier(clip, tokenizer, classnames, templates, device, dtype=dtype,
                                    progress=progress and rank == 0)
-        counts = _classify(clip, weights, loader, pre, device, dtype, batch_size,
+        counts = _classify(clip, weights, loader, pre, runtime, dtype, batch_size,
                            len(classnames), progress and rank == 0, limit)
     finally:
         clip.train(was_training)
-    counts = _all_reduce_sum(counts, device, world_size)
+    if runtime.distributed and world_size > 1:  # (under SPMD the counts are already global)
+        torch.distributed.all_reduce(counts)
+    counts = counts.double().cpu()
     correct1, correct5, per_class_correct, per_class_total = (
         counts[0, 0].item(), counts[0, 1].item(), counts[1], counts[2])
     n = int(per_class_total.sum().item())
@@ -190,16 +206,18 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
 
 
 @torch.no_grad()
-def _classify(clip, weights, loader, pre: Preprocess, device, dtype, batch_size, num_classes,
+def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size, num_classes,
               progress, limit):
     """Counts as one float64 tensor [3, C]: row 0 = (top-1 hits, top-5 hits, 0...), row 1 = per-class
     top-1 hits, row 2 = per-class totals. Batches are padded to batch_size (labels -1) so that XLA
     compiles once; counts stay on the device until the end (no per-batch host sync)."""
     import data
 
+    device = runtime.device
     k = min(5, num_classes)
-    counts = torch.zeros(3, num_classes, dtype=torch.float64 if device.type != "xla" else torch.float32,
-                         device=device)
+    # exact integer counts (int32 on XLA: TPUs have no fast 64-bit integers)
+    counts = torch.zeros(3, num_classes, device=device,
+                         dtype=torch.int32 if device.type == "xla" else torch.int64)
     classes = torch.arange(num_classes, device=device)
     seen = 0
     for images, labels in _progress(loader, progress, "images"):
@@ -210,8 +228,7 @@ def _classify(clip, weights, loader, pre: Preprocess, device, dtype, batch_size,
         if valid < batch_size:
             images = torch.cat([images, images.new_zeros((batch_size - valid, *images.shape[1:]))])
             labels = torch.cat([labels, labels.new_full((batch_size - valid,), -1)])
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = runtime.to_device(images, labels)
         x = data.normalize(images, pre.image_mean, pre.image_std)
         with _autocast(device, dtype):
             feats = clip.encode_image(x, normalize=True)
@@ -225,7 +242,7 @@ def _classify(clip, weights, loader, pre: Preprocess, device, dtype, batch_size,
         counts[1] += (onehot * hit1[:, None]).sum(0)
         counts[2] += onehot.sum(0)
         _mark_step(device)
-    return counts.double().cpu() if device.type != "xla" else counts
+    return counts
 
 
 # ----------------------------------------------------------------------------- runtime helpers
@@ -260,40 +277,29 @@ def _mark_step(device):
         torch_xla.sync()
 
 
-def _rank_world() -> tuple[int, int]:
+def _default_runtime(device: torch.device):
+    """A Runtime describing the caller's setup: this device, torch.distributed's ranks if any."""
+    from xla_utils import Runtime
+    kind = device.type if device.type in ("cuda", "xla") else "cpu"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(counts: torch.Tensor, device, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        if torch.device(device).type == "xla":
-            import torch_xla.core.xla_model as xm
-            counts = xm.all_reduce(xm.REDUCE_SUM, counts)
-        else:
-            counts = counts.to(device)
-            torch.distributed.all_reduce(counts)
-    return counts.double().cpu()
+        return Runtime(kind, device, rank=torch.distributed.get_rank(),
+                       world_size=torch.distributed.get_world_size(), distributed=True)
+    return Runtime(kind, device)
 
 
 def _eval_tokenizer(model_name, model_cfg):
     """The model's tokenizer at its own context length, plain truncation (prompts are never masked)."""
     import tokenizer as tok
-    return tok.get_tokenizer(model_name or model_cfg, context_length=model_cfg.text.context_length,
-                             reduction="truncate")
+    text = model_cfg.text
+    if model_name is not None:
+        try:
+            return tok.get_tokenizer(model_name, context_length=text.context_length, reduction="truncate")
+        except ValueError:  # a name the registry does not know: the config says all we need
+            pass
+    return tok.Tokenizer(text.tokenizer, text.context_length, "truncate")
 
 
 # ----------------------------------------------------------------------------- CLI
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "xla":
-        import torch_xla
-        return torch_xla.device()
-    return torch.device(name)
-
 
 def _default_out(ckpt: str, dataset: str) -> str:
     tag = os.path.basename(os.path.normpath(dataset)) or "data"
@@ -333,72 +339,64 @@ def _parse_args(argv=None):
 
 
 def load_checkpoint_model(ckpt: str, model_name: str | None = None, image_size: int | None = None):
-    """(model, cfg, name) from a checkpoint; the name comes from its metadata unless given."""
+    """(model, cfg, name) from a checkpoint; the architecture comes from its metadata unless named.
+    image_size (--force-image-size) builds the model at that size (position table resized)."""
     import model as M
 
-    if not os.path.exists(ckpt):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    _, meta = M.read_weights(ckpt)
-    cfg = M.config_from_metadata(meta) if meta else None
-    if model_name is None:
-        if cfg is None:
-            raise ValueError(f"{ckpt} carries no model metadata; pass --model NAME "
-                             f"(one of {', '.join(M.list_models())})")
-        model_name = meta.get("model_name", "checkpoint")
-        if image_size is not None:
-            cfg = M.get_model_config(model_name, image_size=image_size) \
-                if model_name in M.MODEL_CONFIGS else _with_image_size(cfg, image_size)
-        net = M.create_model(cfg, pretrained=ckpt)
-    else:
-        cfg = M.get_model_config(model_name, image_size=image_size)
+    if model_name is not None:
         net = M.create_model(model_name, image_size=image_size, pretrained=ckpt)
-    return net, net.cfg, model_name
-
-
-def _with_image_size(cfg, image_size):
-    from dataclasses import replace
-    return replace(cfg, vision=replace(cfg.vision, image_size=image_size))
+        return net, net.cfg, model_name
+    _, meta = M.read_weights(ckpt)
+    cfg = M.config_from_metadata(meta)
+    if cfg is None:
+        raise ValueError(f"{ckpt} records no model config (not a checkpoint of this project): pass "
+                         f"--model NAME, one of {', '.join(M.list_models())}")
+    net = M.create_model(cfg, image_size=image_size)
+    M.load_pretrained(net, ckpt)
+    return net, net.cfg, meta.get("model_name") or "checkpoint"
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    rank = 0
     try:
+        import xla_utils
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-        device = _pick_device(args.device)
-        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
         dataset = args.imagenet_val or args.data
         if not os.path.exists(dataset):
             raise FileNotFoundError(f"dataset not found: {dataset}")
-        classnames = args.classnames
-        if classnames is None and args.data:
-            classnames = None  # resolved below from the folder names
         templates = load_templates(args.templates)
+        classnames = load_classnames(args.classnames) if (args.classnames or args.imagenet_val) else None
+        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+        runtime = xla_utils.init_runtime(args.device)
+        rank = runtime.rank
         net, cfg, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
-        net.to(device)
-        if classnames is None and args.data:
+        net.to(runtime.device)
+        if classnames is None:  # --data without --classnames: the folder (synset) names
             import data
             _, classes = data.make_eval_loader(dataset, lambda x: x, 1, fmt=args.format, num_workers=0)
             classnames = [c.replace("_", " ") for c in classes]
-        rank, world = _rank_world()
         if rank == 0:
-            print(f"model {name}: image {args.force_image_size or cfg.vision.image_size}px, "
-                  f"prompts tokenized at context length {cfg.text.context_length} (truncation, no "
-                  f"masking), {len(templates)} templates, device {device}", file=sys.stderr)
+            print(f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts tokenized "
+                  f"at context length {cfg.text.context_length} (truncation, no masking); "
+                  f"{len(classnames)} classes x {len(templates)} templates", file=sys.stderr)
         res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates,
-                       batch_size=args.batch_size, num_workers=args.workers, device=device, dtype=dtype,
-                       fmt=args.format, force_image_size=args.force_image_size,
-                       image_mean=args.image_mean, image_std=args.image_std,
+                       batch_size=args.batch_size, num_workers=args.workers, dtype=dtype,
+                       fmt=args.format, image_mean=args.image_mean, image_std=args.image_std,
                        interpolation=args.interpolation, square_resize_only=args.square_resize_only,
-                       model_name=name, progress=not args.no_progress, limit=args.limit)
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                       model_name=name, runtime=runtime, progress=not args.no_progress,
+                       limit=args.limit)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"error: {msg}", file=sys.stderr)
         return 2
     if rank != 0:
         return 0
+    precision = args.precision if args.precision != "auto" else \
+        ("bf16" if runtime.kind == "cuda" else "fp32")
     res = dict(model=name, checkpoint=os.path.abspath(args.ckpt), dataset=os.path.abspath(dataset),
-               device=str(device), **res)
+               device=runtime.kind, precision=precision, **res)
     print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
           f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
           f"{res['num_classes']} classes, context length {res['context_length']})")

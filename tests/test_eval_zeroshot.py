@@ -1,0 +1,430 @@
+"""Zero-shot evaluation against OpenCLIP 3.3.0's own zero-shot code on the same weights and images.
+
+The reference side uses only OpenCLIP: its CLIP class, tokenizers, image_transform,
+build_zero_shot_classifier and open_clip_train.zero_shot.run (the loop its training script uses).
+Random weights, so the models are tiny; a seed is picked for which the random model's predictions
+are spread over several classes and its accuracy is strictly between 0 and 1 (so "equal accuracy"
+can't come from a constant predictor), and the per-image predictions are compared too.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval_zeroshot as Z
+import model as M
+import tokenizer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSNAMES = ["goldfish", "tabby cat", "fire truck", "volcano", "pizza", "umbrella"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """ImageFolder val/ tree: 6 classes x 4 JPEGs of mixed sizes and aspect ratios (some over twice
+    the 32 px eval size, where a reduced-scale JPEG decode would change the pixels)."""
+    root = tmp_path_factory.mktemp("zs") / "val"
+    rng = np.random.default_rng(0)
+    for c in range(len(CLASSNAMES)):
+        os.makedirs(root / f"n0{c}", exist_ok=True)
+        base = rng.integers(0, 256, 3)
+        for i in range(4):
+            h, w = (int(v) for v in rng.integers(36, 110, 2))
+            blocks = rng.normal(base, 60, (h // 6 + 1, w // 6 + 1, 3)).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(blocks).resize((w, h), Image.BICUBIC)
+            img.save(root / f"n0{c}" / f"{i}.JPEG", quality=90)
+    return str(root)
+
+
+def _names_file(tmp_path, names=CLASSNAMES):
+    p = tmp_path / "classnames.txt"
+    p.write_text("\n".join(names) + "\n")
+    return str(p)
+
+
+def _perturb(module, seed):
+    # OpenCLIP zero-inits biases and ones-inits norms: randomise everything so every weight matters
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return module.eval()
+
+
+def _openclip_v1(seed):
+    """OpenCLIP CLIP with the architecture of our registry's ViT-Test-8-CL16."""
+    import open_clip
+    torch.manual_seed(seed)
+    oc = open_clip.CLIP(embed_dim=32,
+                        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+                        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2))
+    return _perturb(oc, seed)
+
+
+def _openclip_v2(seed):
+    """OpenCLIP CLIP laid out like its ViT-*-14-CLIPA models (no ln_pre, patch-average pooling then
+    the final norm, bidirectional text pooled at the last position, tanh GELU) at the size of our
+    registry's ViT-Test-8-CL32-GAP-BigVision."""
+    import open_clip
+    torch.manual_seed(seed)
+    act = {"approximate": "tanh"}
+    oc = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, no_ln_pre=True,
+                        pool_type="avg", final_ln_after_pool=True, act_kwargs=act),
+        text_cfg=dict(context_length=32, vocab_size=32000, width=32, heads=2, layers=2, pool_type="last",
+                      no_causal_mask=True, act_kwargs=act))
+    return _perturb(oc, seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models on a shared 2-core machine: a second intra-op thread only adds contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _openclip_predictions(oc, tokenizer, preprocess, root, templates):
+    """OpenCLIP's classifier (build_zero_shot_classifier) and per-image predictions."""
+    import open_clip
+    import torchvision
+
+    W = open_clip.build_zero_shot_classifier(oc, tokenizer, CLASSNAMES, templates,
+                                             num_classes_per_batch=4, device="cpu")
+    ds = torchvision.datasets.ImageFolder(root, transform=preprocess)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        preds = (100.0 * oc.encode_image(x, normalize=True) @ W).argmax(-1)
+    return W, preds, torch.tensor(ds.targets), ds
+
+
+def _pick_seed(build, tokenizer, preprocess, root, templates):
+    """First seed whose random model is not a (near) constant predictor on this set, and OpenCLIP's
+    zero-shot evaluation of it: (model, (top1, top5, mean per-class recall, predictions, weights))."""
+    from open_clip_train.zero_shot import run
+
+    for seed in range(20):
+        oc = build(seed)
+        W, preds, y, ds = _openclip_predictions(oc, tokenizer, preprocess, root, templates)
+        if len(set(preds.tolist())) >= 3 and 0 < (preds == y).sum() < len(y):
+            break
+    else:
+        pytest.fail("no seed in 0..19 gives a random model with spread-out predictions")
+    # OpenCLIP's own evaluation loop (what its training script reports)
+    dl = torch.utils.data.DataLoader(ds, batch_size=5)
+    top1, top5 = run(oc, W, dl, argparse.Namespace(device="cpu", precision="fp32", batch_size=5))
+    recall = float(np.mean([(preds[y == c] == c).double().mean().item() for c in range(len(CLASSNAMES))]))
+    return oc, (top1, top5, recall, preds, W)
+
+
+def _our_predictions(net, cfg, root, templates, **pre_kw):
+    """Per-image predictions through this module's public pieces (what evaluate() does)."""
+    pre = Z.Preprocess.for_model(cfg, **pre_kw)
+    W = Z.build_classifier(net, Z._eval_tokenizer(None, cfg), CLASSNAMES, templates, "cpu", batch_size=7)
+    loader, classes = data.make_eval_loader(root, Z.eval_image_transform(pre), 5, num_workers=0)
+    preds, images = [], []
+    with torch.no_grad():
+        for x, _ in loader:
+            x = data.normalize(x, pre.image_mean, pre.image_std)
+            images.append(x)
+            preds.append((100.0 * net.encode_image(x, normalize=True) @ W).argmax(-1))
+    return torch.cat(preds), torch.cat(images), W
+
+
+def _run_cli(args):
+    return Z.main([*map(str, args), "--workers", "0", "--device", "cpu", "--no-progress"])
+
+
+# ----------------------------------------------------------------------------- vs OpenCLIP
+
+def test_v1_zero_shot_equals_openclip(folder, tmp_path):
+    import open_clip
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                           std=open_clip.OPENAI_DATASET_STD)
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    oc, (top1, top5, recall, preds_ref, W_ref) = _pick_seed(_openclip_v1, tok, preprocess, folder,
+                                                            SIMPLE_IMAGENET_TEMPLATES)
+    ckpt = tmp_path / "openclip_v1.pt"
+    torch.save(oc.state_dict(), ckpt)  # an OpenCLIP state dict, as OpenCLIP users have them
+
+    out = tmp_path / "res.json"
+    assert _run_cli(["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
+                     _names_file(tmp_path), "--templates", "short", "--batch-size", 4, "--out", out]) == 0
+    res = json.loads(out.read_text())
+    assert res["top1"] == top1 and res["top5"] == top5  # exactly: same images right / wrong
+    assert res["mean_per_class_recall"] == pytest.approx(recall, abs=1e-12)
+    assert res["n"] == 24 and res["num_classes"] == 6 and res["num_templates"] == 7
+    assert res["context_length"] == 16 and res["interpolation"] == "bicubic"
+    assert res["square_resize_only"] is False and res["image_mean"] == list(M.OPENAI_MEAN)
+
+    # the full picture, not just the counts: same classifier, same pixels, same per-image answers
+    net = M.create_model("ViT-Test-8-CL16", pretrained=ckpt).eval()
+    preds, images, W = _our_predictions(net, net.cfg, folder, Z.load_templates("short"))
+    ref_images = torch.stack([preprocess(Image.open(p).convert("RGB"))
+                              for p, _ in sorted(_image_paths(folder))])
+    # uint8 resize may differ by one level on rare pixels: 1/255 of the smallest std
+    assert (images - ref_images).abs().max() <= 1.01 / (255 * min(M.OPENAI_STD))
+    assert torch.allclose(W, W_ref, atol=1e-5)
+    assert torch.equal(preds, preds_ref)
+
+
+def _image_paths(root):
+    return [(os.path.join(dp, f), None) for dp, _, fs in os.walk(root) for f in fs]
+
+
+def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
+    """A v2 (BigVision) checkpoint of this project: the model comes from its metadata, the family's
+    preprocessing (ImageNet mean/std, bilinear square resize) and OpenCLIP's CLIPA tokenizer path
+    (bert-base-uncased WordPiece, [SEP] stripped, built from our shipped vocabulary)."""
+    import open_clip
+    import transformers
+    from safetensors.torch import save_file
+
+    hf_dir = tmp_path / "bert"
+    transformers.BertTokenizerFast(vocab_file=T.BERT_VOCAB, do_lower_case=True).save_pretrained(hf_dir)
+    tok = open_clip.tokenizer.HFTokenizer(str(hf_dir), context_length=32, strip_sep_token=True)
+    preprocess = open_clip.image_transform(32, is_train=False, mean=M.IMAGENET_MEAN, std=M.IMAGENET_STD,
+                                           resize_mode="squash", interpolation="bilinear")
+    templates = ["a photo of a {}.", "a blurry picture of the {}!", "{} in the wild"]
+    oc, (top1, top5, recall, preds_ref, _) = _pick_seed(_openclip_v2, tok, preprocess, folder, templates)
+
+    name = "ViT-Test-8-CL32-GAP-BigVision"
+    cfg = M.get_model_config(name)
+    net = M.CLIP(cfg)
+    net.load_state_dict(M.to_clipa_keys(oc.state_dict()))
+    run_dir = tmp_path / "run" / "step_00000010"
+    run_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, run_dir / "model.safetensors",
+              metadata=M.weights_metadata(name, cfg))
+    (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
+
+    assert _run_cli(["--ckpt", run_dir, "--data", folder, "--classnames", _names_file(tmp_path),
+                     "--templates", tmp_path / "templates.txt"]) == 0
+    out = run_dir / "zeroshot_val.json"  # default: next to the checkpoint
+    res = json.loads(out.read_text())
+    assert res["model"] == name and res["context_length"] == 32
+    assert res["top1"] == top1 and res["top5"] == top5
+    assert res["mean_per_class_recall"] == pytest.approx(recall, abs=1e-12)
+    assert res["image_mean"] == list(M.IMAGENET_MEAN) and res["interpolation"] == "bilinear"
+    assert res["square_resize_only"] is True
+    preds, _, _ = _our_predictions(net.eval(), cfg, folder, templates)
+    assert torch.equal(preds, preds_ref)
+
+
+# ----------------------------------------------------------------------------- evaluate() as train.py uses it
+
+def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, tmp_path):
+    """Random image masking (train mode only) must not leak into evaluation; mode is restored."""
+    net = M.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5)
+    cfg = net.cfg
+    net.train()
+    kw = dict(classnames=CLASSNAMES, templates="short", batch_size=8, num_workers=0,
+              model_name="ViT-Test-8-CL16")
+    first = Z.evaluate(net, cfg, folder, **kw)
+    assert net.training
+    net.eval()
+    second = Z.evaluate(net, cfg, folder, **kw)
+    assert not net.training
+    for k in ("top1", "top5", "mean_per_class_recall", "n"):
+        assert first[k] == second[k]
+    assert first["n"] == 24 and first["num_templates"] == 7
+
+
+def _dist_worker(rank, world, port, folder, sd, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    net = M.create_model("ViT-Test-8-CL16")
+    net.load_state_dict(sd)
+    res = Z.evaluate(net, net.cfg, folder, classnames=CLASSNAMES, templates="short", batch_size=4,
+                     num_workers=0, model_name="ViT-Test-8-CL16")
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, tmp_path):
+    """Two gloo processes (each evaluates its half) report what one process reports for all."""
+    import socket
+    torch.manual_seed(3)
+    net = M.create_model("ViT-Test-8-CL16")
+    sd = _perturb(net, 3).state_dict()
+    single = Z.evaluate(net, net.cfg, folder, classnames=CLASSNAMES, templates="short", batch_size=4,
+                        num_workers=0, model_name="ViT-Test-8-CL16")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_dist_worker, args=(2, port, folder, sd, str(tmp_path)),
+                                          nprocs=2, start_method="fork")
+    for r in range(2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for k in ("top1", "top5", "n"):
+            assert res[k] == single[k], (r, k)
+        assert res["mean_per_class_recall"] == pytest.approx(single["mean_per_class_recall"], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_prompts_are_truncated_not_syntax_masked():
+    """A syntax-masked T16 model is evaluated with plain 16-token prompts, tokenized like OpenCLIP's
+    tokenizer at that length (the reference syntax-masked its prompts: a defect)."""
+    import open_clip
+    name = "ViT-Tiny-8-CL16-Syntax-GAP"
+    cfg = M.get_model_config(name)
+    tok = Z._eval_tokenizer(name, cfg)
+    assert tok.context_length == 16 and tok.reduction == "truncate"
+    prompts = [t.format("great white shark") for t in Z.load_templates("openai")]
+    prompts.append("a very blurry and rather dark low resolution photo of the great white shark in the sea")
+    ref = open_clip.tokenizer.SimpleTokenizer(context_length=16)(prompts)
+    assert torch.equal(tok(prompts), ref)
+    # the training tokenizer of this model would have dropped words (syntax masking)
+    assert not torch.equal(T.get_tokenizer(name)(prompts[-1:]), ref[-1:])
+
+
+# ----------------------------------------------------------------------------- data files
+
+def test_classnames_and_templates_are_openclips():
+    from open_clip.zero_shot_metadata import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+                                              SIMPLE_IMAGENET_TEMPLATES)
+    names = Z.load_classnames()
+    assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
+    openai, short = Z.load_templates("openai"), Z.load_templates("short")
+    assert len(openai) == 80 and len(short) == 7
+    for mine, ref in ((openai, OPENAI_IMAGENET_TEMPLATES), (short, SIMPLE_IMAGENET_TEMPLATES)):
+        assert [t.format("tabby cat") for t in mine] == [t("tabby cat") for t in ref]
+
+
+def test_bad_template_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("a photo of a {}.\nno placeholder here\n")
+    with pytest.raises(ValueError, match="placeholder"):
+        Z.load_templates(str(p))
+
+
+# ----------------------------------------------------------------------------- usage example
+
+def test_seed_usage_example_small_v2(tmp_path):
+    """The README usage, verbatim but for the model name and size: a small v2 (BigVision) config,
+    built at a larger image size than its checkpoint (position table resized), with explicit
+    mean/std, bilinear, square resize."""
+    from safetensors.torch import save_file
+    import torchvision.transforms.functional as TF
+    from model import create_model_and_transforms
+    from tokenizer import get_tokenizer
+
+    name = "ViT-Test-8-CL32-GAP-BigVision"
+    torch.manual_seed(0)
+    src = _perturb(M.CLIP(M.get_model_config(name)), 0)
+    CKPT = str(tmp_path / "v2.safetensors")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, CKPT,
+              metadata=M.weights_metadata(name, src.cfg))
+
+    model, _, preprocess = create_model_and_transforms(
+        'ViT-Test-8-CL32-GAP-BigVision', pretrained=CKPT, force_image_size=48,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], interpolation='bilinear',
+        square_resize_only=True)
+    tokenizer = get_tokenizer('ViT-Test-8-CL32-GAP-BigVision')
+    model.eval()
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 83, 3), dtype=np.uint8))
+    image = preprocess(img).unsqueeze(0)
+    text = tokenizer(["a diagram", "a dog", "a cat"])
+    with torch.no_grad():
+        image_features = model.encode_image(image)
+        text_features = model.encode_text(text)
+        image_features /= image_features.norm(dim=-1, keepdim=True)
+        text_features /= text_features.norm(dim=-1, keepdim=True)
+        text_probs = (100.0 * image_features @ text_features.T).softmax(dim=-1)
+
+    assert model.cfg.vision.image_size == 48 and model.visual.positional_embedding.shape[0] == 1 + 36
+    ref = TF.normalize(TF.to_tensor(TF.resize(img, [48, 48], TF.InterpolationMode.BILINEAR)),
+                       [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert image.shape == (1, 3, 48, 48)
+    assert (image[0] - ref).abs().max() <= 1.01 / (255 * 0.224)
+    assert text.shape == (3, 32) and (text[:, 0] == 101).all() and not (text == 102).any()
+    assert text_probs.shape == (1, 3) and torch.allclose(text_probs.sum(-1), torch.ones(1))
+    # weights other than the resized position table are the checkpoint's
+    for k, v in src.state_dict().items():
+        if k != "visual.positional_embedding":
+            assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_seed_usage_example_h14_call_path_on_meta_device():
+    """The real ViT-H-14-CL32-GAP-BigVision at 336 px, without its ~1B weights: built on the meta
+    device (shapes only), its parameters match OpenCLIP's ViT-H-14-CLIPA-336 one for one, a meta
+    forward pass gives 1024-d features, and the transform/tokenizer of the same call are real.
+    Not exercised: loading a real H/14 checkpoint (none here) and numerics at this size."""
+    import open_clip
+    from model import create_model_and_transforms
+    from tokenizer import get_tokenizer
+
+    with torch.device("meta"):
+        model, _, preprocess = create_model_and_transforms(
+            'ViT-H-14-CL32-GAP-BigVision', force_image_size=336, image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225], interpolation='bilinear', square_resize_only=True)
+        ref = open_clip.create_model('ViT-H-14-CLIPA-336', device="meta")
+    tokenizer = get_tokenizer('ViT-H-14-CL32-GAP-BigVision')
+    ours = {k: tuple(v.shape) for k, v in M.to_openclip_keys(model.state_dict()).items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours == theirs
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    feats = model.encode_image(torch.empty(2, 3, 336, 336, device="meta"))
+    assert feats.shape == (2, 1024)
+    img = Image.fromarray(np.zeros((300, 500, 3), dtype=np.uint8))
+    assert preprocess(img).shape == (3, 336, 336)
+    assert tokenizer(["a photo of a cat."]).shape == (1, 32)
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+@pytest.fixture(scope="module")
+def v1_ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ck") / "v1.pt"
+    torch.save(M.create_model("ViT-Test-8-CL16").state_dict(), p)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "not_a_ckpt", "wrong_arch", "no_metadata",
+                                  "missing_data", "class_count", "unknown_model"])
+def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("this is not a checkpoint\n")
+    args = {
+        "missing_ckpt": ["--ckpt", tmp_path / "nope.pt", "--model", "ViT-Test-8-CL16", "--data", folder],
+        "not_a_ckpt": ["--ckpt", text_file, "--model", "ViT-Test-8-CL16", "--data", folder],
+        "wrong_arch": ["--ckpt", v1_ckpt, "--model", "ViT-Tiny-8-CL32-GAP", "--data", folder],
+        "no_metadata": ["--ckpt", v1_ckpt, "--data", folder],
+        "missing_data": ["--ckpt", v1_ckpt, "--model", "ViT-Test-8-CL16", "--data", tmp_path / "nodir"],
+        "class_count": ["--ckpt", v1_ckpt, "--model", "ViT-Test-8-CL16", "--data", folder,
+                        "--classnames", _names_file(tmp_path, ["cat", "dog"])],
+        "unknown_model": ["--ckpt", v1_ckpt, "--model", "ViT-Q-99", "--data", folder],
+    }[case]
+    expect = {"missing_ckpt": "not found", "not_a_ckpt": "not a torch checkpoint", "wrong_arch": "does not fit",
+              "no_metadata": "--model", "missing_data": "not found", "class_count": "2 class names",
+              "unknown_model": "unknown model"}[case]
+    assert _run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # (the run-description line may come first; then exactly one error line, no traceback)
+    assert err[-1].startswith("error: ") and expect in err[-1], err
+    assert len(err) <= 2 and not any(line.startswith(("Traceback", "error: ")) for line in err[:-1]), err
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), "--ckpt",
+                        str(tmp_path / "missing.safetensors"), "--imagenet-val", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PJRT_DEVICE": "CPU"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.safetensors'}"]
