@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# CLIPA-v1 B/16 fine-tune at 224 px -- stage 'finetune' of preset b16_i50_t16 on 8 GPUs with torchrun (NPROC to change).
+# Needs TRAIN_DATA and OUT, PRETRAINED; DRY_RUN=1 prints the command and resolved config.
+exec "$(dirname "$0")/../stage.sh" gpu b16_i50_t16 finetune "$@"

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# CLIPA-v2 l14 pre-train at 84 px / 8 tokens -- stage 'pretrain' of preset l14_v2 on 8 GPUs with torchrun (NPROC to change).
+# Needs TRAIN_DATA and OUT; DRY_RUN=1 prints the command and resolved config.
+exec "$(dirname "$0")/../stage.sh" gpu l14_v2 pretrain "$@"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run one stage of a preset on GPUs (torchrun) or TPUs (python xla_utils.py launch).
+#   launch/stage.sh gpu|tpu PRESET STAGE [extra train.py/finetune.py flags...]
+# The per-experiment wrappers in launch/gpu/ and launch/tpu/ call this. Paths come from the environment:
+#   TRAIN_DATA   shards: /data/laion/{00000..41407}.tar, a TFRecord glob, or a TFDS directory (required)
+#   OUT          output directory: checkpoints, metrics.jsonl, logs (required)
+#   PRETRAINED   checkpoint of the previous stage (required for fine-tune stages)
+#   IMAGENET_VAL ImageNet val/ ImageFolder or TFDS dir: zero-shot eval every EVAL_EVERY steps (optional)
+#   NPROC (GPUs per node, default: all visible), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node)
+#   PYTHON       interpreter (default: python)
+#   DRY_RUN=1    print the resolved command and the resolved stage config, run nothing
+set -euo pipefail
+die() { echo "error: $*" >&2; exit 2; }
+[ $# -ge 3 ] || die "usage: launch/stage.sh gpu|tpu PRESET STAGE [flags...]"
+platform=$1 preset=$2 stage=$3; shift 3
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+[ -n "${TRAIN_DATA:-}" ] || die "TRAIN_DATA is not set (training shards, e.g. /data/laion400m/{00000..41407}.tar)"
+[ -n "${OUT:-}" ] || die "OUT is not set (output directory for checkpoints and logs)"
+args=(--cfg "$preset" --stage "$stage" --train-data "$TRAIN_DATA" --out "$OUT")
+script=train.py
+if [ "$stage" != "pretrain" ]; then   # every later stage starts from the previous stage's weights
+  script=finetune.py
+  [ -n "${PRETRAINED:-}" ] || die "PRETRAINED is not set (checkpoint of the stage before '$stage', e.g. \$OUT/checkpoints/latest)"
+  args+=(--pretrained "$PRETRAINED")
+fi
+if [ -n "${IMAGENET_VAL:-}" ]; then
+  args+=(--eval-data "$IMAGENET_VAL" --eval-every "${EVAL_EVERY:-2000}")
+fi
+
+case "$platform" in
+  gpu)
+    nproc="${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}"
+    [ "$nproc" -ge 1 ] 2>/dev/null || nproc=8
+    cmd=(torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
+         --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
+         "$script" "${args[@]}" --device cuda "$@") ;;
+  tpu)
+    cmd=("$PYTHON" xla_utils.py launch "$script" "${args[@]}" --device xla "$@") ;;
+  *) die "platform must be gpu or tpu, got '$platform'" ;;
+esac
+
+cd "$ROOT"
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  echo "command: ${cmd[*]}"
+  exec "$PYTHON" "$script" "${args[@]}" "$@" --dry-run
+fi
+echo "[launch] ${cmd[*]}" >&2
+exec "${cmd[@]}"

@@ -1,0 +1,86 @@
+"""Every launch wrapper's dry run resolves to the paper's recipe (CLIPA_SPEC section 4)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "launch", "gpu", "*.sh")) +
+                  glob.glob(os.path.join(ROOT, "launch", "tpu", "*.sh")))
+
+# (preset, stage) -> (model, image size, global batch, peak lr, warmup, mask ratio): CLIPA_SPEC section 4
+RECIPE = {
+    ("b16_i50_t16", "pretrain"): ("ViT-B-16-CL16", 112, 65536, 2.048e-3, 782, 0.0),
+    ("b16_i50_t16", "finetune"): ("ViT-B-16-CL16", 224, 8192, 2.56e-5, 3072, 0.0),
+    ("l16_i17_t16", "pretrain"): ("ViT-L-16-CL16-Syntax-GAP", 64, 32768, 1.024e-3, 1563, 0.0),
+    ("l16_i17_t16", "finetune"): ("ViT-L-16-CL16-GAP", 224, 7168, 2.24e-5, 3571, 0.0),
+    ("l16_i37_t8", "pretrain"): ("ViT-L-16-CL8-Syntax-GAP", 96, 32768, 1.024e-3, 1563, 0.0),
+    ("l16_i37_t8", "finetune"): ("ViT-L-16-CL32-GAP", 224, 7168, 2.24e-5, 3571, 0.0),
+    ("h14_i36_t8", "pretrain"): ("ViT-H-14-CL8-Syntax-GAP", 84, 65536, 2.048e-3, 782, 0.0),
+    ("h14_i36_t8", "finetune"): ("ViT-H-14-CL32-GAP", 224, 32768, 5.12e-5, 800, 0.3),
+    ("h14_v2", "pretrain"): ("ViT-H-14-CL8-Syntax-GAP", 84, 65536, 2.048e-3, 782, 0.0),
+    ("h14_v2", "ft224"): ("ViT-H-14-CL32-GAP", 224, 32768, 5.12e-5, 800, 0.3),
+    ("h14_v2", "ft336"): ("ViT-H-14-CL32-GAP", 336, 16384, 6.4e-6, 1600, 0.4),
+    ("l14_v2", "pretrain"): ("ViT-L-14-CL32-GAP-BigVision", 84, 65536, 2.048e-3, 782, 0.0),
+    ("l14_v2", "ft224"): ("ViT-L-14-CL32-GAP-BigVision", 224, 32768, 5.12e-5, 800, 0.3),
+    ("l14_v2", "ft336"): ("ViT-L-14-CL32-GAP-BigVision", 336, 16384, 6.4e-6, 1600, 0.4),
+}
+
+
+def _run(path, env_extra, tmp):
+    env = dict(os.environ, PYTHON=sys.executable, DRY_RUN="1", **env_extra)
+    for k in ("TRAIN_DATA", "OUT", "PRETRAINED", "IMAGENET_VAL"):
+        if k not in env_extra:
+            env.pop(k, None)
+    return subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_preset_stage_has_gpu_and_tpu_wrappers():
+    names = {os.path.relpath(p, os.path.join(ROOT, "launch")) for p in WRAPPERS}
+    want = {f"{plat}/{preset}_{stage}.sh" for plat in ("gpu", "tpu") for preset, stage in RECIPE}
+    assert names == want
+
+
+def test_dry_runs_resolve_to_the_paper_recipe(tmp_path):
+    pre = tmp_path / "pretrained"
+    pre.mkdir()
+    env = {"TRAIN_DATA": "/data/laion/{00000..00009}.tar", "OUT": str(tmp_path / "out"),
+           "PRETRAINED": str(pre)}
+    with ThreadPoolExecutor(4) as pool:   # 28 interpreter starts: overlap them
+        results = list(pool.map(lambda p: (p, _run(p, env, tmp_path)), WRAPPERS))
+    for path, r in results:
+        assert r.returncode == 0, f"{path}: {r.stderr}"
+        plat = os.path.basename(os.path.dirname(path))
+        preset, stage = os.path.basename(path)[:-3].rsplit("_", 1)
+        lines = r.stdout.strip().splitlines()
+        command = lines[0]
+        assert command.startswith("command: " + ("torchrun --nproc_per_node" if plat == "gpu"
+                                                 else f"{sys.executable} xla_utils.py launch"))
+        assert f"--cfg {preset} --stage {stage}" in command
+        assert ("finetune.py" in command) == (stage != "pretrain")
+        assert (f"--pretrained {pre}" in command) == (stage != "pretrain")
+        resolved = json.loads(lines[-1])
+        model, size, batch, lr, warmup, mask = RECIPE[(preset, stage)]
+        assert resolved["name"] == stage
+        assert resolved["model"] == model
+        assert resolved["image_size"] == size
+        assert resolved["batch_size"] == batch
+        assert resolved["lr"] == pytest.approx(lr, rel=1e-9)
+        assert resolved["warmup"] == warmup
+        assert resolved["mask_ratio"] == mask
+        assert resolved["train_data"] == env["TRAIN_DATA"]
+
+
+@pytest.mark.parametrize("missing,needle", [("TRAIN_DATA", "TRAIN_DATA is not set"),
+                                            ("OUT", "OUT is not set"),
+                                            ("PRETRAINED", "PRETRAINED is not set")])
+def test_missing_paths_are_one_line_errors(tmp_path, missing, needle):
+    env = {"TRAIN_DATA": "/data/x.tar", "OUT": str(tmp_path), "PRETRAINED": str(tmp_path)}
+    del env[missing]
+    r = _run(os.path.join(ROOT, "launch", "gpu", "l16_i37_t8_finetune.sh"), env, tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and needle in r.stderr
