@@ -354,7 +354,9 @@ def test_cli(capsys):
 def test_bench_runs_small(capsys):
     rows = T.bench(n=40, batch=16)
     names = [r["name"] for r in rows]
-    assert any(n.startswith("open_clip") for n in names)
-    assert all(f"clip_bpe {red} (ctx 16)" in names for red in T.REDUCTIONS)
-    assert all(r["batched"] > 0 for r in rows)
-    assert "| clip_bpe syntax (ctx 8)" in capsys.readouterr().out
+    assert "open_clip SimpleTokenizer (ctx 16)" in names
+    assert all(f"ours {tk} {red} (ctx {ctx})" in names for red in T.REDUCTIONS
+               for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32)))
+    assert all(r["batched"] > 0 and r["single"] > 0 for r in rows)
+    assert {r["corpus"] for r in rows} == {"ascii", "non-ascii"}
+    assert "| ours clip_bpe syntax (ctx 8)" in capsys.readouterr().out
