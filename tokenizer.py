@@ -410,7 +410,10 @@ class Tokenizer:
         """Tokenize a caption or a list of captions. `rng` drives random/block masking; None -> the
         `random` module (seeded per worker by torch's DataLoader, so workers differ reproducibly)."""
         texts = _as_list(texts)
-        rng = random if rng is None else rng
+        if rng is None:
+            rng = random
+        elif not (hasattr(rng, "sample") and hasattr(rng, "randrange")):
+            raise ValueError(f"rng must be a random.Random (or None), got {type(rng).__name__}")
         bk = _backend(self.tokenizer)
         row = self._row_bpe if self.tokenizer == "clip_bpe" else self._row_wordpiece
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
@@ -456,7 +459,8 @@ def get_tokenizer(model_name: str, context_length: int | None = None,
     ("syntax" for -Syntax- models); evaluation should pass reduction="truncate"."""
     from model import get_model_config
     text = get_model_config(model_name).text
-    return Tokenizer(text.tokenizer, context_length or text.context_length, reduction or text.reduction)
+    return Tokenizer(text.tokenizer, text.context_length if context_length is None else context_length,
+                     text.reduction if reduction is None else reduction)
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -305,6 +305,10 @@ def test_bad_arguments_are_one_line_errors():
         T.Tokenizer("sentencepiece", 16)
     with pytest.raises(ValueError, match="context_length"):
         T.Tokenizer("clip_bpe", 1)
+    with pytest.raises(ValueError, match="context_length"):
+        T.get_tokenizer("ViT-B-16-CL16", context_length=0)
+    with pytest.raises(ValueError, match="rng must be a random.Random"):
+        T.Tokenizer("clip_bpe", 8, "random")(["a dog"], rng=42)
     with pytest.raises(ValueError, match="valid: truncate"):
         T.get_tokenizer("ViT-B-16-CL16", reduction="nope")
     with pytest.raises(ValueError, match="unknown model"):
