@@ -593,7 +593,7 @@ def resize_text_pos_embed(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _few(keys, n=4) -> str:
-    keys = sorted(keys)
+    keys = list(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
@@ -602,22 +602,25 @@ def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
     """Load weights of any supported layout into `model`, resizing position tables to its grid and
     context length (a fixed sin-cos table is recomputed, not interpolated). Returns the layout name.
     A checkpoint of another architecture is a one-line ValueError naming missing/unexpected keys."""
-    sd, _ = read_weights(path)
+    return _load_state(model, read_weights(path)[0], os.fspath(path), strict)
+
+
+def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
     layout = detect_layout(sd)
     sd = to_clipa_keys(sd)
     own = model.state_dict()
     v = model.cfg.vision
-    if "visual.positional_embedding" in sd:
-        if v.pos_embed == "sincos":
-            sd["visual.positional_embedding"] = own["visual.positional_embedding"]
-        else:
-            sd["visual.positional_embedding"] = resize_image_pos_embed(sd["visual.positional_embedding"], v.grid)
+    if v.pos_embed == "sincos":
+        sd["visual.positional_embedding"] = sincos_2d(v.width, v.grid)       # exact, never interpolated
+    elif "visual.positional_embedding" in sd:
+        sd["visual.positional_embedding"] = resize_image_pos_embed(sd["visual.positional_embedding"], v.grid)
     if "text.positional_embedding" in sd:
         sd["text.positional_embedding"] = resize_text_pos_embed(sd["text.positional_embedding"],
                                                                 model.cfg.text.context_length)
     if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
         sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
-    missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+    missing = [k for k in own if k not in sd]                    # in model order: most telling first
+    unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(sd))
               if sd[k].shape != own[k].shape]
     if strict and (missing or unexpected or shapes):
@@ -628,7 +631,7 @@ def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
             parts.append(f"unexpected {_few(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch {_few(shapes, 2)}")
-        raise ValueError(f"{os.fspath(path)} ({layout} layout) does not fit this {model.cfg.family} "
+        raise ValueError(f"{source} ({layout} layout) does not fit this {model.cfg.family} "
                          f"architecture: {'; '.join(parts)}")
     model.load_state_dict(sd, strict=strict)
     return layout
@@ -655,9 +658,13 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
             cfg = replace(cfg, text=replace(cfg.text, context_length=context_length))
     else:
         cfg = get_model_config(name_or_cfg, **over)
-    model = CLIP(cfg)
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
+    if pretrained is None:
+        return CLIP(cfg)
+    sd, _ = read_weights(pretrained)
+    with torch.device("meta"):  # skip random init: every tensor is overwritten by the strict load
+        model = CLIP(cfg)
+    model.to_empty(device="cpu")
+    _load_state(model, sd, os.fspath(pretrained))
     return model
 
 
