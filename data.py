@@ -283,14 +283,16 @@ class _Truncated(Exception):
 
 
 def _tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in a tar stream. Raises _Truncated on a short read and
-    ValueError on a corrupt header; stops at the end-of-archive marker or clean EOF."""
-    long_name = None
+    """(name, data) of each regular file in a tar stream; stops at the end-of-archive marker.
+    Raises _Truncated(name of the member cut short, or None between members) when the file ends
+    early, and ValueError on a corrupt header."""
+    long_name, first = None, True
     while True:
         hdr = f.read(512)
-        if not hdr:
+        if not hdr and first:   # a 0-byte shard (img2dataset: all downloads failed): no samples
             return
-        if len(hdr) < 512:
+        first = False
+        if len(hdr) < 512:      # EOF without the end-of-archive marker: the writer was cut off
             raise _Truncated()
         if hdr.count(0) == 512:
             return
@@ -306,9 +308,15 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
         else:
             size = int(size_field.strip(b"\0 ") or b"0", 8)
         kind = hdr[156:157]
+        if long_name is not None:
+            name = long_name
+        else:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         data = f.read(size)
         if len(data) < size:
-            raise _Truncated()
+            raise _Truncated(name if kind in (b"0", b"\0", b"7") else None)
         f.read((-size) % 512)
         if kind == b"L":           # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
@@ -318,15 +326,9 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
                 if " path=" in rec:
                     long_name = rec.split(" path=", 1)[1]
             continue
+        long_name = None
         if kind not in (b"0", b"\0", b"7"):
-            long_name = None
             continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         yield name, data
 
 
@@ -379,9 +381,16 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
                         yield _make_raw(key, parts, src)
                     key, parts = k, {}
                 parts[ext] = data
-        except _Truncated:
-            # the record being read when the file ended is lost; earlier ones are intact
-            yield Raw(key or path, None, None, "truncated_record")
+        except _Truncated as e:
+            # the sample being read when the file ended is lost; earlier ones are intact
+            if not (e.args and e.args[0]):     # cut between members: the last sample may be whole
+                yield _make_raw(key, parts, src, truncated=True) if key is not None else \
+                    Raw(path, None, None, "truncated_record")
+                return
+            cut_key = _split_key(e.args[0])[0]
+            if key is not None and cut_key != key:
+                yield _make_raw(key, parts, src)
+            yield Raw(cut_key, None, None, "truncated_record")
             return
         except (ValueError, OSError) as e:
             log.warning("corrupt shard %s after key %s: %s", path, key, e)
@@ -847,12 +856,13 @@ class TrainLoader:
             return
         # Different layout: resume at shard granularity - drop the shards this state finished.
         done = set(state.get("exclude", []))
-        W = state["world_size"] * state["num_workers"]
+        snw = max(1, state["num_workers"])
+        W = state["world_size"] * snw
         order = _epoch_order(state["num_shards"], state["seed"], self.epoch, done)
         plan = _Plan(self.src.shards, order, W)
         if state["num_shards"] == len(self.src.shards) and len(order) >= W:
             for w, s in state.get("workers", {}).items():
-                ids, _ = plan.assign(state["rank"] * state["num_workers"] + int(w))
+                ids, _ = plan.assign(state["rank"] * snw + int(w))
                 oldest = min([s["next"][0]] + [p[0] for p in s["buf"]])
                 done.update(ids[:min(oldest, len(ids))])
         log.warning("loader state from a different layout (%s); resuming epoch %d at shard "
@@ -931,6 +941,10 @@ class TrainLoader:
             log.info("epoch %d done (rank %d): %d batches, %d samples read, skipped %s",
                      self.epoch, self.rank, self._batches, stats.get("samples", 0),
                      json.dumps({k: v for k, v in stats.items() if k != "samples"}))
+            if self._batches == 0:      # repeating would spin forever without a batch
+                raise ValueError(f"no training batch of {self.batch_size} from {len(self.src.shards)} "
+                                 f"shard(s) on rank {self.rank}: {stats.get('samples', 0)} good samples, "
+                                 f"skipped {dict(self.skipped)}")
             self._past.update(stats)
             self.epoch += 1
             self._workers, self._batches, self._exclude, self._turn = {}, 0, [], 0
