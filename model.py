@@ -736,9 +736,12 @@ def openclip_target(cfg: CLIPConfig) -> tuple[str | None, dict, list[str]]:
     if cfg.gelu == "tanh":
         notes.append(f"{name} uses exact GELU where these weights were trained with tanh GELU: features "
                      "differ slightly; load the exported directory with 'local-dir:' for the exact model")
+    if v.pool != "cls" and cfg.family == "v1":
+        notes.append(f"{name} pools the CLS token, not GAP: its image features differ from ours; "
+                     "export to a directory ('local-dir:') for OpenCLIP's GAP")
     if v.pool == "gap_cls":
         notes.append("v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent: OpenCLIP's "
-                     "'avg' pool drops CLS, so its image features differ from ours")
+                     "'avg' pool (used in the local-dir config) drops CLS, so image features differ")
     return name, kwargs, notes
 
 
@@ -891,6 +894,9 @@ def main(argv=None) -> int:
             if info["dir"]:
                 print(f"exact architecture: open_clip.create_model('local-dir:{info['dir']}')  "
                       f"(CLIP_benchmark: --model local-dir:{info['dir']})")
+            else:
+                print("for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
+                      "python model.py export CKPT --to open_clip DIR/")
             for note in info["notes"]:
                 print(f"note: {note}")
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -150,6 +150,13 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     with torch.no_grad():
         assert_same(ours.encode_image(img), oc.encode_image(img))
         assert_same(ours.encode_text(txt), oc.encode_text(txt))
+    # the same as a directory: OpenCLIP (and CLIP_benchmark) then also tokenizes at our 16 tokens
+    assert M.main(["export", str(ckpt), "--to", "open_clip", str(tmp_path / "v1_dir") + "/"]) == 0
+    oc = open_clip.create_model(f"local-dir:{tmp_path / 'v1_dir'}").eval()
+    assert open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v1_dir'}").context_length == 16
+    with torch.no_grad():
+        assert_same(ours.encode_image(img), oc.encode_image(img))
+        assert_same(ours.encode_text(txt), oc.encode_text(txt))
 
     # v2: directory export for 'local-dir:'
     torch.manual_seed(4)
