@@ -85,16 +85,16 @@ def build_classifier(model, tokenizer, classnames, templates, device, *, batch_s
     chunks = []
     for start in _progress(range(0, n, bs), progress, "text", total=math.ceil(n / bs)):
         chunk = tokens[start:start + bs]
-        valid = chunk.shape[0]
-        if valid < bs:  # static shape: pad with copies of the first row, dropped below
-            chunk = torch.cat([chunk, chunk[:1].expand(bs - valid, -1)])
+        if chunk.shape[0] < bs:  # static shape: pad with copies of the first row
+            chunk = torch.cat([chunk, chunk[:1].expand(bs - chunk.shape[0], -1)])
         with _autocast(device, dtype):
             emb = clip.encode_text(chunk.to(device), normalize=True)
-        chunks.append(emb.float()[:valid])
+        chunks.append(emb.float())  # padding rows dropped after the loop: one graph for all chunks
         _mark_step(device)
-    emb = torch.cat(chunks).view(len(classnames), len(templates), -1)
-    weights = F.normalize(emb.mean(dim=1), dim=-1)
-    return weights.t().contiguous()
+    emb = torch.cat(chunks)[:n].view(len(classnames), len(templates), -1)
+    weights = F.normalize(emb.mean(dim=1), dim=-1).t().contiguous()
+    _mark_step(device)  # materialise W (else it would be re-traced into the first image batch)
+    return weights
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -138,7 +138,8 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
              num_workers: int = 2, device=None, dtype: torch.dtype | None = None, fmt: str | None = None,
              force_image_size: int | None = None, image_mean=None, image_std=None,
              interpolation: str | None = None, square_resize_only: bool | None = None,
-             tokenizer=None, model_name: str | None = None, runtime=None, progress: bool = False,
+             tokenizer=None, model_name: str | None = None, runtime=None, rank: int | None = None,
+             world_size: int | None = None, text_batch_size: int = 256, progress: bool = False,
              limit: int | None = None) -> dict:
     """Zero-shot accuracy of `model` on the classification set at `data_path`.
 
@@ -147,7 +148,8 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     dtype: autocast dtype (None: bfloat16 on CUDA, float32 elsewhere).
     runtime: an xla_utils.Runtime (train.py passes its own): with several processes each rank
     evaluates its shard and the counts are summed; under XLA SPMD each batch is sharded over the
-    mesh. None -> the model's device, torch.distributed's rank/world size if initialised.
+    mesh. None -> `device` (default: the model's), rank/world_size if given, else torch.distributed's
+    if initialised (counts are summed over its process group when world_size > 1).
     tokenizer: None -> tokenizer.get_tokenizer(model_name or model_cfg, reduction="truncate").
     Returns dict(top1, top5, mean_per_class_recall, n) plus details.
     The model is put in eval mode (no image masking) and its previous mode restored afterwards."""
@@ -156,7 +158,7 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     clip = _unwrap(model)
     if runtime is None:
         device = torch.device(device) if device is not None else next(clip.parameters()).device
-        runtime = _default_runtime(device)
+        runtime = _default_runtime(device, rank, world_size)
     device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -184,14 +186,18 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     t0 = time.time()
     try:
         weights = build_classifier(clip, tokenizer, classnames, templates, device, dtype=dtype,
-                                   progress=progress and rank == 0)
+                                   batch_size=text_batch_size, progress=progress and rank == 0)
+        _synchronize(device)
+        t1 = time.time()
         counts = _classify(clip, weights, loader, pre, runtime, dtype, batch_size,
                            len(classnames), progress and rank == 0, limit)
+        _synchronize(device)
+        t2 = time.time()
     finally:
         clip.train(was_training)
     if runtime.distributed and world_size > 1:  # (under SPMD the counts are already global)
         torch.distributed.all_reduce(counts)
-    counts = counts.double().cpu()
+    counts = counts.cpu().double()
     correct1, correct5, per_class_correct, per_class_total = (
         counts[0, 0].item(), counts[0, 1].item(), counts[1], counts[2])
     n = int(per_class_total.sum().item())
@@ -201,7 +207,8 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     recall = (per_class_correct[seen] / per_class_total[seen]).mean().item()
     return dict(top1=correct1 / n, top5=correct5 / n, mean_per_class_recall=recall, n=n,
                 num_classes=len(classnames), num_templates=len(templates),
-                context_length=int(tokenizer.context_length), seconds=round(time.time() - t0, 2),
+                context_length=int(tokenizer.context_length), classifier_seconds=round(t1 - t0, 2),
+                image_seconds=round(t2 - t1, 2), images_per_second=round(n / max(t2 - t1, 1e-9), 1),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()})
 
 
@@ -219,6 +226,7 @@ def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size
     counts = torch.zeros(3, num_classes, device=device,
                          dtype=torch.int32 if device.type == "xla" else torch.int64)
     classes = torch.arange(num_classes, device=device)
+    _mark_step(device)  # materialise the zeros: every batch then runs the same graph
     seen = 0
     for images, labels in _progress(loader, progress, "images"):
         if limit is not None and seen >= limit:
@@ -271,20 +279,30 @@ class _autocast:
             return self.ctx.__exit__(*exc)
 
 
+def _synchronize(device):
+    # for honest timings: wait for queued device work
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _mark_step(device):
     if torch.device(device).type == "xla":
         import torch_xla
         torch_xla.sync()
 
 
-def _default_runtime(device: torch.device):
-    """A Runtime describing the caller's setup: this device, torch.distributed's ranks if any."""
+def _default_runtime(device: torch.device, rank: int | None = None, world_size: int | None = None):
+    """A Runtime describing the caller's setup: this device, the given ranks or torch.distributed's."""
     from xla_utils import Runtime
     kind = device.type if device.type in ("cuda", "xla") else "cpu"
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return Runtime(kind, device, rank=torch.distributed.get_rank(),
-                       world_size=torch.distributed.get_world_size(), distributed=True)
-    return Runtime(kind, device)
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None or world_size is None:
+        rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                            if initialised else (0, 1))
+    if world_size > 1 and not initialised:
+        raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group "
+                         "(or pass runtime=) to sum the counts of the ranks")
+    return Runtime(kind, device, rank=rank, world_size=world_size, distributed=world_size > 1)
 
 
 def _eval_tokenizer(model_name, model_cfg):
