@@ -229,3 +229,10 @@ def test_wrong_architecture_is_a_one_line_error(v1_openclip, capsys):
     assert M.main(["export", str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2        # no config recorded
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("width,grid", [(32, 8), (768, 7), (1280, 6)])
+def test_sincos_table_matches_openclip(width, grid):
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+    ref = torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()
+    torch.testing.assert_close(M.sincos_2d(width, grid), ref, rtol=0, atol=1e-6)
