@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
 import json
 import math
 import os
@@ -220,6 +219,8 @@ class RunConfig:
     eval_every: int = 0                   # steps; 0: only at the end of each stage if eval_data
     eval_data: str | None = None          # ImageFolder / TFDS dir for zero-shot eval ("demo")
     eval_batch_size: int = 64
+    eval_classnames: str | None = None    # file, one class name per line (default: ImageNet-1K)
+    eval_templates: str | None = None     # file, one prompt template per line (default: OpenAI 80)
     grad_checkpointing: bool = False
     accum_steps: int = 1
     max_steps: int | None = None          # stop after this global step (resumable)
@@ -253,10 +254,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, stage: Stage, rt: xla_utils.Runtime) -> torch.optim.AdamW:
-    # capturable on XLA keeps the step count and bias corrections on the device: no per-step
-    # host scalars that would change the graph
+    # XLA: capturable keeps the step count and bias corrections on the device (no per-step host
+    # scalars that would change the graph). CUDA: fused kernel. CPU: foreach (2x the for-loop).
+    kw = {"xla": dict(capturable=True), "cuda": dict(fused=True), "cpu": dict(foreach=True)}[rt.kind]
     return torch.optim.AdamW(param_groups(model, stage.weight_decay), lr=stage.resolved_lr,
-                             betas=(0.9, 0.95), eps=1e-6, capturable=rt.kind == "xla")
+                             betas=(0.9, 0.95), eps=1e-6, **kw)
 
 
 def lr_at(step: int, stage: Stage) -> float:
@@ -308,55 +310,34 @@ def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: floa
 
 
 class Batches:
-    """Endless (images, tokens) batches for one stage; a new pass over the data (epoch + 1) when
-    the loader runs out. state() / the state argument resume without repeating data."""
+    """Endless (images uint8, tokens) batches of one stage for this rank: data.py's loader repeats
+    epochs itself; state() / the state argument resume without repeating or skipping data."""
 
     def __init__(self, spec, tokenizer, stage: Stage, per_rank_batch: int, rt, run: RunConfig,
                  stage_index: int, state: dict | None = None):
-        self.kw = dict(fmt=stage.train_format, num_workers=run.workers, seed=run.seed + stage_index,
-                       rank=rt.rank, world_size=rt.world_size, scale=(stage.scale_min, 1.0),
-                       color_jitter=stage.color_jitter)
-        self.spec, self.tokenizer, self.size, self.batch = spec, tokenizer, stage.image_size, per_rank_batch
-        self.epoch = state["epoch"] if state else 0
-        self.loader = self._make(state["loader"] if state else None)
+        import data
+        self.loader = data.make_train_loader(
+            spec, tokenizer, stage.image_size, per_rank_batch, fmt=stage.train_format,
+            num_workers=run.workers, seed=run.seed + stage_index, rank=rt.rank,
+            world_size=rt.world_size, scale=(stage.scale_min, 1.0), color_jitter=stage.color_jitter,
+            state=state)
         self.it = iter(self.loader)
 
-    def _make(self, loader_state):
-        import data
-        return data.make_train_loader(self.spec, self.tokenizer, self.size, self.batch, epoch=self.epoch,
-                                      state=loader_state, **self.kw)
-
     def __next__(self):
-        for _ in range(2):
-            try:
-                return next(self.it)
-            except StopIteration:
-                self.epoch += 1
-                self.loader = self._make(None)
-                self.it = iter(self.loader)
-        raise ValueError(f"no training batch of {self.batch} from {self.spec} (fewer samples than one "
-                         f"batch per rank?)")
+        return next(self.it)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        return self.loader.state_dict()
 
 
-def demo_data(out: str, rt: xla_utils.Runtime) -> dict:
-    """Write the embedded demo dataset once (master) under OUT/demo_data; its paths."""
+def demo_data(out: str, rt: xla_utils.Runtime):
+    """The embedded demo dataset under OUT/demo_data (written once by the master; idempotent)."""
     import data
     root = os.path.join(out, "demo_data")
-    done = os.path.join(root, ".complete")
-    if rt.is_master and not os.path.exists(done):
-        shutil.rmtree(root, ignore_errors=True)
+    if rt.is_master:
         data.make_demo_dataset(root)
-        xla_utils.atomic_write_text("ok\n", done)
     rt.barrier()
-    tars = sorted(glob.glob(os.path.join(root, "**", "*.tar"), recursive=True))
-    if not tars:
-        raise FileNotFoundError(f"demo dataset in {root} has no .tar shards")
-    return {"train": "::".join(tars), "val": os.path.join(root, "val"),
-            "classnames": os.path.join(root, "classnames.txt"),
-            "templates": os.path.join(root, "templates.txt")}
+    return data.make_demo_dataset(root)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -560,13 +541,15 @@ def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int,
     import tokenizer as tokenizer_lib
 
     # data first: a missing dataset should fail before minutes of model building
-    spec, eval_data, classnames, templates = stage.train_data, run.eval_data, None, None
+    spec, eval_data = stage.train_data, run.eval_data
+    classnames = _read_lines(run.eval_classnames) if run.eval_classnames else None
+    templates = _read_lines(run.eval_templates) if run.eval_templates else None
     if stage.train_data == "demo" or run.eval_data == "demo":
         demo = demo_data(run.out, rt)
         if stage.train_data == "demo":
-            spec = demo["train"]
+            spec = demo.train_wds
         if run.eval_data == "demo":
-            eval_data, classnames, templates = demo["val"], demo["classnames"], demo["templates"]
+            eval_data, classnames, templates = demo.val_dir, demo.classnames, demo.templates
     if not spec:
         raise ValueError(f"stage {stage.name} of preset {run.cfg}: no training data; give --train-data "
                          f"SPEC (webdataset tars, TFRecords or a TFDS dir)")
@@ -591,12 +574,9 @@ def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int,
     tok = tokenizer_lib.get_tokenizer(stage.model, context_length=stage.context_length,
                                       reduction=stage.text_reduction)
     per_rank = stage.batch_size // rt.world_size
-    data_state = None
-    if state is not None:
-        data_state = state["data"][rt.rank] if len(state["data"]) == rt.world_size else None
-        if data_state is None:
-            log.info("warning: world size changed since the checkpoint; the data order restarts")
-    batches = Batches(spec, tok, stage, per_rank, rt, run, si, state=data_state)
+    # all ranks' loader states: data.py takes this rank's, or resumes at shard granularity when
+    # the world size changed
+    batches = Batches(spec, tok, stage, per_rank, rt, run, si, state=state["data"] if state else None)
 
     stage_step = state["stage_step"] if state else 0
     samples = state["samples"] if state else 0
@@ -671,14 +651,15 @@ def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int,
             "checkpoint": ckpt, "seconds": elapsed, "eval": metrics, "compiles": rt.compile_count()}
 
 
+def _read_lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
 def run_eval(rt, run, log, model, data_path, classnames, templates, step, stage) -> dict:
     import eval_zeroshot
-    if classnames and isinstance(classnames, str):
-        with open(classnames) as f:
-            classnames = [l.strip() for l in f if l.strip()]
-    if templates and isinstance(templates, str):
-        with open(templates) as f:
-            templates = [l.rstrip("\n") for l in f if l.strip()]
     model.eval()
     try:
         res = eval_zeroshot.evaluate(model, model.cfg, data_path, classnames=classnames,
@@ -727,6 +708,8 @@ def build_parser(prog: str, finetune: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps")
     p.add_argument("--eval-data", default=None, help="ImageFolder/TFDS dir for zero-shot eval, or 'demo'")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--eval-classnames", default=None, help="class names file (default ImageNet-1K)")
+    p.add_argument("--eval-templates", default=None, help="prompt templates file (default OpenAI 80)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--accum-steps", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop (resumably) after this global step")
@@ -767,7 +750,8 @@ def parse_args(argv, prog="train.py", finetune=False):
                     precision=a.precision, seed=a.seed, workers=a.workers, log_every=a.log_every,
                     save_every=a.save_every, save_minutes=a.save_minutes, keep=a.keep, resume=a.resume,
                     pretrained=a.pretrained, eval_every=a.eval_every, eval_data=a.eval_data,
-                    eval_batch_size=a.eval_batch_size, grad_checkpointing=a.grad_checkpointing,
+                    eval_batch_size=a.eval_batch_size, eval_classnames=a.eval_classnames,
+                    eval_templates=a.eval_templates, grad_checkpointing=a.grad_checkpointing,
                     accum_steps=a.accum_steps, max_steps=a.max_steps, stage=select)
     if run.pretrained and not os.path.exists(run.pretrained):
         raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
