@@ -262,6 +262,51 @@ def test_xla_matches_cpu_with_one_compile_per_graph(folder):
         assert xla[k] == cpu[k], k
 
 
+def _tfds_copy(folder, root):
+    """The ImageFolder as a TFDS dataset (split 'validation'), same JPEG bytes, same label order."""
+    import tensorflow_datasets as tfds
+
+    classes = sorted(os.listdir(folder))
+
+    class ZsVal(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=classes)}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            for label, c in enumerate(classes):
+                for f in sorted(os.listdir(os.path.join(folder, c))):
+                    yield f"{c}/{f}", {"image": os.path.join(folder, c, f), "label": label}
+
+    ZsVal(data_dir=str(root)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return os.path.join(str(root), "zs_val")
+
+
+def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    tfds_dir = _tfds_copy(folder, tmp_path / "tfds")
+    torch.manual_seed(7)
+    net = _perturb(M.create_model("ViT-Test-8-CL16"), 7)
+    ckpt = tmp_path / "w.pt"
+    torch.save(net.state_dict(), ckpt)
+    results = []
+    for src in (["--data", folder], ["--data", tfds_dir, "--format", "tfds"]):
+        out = tmp_path / f"r{len(results)}.json"
+        assert _run_cli(["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", *src, "--classnames",
+                         _names_file(tmp_path), "--templates", "short", "--out", out]) == 0
+        results.append(json.loads(out.read_text()))
+    for k in ("top1", "top5", "mean_per_class_recall", "n"):
+        assert results[0][k] == results[1][k], k
+    assert results[1]["n"] == 24 and 0 < results[1]["top1"] < 1 and results[1]["top5"] < 1
+
+
 def _dist_worker(rank, world, port, folder, sd, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
