@@ -330,7 +330,11 @@ def _default_out(ckpt: str, dataset: str) -> str:
 
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description="Zero-shot classification accuracy of a CLIPA checkpoint.")
-    p.add_argument("--ckpt", required=True, help="training checkpoint dir, .safetensors or torch state dict")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--ckpt", help="run dir, checkpoint dir, .safetensors or torch state dict "
+                   "(ours, OpenCLIP or converted CLIPA-v2)")
+    w.add_argument("--random-init", action="store_true",
+                   help="no weights: time the evaluation of a randomly initialised --model")
     p.add_argument("--model", help="model name (default: read from the checkpoint's metadata)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--imagenet-val", metavar="DIR", help="ImageNet-1K val: ImageFolder val/ or TFDS dir")
@@ -389,7 +393,15 @@ def main(argv=None) -> int:
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
         runtime = xla_utils.init_runtime(args.device)
         rank = runtime.rank
-        net, cfg, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
+        if args.random_init:
+            if args.model is None:
+                raise ValueError("--random-init needs --model NAME")
+            import model as M
+            with torch.device(runtime.device if runtime.kind == "cuda" else "cpu"):
+                net = M.create_model(args.model, image_size=args.force_image_size)
+            cfg, name = net.cfg, args.model
+        else:
+            net, cfg, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
         net.to(runtime.device)
         if classnames is None:  # --data without --classnames: the folder (synset) names
             import data
@@ -413,12 +425,13 @@ def main(argv=None) -> int:
         return 0
     precision = args.precision if args.precision != "auto" else \
         ("bf16" if runtime.kind == "cuda" else "fp32")
-    res = dict(model=name, checkpoint=os.path.abspath(args.ckpt), dataset=os.path.abspath(dataset),
+    ckpt = os.path.abspath(args.ckpt) if args.ckpt else "random-init"
+    res = dict(model=name, checkpoint=ckpt, dataset=os.path.abspath(dataset),
                device=runtime.kind, precision=precision, **res)
     print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
           f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
           f"{res['num_classes']} classes, context length {res['context_length']})")
-    out = args.out or _default_out(args.ckpt, dataset)
+    out = args.out or _default_out(args.ckpt or os.path.join(os.getcwd(), name), dataset)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)

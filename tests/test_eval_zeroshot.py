@@ -463,7 +463,7 @@ def v1_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "not_a_ckpt", "wrong_arch", "no_metadata",
-                                  "missing_data", "class_count", "unknown_model"])
+                                  "missing_data", "class_count", "unknown_model", "random_no_model"])
 def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("this is not a checkpoint\n")
@@ -476,15 +476,24 @@ def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
         "class_count": ["--ckpt", v1_ckpt, "--model", "ViT-Test-8-CL16", "--data", folder,
                         "--classnames", _names_file(tmp_path, ["cat", "dog"])],
         "unknown_model": ["--ckpt", v1_ckpt, "--model", "ViT-Q-99", "--data", folder],
+        "random_no_model": ["--random-init", "--data", folder],
     }[case]
     expect = {"missing_ckpt": "not found", "not_a_ckpt": "not a torch checkpoint", "wrong_arch": "does not fit",
               "no_metadata": "--model", "missing_data": "not found", "class_count": "2 class names",
-              "unknown_model": "unknown model"}[case]
+              "unknown_model": "unknown model", "random_no_model": "needs --model"}[case]
     assert _run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # (the run-description line may come first; then exactly one error line, no traceback)
     assert err[-1].startswith("error: ") and expect in err[-1], err
     assert len(err) <= 2 and not any(line.startswith(("Traceback", "error: ")) for line in err[:-1]), err
+
+
+def test_cli_random_init_for_timing(folder, tmp_path):
+    out = tmp_path / "t.json"
+    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
+                     _names_file(tmp_path), "--templates", "short", "--out", out]) == 0
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == "random-init" and res["n"] == 24 and res["images_per_second"] > 0
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
