@@ -811,7 +811,8 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
             "patches_kept": kept}
 
 
-# The papers' schedules (CLIPA_SPEC sections 3-4): (label, image size, text tokens, mask ratio)
+# The papers' schedules (CLIPA_SPEC sections 3-4; v2 pre-train sizes as in the authors' weights table:
+# L/14 and bigG/14 12.8B@84, H/14 12.8B@84 or @70): (label, image size, text tokens, mask ratio)
 TRAIN_SETTINGS = {
     "ViT-B-16-CL16": [("pre-train I50 T16", 112, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
     "ViT-L-16-CL16-Syntax-GAP": [("pre-train I17 T16", 64, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
@@ -826,7 +827,7 @@ TRAIN_SETTINGS = {
     "ViT-H-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("pre-train 70px T8", 70, 8, 0.0),
                                     ("224, no mask", 224, 32, 0.0), ("fine-tune 224, 30% mask", 224, 32, 0.3),
                                     ("fine-tune 336, 40% mask", 336, 32, 0.4)],
-    "ViT-bigG-14-CL32-GAP-BigVision": [("pre-train 70px T8", 70, 8, 0.0), ("224, no mask", 224, 32, 0.0),
+    "ViT-bigG-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("224, no mask", 224, 32, 0.0),
                                        ("fine-tune 224, 30% mask", 224, 32, 0.3),
                                        ("fine-tune 336, 40% mask", 336, 32, 0.4)],
 }
