@@ -199,9 +199,12 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     """torchrun --nproc_per_node 2 (gloo), each rank half of the same global batch: same losses and
     the same updated weights as one process (gather-with-grad + DDP gradient averaging)."""
     one, out1 = cpu_baseline
-    two, out2 = _step_run(step_script, tmp_path, "cpu2", "cpu", 4,
-                          launcher=(PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                    "--master_port=29631"))
+    # started by our launcher (torchrun underneath; it appends "--device cpu" to the script's args)
+    out = tmp_path / "cpu2.pt"
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29631", str(step_script),
+              str(out), "cpu", "4"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    two, out2 = torch.load(out, weights_only=True), p.stdout
     assert out1.startswith("device: cpu (1 process(es))")
     assert "device: cpu (2 process(es), DDP/gloo)" in out2
     assert max(two["rec"]["vs_open_clip"]) < 1e-6 and max(one["rec"]["vs_open_clip"]) < 1e-6
@@ -242,3 +245,134 @@ def test_xla_single_device_and_spmd_match_cpu(step_script, cpu_baseline, tmp_pat
     assert x2["rec"]["losses"] == pytest.approx(x1["rec"]["losses"], abs=1e-5)
     for k, v in x1["weights"].items():
         assert torch.allclose(_no_key_bias(k, x2["weights"][k]), _no_key_bias(k, v), atol=1e-5, rtol=0), k
+
+
+# ----------------------------------------------------------------------------- end to end (train.py)
+
+@pytest.fixture(scope="module")
+def demo_small(tmp_path_factory):
+    """data.py's embedded demo dataset, small: 512 training pairs in 4 webdataset shards."""
+    import data
+    return data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72, shard_size=128)
+
+
+def _train(args, timeout=400, script="train.py", **env):
+    p = _run([PY, script, *args], timeout=timeout, **env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
+
+
+def _tiny_demo_args(demo, out, *extra):
+    return ["--cfg", "demo", "--workers", "1", "--batch-size", "16", "--train-data", demo.train_wds,
+            "--set", "pretrain.train_num_samples=128", "--set", "finetune.train_num_samples=64",
+            "--log-every", "1", "--save-every", "3", "--keep", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_small, tmp_path_factory):
+    """Both demo stages (8 pre-train steps at 32 px, 4 fine-tune steps at 64 px) in one command."""
+    out = tmp_path_factory.mktemp("full")
+    _train(_tiny_demo_args(demo_small, out))
+    return out
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_continue_identically(demo_small, uninterrupted, tmp_path):
+    """Stop after step 4 (mid pre-train), resume: the rest of the run - including the stage change to
+    64 px / 32 tokens / learnable positions / 30% masking - has bit-identical losses on the CPU."""
+    import model
+    from safetensors import safe_open
+    out = tmp_path / "run"
+    _train(_tiny_demo_args(demo_small, out, "--max-steps", "4"))
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    stdout = _train(_tiny_demo_args(demo_small, out, "--resume", "latest", "--eval-data", demo_small.val_dir,
+                                    "--eval-classnames", os.path.join(demo_small.root, "classnames.txt"),
+                                    "--eval-templates", os.path.join(demo_small.root, "templates.txt")))
+    assert stdout.startswith("device: cpu (1 process(es)); precision fp32")
+    assert "resuming from" in stdout and "step_00000004" in stdout
+    want, _ = _losses(uninterrupted)
+    got, recs = _losses(out)
+    assert sorted(want) == list(range(1, 13)) and sorted(got) == sorted(want)
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]   # bit for bit
+    assert {r["stage"] for r in recs if "eval_top1" in r} == {"pretrain", "finetune"}
+    assert all(0 <= r["eval_top1"] <= 1 and r["eval_n"] == 72 for r in recs if "eval_top1" in r)
+    rec = next(r for r in recs if r.get("step") == 12 and "loss" in r)
+    assert rec["stage"] == "finetune" and rec["stage_step"] == 4 and rec["samples"] == 64
+    assert {"lr", "logit_scale", "samples_per_s"} <= set(rec)
+
+    # layout: --keep 1 plus the last checkpoint of the finished pre-train stage (the fine-tune's init)
+    assert sorted(os.listdir(ck)) == ["latest", "step_00000008", "step_00000012"]
+    final = ck / "step_00000012"
+    assert sorted(os.listdir(final)) == ["meta.json", "model.safetensors", "train_state.pt"]
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        pos = f.get_tensor("visual.positional_embedding")
+        tpos = f.get_tensor("text.positional_embedding")
+    assert meta["format"] == "clipa" and meta["model_name"] == "ViT-Tiny-8-CL32-GAP"
+    assert model.config_from_metadata(meta).vision.image_size == 64
+    assert pos.shape == (8 * 8 + 1, 128) and tpos.shape == (32, 128)
+    st = torch.load(final / "train_state.pt", weights_only=True)          # no unsafe pickle
+    assert (st["step"], st["stage_name"], st["stage_step"], st["world_size"]) == (12, "finetune", 4, 1)
+    assert json.loads(st["config"])["stages"][1]["image_size"] == 64
+    assert json.loads((final / "meta.json").read_text())["model"] == "ViT-Tiny-8-CL32-GAP"
+    # the fine-tune started from the pre-trained weights (4 small steps away), not from scratch
+    with safe_open(str(ck / "step_00000008" / "model.safetensors"), "pt") as f:
+        pre = f.get_tensor("visual.conv1.weight")
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        ft = f.get_tensor("visual.conv1.weight")
+    assert (ft - pre).abs().max() < 4 * 2e-4 * 1.01
+
+
+@pytest.mark.slow
+def test_finetune_py_from_a_pretrain_checkpoint(demo_small, uninterrupted, tmp_path):
+    """finetune.py loads a 32 px / 16-token pre-train checkpoint into the 64 px / 32-token model
+    (position tables resized, learnable) and trains; an incompatible architecture is a one-line error."""
+    pre = uninterrupted / "checkpoints" / "step_00000008"
+    out = tmp_path / "ft"
+    stdout = _train(["--cfg", "demo", "--pretrained", str(pre), "--workers", "1", "--batch-size", "16",
+                     "--train-num-samples", "48", "--train-data", demo_small.train_wds, "--log-every", "1",
+                     "--out", str(out)], script="finetune.py")
+    assert f"from {pre}" in stdout and "stage finetune done at step 3" in stdout
+    losses, _ = _losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", str(pre), "--train-data", demo_small.train_wds,
+              "--set", "finetune.model=ViT-Test-8-CL16", "--out", str(tmp_path / "bad")])
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "does not fit" in p.stderr
+
+
+@pytest.mark.slow
+def test_demo_preset_loss_falls(demo_small, tmp_path):
+    """train.py --cfg demo (its pre-train stage, shortened from the CLI) learns on the demo data."""
+    out = tmp_path / "demo"
+    _train(["--cfg", "demo", "--stage", "pretrain", "--train-num-samples", str(32 * 30), "--workers", "1",
+            "--train-data", demo_small.train_wds, "--log-every", "1", "--out", str(out)])
+    losses, _ = _losses(out)
+    first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in (28, 29, 30)]
+    assert sum(last) / 3 < sum(first) / 3 - 0.2, losses
+    assert sum(last) / 3 < math.log(32)      # better than chance for a batch of 32
+
+
+@pytest.mark.slow
+def test_train_py_on_xla_matches_cpu(demo_small, uninterrupted, tmp_path):
+    """train.py --device xla (PJRT CPU) on the same data: the CPU run's losses, a compile count that
+    stops growing, a checkpoint the CPU can load."""
+    out = tmp_path / "xla"
+    args = _tiny_demo_args(demo_small, out, "--stage", "pretrain", "--device", "xla", "--max-steps", "6")
+    stdout = _train(args)
+    assert stdout.startswith("device: xla (CPU, PJRT, 1 device)")
+    want, _ = _losses(uninterrupted)
+    got, recs = _losses(out)
+    assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], abs=1e-4)
+    compiles = [r["compiles"] for r in recs if "compiles" in r]
+    assert len(compiles) == 6 and compiles[2:] == [compiles[2]] * 4, compiles
+    st = torch.load(out / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=True)
+    assert st["stage_step"] == 6 and st["optimizer"]["state"][0]["step"].device.type == "cpu"

@@ -1,0 +1,86 @@
+"""xla_utils.py: device choice, launcher commands, atomic files, RNG state round trips."""
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import xla_utils  # noqa: E402
+
+
+def test_auto_device_is_not_xla_just_because_torch_xla_imports(monkeypatch):
+    """CLIPA_SPEC section 8: torch_xla imports here (conftest) and PJRT_DEVICE=CPU is set, yet with
+    no GPU and no TPU 'auto' must mean the plain CPU; XLA only when asked or a TPU is attached."""
+    import torch_xla  # noqa: F401
+    assert os.environ.get("PJRT_DEVICE") == "CPU"
+    assert xla_utils.resolve_device("auto") == "cpu"
+    assert xla_utils.resolve_device("xla") == "xla"
+    assert xla_utils.resolve_device("CPU") == "cpu"
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")          # a TPU VM sets this
+    assert xla_utils.resolve_device("auto") == "xla"
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        xla_utils.resolve_device("cuda")
+    with pytest.raises(ValueError, match="choose one of auto, cuda, xla, cpu"):
+        xla_utils.resolve_device("tpu")
+
+
+def test_launch_commands(capsys):
+    cmd, env = xla_utils.launch_command("train.py", ["--cfg", "demo"], device="cpu", nproc=2)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert cmd[-5:] == ["train.py", "--device", "cpu", "--cfg", "demo"]
+    assert env["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+    cmd, env = xla_utils.launch_command("train.py", ["--cfg", "h14_v2"], device="xla")
+    assert cmd[1:] == ["train.py", "--device", "xla", "--cfg", "h14_v2"] and env["PJRT_DEVICE"] == "CPU"
+    with pytest.raises(ValueError, match="one process per host"):
+        xla_utils.launch_command("train.py", [], device="xla", nproc=4)
+    # the CLI: --print-only, and one-line errors (the real 2-process launch runs in
+    # test_train.py::test_torchrun_two_processes_match_one)
+    assert xla_utils.main(["launch", "--print-only", "--nproc", "2", "train.py", "--cfg", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run --nproc_per_node=2" in out and out.rstrip().endswith("train.py --device cpu --cfg demo")
+    assert xla_utils.main(["launch", "nope.py"]) == 2
+    assert capsys.readouterr().err == "error: script not found: nope.py\n"
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "state.pt"
+    xla_utils.atomic_save({"step": 1, "w": torch.ones(3)}, str(path))
+
+    def boom(p):
+        with open(p, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        xla_utils.atomic_write(str(path), boom)
+    assert torch.load(path, weights_only=True)["step"] == 1        # the old file, intact
+    assert os.listdir(tmp_path) == ["state.pt"]                      # no temporary left behind
+
+    def fill_then_die(tmp_dir):
+        with open(os.path.join(tmp_dir, "a"), "w") as f:
+            f.write("x")
+        raise RuntimeError("killed while writing")
+
+    d = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        xla_utils.atomic_dir(str(d), fill_then_die)
+    assert not d.exists() and sorted(os.listdir(tmp_path)) == ["state.pt"]
+    xla_utils.atomic_dir(str(d), lambda t: open(os.path.join(t, "a"), "w").write("x"))
+    assert (d / "a").read_text() == "x"
+
+
+def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
+    rt = xla_utils.init_runtime("cpu")
+    rt.seed(7)
+    state = rt.rng_state()
+    xla_utils.atomic_save(state, str(tmp_path / "rng.pt"))
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    rt.seed(99)
+    rt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
