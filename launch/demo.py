@@ -1,0 +1,201 @@
+"""CLIPA's trade-off on a laptop CPU, end to end, with no downloads.
+
+    python launch/demo.py [--out demo_out] [--samples-scale 1.0]
+
+1. data.py writes the embedded procedural dataset (webdataset tar + TFRecord shards, and a held-out
+   ImageFolder zero-shot set of 36 "<colour> <shape>" classes).
+2. The real scripts train each variant below on the same shards (train.py, which runs the preset's
+   pre-train and fine-tune stages one after the other), then eval_zeroshot.py scores it.
+3. A table (variant, image/text tokens, training GFLOPs, wall time, zero-shot top-1/top-5) is printed
+   and saved as JSON, with a PNG of loss curves and accuracy against compute.
+
+Variants (the `demo` preset of train.py, changed only by command-line overrides):
+- CLIPA: pre-train at 32 px (16 patches + CLS = I17) with 8 syntax-masked text tokens (T8), then a
+  short fine-tune at 64 px / 32 tokens with 30% random image masking.
+- CLIPA with truncation: the same, but the 8 text tokens are the caption's first ones. Demo captions
+  start with content-free lead-ins ("if you look very closely you will see ..."), so this shows why
+  syntax masking matters at T8.
+- Full-token baseline: 64 px (I65) / 32 tokens from scratch for the same number of samples as CLIPA's
+  two stages together, so it spends more compute on the same data.
+Training GFLOPs = 3 x forward GFLOPs per sample (model.py's counter, 1 multiply-add = 1 FLOP, so the
+usual fwd+bwd = 3x fwd rule) x samples seen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    argv: list[str]          # train.py flags on top of --cfg demo
+
+
+def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Variant]:
+    common = ["--cfg", "demo", "--train-data", data, "--train-format", fmt,
+              "--set", f"pretrain.train_num_samples={pre_samples}",
+              "--set", f"finetune.train_num_samples={ft_samples}",
+              "--set", "pretrain.context_length=8"]
+    return [
+        Variant("clipa_syntax", "CLIPA: I17/T8 syntax -> I65(30% mask)/T32", common),
+        Variant("clipa_trunc", "CLIPA: I17/T8 truncate -> I65(30% mask)/T32",
+                common + ["--set", "pretrain.text_reduction=truncate"]),
+        Variant("baseline", "Baseline: I65/T32 full tokens",
+                ["--cfg", "demo", "--stage", "finetune", "--train-data", data, "--train-format", fmt,
+                 "--set", "finetune.init=scratch", "--set", "finetune.mask=none",
+                 "--set", "finetune.mask_ratio=0.0", "--set", "finetune.pos_embed=sincos",
+                 "--set", f"finetune.base_lr={8e-3}", "--set", "finetune.warmup=10",
+                 "--set", f"finetune.train_num_samples={pre_samples + ft_samples}"]),
+    ]
+
+
+def tokens_and_flops(argv: list[str]) -> tuple[list[str], float, int]:
+    """Resolve a variant's stages with train.py's own parser -> (token strings, train GFLOPs, samples)."""
+    import model as M
+    import train
+    _, stages, _ = train.parse_args(argv + ["--dry-run"])
+    toks, gflops, samples = [], 0.0, 0
+    for _, s in stages:
+        cfg = M.get_model_config(s.model, image_size=s.image_size, context_length=s.context_length)
+        f = M.count_flops(cfg, mask_ratio=s.mask_ratio)
+        n_img = f["patches_kept"] + 1
+        toks.append(f"I{n_img}/T{cfg.text.context_length}")
+        n = s.steps * s.batch_size
+        gflops += 3 * f["total_gflops"] * n
+        samples += n
+    return toks, gflops, samples
+
+
+def run(cmd: list[str], log_path: str) -> float:
+    """Run a real script, echoing its output with a prefix; returns wall seconds. Fails loudly."""
+    t0 = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("PJRT_DEVICE", "CPU")
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        for line in p.stdout:
+            log.write(line)
+            if line.strip():
+                print("    " + line.rstrip(), flush=True)
+        if p.wait() != 0:
+            raise SystemExit(f"error: {' '.join(cmd[1:3])} failed (exit {p.returncode}); log: {log_path}")
+    return time.time() - t0
+
+
+def latest_checkpoint(out: str) -> str:
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        return os.path.join(out, "checkpoints", f.read().strip())
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        pts = [(m["samples_total"], m["loss"]) for m in r["curve"]]
+        if pts:
+            a.plot(*zip(*pts), label=r["label"])
+        b.scatter(r["train_gflops"] / 1e3, r["top1"], s=40)
+        b.annotate(r["key"], (r["train_gflops"] / 1e3, r["top1"]), fontsize=8,
+                   xytext=(4, 4), textcoords="offset points")
+    a.set_xlabel("samples seen")
+    a.set_ylabel("contrastive loss")
+    a.set_title("training loss")
+    a.legend(fontsize=7)
+    b.set_xlabel("training TFLOPs (multiply-adds)")
+    b.set_ylabel("zero-shot top-1 (%)")
+    b.set_title("accuracy against compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
+    ap.add_argument("--pretrain-samples", type=int, default=6400)
+    ap.add_argument("--finetune-samples", type=int, default=1600)
+    ap.add_argument("--only", default=None, help="comma-separated variant keys")
+    ap.add_argument("--workers", type=int, default=1, help="data loader workers per training run")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    import data
+    t0 = time.time()
+    print(f"[demo] 1/3 embedded dataset -> {a.out}/data", flush=True)
+    ds = data.make_demo_dataset(os.path.join(a.out, "data"))
+    print(f"[demo]     {ds.n_train} training pairs in webdataset + TFRecord shards, {ds.n_val} held-out "
+          f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)", flush=True)
+    tmpl = os.path.join(ds.root, "templates.txt")
+    names = os.path.join(ds.root, "classnames.txt")
+
+    vs = variants(a.pretrain_samples, a.finetune_samples, ds.train_wds, "wds")
+    if a.only:
+        keep = set(a.only.split(","))
+        vs = [v for v in vs if v.key in keep]
+    results = []
+    for i, v in enumerate(vs, 1):
+        out = os.path.join(a.out, v.key)
+        toks, gflops, samples = tokens_and_flops(v.argv)
+        print(f"[demo] 2/3 variant {i}/{len(vs)}: {v.label} ({samples} samples, "
+              f"{gflops / 1e3:.1f} training TFLOPs)", flush=True)
+        done = os.path.join(out, "result.json")
+        if os.path.exists(done):   # a second run reuses finished variants
+            with open(done) as f:
+                results.append(json.load(f))
+            print("    reusing the finished run in " + out, flush=True)
+            continue
+        train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
+                       "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
+        eval_json = os.path.join(out, "zeroshot.json")
+        run([sys.executable, "eval_zeroshot.py", "--ckpt", latest_checkpoint(out), "--data", ds.val_dir,
+             "--classnames", names, "--templates", tmpl, "--device", "cpu", "--out", eval_json,
+             "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
+        with open(eval_json) as f:
+            ev = json.load(f)
+        curve, offset, last_stage = [], 0, None
+        for m in read_metrics(out):
+            curve.append({"samples_total": m["samples"], "loss": m["loss"], "stage": m["stage"]})
+        r = {"key": v.key, "label": v.label, "tokens": " -> ".join(toks), "train_gflops": gflops,
+             "samples": samples, "wall_s": train_s, "top1": 100 * ev["top1"], "top5": 100 * ev["top5"],
+             "argv": v.argv, "curve": curve}
+        with open(done, "w") as f:
+            json.dump(r, f, indent=1)
+        results.append(r)
+
+    head = f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} {'top-5':>6s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} "
+                     f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f}")
+    table = "\n".join(lines)
+    print("[demo] 3/3 results: zero-shot on the held-out set "
+          f"({ds.n_val} images, {len(ds.classnames)} classes, chance {100 / len(ds.classnames):.1f}%)\n")
+    print(table)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"results": results, "table": table}, f, indent=1)
+    plot(results, os.path.join(a.out, "results.png"))
+    print(f"\n[demo] wrote {a.out}/results.json and {a.out}/results.png; total {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
