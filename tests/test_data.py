@@ -399,11 +399,13 @@ def test_normalize_matches_torchvision_and_wrapper(photo):
     assert torch.equal(wrapped(photo), expect) and wrapped(photo).dtype == torch.float32
 
 
-def test_bench_reports_both_pipelines(shards):
-    d, _ = shards
-    r = data.bench(str(d / "{00000..00001}.tar"), image_size=32, n=16, batch_size=8, repeats=1)
+def test_bench_reports_both_pipelines(tmp_path):
+    spec = data.make_synthetic_shards(str(tmp_path), n=12, size=(200, 150), shard_size=8)
+    assert spec.endswith("{00000..00001}.tar") and data.dataset_stats(spec)["samples"] == 12
+    r = data.bench(spec, image_size=32, n=12, batch_size=4, repeats=1)
+    assert r["source_size"] == [200, 150] and r["images"] == 12
     assert r["ours_images_per_s_per_core"] > 0 and r["openclip_images_per_s_per_core"] > 0
-    assert r["batch_bytes_float32"] == 4 * r["batch_bytes_uint8"] == 4 * 8 * 3 * 32 * 32
+    assert r["batch_bytes_float32"] == 4 * r["batch_bytes_uint8"] == 4 * 4 * 3 * 32 * 32
 
 
 # ----------------------------------------------------------------------------- demo dataset
