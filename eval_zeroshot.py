@@ -380,6 +380,15 @@ def load_checkpoint_model(ckpt: str, model_name: str | None = None, image_size: 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
+    started = []  # the runtime _main starts: shut down however it ends (torchrun process group)
+    try:
+        return _main(args, started)
+    finally:
+        for runtime in started:
+            runtime.shutdown()
+
+
+def _main(args, started: list) -> int:
     rank = 0
     try:
         import xla_utils
@@ -392,6 +401,7 @@ def main(argv=None) -> int:
         classnames = load_classnames(args.classnames) if (args.classnames or args.imagenet_val) else None
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
         runtime = xla_utils.init_runtime(args.device)
+        started.append(runtime)
         rank = runtime.rank
         if args.random_init:
             if args.model is None:
