@@ -1406,6 +1406,16 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
             shutil.rmtree(p)
         elif os.path.exists(p):
             os.remove(p)
+    # draw every sample first (a pure function of seed/split/index), on all cores
+    jobs = [(seed, 0, i, image_size, None) for i in range(n_train)] + \
+           [(seed, 1, i, image_size, i % len(classnames)) for i in range(n_val)]
+    procs = min(os.cpu_count() or 1, 8)
+    if procs > 1 and len(jobs) >= 2000:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(procs) as pool:
+            drawn = pool.starmap(_demo_sample, jobs, chunksize=256)
+    else:
+        drawn = [_demo_sample(*j) for j in jobs]
     import webdataset as wds
     tf = _import_tf()
     os.makedirs(os.path.join(out_dir, "train", "wds"))
@@ -1415,7 +1425,7 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
         with wds.TarWriter(os.path.join(out_dir, "train", "wds", name + ".tar"), mtime=0) as tw, \
                 tf.io.TFRecordWriter(os.path.join(out_dir, "train", "tfrecord", name + ".tfrecord")) as rw:
             for i in range(s * shard_size, min(n_train, (s + 1) * shard_size)):
-                jpg, cap, meta = _demo_sample(seed, 0, i, image_size)
+                jpg, cap, meta = drawn[i]
                 key = f"{i:09d}"
                 js = json.dumps({"key": key, "caption": cap, **meta})
                 tw.write({"__key__": key, "jpg": jpg, "txt": cap, "json": js})
@@ -1425,7 +1435,7 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
                 rw.write(ex.SerializeToString())
     for i in range(n_val):
         label = i % len(classnames)
-        jpg, _, _ = _demo_sample(seed, 1, i, image_size, label)
+        jpg = drawn[n_train + i][0]
         d = os.path.join(out_dir, "val", f"{label:02d}_{classnames[label].replace(' ', '_')}")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"{i:06d}.jpg"), "wb") as f:

@@ -198,6 +198,14 @@ def test_sharding_over_ranks_and_workers_no_dup_no_gap(shards, n_shards):
     assert set(seen[0]).isdisjoint(seen[1]) and seen[0] and seen[1]
 
 
+def test_tfrecord_with_forked_workers(shards):
+    """tf.data inside forked DataLoader workers (TensorFlow imported in the parent first)."""
+    d, truth = shards
+    loader = data.make_train_loader(str(d / "*.tfrecord"), None, 32, 1, num_workers=2, repeat=False)
+    keys = _keys(loader)
+    assert sorted(keys) == sorted(truth) and loader.samples == len(truth)
+
+
 def test_order_is_deterministic_per_seed_and_epoch(shards):
     d, _ = shards
     spec = str(d / "{00000..00004}.tar")
@@ -439,6 +447,9 @@ def test_demo_dataset(tmp_path):
     assert [c.split("_", 1)[1].replace("_", " ") for c in classes] == names
     labels = torch.cat([y for _, y in loader])
     assert torch.equal(labels.sort().values, torch.arange(72) // 2)
+    parts = [torch.cat([y for _, y in data.make_eval_loader(a.val_dir, data.eval_transform(48), 8, rank=r,
+                                                             world_size=3, num_workers=0)[0]]) for r in range(3)]
+    assert sum(len(p) for p in parts) == 72 and torch.equal(torch.cat(parts).sort().values, labels.sort().values)
     assert all("{}" in t for t in a.templates)
 
 
