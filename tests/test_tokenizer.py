@@ -110,6 +110,17 @@ def test_bpe_truncation_matches_open_clip(open_clip_tokenizer, ctx):
     assert ours.dtype == torch.long and ours.shape == (len(CORPUS), ctx)
 
 
+def test_ascii_fast_path_is_what_ftfy_and_html_unescape_would_give():
+    import html
+    import ftfy
+    r = random.Random(2)
+    alphabet = string.ascii_letters + string.digits + string.punctuation.replace("&", "") + " \t\n\r" * 3
+    for _ in range(3000):
+        text = "".join(r.choice(alphabet) for _ in range(r.randint(0, 80)))
+        slow = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        assert T.clean_caption(text) == slow, repr(text)
+
+
 def test_bpe_row_layout():
     tok = T.Tokenizer("clip_bpe", 8)
     short, long_, empty = tok(["a dog", "one two three four five six seven eight nine", ""]).tolist()
