@@ -15,6 +15,7 @@ Images travel as uint8 and are normalised on the device (data.normalize).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -215,8 +216,8 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
 @torch.no_grad()
 def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size, num_classes,
               progress, limit):
-    """Counts as one float64 tensor [3, C]: row 0 = (top-1 hits, top-5 hits, 0...), row 1 = per-class
-    top-1 hits, row 2 = per-class totals. Batches are padded to batch_size (labels -1) so that XLA
+    """Hit counts as one integer tensor [3, C]: row 0 = (top-1 hits, top-5 hits, 0...), row 1 =
+    per-class top-1 hits, row 2 = per-class totals (mean per-class recall uses the classes present). Batches are padded to batch_size (labels -1) so that XLA
     compiles once; counts stay on the device until the end (no per-batch host sync)."""
     import data
 
@@ -262,21 +263,11 @@ def _progress(it, enabled, unit, total=None):
     return tqdm(it, total=total, unit=f" {unit} batch", file=sys.stderr, dynamic_ncols=True)
 
 
-class _autocast:
-    """bf16/fp16 autocast where asked (CUDA default bf16); nothing for float32."""
-
-    def __init__(self, device, dtype):
-        self.ctx = None
-        if dtype is not None and dtype != torch.float32:
-            self.ctx = torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
+def _autocast(device, dtype):
+    """Autocast to dtype (bf16 / fp16) on the device; nothing for float32 or None."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _synchronize(device):
