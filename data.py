@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob as globlib
-import hashlib
 import io
 import json
 import logging
@@ -149,7 +148,7 @@ def _find_tfds_dir(path: str) -> str | None:
         return None
     if os.path.exists(os.path.join(path, "dataset_info.json")):
         return path
-    found = sorted(glob_ for glob_ in globlib.glob(os.path.join(path, "*", "dataset_info.json"))
+    found = sorted(globlib.glob(os.path.join(path, "*", "dataset_info.json"))
                    + globlib.glob(os.path.join(path, "*", "*", "dataset_info.json")))
     if not found:
         return None
@@ -660,9 +659,9 @@ class _StreamCfg:
     snapshots: dict = field(default_factory=dict)     # local worker id -> snapshot to resume
 
 
-def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[int, int, _Entry | None]]:
-    """(pos, rec, entry-or-None) for every record this reader owns, from shard position start_pos.
-    entry None: a bad record (entry.raw.reason is set) is returned as an _Entry too."""
+def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[int, int, _Entry]]:
+    """(pos, rec, entry) for every record reader g owns, from its shard position start_pos on;
+    bad records included (entry.raw.reason set) so that positions never depend on content."""
     ids, stride = cfg.plan.assign(g)
     W = cfg.plan.readers
     for pos in range(start_pos, len(ids)):
@@ -1100,10 +1099,10 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
 
 # ----------------------------------------------------------------------------- stats / bench
 
-def dataset_stats(spec, fmt: str | None = None, decode: bool = True) -> dict:
+def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str = "train") -> dict:
     """Read every record (and decode every image at 1/8 DCT scale) and count good / bad ones."""
     t0 = time.time()
-    src = resolve(spec, fmt)
+    src = resolve(spec, fmt, split)
     if src.fmt in ("tfrecord", "tfds"):
         _import_tf()
     reasons: Counter = Counter()
@@ -1479,6 +1478,7 @@ def main(argv=None) -> int:
     p.add_argument("spec", nargs="+", help="shards: brace pattern, glob, directory or files")
     p.add_argument("--format", choices=FORMATS, default=None)
     p.add_argument("--no-decode", action="store_true", help="do not decode images")
+    p.add_argument("--split", default="train", help="TFDS split (e.g. validation)")
     p = sub.add_parser("bench", help="images/s/core of this pipeline vs the OpenCLIP-style one")
     p.add_argument("spec", nargs="+")
     p.add_argument("--format", choices=FORMATS, default=None)
@@ -1506,7 +1506,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "stats":
             spec = args.spec[0] if len(args.spec) == 1 else args.spec
-            print(json.dumps(dataset_stats(spec, args.format, decode=not args.no_decode)))
+            print(json.dumps(dataset_stats(spec, args.format, not args.no_decode, args.split)))
         elif args.cmd == "bench":
             spec = args.spec[0] if len(args.spec) == 1 else args.spec
             tok = None
