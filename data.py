@@ -62,13 +62,15 @@ def _mix(*xs: int) -> int:
     return h
 
 
-_XLA_FIRST = True   # the data.py CLI turns this off: its process never imports torch_xla later
+# Import torch_xla (when installed) before TensorFlow, so that the process can still use XLA later.
+# Costs seconds; a process that will never import torch_xla may set this to False (the CLI does).
+IMPORT_XLA_BEFORE_TF = True
 
 
 def _import_tf():
     """TensorFlow, imported lazily and after torch_xla when that is installed (the reverse order
     aborts the process: CLIPA_SPEC section 9), so a later torch_xla import stays possible."""
-    if _XLA_FIRST and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules:
+    if IMPORT_XLA_BEFORE_TF and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules:
         import importlib.util
         if importlib.util.find_spec("torch_xla") is not None:
             os.environ.setdefault("PJRT_DEVICE", "CPU")
@@ -1500,8 +1502,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    global _XLA_FIRST
-    _XLA_FIRST = False
+    global IMPORT_XLA_BEFORE_TF
+    IMPORT_XLA_BEFORE_TF = False
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
     try:
         if args.cmd == "stats":
