@@ -99,6 +99,9 @@ def test_tfrecord_reader_and_detection_by_content(shards, tmp_path):
     assert data.resolve(str(tmp_path / "laion_imagenet.tar")).fmt == "tfrecord"
     assert data.resolve(str(tmp_path / "data.tfrecord")).fmt == "wds"
     assert data.expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
+    assert data.expand_spec(str(d / "00000.tar") + "::" + str(d / "{00003..00004}.tar")) == \
+        [str(d / f"{i:05d}.tar") for i in (0, 3, 4)]
+    assert len(data.expand_spec(str(d))) == 2 * N_SHARDS          # a directory: its shard files
 
 
 def test_missing_paths_are_one_line_errors(tmp_path):
@@ -368,6 +371,18 @@ def test_eval_transform_matches_torchvision(photo):
         assert (exact.float() - ref.float()).abs().max() <= 1
         fast = data.eval_transform(size, interp, square)(photo)
         assert (fast.float() - ref.float()).abs().mean() < 2
+
+
+def test_other_image_modes_give_rgb_uint8():
+    gray, rgba, cmyk = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.new("L", (120, 90), 77).save(gray, "JPEG")
+    Image.new("RGBA", (50, 80), (10, 20, 30, 128)).save(rgba, "PNG")
+    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(cmyk, "JPEG")
+    for b in (gray, rgba, cmyk):
+        for t in (data.train_transform(32), data.eval_transform(32), data.eval_transform(32, "bilinear", True)):
+            x = t(b.getvalue())
+            assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert data.eval_transform(32)(gray.getvalue()).float().mean().round() == 77
 
 
 def test_color_jitter_matches_torchvision_ops(photo):
