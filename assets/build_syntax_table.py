@@ -113,12 +113,13 @@ def agreement(nlp, table: dict[str, int], rules) -> None:
     from spacy.tokens import Doc
     pat = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")   # ~ CLIP's pre-tokenizer
     same_word = total_word = 0
-    kept_same = Counter()
+    kept_same, misses = Counter(), Counter()
     for cap in EVAL_CAPTIONS:
         words = pat.findall(cap.lower())
         ctx = [group(t.tag_) for t in nlp(Doc(nlp.vocab, words=words))]
         tab = [table.get(w, suffix_priority(w, rules) if w.isalpha() else OTHER) for w in words]
         same_word += sum(a == b for a, b in zip(ctx, tab))
+        misses.update(w for w, a, b in zip(words, ctx, tab) if a != b)
         total_word += len(words)
         for k in (4, 6, 14):
             pick = lambda pr: sorted(sorted(range(len(words)), key=pr.__getitem__)[:k])
@@ -127,6 +128,7 @@ def agreement(nlp, table: dict[str, int], rules) -> None:
     print(f"agreement with per-caption spaCy tags on {n} captions: words {same_word / total_word:.1%}; "
           f"same kept word set at 4 / 6 / 14 words: "
           + " / ".join(f"{kept_same[k] / n:.0%}" for k in (4, 6, 14)))
+    print("most frequent disagreements:", ", ".join(w for w, _ in misses.most_common(12)))
 
 
 def main() -> None:
