@@ -183,6 +183,15 @@ def test_corrupt_tfrecord_counts(tmp_path):
     assert out["samples"] == 2
     assert out["skipped_by_reason"] == {"bad_image": 1, "bad_caption_encoding": 1, "missing_caption": 1,
                                         "truncated_record": 1}
+    # a flipped byte inside record 2: its CRC fails; tf.data cannot read past it, the shard ends there
+    _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": _jpeg(i), "txt": b"caption"} for i in range(5)])
+    blob, off = bytearray((tmp_path / "u.tfrecord").read_bytes()), 0
+    for _ in range(2):
+        off += 16 + int.from_bytes(blob[off:off + 8], "little")
+    blob[off + 12 + 40] ^= 0xFF
+    (tmp_path / "u.tfrecord").write_bytes(bytes(blob))
+    out = data.dataset_stats(str(tmp_path / "u.tfrecord"))
+    assert (out["samples"], out["skipped_by_reason"]) == (2, {"corrupt_record": 1})
 
 
 # ----------------------------------------------------------------------------- sharding / order / resume
