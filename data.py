@@ -1111,14 +1111,13 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
     samples = empty = 0
     chars = 0
     for path in src.shards:
-        if not _is_remote(path) and os.path.exists(path) and os.path.getsize(path) == 0:
-            empty += 1
-            continue
         if not _is_remote(path) and not os.path.exists(path):
             reasons["unreadable_shard"] += 1
             log.warning("missing shard %s", path)
             continue
+        n = 0
         for raw in read_shard(path, src):
+            n += 1
             if raw.reason is None and decode:
                 try:
                     img = Image.open(io.BytesIO(raw.image))
@@ -1131,6 +1130,7 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
                 chars += len(raw.text) if isinstance(raw.text, str) else 0
             else:
                 reasons[raw.reason] += 1
+        empty += n == 0     # img2dataset: a shard whose downloads all failed (0 bytes / no members)
     return {"format": src.fmt, "shards": len(src.shards), "empty_shards": empty,
             "samples": samples, "skipped": sum(reasons.values()),
             "skipped_by_reason": dict(sorted(reasons.items())),

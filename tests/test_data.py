@@ -490,3 +490,42 @@ def test_demo_captions_reward_syntax_masking():
         keep["syntax"] += want <= set(syn([cap])[0].tolist())
         keep["truncate"] += want <= set(cut([cap])[0].tolist())
     assert keep["syntax"] >= 0.9 * n and keep["truncate"] <= 0.3 * n, keep
+
+
+def test_img2dataset_output_when_available(tmp_path):
+    """Optional: shards written by img2dataset itself from a loopback HTTP server. img2dataset is not
+    a project dependency; point CLIPA_IMG2DATASET at its executable (e.g. in a separate venv)."""
+    import csv
+    import functools
+    import http.server
+    import threading
+    exe = os.environ.get("CLIPA_IMG2DATASET")
+    if not exe or not os.path.exists(exe):
+        pytest.skip("set CLIPA_IMG2DATASET=/path/to/img2dataset to run")
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(8):
+        (www / f"{i}.jpg").write_bytes(_jpeg(i, (320, 240)))
+    (www / "bad.jpg").write_bytes(b"<html>not an image</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = [(f"{url}/{i}.jpg", f"caption {i}") for i in range(8)] + [(f"{url}/bad.jpg", "bad")]
+    rows += [(f"{url}/missing{i}.jpg", "gone") for i in range(3)]      # the last shard fails entirely
+    with open(tmp_path / "urls.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("url", "caption")] + rows)
+    try:
+        subprocess.run([exe, "--url_list", str(tmp_path / "urls.csv"), "--input_format", "csv",
+                        "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                        "--output_folder", str(tmp_path / "out"), "--processes_count", "1",
+                        "--thread_count", "4", "--image_size", "128", "--number_sample_per_shard", "3",
+                        "--enable_wandb", "False", "--distributor", "multiprocessing"],
+                       check=True, capture_output=True, timeout=300)
+    finally:
+        server.shutdown()
+    out = data.dataset_stats(str(tmp_path / "out"))         # the folder also holds parquet/json files
+    assert (out["format"], out["samples"], out["skipped"]) == ("wds", 8, 0)
+    assert out["empty_shards"] == 1
+    loader = data.make_train_loader(str(tmp_path / "out"), None, 32, 1, num_workers=0, repeat=False)
+    assert sorted(c for _, caps in loader for c in caps) == sorted(f"caption {i}" for i in range(8))
