@@ -805,8 +805,13 @@ def _env_int(name: str, default: int) -> int:
 
 class TrainLoader:
     """Iterating yields (images uint8 [B,3,H,W], tokens LongTensor[B,T]) with exactly batch_size
-    rows, epoch after epoch (repeat=True) or for one epoch. state_dict() resumes exactly: same
-    samples in the same order, none repeated, given the same seed / world size / workers."""
+    rows (a worker's last partial batch of an epoch is dropped: static shapes), epoch after epoch
+    (repeat=True; .epoch counts up) or for one epoch. state_dict() is a plain JSON-able dict;
+    passing it back as `state` continues with the very next batch: same samples, same order,
+    none repeated, given the same seed / world size / workers / batch size / shuffle buffer
+    (otherwise: shard granularity). The saved epoch overrides the `epoch` argument. Each rank
+    has its own state (`state` may also be the list of all ranks' states: ours is picked).
+    .samples / .skipped: good samples read and bad ones skipped by reason, all epochs so far."""
 
     def __init__(self, src: Source, tokenizer, transform, batch_size: int, *, num_workers: int,
                  seed: int, epoch: int, rank: int, world_size: int, shuffle_buffer: int,
