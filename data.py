@@ -110,7 +110,9 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for opt in options for x in expand_braces(head + opt + tail)]
 
 
-_SHARD_EXTS = (".tar", ".tfrecord", ".tfrec", ".record")
+def _is_shard_name(name: str) -> bool:
+    """Shard files in a directory: *.tar, *.tfrecord, TFDS-style *.tfrecord-00000-of-00010."""
+    return name.endswith((".tar", ".tfrec", ".record")) or ".tfrecord" in name
 
 
 def expand_spec(spec: str | Sequence[str]) -> list[str]:
@@ -128,8 +130,7 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
                     raise FileNotFoundError(f"no files match {p!r}")
                 out.extend(hits)
             elif not _is_remote(p) and os.path.isdir(p) and _find_tfds_dir(p) is None:
-                hits = sorted(os.path.join(p, f) for f in os.listdir(p)
-                              if any(ext in f for ext in _SHARD_EXTS))
+                hits = sorted(os.path.join(p, f) for f in os.listdir(p) if _is_shard_name(f))
                 if not hits:
                     raise FileNotFoundError(f"no .tar/.tfrecord shards in directory {p!r}")
                 out.extend(hits)
