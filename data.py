@@ -765,7 +765,8 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
                     "buf": [[b.pos, b.rec] for b in buf], "stats": dict(stats)}
             yield torch.stack(images), tokens, meta
             images, texts = [], []
-    # a final partial batch is dropped (static shapes); say so once
+    if images:      # static shapes: a worker's last partial batch of the epoch is dropped
+        log.debug("reader %d: %d samples left over at the end of epoch %d", g, len(images), cfg.epoch)
     meta = {"wid": wid, "next": [END, 0], "k": k, "batches": batches, "buf": [],
             "stats": dict(stats), "final": True}
     yield None, None, meta
