@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's first command: set up .venv if needed (same setup as the tests), then run the CPU demo
+# (embedded data -> CLIPA pre-train + fine-tune vs baselines -> zero-shot table). Flags go to demo.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/setup_env.sh"
+cd "$ROOT"
+export PJRT_DEVICE="${PJRT_DEVICE:-CPU}"
+exec "$PY" launch/demo.py "$@"
