@@ -595,18 +595,20 @@ def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int,
         now = time.time()
         dt, dsteps = now - clock["t"], sstep - clock["step"]
         clock.update(t=now, step=sstep)
-        loss_v = float(rt.all_reduce_mean(loss.detach().float().clone()))
+        # host values only: a device op here would be one more XLA graph
+        loss_v = rt.mean_over_ranks(loss.item())
+        scale_v = math.exp(scale.item())
         sps = dsteps * stage.batch_size / dt if dt > 0 else 0.0
         eta = (stage.steps - sstep) * dt / max(1, dsteps)
         compiles = rt.compile_count()
         rec = {"step": gstep, "stage": stage.name, "stage_step": sstep, "loss": loss_v, "lr": lr,
-               "logit_scale": float(scale.exp()), "samples_per_s": sps, "samples": nsamples,
+               "logit_scale": scale_v, "samples_per_s": sps, "samples": nsamples,
                "time": now}
         if compiles is not None:
             rec["compiles"] = compiles
         log.record(rec)
         log.info(f"step {gstep} [{stage.name} {sstep}/{stage.steps}] {sps:.1f} samples/s | loss "
-                 f"{loss_v:.4f} | lr {lr:.3e} | logit scale {float(scale.exp()):.2f} | ETA {_eta(eta)}"
+                 f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | ETA {_eta(eta)}"
                  + (f" | compiles {compiles}" if compiles is not None else ""))
 
     def checkpoint():

@@ -148,6 +148,15 @@ class Runtime:
             x /= self.world_size
         return x
 
+    def mean_over_ranks(self, value: float) -> float:
+        """Mean of a host number over data ranks (logging)."""
+        if self.distributed and self.world_size > 1:
+            t = torch.tensor([value], dtype=torch.float64,
+                             device=self.device if self.kind == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t.item() / self.world_size
+        return value
+
     def all_gather_object(self, obj) -> list:
         if self.distributed and self.world_size > 1:
             out = [None] * self.world_size
