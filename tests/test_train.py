@@ -378,3 +378,32 @@ def test_train_py_on_xla_matches_cpu(demo_small, uninterrupted, tmp_path, device
     assert len(compiles) == 6 and compiles[2:] == [compiles[2]] * 4 and compiles[-1] <= 3, compiles
     st = torch.load(out / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=True)
     assert st["stage_step"] == 6 and st["optimizer"]["state"][0]["step"].device.type == "cpu"
+
+
+def test_gradient_accumulation_averages_chunk_losses():
+    """--accum-steps K: K chunks of the rank's batch, each its own contrastive batch; the step's loss
+    is their mean and the update uses the mean gradient (same as one batch when K=1)."""
+    import data
+    import model
+    from open_clip.loss import ClipLoss
+    rt = xla_utils.init_runtime("cpu")
+    torch.manual_seed(0)
+    m = model.create_model("ViT-Test-8-CL16").train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(1, 49000, (8, 16), generator=g)
+    want, grads = [], []
+    for chunk in (slice(0, 4), slice(4, 8)):
+        m.zero_grad()
+        loss = ClipLoss()(*m(data.normalize(images[chunk], m.cfg.image_mean, m.cfg.image_std), tokens[chunk]))
+        loss.backward()
+        want.append(loss.item())
+        grads.append(m.visual.proj.grad.clone())
+    m.zero_grad()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)          # plain SGD: the update is the gradient
+    before = m.visual.proj.detach().clone()
+    got = train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=2)
+    assert got.item() == pytest.approx(sum(want) / 2, abs=1e-6)
+    assert torch.allclose(before - m.visual.proj.detach(), (grads[0] + grads[1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="not divisible by --accum-steps 3"):
+        train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=3)
