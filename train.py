@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -468,7 +468,7 @@ def _eta(seconds: float) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def run_training(run: RunConfig, stages: list[tuple[int, Stage]], *, finetune: bool = False) -> dict:
+def run_training(run: RunConfig, stages: list[tuple[int, Stage]]) -> dict:
     """Run the selected stages; resumes from run.resume; returns a summary dict."""
     rt = xla_utils.init_runtime(run.device)
     log = Logger(rt, run.out)
@@ -485,6 +485,11 @@ def run_training(run: RunConfig, stages: list[tuple[int, Stage]], *, finetune: b
     if run.resume:
         resume_path = find_checkpoint(run.resume, run.out)
         resume_state = load_train_state(resume_path)
+        preset_stages = PRESETS[run.cfg].stages
+        idx = resume_state["stage_index"]
+        if idx >= len(preset_stages) or preset_stages[idx].name != resume_state["stage_name"]:
+            raise ValueError(f"{resume_path} is stage {resume_state['stage_name']!r} of another preset, "
+                             f"not of {run.cfg} (stages: {', '.join(s.name for s in preset_stages)})")
         log.info(f"resuming from {resume_path} (step {resume_state['step']}, stage "
                  f"{resume_state['stage_name']}, stage step {resume_state['stage_step']})")
 
@@ -590,6 +595,7 @@ def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int,
     last_save = time.time()
     saved_at = stage_step if state is not None else -1   # stage step of the newest checkpoint
     clock = {"t": t_start, "step": stage_step}
+
     def report(loss, scale, lr, gstep, sstep, nsamples):
         # runs once the step's values exist on the host (XLA: after the graph ran)
         now = time.time()
@@ -776,7 +782,7 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
         if dry:
             print(describe_stages(run, stages))
             return 0
-        run_training(run, stages, finetune=finetune)
+        run_training(run, stages)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,7 +65,7 @@ def test_presets_follow_the_paper_recipe():
             assert cfg.vision.image_size == s.image_size
 
 
-def test_cli_overrides_dry_run_and_errors(capsys):
+def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
     rc = train.main(["--cfg", "l16_i37_t8", "--dry-run", "--batch-size", "4096",
                      "--set", "finetune.warmup=7", "--train-data", "/x/{0..9}.tar", "--set", "0.lr=1e-3"])
     assert rc == 0
@@ -87,8 +87,12 @@ def test_cli_overrides_dry_run_and_errors(capsys):
                          (["--cfg", "demo", "--batch-size", "many"], "bad value 'many' for batch_size"),
                          (["--cfg", "demo", "--stage", "ft9"], "unknown stage 'ft9'"),
                          (["--cfg", "demo", "--mask", "cutout"], "valid: none, random, grid, block"),
-                         (["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", "/tmp/x"],
-                          "no training data; give --train-data")]:
+                         (["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", str(tmp_path / "a")],
+                          "no training data; give --train-data"),
+                         (["--cfg", "demo", "--train-data", "/nope/{0..3}.tar", "--out", str(tmp_path / "b")],
+                          "/nope/0.tar"),
+                         (["--cfg", "demo", "--resume", "latest", "--out", str(tmp_path / "c")],
+                          "--resume latest: no checkpoint in")]:
         assert train.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
