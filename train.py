@@ -533,6 +533,8 @@ def run_training(run: RunConfig, stages: list[tuple[int, Stage]]) -> dict:
                 prev_ckpt = result["checkpoint"]
             else:
                 break
+        if not summary["stages"]:
+            log.info(f"nothing to run: the selected stages finished by step {step}")
     finally:
         log.close()
     summary["step"] = step

@@ -353,10 +353,13 @@ def test_finetune_py_from_a_pretrain_checkpoint(demo_small, uninterrupted, tmp_p
 
 @pytest.mark.slow
 def test_demo_preset_loss_falls(demo_small, tmp_path):
-    """train.py --cfg demo (its pre-train stage, shortened from the CLI) learns on the demo data."""
+    """train.py --cfg demo (its pre-train stage, shortened from the CLI) learns on the demo data;
+    --save-minutes 0 saves at every time check (each 10 steps), --keep 2 prunes the older ones."""
     out = tmp_path / "demo"
     _train(["--cfg", "demo", "--stage", "pretrain", "--train-num-samples", str(32 * 50), "--workers", "1",
-            "--train-data", demo_small.train_wds, "--log-every", "1", "--out", str(out)])
+            "--train-data", demo_small.train_wds, "--log-every", "1", "--out", str(out),
+            "--save-minutes", "0", "--keep", "2"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000040", "step_00000050"]
     losses, _ = _losses(out)
     first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in (48, 49, 50)]
     assert sum(last) / 3 < sum(first) / 3 - 0.4, losses
