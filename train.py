@@ -698,8 +698,14 @@ STAGE_FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line and exit 2, not argparse's usage block
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(prog: str, finetune: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] if not finetune else
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0] if not finetune else
                                 "CLIPA fine-tuning: the preset's fine-tune stage(s) from a pre-trained "
                                 "checkpoint.")
     p.add_argument("--cfg", required=True, help=f"preset: {', '.join(PRESETS)}")

@@ -411,8 +411,14 @@ def launch_command(script: str, args: list[str], *, device: str = "auto", nproc:
     return cmd, env
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line and exit 2, not argparse's usage block
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("launch", help="start SCRIPT with the right processes for this machine")
     lp.add_argument("--device", default="auto", choices=DEVICES)

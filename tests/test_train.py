@@ -97,6 +97,11 @@ def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
 
+    with pytest.raises(SystemExit) as exc:            # argparse errors: one line too
+        train.main([])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and "--cfg" in err and err.count("\n") == 1
+
     p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", "/no/such/ckpt"])
     assert p.returncode == 2 and p.stderr.strip() == "error: --pretrained: no such file or directory: /no/such/ckpt"
 
