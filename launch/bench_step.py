@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one model in memory at a time (large models); no interleaving")
     a = ap.parse_args(argv)
     try:
         settings = [parse_setting(s) for s in a.settings.split(",")]
@@ -58,19 +60,17 @@ def main(argv=None) -> int:
     precision = a.precision if a.precision != "auto" else ("bf16" if rt.kind == "cuda" else "fp32")
     print(f"# {rt.describe()} | {a.model} | batch {a.batch} | {precision}", flush=True)
 
-    runs = []
-    for size, ctx, mask in settings:
+    def build(size, ctx, mask):
         cfg = M.get_model_config(a.model, image_size=size, context_length=ctx,
                                  mask="random" if mask else "none", mask_ratio=mask)
         model = M.create_model(cfg).to(rt.device).train()
         if a.grad_checkpointing:
             model.set_grad_checkpointing(True)
         stage = train.Stage("bench", a.model, size, context_length=ctx, batch_size=a.batch)
-        opt = train.build_optimizer(model, stage, rt)
-        images = torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8)
-        tokens = torch.randint(1, cfg.text.vocab_size, (a.batch, ctx))
-        runs.append({"cfg": cfg, "model": model, "opt": opt, "images": images, "tokens": tokens,
-                     "best": float("inf"), "setting": (size, ctx, mask)})
+        return {"cfg": cfg, "model": model, "opt": train.build_optimizer(model, stage, rt),
+                "images": torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8),
+                "tokens": torch.randint(1, cfg.text.vocab_size, (a.batch, ctx)),
+                "best": float("inf"), "setting": (size, ctx, mask)}
 
     def timed(r, steps):
         rt.synchronize()
@@ -82,11 +82,25 @@ def main(argv=None) -> int:
         rt.synchronize()
         return time.perf_counter() - t0
 
-    for r in runs:            # warm-up (and XLA compile) outside the timed rounds
-        timed(r, 2)
-    for _ in range(a.rounds):
-        for r in runs:
-            r["best"] = min(r["best"], timed(r, a.steps) / a.steps)
+    def measure(group):
+        for r in group:            # warm-up (and XLA compile) outside the timed rounds
+            timed(r, 2)
+        for _ in range(a.rounds):
+            for r in group:
+                r["best"] = min(r["best"], timed(r, a.steps) / a.steps)
+
+    if a.sequential:
+        runs = []
+        for s in settings:
+            r = build(*s)
+            measure([r])
+            r.update(model=None, opt=None)   # free the device before the next model
+            runs.append(r)
+            if rt.kind == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        runs = [build(*s) for s in settings]
+        measure(runs)
 
     ref = runs[0]
     ref_flops = M.count_flops(ref["cfg"], mask_ratio=ref["setting"][2])["total_gflops"]
