@@ -17,6 +17,8 @@ Variants (the `demo` preset of train.py, changed only by command-line overrides)
   syntax masking matters at T8.
 - Full-token baseline: 64 px (I65) / 32 tokens from scratch for the same number of samples as CLIPA's
   two stages together, so it spends more compute on the same data.
+- The same baseline on CLIPA's compute budget: it sees as many samples as CLIPA's training FLOPs buy
+  at full length (fewer samples, same FLOPs).
 Training GFLOPs = 3 x forward GFLOPs per sample (model.py's counter, 1 multiply-add = 1 FLOP, so the
 usual fwd+bwd = 3x fwd rule) x samples seen.
 """
@@ -46,17 +48,26 @@ def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Var
               "--set", f"pretrain.train_num_samples={pre_samples}",
               "--set", f"finetune.train_num_samples={ft_samples}",
               "--set", "pretrain.context_length=8"]
-    return [
+
+    def baseline(samples):   # fine-tune model/size/context from scratch, unmasked, pre-train lr
+        return ["--cfg", "demo", "--stage", "finetune", "--train-data", data, "--train-format", fmt,
+                "--set", "finetune.init=scratch", "--set", "finetune.mask=none",
+                "--set", "finetune.mask_ratio=0.0", "--set", "finetune.pos_embed=sincos",
+                "--set", "finetune.base_lr=0.016", "--set", "finetune.warmup=25",
+                "--set", f"finetune.train_num_samples={samples}"]
+
+    vs = [
         Variant("clipa_syntax", "CLIPA: I17/T8 syntax -> I65(30% mask)/T32", common),
         Variant("clipa_trunc", "CLIPA: I17/T8 truncate -> I65(30% mask)/T32",
                 common + ["--set", "pretrain.text_reduction=truncate"]),
-        Variant("baseline", "Baseline: I65/T32 full tokens",
-                ["--cfg", "demo", "--stage", "finetune", "--train-data", data, "--train-format", fmt,
-                 "--set", "finetune.init=scratch", "--set", "finetune.mask=none",
-                 "--set", "finetune.mask_ratio=0.0", "--set", "finetune.pos_embed=sincos",
-                 "--set", f"finetune.base_lr={8e-3}", "--set", "finetune.warmup=10",
-                 "--set", f"finetune.train_num_samples={pre_samples + ft_samples}"]),
+        Variant("baseline", "Baseline: I65/T32, same samples", baseline(pre_samples + ft_samples)),
     ]
+    # the same baseline on CLIPA's compute budget: as many samples as CLIPA's FLOPs buy it
+    clipa_gflops = tokens_and_flops(vs[0].argv)[1]
+    per_sample = tokens_and_flops(baseline(32))[1] / 32
+    n = int(clipa_gflops / per_sample) // 32 * 32
+    vs.append(Variant("baseline_same_compute", "Baseline: I65/T32, CLIPA's compute", baseline(n)))
+    return vs
 
 
 def tokens_and_flops(argv: list[str]) -> tuple[list[str], float, int]:
