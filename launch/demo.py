@@ -65,7 +65,7 @@ def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Var
     # the same baseline on CLIPA's compute budget: as many samples as CLIPA's FLOPs buy it
     clipa_gflops = tokens_and_flops(vs[0].argv)[1]
     per_sample = tokens_and_flops(baseline(32))[1] / 32
-    n = int(clipa_gflops / per_sample) // 32 * 32
+    n = max(32, int(clipa_gflops / per_sample) // 32 * 32)   # whole batches of 32
     vs.append(Variant("baseline_same_compute", "Baseline: I65/T32, CLIPA's compute", baseline(n)))
     return vs
 
@@ -117,6 +117,19 @@ def read_metrics(out: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def loss_curve(out: str) -> list[dict]:
+    """Logged losses against cumulative samples ("samples" in metrics.jsonl counts per stage)."""
+    curve, offset, stage, last = [], 0, None, 0
+    for m in read_metrics(out):
+        if "loss" not in m:
+            continue
+        if m["stage"] != stage:
+            offset, stage = offset + last, m["stage"]
+        last = m["samples"]
+        curve.append({"samples_total": offset + m["samples"], "loss": m["loss"], "stage": stage})
+    return curve
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -147,12 +160,14 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-samples", type=int, default=1600)
     ap.add_argument("--only", default=None, help="comma-separated variant keys")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training run")
+    ap.add_argument("--n-train", type=int, default=10000, help="demo training pairs to generate")
+    ap.add_argument("--n-val", type=int, default=1080, help="held-out images (a multiple of 36)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     import data
     t0 = time.time()
     print(f"[demo] 1/3 embedded dataset -> {a.out}/data", flush=True)
-    ds = data.make_demo_dataset(os.path.join(a.out, "data"))
+    ds = data.make_demo_dataset(os.path.join(a.out, "data"), n_train=a.n_train, n_val=a.n_val)
     print(f"[demo]     {ds.n_train} training pairs in webdataset + TFRecord shards, {ds.n_val} held-out "
           f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)", flush=True)
     tmpl = os.path.join(ds.root, "templates.txt")
@@ -171,7 +186,7 @@ def main(argv=None) -> int:
         done = os.path.join(out, "result.json")
         if os.path.exists(done):   # a second run reuses finished variants
             with open(done) as f:
-                results.append(json.load(f))
+                results.append(dict(json.load(f), curve=loss_curve(out)))
             print("    reusing the finished run in " + out, flush=True)
             continue
         train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
@@ -182,12 +197,9 @@ def main(argv=None) -> int:
              "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
         with open(eval_json) as f:
             ev = json.load(f)
-        curve, offset, last_stage = [], 0, None
-        for m in read_metrics(out):
-            curve.append({"samples_total": m["samples"], "loss": m["loss"], "stage": m["stage"]})
         r = {"key": v.key, "label": v.label, "tokens": " -> ".join(toks), "train_gflops": gflops,
              "samples": samples, "wall_s": train_s, "top1": 100 * ev["top1"], "top5": 100 * ev["top5"],
-             "argv": v.argv, "curve": curve}
+             "argv": v.argv, "curve": loss_curve(out)}
         with open(done, "w") as f:
             json.dump(r, f, indent=1)
         results.append(r)
