@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
                 results.append(dict(json.load(f), curve=loss_curve(out)))
             print("    reusing the finished run in " + out, flush=True)
             continue
+        if os.path.exists(out):    # an interrupted variant: start it again from a clean directory
+            print("    restarting the unfinished run in " + out, flush=True)
+            shutil.rmtree(out)
         train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
                        "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
         eval_json = os.path.join(out, "zeroshot.json")
