@@ -369,6 +369,38 @@ def test_train_crop_geometry_matches_full_decode(photo):
         assert 0 < err < 2 and err < off / 4, (seed, err, off)        # draft ran, geometry kept
 
 
+def test_fast_resampler_keeps_the_fractional_box(photo):
+    # torch's uint8 kernel starts its grid at the crop's first pixel edge; a box with one
+    # fractional edge is cropped from (or, flipped, to) its integer edge: same pixels as
+    # Pillow resampling the fractional box, up to rounding and the crop-edge border
+    arr = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").reduce(2)).copy()    # 200x150
+    pil = Image.fromarray(arr)
+    for box in [(20, 10, 150.5, 130), (20.5, 10, 150, 130), (20, 10.5, 150, 129.5), (19.5, 9.5, 151, 130)]:
+        x = data._resize_box(arr, box, 96)
+        ref = torch.from_numpy(np.array(pil.resize((96, 96), Image.BICUBIC, box=box))).permute(2, 0, 1)
+        d = (x.float() - ref.float()).abs()
+        assert x.dtype == torch.uint8 and x.shape == (3, 96, 96)
+        assert d[:, 2:-2, 2:-2].max() <= 1 and d.mean() < 0.5, (box, d.max(), d.mean())
+    assert torch.equal(data._resize_box(pil, (20.5, 10, 150, 130), 96),
+                       data._resize_box(arr, (20.5, 10, 150, 130), 96))      # PIL image input
+    both = (20.5, 10.5, 150.5, 130)     # no integer edge on x: Pillow resamples the fractional box
+    ref = torch.from_numpy(np.array(pil.resize((96, 96), Image.BICUBIC, box=both))).permute(2, 0, 1)
+    assert torch.equal(data._resize_box(arr, both, 96), ref)
+
+
+def test_simplejpeg_and_pillow_decoders_agree(photo):
+    pytest.importorskip("simplejpeg")
+    assert data._simplejpeg() is not None
+    for size, draft in [(96, True), (48, True), (224, True), (96, False)]:
+        turbo = data.TrainTransform(size, draft=draft)
+        pillow = data.TrainTransform(size, draft=draft, use_simplejpeg=False)
+        for seed in range(4):
+            assert torch.equal(turbo(photo, random.Random(seed)), pillow(photo, random.Random(seed)))
+    # a truncated JPEG is still an error (a bad sample), as with Pillow alone
+    with pytest.raises(Exception):
+        data.train_transform(96)(photo[:len(photo) // 2])
+
+
 def test_eval_transform_matches_torchvision(photo):
     import torchvision.transforms as T
     full = Image.open(io.BytesIO(photo)).convert("RGB")
