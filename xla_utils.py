@@ -1,7 +1,11 @@
 """One small runtime API over CUDA (torchrun/DDP), XLA (PJRT, SPMD data parallel) and CPU.
 
-train.py talks only to a `Runtime`: device, rank, world size, barrier, all-gather with gradient,
-all-reduce, the step boundary, step closures, compile counting, atomic saves. No `if xla:` elsewhere.
+Everything that differs between CUDA, XLA and CPU lives here, so that no other module branches on
+the device: device and precision choice, autocast, the step boundary, synchronisation, optimizer
+flags, gradient checkpointing, pinned host memory, the TensorFlow-after-torch_xla import order, and
+the collectives (all-gather with gradient, all-reduce, decisions every host agrees on). Also here,
+because every script needs them and this module imports no other project module: atomic files, the
+checkpoint path resolver and the one-line-error argument parser.
 
 Device choice (CLIPA_SPEC section 8): from what the user asked (--device auto|cuda|xla|cpu) and what
 the machine has. "torch_xla imports" is NOT a reason to use XLA: auto picks CUDA when a GPU is
@@ -22,6 +26,8 @@ import contextlib
 import glob
 import os
 import random
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 DEVICES = ("auto", "cuda", "xla", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------- device detection
@@ -66,6 +73,37 @@ def resolve_device(requested: str = "auto") -> str:
         except ImportError as e:
             raise ValueError(f"--device xla asked for, but torch_xla does not import ({e})") from None
     return requested
+
+
+# ----------------------------------------------------------------------------- device-specific helpers
+
+# A process that will never use XLA may set this to False (data.py's CLI does): TensorFlow is then
+# imported without first importing torch_xla, which saves seconds.
+TF_AFTER_XLA = True
+
+
+def import_tensorflow():
+    """TensorFlow, imported after torch_xla when that is installed: the reverse order aborts the
+    process with an LLVM option clash (CLIPA_SPEC section 9), so a later torch_xla import (an XLA
+    run, an XLA eval) stays possible."""
+    if TF_AFTER_XLA and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules:
+        import importlib.util
+        if importlib.util.find_spec("torch_xla") is not None:
+            os.environ.setdefault("PJRT_DEVICE", "CPU")
+            import torch_xla  # noqa: F401
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    return tf
+
+
+def grad_checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) with its activations recomputed in the backward pass (gradient checkpointing). XLA
+    needs its own variant: the compiler would otherwise fold the recomputation away (CSE)."""
+    if x.device.type == "xla":
+        from torch_xla.utils.checkpoint import checkpoint
+        return checkpoint(fn, x)
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(fn, x, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------- gather with grad
@@ -112,6 +150,30 @@ class Runtime:
     @property
     def spmd(self) -> bool:
         return self.mesh is not None
+
+    def precision(self, requested: str = "auto") -> str:
+        """'auto' -> bf16 autocast on CUDA, fp32 on XLA and CPU; 'fp32' / 'bf16' as asked."""
+        if requested == "auto":
+            return "bf16" if self.kind == "cuda" else "fp32"
+        if requested not in PRECISIONS:
+            raise ValueError(f"unknown precision {requested!r}; choose {', '.join(PRECISIONS)}")
+        return requested
+
+    def optimizer_kwargs(self) -> dict:
+        """Flags for torch.optim.AdamW. XLA: capturable keeps the step count and bias corrections
+        on the device (no per-step host scalars that would change the graph). CUDA: the fused
+        kernel. CPU: foreach (2x the per-parameter loop)."""
+        return {"xla": dict(capturable=True), "cuda": dict(fused=True), "cpu": dict(foreach=True)}[self.kind]
+
+    @property
+    def count_dtype(self) -> torch.dtype:
+        """Integer dtype for exact counters on the device (TPUs have no fast 64-bit integers)."""
+        return torch.int32 if self.kind == "xla" else torch.int64
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked host batches, so that non_blocking copies to the device are asynchronous."""
+        return self.kind == "cuda"
 
     def describe(self) -> str:
         if self.kind == "xla":
@@ -164,13 +226,19 @@ class Runtime:
             return out
         return [obj]
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (time-based save decisions)."""
+    def agree(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any of them. Decisions that gate a collective
+        (a time-based save, a stop) must go through here: processes that disagree would deadlock.
+        torch.distributed: an all-reduce(max). Multi-host XLA (one process per host, SPMD): each
+        host contributes its flag as its rows of a batch-sharded tensor, whose max every host reads."""
         if self.distributed and self.world_size > 1:
             t = torch.tensor([1.0 if flag else 0.0],
                              device=self.device if self.kind == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return bool(t.item() > 0)
+        if self.spmd and self.world_size > 1:
+            local = torch.full((self.num_devices // self.world_size,), 1.0 if flag else 0.0)
+            return bool(self.to_device(local)[0].max().item() > 0)
         return flag
 
     # -- model and data placement
@@ -382,6 +450,53 @@ def atomic_dir(final_dir: str, fill_fn) -> str:
     return final_dir
 
 
+def resolve_checkpoint(path: str) -> str:
+    """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
+    holding model.safetensors) as is; a run directory or its checkpoints/ directory -> the
+    checkpoint its `latest` pointer names. The pointer must name a directory inside checkpoints/
+    (a pointer such as ../../x is refused)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        pointer = os.path.join(root, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+                raise ValueError(f"{pointer} names {name!r}, not a checkpoint directory beside it")
+            target = os.path.join(root, name)
+            if not os.path.isdir(target):
+                raise FileNotFoundError(f"{pointer} names {name}, which does not exist")
+            return target
+    raise FileNotFoundError(f"no model.safetensors (or checkpoints/latest) in directory {path}")
+
+
+# ----------------------------------------------------------------------------- command lines
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 2 instead of the usage block; every script
+    of the project uses it (sub-commands too: add_subparsers passes the class on)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def add_subparsers(self, **kw):
+        kw.setdefault("parser_class", ArgumentParser)
+        return super().add_subparsers(**kw)
+
+
+def usage_error(err: BaseException | str) -> int:
+    """Print a user error (bad flag, missing file, unknown name) as one line; returns exit status 2.
+    Only for errors found while validating input: unexpected errors keep their traceback."""
+    text = str(err).strip() if not isinstance(err, str) else err
+    print(f"error: {(text.splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+    return 2
+
+
 # ----------------------------------------------------------------------------- launcher
 
 def launch_command(script: str, args: list[str], *, device: str = "auto", nproc: int | None = None,
@@ -411,14 +526,8 @@ def launch_command(script: str, args: list[str], *, device: str = "auto", nproc:
     return cmd, env
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line and exit 2, not argparse's usage block
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("launch", help="start SCRIPT with the right processes for this machine")
     lp.add_argument("--device", default="auto", choices=DEVICES)
@@ -444,10 +553,9 @@ def main(argv=None) -> int:
                                   node_rank=a.node_rank, master_addr=a.master_addr,
                                   master_port=a.master_port)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.print_only:
-        print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(cmd))
+        return usage_error(e)
+    if a.print_only:   # shell-quoted: braces and spaces survive a paste
+        print(" ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(c) for c in cmd]))
         return 0
     return subprocess.call(cmd, env={**os.environ, **env})
 
