@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tokenizer
+
 # ----------------------------------------------------------------------------- configs
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -666,6 +668,16 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
     model.to_empty(device="cpu")
     _load_state(model, sd, os.fspath(pretrained))
     return model
+
+
+def get_tokenizer(model_name: str, context_length: int | None = None,
+                  reduction: str | None = None) -> tokenizer.Tokenizer:
+    """The tokenizer a registered model implies. reduction None -> the model's training reduction
+    ("syntax" for -Syntax- models); evaluation passes reduction="truncate". context_length None ->
+    the model's own."""
+    text = get_model_config(model_name).text
+    return tokenizer.Tokenizer(text.tokenizer, text.context_length if context_length is None else context_length,
+                               text.reduction if reduction is None else reduction)
 
 
 def create_model_and_transforms(name, pretrained=None, force_image_size=None, image_mean=None,

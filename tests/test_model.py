@@ -57,6 +57,17 @@ def test_bad_overrides_are_one_line_errors(kw, msg):
         M.create_model("ViT-Test-8-CL16", **kw)
 
 
+def test_get_tokenizer_follows_the_model():
+    """Defaults: the model's context length and training reduction; both can be overridden."""
+    tok = M.get_tokenizer("ViT-L-16-CL8-Syntax-GAP")
+    assert (tok.tokenizer, tok.context_length, tok.reduction) == ("clip_bpe", 8, "syntax")
+    tok = M.get_tokenizer("ViT-L-14-CLIPA", context_length=16, reduction="truncate")
+    assert (tok.tokenizer, tok.context_length, tok.reduction) == ("wordpiece", 16, "truncate")
+    assert tok(["a photo of a dog"]).shape == (1, 16)
+    with pytest.raises(ValueError, match="unknown model 'ViT-Q-99'"):
+        M.get_tokenizer("ViT-Q-99")
+
+
 # ----------------------------------------------------------------------------- forward
 
 
