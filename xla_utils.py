@@ -452,13 +452,15 @@ def atomic_dir(final_dir: str, fill_fn) -> str:
 
 def resolve_checkpoint(path: str) -> str:
     """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
-    holding model.safetensors) as is; a run directory or its checkpoints/ directory -> the
-    checkpoint its `latest` pointer names. The pointer must name a directory inside checkpoints/
+    holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
+    checkpoints/latest pointer file itself -> the checkpoint that pointer names. The pointer must name a directory inside checkpoints/
     (a pointer such as ../../x is refused)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
+    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
+        path = os.path.dirname(os.path.abspath(path))          # the pointer file itself
+    elif not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     for root in (path, os.path.join(path, "checkpoints")):
         pointer = os.path.join(root, "latest")

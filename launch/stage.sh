@@ -22,7 +22,7 @@ args=(--cfg "$preset" --stage "$stage" --train-data "$TRAIN_DATA" --out "$OUT")
 script=train.py
 if [ "$stage" != "pretrain" ]; then   # every later stage starts from the previous stage's weights
   script=finetune.py
-  [ -n "${PRETRAINED:-}" ] || die "PRETRAINED is not set (checkpoint of the stage before '$stage', e.g. \$OUT/checkpoints/latest)"
+  [ -n "${PRETRAINED:-}" ] || die "PRETRAINED is not set (checkpoint of the stage before '$stage', e.g. the previous stage's --out directory, whose checkpoints/latest names its last checkpoint)"
   args+=(--pretrained "$PRETRAINED")
 fi
 if [ -n "${IMAGENET_VAL:-}" ]; then
@@ -43,8 +43,8 @@ esac
 
 cd "$ROOT"
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  echo "command: ${cmd[*]}"
+  printf 'command:'; printf ' %q' "${cmd[@]}"; echo   # shell-quoted: pastes as it is
   exec "$PYTHON" "$script" "${args[@]}" "$@" --dry-run
 fi
-echo "[launch] ${cmd[*]}" >&2
+{ printf '[launch]'; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"
