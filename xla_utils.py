@@ -304,6 +304,11 @@ class Runtime:
             import torch_xla.core.xla_model as xm
             xm.wait_device_ops()
 
+    def release_memory(self):
+        """Return cached device memory (between benchmark models that do not fit side by side)."""
+        if self.kind == "cuda":
+            torch.cuda.empty_cache()
+
     # -- seeds and RNG state
     def seed(self, seed: int):
         """Seed python, numpy, torch (and the XLA device RNG)."""

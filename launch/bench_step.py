@@ -11,7 +11,6 @@ hits all rows alike.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ def parse_setting(text: str) -> tuple[int, int, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = xla_utils.ArgumentParser(prog="launch/bench_step.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16-CL16")
     ap.add_argument("--settings", default="224/32,112/16,224/32/0.3",
                     help="comma-separated SIZE/CTX[/MASK]; the first is the reference row")
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="auto", choices=xla_utils.DEVICES)
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--precision", default="auto", choices=xla_utils.PRECISIONS)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--sequential", action="store_true",
@@ -54,10 +53,9 @@ def main(argv=None) -> int:
         settings = [parse_setting(s) for s in a.settings.split(",")]
         M.get_model_config(a.model)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return xla_utils.usage_error(e)
     rt = xla_utils.init_runtime(a.device)
-    precision = a.precision if a.precision != "auto" else ("bf16" if rt.kind == "cuda" else "fp32")
+    precision = rt.precision(a.precision)
     print(f"# {rt.describe()} | {a.model} | batch {a.batch} | {precision}", flush=True)
 
     def build(size, ctx, mask):
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
         model = M.create_model(cfg).to(rt.device).train()
         if a.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        stage = train.Stage("bench", a.model, size, context_length=ctx, batch_size=a.batch)
+        stage = train.Stage("bench", model=a.model, image_size=size, context_length=ctx, batch_size=a.batch)
         return {"cfg": cfg, "model": model, "opt": train.build_optimizer(model, stage, rt),
                 "images": torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8),
                 "tokens": torch.randint(1, cfg.text.vocab_size, (a.batch, ctx)),
@@ -96,8 +94,7 @@ def main(argv=None) -> int:
             measure([r])
             r.update(model=None, opt=None)   # free the device before the next model
             runs.append(r)
-            if rt.kind == "cuda":
-                torch.cuda.empty_cache()
+            rt.release_memory()
     else:
         runs = [build(*s) for s in settings]
         measure(runs)

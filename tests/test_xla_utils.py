@@ -1,6 +1,7 @@
 """xla_utils.py: device choice, launcher commands, atomic files, RNG state round trips."""
 import os
 import random
+import shlex
 import sys
 
 import numpy as np
@@ -45,6 +46,55 @@ def test_launch_commands(capsys):
     assert "torch.distributed.run --nproc_per_node=2" in out and out.rstrip().endswith("train.py --device cpu --cfg demo")
     assert xla_utils.main(["launch", "nope.py"]) == 2
     assert capsys.readouterr().err == "error: script not found: nope.py\n"
+    # printed commands are shell-quoted: a brace pattern or a space survives the paste
+    args = ["--train-data", "/data/{00000..00009}.tar", "--out", "my runs/a"]
+    assert xla_utils.main(["launch", "--print-only", "train.py", *args]) == 0
+    assert shlex.split(capsys.readouterr().out)[-4:] == args
+
+
+def test_the_shared_parser_errors_in_one_line(capsys):
+    p = xla_utils.ArgumentParser(prog="x.py")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("go").add_argument("--n", type=int)
+    for argv in ([], ["stop"], ["go", "--n", "many"]):
+        with pytest.raises(SystemExit) as exc:
+            p.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+
+
+def test_precision_and_device_flags_come_from_the_runtime():
+    cpu = xla_utils.Runtime("cpu", torch.device("cpu"))
+    cuda = xla_utils.Runtime("cuda", torch.device("cpu"))   # no GPU needed to ask what it would use
+    xla = xla_utils.Runtime("xla", torch.device("cpu"))
+    assert (cpu.precision(), cuda.precision(), xla.precision()) == ("fp32", "bf16", "fp32")
+    assert cuda.precision("fp32") == "fp32" and cpu.precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        cpu.precision("fp16")
+    assert xla.optimizer_kwargs() == {"capturable": True} and cuda.optimizer_kwargs() == {"fused": True}
+    assert xla.count_dtype == torch.int32 and cpu.count_dtype == torch.int64
+    assert cuda.pin_memory and not cpu.pin_memory
+    assert cpu.agree(True) and not cpu.agree(False)          # one process: its own decision
+
+
+def test_resolve_checkpoint_follows_latest_and_stays_inside(tmp_path):
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / "step_00000010").mkdir(parents=True)
+    (ck / "step_00000010" / "model.safetensors").write_bytes(b"x")
+    (ck / "latest").write_text("step_00000010\n")
+    want = str(ck / "step_00000010")
+    for path in (tmp_path / "run", ck, ck / "latest", ck / "step_00000010"):
+        assert xla_utils.resolve_checkpoint(str(path)) == want, path
+    weights = ck / "step_00000010" / "model.safetensors"
+    assert xla_utils.resolve_checkpoint(str(weights)) == str(weights)
+    (ck / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(ValueError, match="not a checkpoint directory beside it"):
+        xla_utils.resolve_checkpoint(str(tmp_path / "run"))
+    (ck / "latest").write_text("step_00000099\n")
+    with pytest.raises(FileNotFoundError, match="names step_00000099, which does not exist"):
+        xla_utils.resolve_checkpoint(str(ck))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        xla_utils.resolve_checkpoint(str(tmp_path / "nothing"))
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
