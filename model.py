@@ -2,10 +2,14 @@
 
 One registry (MODEL_CONFIGS) holds every architecture of the CLIPA papers. v1 models are
 OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors' JAX code.
+
+CLI:  python model.py list
+      python model.py flops NAME [--image-size N] [--context-length N] [--mask-ratio R] [--json]
+      python model.py tokenize [--model NAME] [--context-length N] [--reduction R] TEXT...
+      python model.py export CKPT --to open_clip OUT.pt|OUT.safetensors|OUT_DIR/ [--model NAME]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -16,9 +20,13 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import data
 import tokenizer
+import xla_utils
 
 # ----------------------------------------------------------------------------- configs
 
@@ -91,38 +99,56 @@ class CLIPConfig:
         return self.family == "v2"
 
 
-def _v1(embed, vw, vl, vh, patch, pool, ctx, tw, tl, th, reduction):
-    return CLIPConfig(
-        embed_dim=embed,
-        vision=VisionConfig(patch_size=patch, width=vw, layers=vl, heads=vh, pool=pool),
-        text=TextConfig(context_length=ctx, width=tw, layers=tl, heads=th, reduction=reduction),
-    )
+# v2 "BigVision" family settings; v1 is what VisionConfig/TextConfig default to
+_V2_VISION = dict(patch_size=14, pool="gap", pre_norm=False)
+_V2_TEXT = dict(context_length=32, vocab_size=32000, causal=False, pool="last", tokenizer="wordpiece")
 
 
-def _v2(embed, vw, vl, vh, tw, tl, th, mlp=4.0, gelu="tanh", image_size=224):
-    return CLIPConfig(
-        embed_dim=embed,
-        vision=VisionConfig(image_size=image_size, patch_size=14, width=vw, layers=vl, heads=vh,
-                            mlp_ratio=mlp, pool="gap", pre_norm=False),
-        text=TextConfig(context_length=32, vocab_size=32000, width=tw, layers=tl, heads=th,
-                        causal=False, pool="last", tokenizer="wordpiece"),
-        gelu=gelu, family="v2",
-    )
+def _v2(embed_dim: int, vision: dict, text: dict) -> CLIPConfig:
+    return CLIPConfig(embed_dim=embed_dim, vision=VisionConfig(**{**_V2_VISION, **vision}),
+                      text=TextConfig(**{**_V2_TEXT, **text}), gelu="tanh", family="v2")
 
 
 MODEL_CONFIGS: dict[str, CLIPConfig] = {
     # v1 (CLIPA_SPEC section 3)
-    "ViT-B-16-CL16": _v1(512, 768, 12, 12, 16, "cls", 16, 512, 12, 8, "truncate"),
-    "ViT-L-16-CL16-Syntax-GAP": _v1(768, 1024, 24, 16, 16, "gap_cls", 16, 768, 12, 12, "syntax"),
-    "ViT-L-16-CL8-Syntax-GAP": _v1(768, 1024, 24, 16, 16, "gap_cls", 8, 768, 12, 12, "syntax"),
-    "ViT-L-16-CL16-GAP": _v1(768, 1024, 24, 16, 16, "gap_cls", 16, 768, 12, 12, "truncate"),
-    "ViT-L-16-CL32-GAP": _v1(768, 1024, 24, 16, 16, "gap_cls", 32, 768, 12, 12, "truncate"),
-    "ViT-H-14-CL8-Syntax-GAP": _v1(1024, 1280, 32, 16, 14, "gap_cls", 8, 1024, 24, 16, "syntax"),
-    "ViT-H-14-CL32-GAP": _v1(1024, 1280, 32, 16, 14, "gap_cls", 32, 1024, 24, 16, "truncate"),
+    "ViT-B-16-CL16": CLIPConfig(
+        embed_dim=512,
+        vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12, pool="cls"),
+        text=TextConfig(context_length=16, width=512, layers=12, heads=8)),
+    "ViT-L-16-CL16-Syntax-GAP": CLIPConfig(
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=16, width=768, layers=12, heads=12, reduction="syntax")),
+    "ViT-L-16-CL8-Syntax-GAP": CLIPConfig(
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=8, width=768, layers=12, heads=12, reduction="syntax")),
+    "ViT-L-16-CL16-GAP": CLIPConfig(
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=16, width=768, layers=12, heads=12)),
+    "ViT-L-16-CL32-GAP": CLIPConfig(
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=32, width=768, layers=12, heads=12)),
+    "ViT-H-14-CL8-Syntax-GAP": CLIPConfig(
+        embed_dim=1024,
+        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=8, width=1024, layers=24, heads=16, reduction="syntax")),
+    "ViT-H-14-CL32-GAP": CLIPConfig(
+        embed_dim=1024,
+        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=32, width=1024, layers=24, heads=16)),
     # v2 "BigVision" (converted from JAX; OpenCLIP's ViT-{L,H,bigG}-14-CLIPA)
-    "ViT-L-14-CL32-GAP-BigVision": _v2(768, 1024, 24, 16, 768, 12, 12),
-    "ViT-H-14-CL32-GAP-BigVision": _v2(1024, 1280, 32, 16, 1024, 24, 16),
-    "ViT-bigG-14-CL32-GAP-BigVision": _v2(1280, 1664, 48, 16, 1280, 32, 20, mlp=4.9231),
+    "ViT-L-14-CL32-GAP-BigVision": _v2(
+        embed_dim=768, vision=dict(width=1024, layers=24, heads=16),
+        text=dict(width=768, layers=12, heads=12)),
+    "ViT-H-14-CL32-GAP-BigVision": _v2(
+        embed_dim=1024, vision=dict(width=1280, layers=32, heads=16),
+        text=dict(width=1024, layers=24, heads=16)),
+    "ViT-bigG-14-CL32-GAP-BigVision": _v2(
+        embed_dim=1280, vision=dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231),
+        text=dict(width=1280, layers=32, heads=20)),
     # tiny models for tests and the CPU demo (same code paths, few parameters)
     "ViT-Tiny-8-CL16-Syntax-GAP": CLIPConfig(
         embed_dim=128,
@@ -136,9 +162,9 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         embed_dim=32,
         vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
         text=TextConfig(context_length=16, width=32, layers=2, heads=2)),
-    "ViT-Test-8-CL32-GAP-BigVision": replace(
-        _v2(32, 32, 2, 2, 32, 2, 2), vision=replace(_v2(32, 32, 2, 2, 32, 2, 2).vision,
-                                                     image_size=32, patch_size=8)),
+    "ViT-Test-8-CL32-GAP-BigVision": _v2(
+        embed_dim=32, vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        text=dict(width=32, layers=2, heads=2)),
 }
 
 # Names used elsewhere for the same architectures: the reference scripts' misspellings
@@ -330,14 +356,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _checkpoint(fn, *args):
-    if args[0].device.type == "xla":
-        from torch_xla.utils.checkpoint import checkpoint  # lazy: torch_xla only on XLA devices
-        return checkpoint(fn, *args)
-    from torch.utils.checkpoint import checkpoint
-    return checkpoint(fn, *args, use_reentrant=False)
-
-
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, gelu: str):
         super().__init__()
@@ -347,7 +365,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = _checkpoint(lambda y, blk=block: blk(y, causal=causal), x)
+                x = xla_utils.grad_checkpoint(lambda y, blk=block: blk(y, causal=causal), x)
             else:
                 x = block(x, causal=causal)
         return x
@@ -485,44 +503,48 @@ def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
         raise ValueError(f"weights metadata holds an unreadable model config ({e})") from None
 
 
-def _resolve_checkpoint_path(path) -> str:
-    """A file, a training checkpoint dir (model.safetensors inside), or a run dir / checkpoints dir
-    whose `latest` file names the newest checkpoint."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        for cand in (path, os.path.join(path, "checkpoints")):
-            if os.path.isfile(os.path.join(cand, "model.safetensors")):
-                return os.path.join(cand, "model.safetensors")
-            latest = os.path.join(cand, "latest")
-            if os.path.isfile(latest):
-                with open(latest) as f:
-                    name = f.read().strip()
-                return _resolve_checkpoint_path(os.path.join(cand, name))
-        raise FileNotFoundError(f"no model.safetensors (or checkpoints/latest) in directory {path}")
-    return path
+def _weights_file(path) -> str:
+    """The weights file of a checkpoint path (file, checkpoint dir, run dir, checkpoints dir)."""
+    path = xla_utils.resolve_checkpoint(path)
+    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
 
 
-def read_weights(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state_dict, metadata) from our checkpoint dir / .safetensors file / a torch state-dict file.
+def _safetensors_header(file: str) -> dict | None:
+    """The JSON header of a safetensors file (an 8-byte little-endian length, then JSON), read
+    without touching the tensor bytes; None when the file is not a safetensors file."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n) if 0 < n <= 100 * 2**20 else b""   # safetensors caps headers at 100 MB
+    try:
+        header = json.loads(raw) if raw.startswith(b"{") else None
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def read_metadata(path) -> dict[str, str]:
+    """A checkpoint's metadata without reading its weights: the safetensors header's __metadata__
+    (weights_metadata for ours); {} for a torch file, which records none."""
+    file = _weights_file(path)
+    header = _safetensors_header(file)
+    if header is None:
+        if file.endswith(".safetensors"):
+            raise ValueError(f"{file} is not a readable safetensors file (no JSON header)")
+        return {}
+    return dict(header.get("__metadata__") or {})
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """The state dict of our checkpoint dir / .safetensors file / a torch state-dict file.
 
     Torch files are read with weights_only=True (never unpickle arbitrary objects); OpenCLIP training
     checkpoints wrap the weights in {"state_dict": ...} with DDP's "module." prefixes."""
-    file = _resolve_checkpoint_path(path)
-    with open(file, "rb") as f:
-        head = f.read(9)
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    if file.endswith(".safetensors") or head[8:9] == b"{":
-        from safetensors import SafetensorError, safe_open
+    file = _weights_file(path)
+    if file.endswith(".safetensors") or _safetensors_header(file) is not None:
         try:
-            with safe_open(file, framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-            return sd, meta
-        except (SafetensorError, OSError, ValueError) as e:
-            if file.endswith(".safetensors"):
-                raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            return load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of all kinds: not a (safe) checkpoint
@@ -541,7 +563,7 @@ def read_weights(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if k.startswith(prefix):
                 k = k[len(prefix):]
         sd[k] = v
-    return sd, {}
+    return sd
 
 
 # OpenCLIP's CLIP class (and the authors' clipa_torch, which the converted CLIPA-v2 weights were
@@ -604,7 +626,7 @@ def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
     """Load weights of any supported layout into `model`, resizing position tables to its grid and
     context length (a fixed sin-cos table is recomputed, not interpolated). Returns the layout name.
     A checkpoint of another architecture is a one-line ValueError naming missing/unexpected keys."""
-    return _load_state(model, read_weights(path)[0], os.fspath(path), strict)
+    return _load_state(model, read_weights(path), os.fspath(path), strict)
 
 
 def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
@@ -649,10 +671,10 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
     if name_or_cfg is None:
         if pretrained is None:
             raise ValueError("give a model name or a pretrained checkpoint that records its config")
-        cfg = config_from_metadata(read_weights(pretrained)[1])
-        if cfg is None:
-            raise ValueError(f"{os.fspath(pretrained)} records no model config: pass the model name")
-        name_or_cfg = cfg
+        name_or_cfg = config_from_metadata(read_metadata(pretrained))
+        if name_or_cfg is None:
+            raise ValueError(f"{os.fspath(pretrained)} records no model config (not a checkpoint of this "
+                             "project): pass its model name (--model NAME)")
     if isinstance(name_or_cfg, CLIPConfig):
         v = {k: val for k, val in over.items() if val is not None and k != "context_length"}
         cfg = replace(name_or_cfg, vision=replace(name_or_cfg.vision, **v))
@@ -662,7 +684,7 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
         cfg = get_model_config(name_or_cfg, **over)
     if pretrained is None:
         return CLIP(cfg)
-    sd, _ = read_weights(pretrained)
+    sd = read_weights(pretrained)
     with torch.device("meta"):  # skip random init: every tensor is overwritten by the strict load
         model = CLIP(cfg)
     model.to_empty(device="cpu")
@@ -670,22 +692,24 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
     return model
 
 
-def get_tokenizer(model_name: str, context_length: int | None = None,
+def get_tokenizer(name_or_cfg: str | CLIPConfig, context_length: int | None = None,
                   reduction: str | None = None) -> tokenizer.Tokenizer:
-    """The tokenizer a registered model implies. reduction None -> the model's training reduction
-    ("syntax" for -Syntax- models); evaluation passes reduction="truncate". context_length None ->
-    the model's own."""
-    text = get_model_config(model_name).text
-    return tokenizer.Tokenizer(text.tokenizer, text.context_length if context_length is None else context_length,
+    """The tokenizer a model (registry name, alias or CLIPConfig) implies. reduction None -> the
+    model's training reduction ("syntax" for -Syntax- models); evaluation passes reduction="truncate".
+    context_length None -> the model's own."""
+    cfg = name_or_cfg if isinstance(name_or_cfg, CLIPConfig) else get_model_config(name_or_cfg)
+    text = cfg.text
+    return tokenizer.Tokenizer(text.tokenizer,
+                               text.context_length if context_length is None else context_length,
                                text.reduction if reduction is None else reduction)
 
 
 def create_model_and_transforms(name, pretrained=None, force_image_size=None, image_mean=None,
                                 image_std=None, interpolation=None, square_resize_only=None,
                                 **create_model_kwargs):
-    """(model, train_transform, eval_transform) as OpenCLIP offers it: each transform maps a PIL image
-    to a NORMALISED float CHW tensor. Defaults come from the model family (CLIPConfig properties)."""
-    import data  # lazy: data.py pulls in image libraries the model itself does not need
+    """(model in eval mode, train_transform, eval_transform) as OpenCLIP offers it: each transform maps
+    a PIL image to a NORMALISED float CHW tensor. Defaults come from the model family (CLIPConfig
+    properties); the eval transform is eval_zeroshot's preprocessing (data.eval_transform)."""
     model = create_model(name, image_size=force_image_size, pretrained=pretrained, **create_model_kwargs)
     cfg = model.cfg
     size = cfg.vision.image_size
@@ -696,7 +720,7 @@ def create_model_and_transforms(name, pretrained=None, force_image_size=None, im
     train = data.Normalized(data.train_transform(size), mean, std)
     evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square),
                                mean, std)
-    return model, train, evaluate
+    return model.eval(), train, evaluate
 
 
 # ----------------------------------------------------------------------------- OpenCLIP export
@@ -757,15 +781,11 @@ def openclip_target(cfg: CLIPConfig) -> tuple[str | None, dict, list[str]]:
     return name, kwargs, notes
 
 
-def export_open_clip(ckpt, out, model_name: str | None = None) -> dict:
-    """Write `ckpt` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
+def export_open_clip(model: CLIP, out) -> dict:
+    """Write `model` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
     an existing directory or a path ending in '/' -> DIR/open_clip_model.safetensors plus
     DIR/open_clip_config.json (OpenCLIP's 'local-dir:' format, exact architecture); else torch.save."""
-    _, meta = read_weights(ckpt)
-    cfg = get_model_config(model_name) if model_name else config_from_metadata(meta)
-    if cfg is None:
-        raise ValueError(f"{os.fspath(ckpt)} records no model config: pass --model NAME")
-    model = create_model(cfg, pretrained=ckpt)
+    cfg = model.cfg
     sd = {k: t.detach().contiguous() for k, t in to_openclip_keys(model.state_dict()).items()}
     out = os.fspath(out)
     as_dir = os.path.isdir(out) or out.endswith(("/", os.sep))
@@ -779,11 +799,7 @@ def export_open_clip(ckpt, out, model_name: str | None = None) -> dict:
             json.dump({"model_cfg": openclip_model_cfg(cfg), "preprocess_cfg": preprocess}, f, indent=2)
     else:
         weights = out
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"output directory does not exist: {parent}")
     if weights.endswith(".safetensors"):
-        from safetensors.torch import save_file
         save_file(sd, weights)
     else:
         torch.save(sd, weights)
@@ -823,59 +839,23 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
             "patches_kept": kept}
 
 
-# The papers' schedules (CLIPA_SPEC sections 3-4; v2 pre-train sizes as in the authors' weights table:
-# L/14 and bigG/14 12.8B@84, H/14 12.8B@84 or @70): (label, image size, text tokens, mask ratio)
-TRAIN_SETTINGS = {
-    "ViT-B-16-CL16": [("pre-train I50 T16", 112, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
-    "ViT-L-16-CL16-Syntax-GAP": [("pre-train I17 T16", 64, 16, 0.0), ("fine-tune", 224, 16, 0.0)],
-    "ViT-L-16-CL8-Syntax-GAP": [("pre-train I37 T8", 96, 8, 0.0), ("fine-tune (as CL32)", 224, 32, 0.0)],
-    "ViT-L-16-CL16-GAP": [("fine-tune", 224, 16, 0.0)],
-    "ViT-L-16-CL32-GAP": [("fine-tune", 224, 32, 0.0)],
-    "ViT-H-14-CL8-Syntax-GAP": [("pre-train I36 T8", 84, 8, 0.0)],
-    "ViT-H-14-CL32-GAP": [("fine-tune 224, 30% mask", 224, 32, 0.3), ("fine-tune 336, 40% mask", 336, 32, 0.4)],
-    "ViT-L-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("224, no mask", 224, 32, 0.0),
-                                    ("fine-tune 224, 30% mask", 224, 32, 0.3),
-                                    ("fine-tune 336, 40% mask", 336, 32, 0.4)],
-    "ViT-H-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("pre-train 70px T8", 70, 8, 0.0),
-                                    ("224, no mask", 224, 32, 0.0), ("fine-tune 224, 30% mask", 224, 32, 0.3),
-                                    ("fine-tune 336, 40% mask", 336, 32, 0.4)],
-    "ViT-bigG-14-CL32-GAP-BigVision": [("pre-train 84px T8", 84, 8, 0.0), ("224, no mask", 224, 32, 0.0),
-                                       ("fine-tune 224, 30% mask", 224, 32, 0.3),
-                                       ("fine-tune 336, 40% mask", 336, 32, 0.4)],
-}
-
-
-def flops_table() -> str:
-    rows = ["| model | setting | image px | patches kept | text tokens | image GFLOPs | text GFLOPs | total GFLOPs |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name in MODEL_CONFIGS:
-        cfg = MODEL_CONFIGS[name]
-        settings = TRAIN_SETTINGS.get(name, [("native", cfg.vision.image_size, cfg.text.context_length, 0.0)])
-        for label, size, ctx, ratio in settings:
-            f = count_flops(cfg, size, ctx, ratio)
-            rows.append(f"| {name} | {label} | {size} | {f['patches_kept']}/{f['patches']} | {ctx} | "
-                        f"{f['image_gflops']:.2f} | {f['text_gflops']:.2f} | {f['total_gflops']:.2f} |")
-    return "\n".join(rows)
-
-
 # ----------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="model.py", description="CLIPA models: FLOPs counter and OpenCLIP export")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = xla_utils.ArgumentParser(prog="model.py", description="CLIPA models: FLOPs counter, tokenizer, "
+                                 "OpenCLIP export")
+    sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flops", help="forward GFLOPs per sample (1 multiply-add = 1 FLOP)")
     f.add_argument("name")
     f.add_argument("--image-size", type=int)
     f.add_argument("--context-length", type=int)
     f.add_argument("--mask-ratio", type=float, default=0.0)
     f.add_argument("--json", action="store_true")
-    sub.add_parser("flops-table", help="markdown FLOPs table of every registry config")
+    t = sub.add_parser("tokenize", help="print the token ids (and their text) of captions")
+    t.add_argument("--model", default="ViT-L-16-CL8-Syntax-GAP")
+    t.add_argument("--context-length", type=int)
+    t.add_argument("--reduction", choices=tokenizer.REDUCTIONS, help="default: the model's training one")
+    t.add_argument("texts", nargs="+")
     e = sub.add_parser("export", help="write a checkpoint as OpenCLIP weights")
     e.add_argument("ckpt")
     e.add_argument("--to", choices=["open_clip"], required=True)
@@ -883,38 +863,56 @@ def main(argv=None) -> int:
     e.add_argument("--model", help="registry name (needed when the checkpoint records no config)")
     sub.add_parser("list", help="registry names and aliases")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "flops":
+
+    if args.cmd == "list":
+        print("\n".join(list_models() + [f"{a} -> {b[0]}" for a, b in MODEL_ALIASES.items()]))
+    elif args.cmd == "flops":
+        try:
             r = count_flops(get_model_config(args.name), args.image_size, args.context_length, args.mask_ratio)
-            if args.json:
-                print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops")}))
-            else:
-                print(f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
-                      f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
-                      f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
-                      "(forward, per sample, 1 multiply-add = 1 FLOP)")
-        elif args.cmd == "flops-table":
-            print(flops_table())
-        elif args.cmd == "list":
-            print("\n".join(list_models() + [f"{a} -> {b[0]}" for a, b in MODEL_ALIASES.items()]))
+        except ValueError as err:
+            return xla_utils.usage_error(err)
+        if args.json:
+            print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops")}))
         else:
-            info = export_open_clip(args.ckpt, args.out, args.model)
-            print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
-            if info["openclip_name"]:
-                kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())
-                print(f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
-                      f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})")
-            if info["dir"]:
-                print(f"exact architecture: open_clip.create_model('local-dir:{info['dir']}')  "
-                      f"(CLIP_benchmark: --model local-dir:{info['dir']})")
-            else:
-                print("for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
-                      "python model.py export CKPT --to open_clip DIR/")
-            for note in info["notes"]:
-                print(f"note: {note}")
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
+            print(f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
+                  f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
+                  f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
+                  "(forward, per sample, 1 multiply-add = 1 FLOP)")
+    elif args.cmd == "tokenize":
+        try:
+            tok = get_tokenizer(args.model, args.context_length, args.reduction)
+        except ValueError as err:
+            return xla_utils.usage_error(err)
+        print(tok)
+        for ids in tok(args.texts).tolist():
+            print(ids, repr(tok.decode(ids)))
+    else:
+        return _export(args)
+    return 0
+
+
+def _export(args) -> int:
+    parent = os.path.dirname(os.path.abspath(args.out))
+    try:
+        if not (os.path.isdir(parent) or args.out.endswith(("/", os.sep))):
+            raise FileNotFoundError(f"output directory does not exist: {parent}")
+        model = create_model(args.model, pretrained=args.ckpt)
+    except (ValueError, FileNotFoundError) as err:  # unknown model, missing or unreadable checkpoint
+        return xla_utils.usage_error(err)
+    info = export_open_clip(model, args.out)
+    print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
+    if info["openclip_name"]:
+        kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())
+        print(f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
+              f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})")
+    if info["dir"]:
+        print(f"exact architecture: open_clip.create_model('local-dir:{info['dir']}')  "
+              f"(CLIP_benchmark: --model local-dir:{info['dir']})")
+    else:
+        print("for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
+              "python model.py export CKPT --to open_clip DIR/")
+    for note in info["notes"]:
+        print(f"note: {note}")
     return 0
 
 

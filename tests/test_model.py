@@ -64,8 +64,12 @@ def test_get_tokenizer_follows_the_model():
     tok = M.get_tokenizer("ViT-L-14-CLIPA", context_length=16, reduction="truncate")
     assert (tok.tokenizer, tok.context_length, tok.reduction) == ("wordpiece", 16, "truncate")
     assert tok(["a photo of a dog"]).shape == (1, 16)
+    cfg = M.get_model_config("ViT-Tiny-8-CL16-Syntax-GAP", context_length=12)   # a config: its own text
+    assert repr(M.get_tokenizer(cfg)) == "Tokenizer('clip_bpe', context_length=12, reduction='syntax')"
     with pytest.raises(ValueError, match="unknown model 'ViT-Q-99'"):
         M.get_tokenizer("ViT-Q-99")
+    with pytest.raises(ValueError, match="context_length must be an int >= 2, got 0"):
+        M.get_tokenizer("ViT-B-16-CL16", context_length=0)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -313,6 +317,20 @@ def test_flops_cli_json_and_errors(capsys):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and not out, err
 
 
+def test_tokenize_cli(capsys):
+    rc, out, _ = _main(capsys, "tokenize", "--model", "ViT-B-16-CL16", "--context-length", "6",
+                       "a photo of a dog", "a cat")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == "Tokenizer('clip_bpe', context_length=6, reduction='truncate')"
+    assert lines[1] == "[49406, 320, 1125, 539, 320, 49407] 'a photo of a'"
+    assert len(lines) == 3 and lines[2].startswith("[49406, 320, 2368, 49407, 0, 0] ")
+    for bad, msg in ((["tokenize", "--model", "ViT-Q-99", "x"], "unknown model"),
+                     (["tokenize", "--reduction", "nope", "x"], "invalid choice"),
+                     (["tokenize"], "required: texts")):
+        rc, out, err = _main(capsys, *bad)
+        assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1 and not out, err
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -326,8 +344,7 @@ def test_our_checkpoint_records_its_config(tmp_path):
     save_file(m.state_dict(), str(ckpt / "model.safetensors"), metadata=M.weights_metadata("x", cfg))
     (tmp_path / "checkpoints" / "latest").write_text("step_00000010\n")
     for path in (ckpt, ckpt / "model.safetensors", tmp_path):                # dir, file, run dir
-        sd, meta = M.read_weights(path)
-        assert M.config_from_metadata(meta) == cfg
+        assert M.config_from_metadata(M.read_metadata(path)) == cfg
         m2 = M.create_model(None, pretrained=path).eval()
         img = torch.randn(2, 3, 48, 48)
         torch.testing.assert_close(m2.encode_image(img), m.encode_image(img), rtol=0, atol=0)
@@ -355,3 +372,64 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"missing visual\.ln_pre\.weight.*shape mismatch text\.token_embedding") as e:
         M.create_model("ViT-Test-8-CL16", pretrained=v2)
     assert "\n" not in str(e.value)
+
+
+def _save_ours(path, name="ViT-Test-8-CL16", **over):
+    from safetensors.torch import save_file
+    cfg = M.get_model_config(name, **over)
+    m = M.CLIP(cfg)
+    save_file(m.state_dict(), str(path), metadata=M.weights_metadata(name, cfg))
+    return m
+
+
+def test_metadata_is_read_from_the_header_alone(tmp_path):
+    """Defect 6: metadata came from reading the whole checkpoint. A file whose tensor bytes are cut
+    off still yields its metadata (only the header is read), while its weights are a clean error."""
+    full = tmp_path / "full.safetensors"
+    m = _save_ours(full)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:-1000])
+    meta = M.read_metadata(cut)
+    assert meta["model_name"] == "ViT-Test-8-CL16" and M.config_from_metadata(meta) == m.cfg
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        M.read_weights(cut)
+    pt = tmp_path / "w.pt"
+    torch.save(m.state_dict(), pt)
+    assert M.read_metadata(pt) == {}                              # torch files record none
+
+
+def test_create_model_from_metadata_reads_the_weights_once(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    src = _save_ours(path, image_size=48)
+    reads, load_file = [], M.load_file
+    monkeypatch.setattr(M, "load_file", lambda f: reads.append(f) or load_file(f))
+    m = M.create_model(None, pretrained=path)
+    assert reads == [str(path)] and m.cfg == src.cfg
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
+def test_create_model_and_transforms_returns_eval_mode(tmp_path):
+    """A fine-tune checkpoint (30% random image masking) comes back in eval mode, as OpenCLIP's does:
+    no tokens dropped, the same features every call."""
+    path = tmp_path / "ft.safetensors"
+    _save_ours(path, mask="random", mask_ratio=0.3)
+    model, _, _ = M.create_model_and_transforms(None, pretrained=path)
+    assert model.cfg.vision.mask_ratio == 0.3 and not model.training
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(img), model.encode_image(img), rtol=0, atol=0)
+
+
+def test_export_cli_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    _save_ours(path)
+    out = str(tmp_path / "x.pt")
+    for args, msg in (([path, "--to", "open_clip", tmp_path / "no" / "x.pt"], "output directory does not"),
+                      ([tmp_path / "nope.pt", "--to", "open_clip", out], "checkpoint not found"),
+                      ([path, "--to", "open_clip", out, "--model", "ViT-Q-99"], "unknown model"),
+                      ([path, "--to", "tf", out], "invalid choice")):
+        rc, stdout, err = _main(capsys, "export", *map(str, args))
+        assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+        assert not stdout
+    assert not os.path.exists(out)
