@@ -3,10 +3,7 @@
 One registry (MODEL_CONFIGS) holds every architecture of the CLIPA papers. v1 models are
 OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors' JAX code.
 
-CLI:  python model.py list
-      python model.py flops NAME [--image-size N] [--context-length N] [--mask-ratio R] [--json]
-      python model.py tokenize [--model NAME] [--context-length N] [--reduction R] TEXT...
-      python model.py export CKPT --to open_clip OUT.pt|OUT.safetensors|OUT_DIR/ [--model NAME]
+CLI: python model.py {list, flops NAME, tokenize [--model NAME] TEXT..., export CKPT --to open_clip OUT}
 """
 from __future__ import annotations
 
@@ -112,40 +109,31 @@ def _v2(embed_dim: int, vision: dict, text: dict) -> CLIPConfig:
 MODEL_CONFIGS: dict[str, CLIPConfig] = {
     # v1 (CLIPA_SPEC section 3)
     "ViT-B-16-CL16": CLIPConfig(
-        embed_dim=512,
-        vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12, pool="cls"),
+        embed_dim=512, vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12, pool="cls"),
         text=TextConfig(context_length=16, width=512, layers=12, heads=8)),
     "ViT-L-16-CL16-Syntax-GAP": CLIPConfig(
-        embed_dim=768,
-        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=16, width=768, layers=12, heads=12, reduction="syntax")),
     "ViT-L-16-CL8-Syntax-GAP": CLIPConfig(
-        embed_dim=768,
-        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=8, width=768, layers=12, heads=12, reduction="syntax")),
     "ViT-L-16-CL16-GAP": CLIPConfig(
-        embed_dim=768,
-        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=16, width=768, layers=12, heads=12)),
     "ViT-L-16-CL32-GAP": CLIPConfig(
-        embed_dim=768,
-        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=32, width=768, layers=12, heads=12)),
     "ViT-H-14-CL8-Syntax-GAP": CLIPConfig(
-        embed_dim=1024,
-        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        embed_dim=1024, vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=8, width=1024, layers=24, heads=16, reduction="syntax")),
     "ViT-H-14-CL32-GAP": CLIPConfig(
-        embed_dim=1024,
-        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        embed_dim=1024, vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
         text=TextConfig(context_length=32, width=1024, layers=24, heads=16)),
     # v2 "BigVision" (converted from JAX; OpenCLIP's ViT-{L,H,bigG}-14-CLIPA)
-    "ViT-L-14-CL32-GAP-BigVision": _v2(
-        embed_dim=768, vision=dict(width=1024, layers=24, heads=16),
-        text=dict(width=768, layers=12, heads=12)),
-    "ViT-H-14-CL32-GAP-BigVision": _v2(
-        embed_dim=1024, vision=dict(width=1280, layers=32, heads=16),
-        text=dict(width=1024, layers=24, heads=16)),
+    "ViT-L-14-CL32-GAP-BigVision": _v2(embed_dim=768, vision=dict(width=1024, layers=24, heads=16),
+                                       text=dict(width=768, layers=12, heads=12)),
+    "ViT-H-14-CL32-GAP-BigVision": _v2(embed_dim=1024, vision=dict(width=1280, layers=32, heads=16),
+                                       text=dict(width=1024, layers=24, heads=16)),
     "ViT-bigG-14-CL32-GAP-BigVision": _v2(
         embed_dim=1280, vision=dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231),
         text=dict(width=1280, layers=32, heads=20)),
@@ -159,8 +147,7 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, pool="gap_cls"),
         text=TextConfig(context_length=32, width=128, layers=4, heads=4)),
     "ViT-Test-8-CL16": CLIPConfig(
-        embed_dim=32,
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
         text=TextConfig(context_length=16, width=32, layers=2, heads=2)),
     "ViT-Test-8-CL32-GAP-BigVision": _v2(
         embed_dim=32, vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2),
@@ -194,17 +181,21 @@ def get_model_config(name: str, image_size: int | None = None, context_length: i
     image_size is CLIPA's "resize" image token reduction (force_image_size)."""
     if name in MODEL_ALIASES:
         base, vision_over = MODEL_ALIASES[name]
-        cfg = MODEL_CONFIGS[base]
-        cfg = replace(cfg, vision=replace(cfg.vision, **vision_over))
+        cfg = _override(MODEL_CONFIGS[base], None, **vision_over)
     elif name in MODEL_CONFIGS:
         cfg = MODEL_CONFIGS[name]
     else:
         close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(MODEL_ALIASES), n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(list_models())}"
         raise ValueError(f"unknown model {name!r}{hint}")
-    v = {k: val for k, val in dict(image_size=image_size, pos_embed=pos_embed, mask=mask,
-                                   mask_ratio=mask_ratio).items() if val is not None}
-    t = {"context_length": context_length} if context_length is not None else {}
+    return _override(cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask,
+                     mask_ratio=mask_ratio)
+
+
+def _override(cfg: CLIPConfig, context_length: int | None, **vision) -> CLIPConfig:
+    """cfg with the build-time overrides that are not None."""
+    v = {k: val for k, val in vision.items() if val is not None}
+    t = {} if context_length is None else {"context_length": context_length}
     return replace(cfg, vision=replace(cfg.vision, **v), text=replace(cfg.text, **t))
 
 
@@ -557,13 +548,7 @@ def read_weights(path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{file} holds no state dict of tensors")
-    sd = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        sd[k] = v
-    return sd
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
 # OpenCLIP's CLIP class (and the authors' clipa_torch, which the converted CLIPA-v2 weights were
@@ -616,8 +601,7 @@ def resize_text_pos_embed(table: torch.Tensor, length: int) -> torch.Tensor:
     return x[0].T.to(table.dtype).contiguous()
 
 
-def _few(keys, n=4) -> str:
-    keys = list(keys)
+def _few(keys: list, n=4) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
@@ -648,13 +632,8 @@ def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(sd))
               if sd[k].shape != own[k].shape]
     if strict and (missing or unexpected or shapes):
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {_few(shapes, 2)}")
+        parts = [f"{what} {_few(keys, n)}" for what, keys, n in
+                 (("missing", missing, 4), ("unexpected", unexpected, 4), ("shape mismatch", shapes, 2)) if keys]
         raise ValueError(f"{source} ({layout} layout) does not fit this {model.cfg.family} "
                          f"architecture: {'; '.join(parts)}")
     model.load_state_dict(sd, strict=strict)
@@ -666,8 +645,6 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
                  mask_ratio: float | None = None, pretrained=None) -> CLIP:
     """Build a CLIP by registry name (or alias, or a CLIPConfig); name None takes the config stored in
     the `pretrained` weights file. Overrides apply on top (image_size is CLIPA's resize reduction)."""
-    over = dict(image_size=image_size, context_length=context_length, pos_embed=pos_embed, mask=mask,
-                mask_ratio=mask_ratio)
     if name_or_cfg is None:
         if pretrained is None:
             raise ValueError("give a model name or a pretrained checkpoint that records its config")
@@ -675,13 +652,10 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
         if name_or_cfg is None:
             raise ValueError(f"{os.fspath(pretrained)} records no model config (not a checkpoint of this "
                              "project): pass its model name (--model NAME)")
-    if isinstance(name_or_cfg, CLIPConfig):
-        v = {k: val for k, val in over.items() if val is not None and k != "context_length"}
-        cfg = replace(name_or_cfg, vision=replace(name_or_cfg.vision, **v))
-        if context_length is not None:
-            cfg = replace(cfg, text=replace(cfg.text, context_length=context_length))
-    else:
-        cfg = get_model_config(name_or_cfg, **over)
+    if not isinstance(name_or_cfg, CLIPConfig):
+        name_or_cfg = get_model_config(name_or_cfg)
+    cfg = _override(name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask,
+                    mask_ratio=mask_ratio)
     if pretrained is None:
         return CLIP(cfg)
     sd = read_weights(pretrained)
