@@ -1,5 +1,5 @@
-"""CLIPA data: shard readers, uint8 transforms with fast low-resolution JPEG decode, a sharded and
-resumable training loader, evaluation loaders, and the embedded procedural demo dataset.
+"""CLIPA data path: sources and format detection, shard readers, uint8 transforms with fast
+low-resolution JPEG decode for training, a sharded and resumable training loader, evaluation loaders.
 
 Sources (CLIPA_SPEC section 5):
   wds       webdataset tar shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), read by a
@@ -10,12 +10,15 @@ Sources (CLIPA_SPEC section 5):
 The format comes from an explicit flag or from the files' first bytes, never from a path substring.
 
 Design: the loader emits uint8 CHW batches (4x fewer bytes than float32 on the host->device link);
-the device calls `normalize` once per batch. JPEGs are decoded at a reduced DCT scale (Pillow draft
-mode) when the target is much smaller than the source, with the crop box mapped to the reduced image.
+the device calls `normalize` once per batch. Training decodes JPEGs at a reduced DCT scale when the
+crop is much smaller than the source, with the crop box mapped to the reduced image; evaluation
+decodes at full resolution (torchvision's pixels).
+
+CLI:  python data.py stats SPEC... [--format F] [--no-decode] [--split S]
+The demo dataset lives in launch/demo_data.py, the loader benchmark in launch/bench_data.py.
 """
 from __future__ import annotations
 
-import argparse
 import glob as globlib
 import io
 import json
@@ -24,17 +27,19 @@ import math
 import os
 import random
 import re
-import shutil
 import struct
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import simplejpeg
 import torch
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageEnhance
+
+import xla_utils
 
 log = logging.getLogger("clipa.data")
 
@@ -50,9 +55,10 @@ _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Imag
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _mix(*xs: int) -> int:
+def mix(*xs: int) -> int:
     """Stateless 64-bit hash (splitmix64 chain): per-sample seeds that do not depend on worker
-    layout or on how far a previous run got, so resumed runs replay exactly."""
+    layout or on how far a previous run got, so resumed runs replay exactly. The demo and the
+    synthetic benchmark data draw their samples from it too."""
     h = 0x9E3779B97F4A7C15
     for x in xs:
         h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
@@ -62,31 +68,13 @@ def _mix(*xs: int) -> int:
     return h
 
 
-# Import torch_xla (when installed) before TensorFlow, so that the process can still use XLA later.
-# Costs seconds; a process that will never import torch_xla may set this to False (the CLI does).
-IMPORT_XLA_BEFORE_TF = True
-
-
-def _import_tf():
-    """TensorFlow, imported lazily and after torch_xla when that is installed (the reverse order
-    aborts the process: CLIPA_SPEC section 9), so a later torch_xla import stays possible."""
-    if IMPORT_XLA_BEFORE_TF and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules:
-        import importlib.util
-        if importlib.util.find_spec("torch_xla") is not None:
-            os.environ.setdefault("PJRT_DEVICE", "CPU")
-            import torch_xla  # noqa: F401
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    return tf
-
-
 def _is_remote(path: str) -> bool:
     return "://" in path
 
 
 def _open(path: str):
     if _is_remote(path):
-        return _import_tf().io.gfile.GFile(path, "rb")
+        return xla_utils.import_tensorflow().io.gfile.GFile(path, "rb")
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -124,8 +112,8 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
     for pat in patterns:
         for p in expand_braces(os.path.expanduser(pat)):
             if any(c in p for c in "*?["):
-                hits = (sorted(_import_tf().io.gfile.glob(p)) if _is_remote(p)
-                        else sorted(globlib.glob(p)))
+                glob = xla_utils.import_tensorflow().io.gfile.glob if _is_remote(p) else globlib.glob
+                hits = sorted(glob(p))
                 if not hits:
                     raise FileNotFoundError(f"no files match {p!r}")
                 out.extend(hits)
@@ -229,6 +217,10 @@ class Source:
 
 
 def resolve(spec, fmt: str | None = None, split: str = "train") -> Source:
+    """A data spec (or an already resolved Source, returned as is) -> Source. Raises
+    FileNotFoundError / ValueError with a one-line message for a spec that cannot be read."""
+    if isinstance(spec, Source):
+        return spec
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "tfds" or (fmt is None and isinstance(spec, str) and _find_tfds_dir(spec)):
@@ -245,7 +237,7 @@ def _resolve_tfds(path, split: str) -> Source:
     if not _is_remote(path) and not os.path.exists(path):
         raise FileNotFoundError(f"no such TFDS directory: {path!r}")
     d = _find_tfds_dir(path) or path
-    _import_tf()
+    xla_utils.import_tensorflow()
     import tensorflow_datasets as tfds
     try:
         builder = tfds.builder_from_directory(d)
@@ -404,7 +396,7 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
 
 def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
     """Samples of one TFRecord shard (tf.data), bad ones flagged (never raises for bad data)."""
-    tf = _import_tf()
+    tf = xla_utils.import_tensorflow()
     from google.protobuf.message import DecodeError
     try:
         it = iter(tf.data.TFRecordDataset(path).as_numpy_iterator())
@@ -458,33 +450,9 @@ def _open_image(src) -> Image.Image:
     return Image.open(src)   # path or file object
 
 
-def _load_box(src, box: tuple[float, float, float, float], out_wh: tuple[int, int],
-              resample, draft: bool = True) -> Image.Image:
-    """Resize the region `box` (x0, y0, x1, y1 in original pixels) of an image to out_wh, RGB.
-    For JPEGs much larger than needed, decode at a reduced DCT scale first (1/2, 1/4, 1/8: far
-    less decode work) and map the box into the reduced image, so the geometry is unchanged."""
-    img = _open_image(src)
-    W, H = img.size
-    if draft and getattr(img, "format", None) == "JPEG":    # (draft is a no-op once loaded)
-        bw, bh = max(box[2] - box[0], 1e-6), max(box[3] - box[1], 1e-6)
-        # full-image size at which the box is exactly the output size; draft keeps >= that
-        need = (max(1, math.ceil(W * out_wh[0] / bw)), max(1, math.ceil(H * out_wh[1] / bh)))
-        res = img.draft("RGB", need)
-        if res is not None:
-            s = W / res[1][2]     # DCT scale factor chosen by libjpeg (1, 2, 4 or 8)
-            box = tuple(v / s for v in box)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    # clamp for images whose reduced size was rounded up (box stays inside the pixel grid)
-    w, h = img.size
-    box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
-    return img.resize(out_wh, resample, box=box)
-
-
 def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]."""
     a = np.asarray(img, dtype=np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
@@ -579,47 +547,27 @@ def _resize_box(img, box, size: int) -> torch.Tensor:
     return out[0].contiguous()
 
 
-_SIMPLEJPEG = None
-
-
-def _simplejpeg():
-    """The simplejpeg module (libjpeg-turbo's TurboJPEG API) if installed, else None. It decodes
-    the same pixels as Pillow's draft mode, straight into a numpy array, without Pillow's
-    per-image Python overhead; Pillow is the fallback for everything it does not take."""
-    global _SIMPLEJPEG
-    if _SIMPLEJPEG is None:
-        try:
-            import simplejpeg
-            _SIMPLEJPEG = simplejpeg
-        except ImportError:
-            _SIMPLEJPEG = False
-    return _SIMPLEJPEG or None
-
-
 class TrainTransform:
     """RandomResizedCrop(size, scale, ratio 3/4..4/3), bicubic, no flip; optional colour jitter
     (0.32, 0.32, 0.32, 0.08) at p=0.8 and grayscale at p=0.2. PIL image / JPEG bytes -> uint8 CHW.
     `rng` (random.Random) makes a call reproducible; None uses the module RNG.
-    Bicubic path: JPEG decoded at 1/2..1/8 DCT scale when the crop allows (simplejpeg if
-    installed, else Pillow draft: same pixels), crop box snapped to the decoded pixel grid,
+    JPEGs are decoded at 1/2..1/8 DCT scale when the crop allows (simplejpeg, or Pillow's draft
+    mode: same pixels), the crop box mapped to the decoded pixel grid, then resampled with
     antialiased bicubic in torch's uint8 kernel. draft=False decodes in full (torchvision's
-    pixels); `use_simplejpeg=False` forces the Pillow decoder."""
+    pixels); use_simplejpeg=False takes Pillow's decoder for everything (its fallback otherwise)."""
 
     def __init__(self, image_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3),
-                 color_jitter: bool = False, interpolation: str = "bicubic", draft: bool = True,
-                 use_simplejpeg: bool = True):
+                 color_jitter: bool = False, draft: bool = True, use_simplejpeg: bool = True):
         self.size = int(image_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.color_jitter = color_jitter
-        self.interpolation = interpolation
-        self.resample = _INTERP[interpolation]
         self.draft = draft
         self.use_simplejpeg = use_simplejpeg
 
-    def _crop_turbo(self, sj, src: bytes, rng) -> torch.Tensor | None:
+    def _crop_turbo(self, src: bytes, rng) -> torch.Tensor | None:
         """simplejpeg path; None (before drawing from rng) when it cannot read the header."""
         try:
-            H, W, _, _ = sj.decode_jpeg_header(src)
+            H, W, _, _ = simplejpeg.decode_jpeg_header(src)
         except ValueError:
             return None
         params = random_resized_crop_params(W, H, self.scale, self.ratio, rng)
@@ -627,11 +575,10 @@ class TrainTransform:
         box = (left, top, left + w, top + h)
         s = _dct_scale(W, H, box, (self.size, self.size)) if self.draft else 1
         try:
-            arr = sj.decode_jpeg(src, "RGB", min_height=-(-H // s), min_width=-(-W // s))
+            arr = simplejpeg.decode_jpeg(src, "RGB", min_height=-(-H // s), min_width=-(-W // s))
         except ValueError:      # CMYK, corrupt or truncated data: Pillow decides
             return self._crop_pillow(src, rng, params)
-        hh, ww = arr.shape[:2]
-        if (hh, ww) != (-(-H // s), -(-W // s)):    # tiny image: libjpeg chose an M/8 scale
+        if arr.shape[:2] != (-(-H // s), -(-W // s)):    # tiny image: libjpeg chose an M/8 scale
             return self._crop_pillow(src, rng, params)
         return _resize_box(arr, tuple(v / s for v in box), self.size)
 
@@ -650,20 +597,11 @@ class TrainTransform:
 
     def __call__(self, src, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng or random
-        if self.interpolation != "bicubic":
-            img = _open_image(src)
-            W, H = img.size
-            top, left, h, w = random_resized_crop_params(W, H, self.scale, self.ratio, rng)
-            out = _load_box(img, (left, top, left + w, top + h), (self.size, self.size),
-                            self.resample, self.draft)
-            x = _to_uint8_chw(out)
-        else:
-            x = None
-            if self.use_simplejpeg and isinstance(src, (bytes, bytearray)) and src[:2] == b"\xff\xd8":
-                sj = _simplejpeg()
-                x = None if sj is None else self._crop_turbo(sj, src, rng)
-            if x is None:
-                x = self._crop_pillow(src, rng)
+        x = None
+        if self.use_simplejpeg and isinstance(src, (bytes, bytearray)) and src[:2] == b"\xff\xd8":
+            x = self._crop_turbo(src, rng)
+        if x is None:
+            x = self._crop_pillow(src, rng)
         if not self.color_jitter:
             return x
         out = Image.fromarray(x.permute(1, 2, 0).numpy())
@@ -675,15 +613,16 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Short-side resize + center crop (v1, bicubic) or square resize (v2, bilinear) -> uint8 CHW.
-    Same output as torchvision Resize(size)+CenterCrop(size) / Resize((size, size))."""
+    """Short-side resize + center crop (v1, bicubic) or square resize (v2, bilinear) -> uint8 CHW,
+    decoded at full resolution: torchvision's Resize(size)+CenterCrop(size) / Resize((size, size))
+    up to rounding. The one evaluation preprocessing (zero-shot eval and the model's transforms)."""
 
-    def __init__(self, image_size: int, interpolation: str = "bicubic",
-                 square_resize_only: bool = False, draft: bool = True):
+    def __init__(self, image_size: int, interpolation: str = "bicubic", square_resize_only: bool = False):
+        if interpolation not in _INTERP:
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERP)}")
         self.size = int(image_size)
         self.resample = _INTERP[interpolation]
         self.square = square_resize_only
-        self.draft = draft
 
     def __call__(self, src, rng=None) -> torch.Tensor:
         img = _open_image(src)
@@ -691,19 +630,23 @@ class EvalTransform:
         s = self.size
         if self.square:
             box = (0.0, 0.0, float(W), float(H))
-        else:
+        else:   # the crop of the resized image, mapped back to source pixels: one resampling
             ow, oh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
             top, left = int(round((oh - s) / 2.0)), int(round((ow - s) / 2.0))
             box = (left * W / ow, top * H / oh, (left + s) * W / ow, (top + s) * H / oh)
-        return _to_uint8_chw(_load_box(img, box, (s, s), self.resample, self.draft))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return _to_uint8_chw(img.resize((s, s), self.resample, box=box))
 
 
 def train_transform(image_size: int, scale=(0.4, 1.0), color_jitter: bool = False) -> TrainTransform:
+    """The training preprocessing (make_train_loader's): random resized crop, draft decode."""
     return TrainTransform(image_size, scale=scale, color_jitter=color_jitter)
 
 
 def eval_transform(image_size: int, interpolation: str = "bicubic",
                    square_resize_only: bool = False) -> EvalTransform:
+    """The evaluation preprocessing, full-resolution decode (see EvalTransform)."""
     return EvalTransform(image_size, interpolation, square_resize_only)
 
 
@@ -752,7 +695,7 @@ class _Plan:
 
 def _epoch_order(n: int, seed: int, epoch: int, exclude=()) -> list[int]:
     order = list(range(n))
-    random.Random(_mix(seed, epoch, 0x5EED)).shuffle(order)
+    random.Random(mix(seed, epoch, 0x5EED)).shuffle(order)
     ex = set(exclude)
     return [i for i in order if i not in ex]
 
@@ -795,7 +738,7 @@ def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[i
 def _worker_batches(cfg: _StreamCfg, wid: int):
     """One loader worker: records -> shuffle buffer -> decode/augment -> batches (+ snapshot)."""
     g = cfg.rank * cfg.num_workers + wid
-    base = _mix(cfg.seed, cfg.epoch, g, 0xB0F)
+    base = mix(cfg.seed, cfg.epoch, g, 0xB0F)
     snap = cfg.snapshots.get(wid)
     if snap and snap.get("final"):      # this worker had finished its epoch before the save
         yield None, None, {"wid": wid, **snap}
@@ -845,13 +788,13 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
             elif len(buf) < B:
                 buf.append(e)
             else:
-                i = _mix(base, k) % B
+                i = mix(base, k) % B
                 out, buf[i] = buf[i], e
                 k += 1
                 yield out
         state["next"] = [END, 0]
         while buf:
-            i = _mix(base, k) % len(buf)
+            i = mix(base, k) % len(buf)
             out = buf[i]
             buf[i] = buf[-1]
             buf.pop()
@@ -861,7 +804,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
     images, texts = [], []
     for e in shuffled():
         try:
-            x = cfg.transform(e.raw.image, random.Random(_mix(cfg.seed, cfg.epoch, e.sid, e.rec)))
+            x = cfg.transform(e.raw.image, random.Random(mix(cfg.seed, cfg.epoch, e.sid, e.rec)))
         except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
             stats["bad_image"] += 1
             if stats["bad_image"] >= 50 and not stats["samples"]:   # a bug, not bad data
@@ -875,7 +818,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         images.append(x)
         texts.append(e.raw.text)
         if len(images) == cfg.batch_size:
-            rng = random.Random(_mix(cfg.seed, cfg.epoch, g, batches, 0x70C))
+            rng = random.Random(mix(cfg.seed, cfg.epoch, g, batches, 0x70C))
             tokens = cfg.tokenizer(texts, rng=rng) if cfg.tokenizer is not None else texts
             batches += 1
             meta = {"wid": wid, "next": list(state["next"]), "k": k, "batches": batches,
@@ -934,7 +877,7 @@ class TrainLoader:
 
     def __init__(self, src: Source, tokenizer, transform, batch_size: int, *, num_workers: int,
                  seed: int, epoch: int, rank: int, world_size: int, shuffle_buffer: int,
-                 prefetch: int, repeat: bool, state: dict | list | None):
+                 prefetch: int, repeat: bool, state: dict | list | None, pin_memory: bool):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -943,6 +886,7 @@ class TrainLoader:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.prefetch, self.repeat = shuffle_buffer, prefetch, repeat
+        self.pin_memory = pin_memory
         self.epoch = epoch
         self._exclude: list[int] = []
         self._workers: dict[int, dict] = {}
@@ -1021,8 +965,10 @@ class TrainLoader:
         if self.num_workers > 0:
             kw = dict(prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
                       worker_init_fn=_worker_init, persistent_workers=False)
+        # pin_memory rebuilds each (images, tokens, meta) item as a list with meta copied: _ordered
+        # only unpacks and indexes it, so batches and loader state are the same either way
         return torch.utils.data.DataLoader(_TrainDataset(cfg), batch_size=None, collate_fn=_identity,
-                                           num_workers=self.num_workers, **kw)
+                                           num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
 
     def _ordered(self, dl):
         """Batches in a fixed round-robin over workers (skipping finished ones), starting at the
@@ -1055,7 +1001,7 @@ class TrainLoader:
 
     def __iter__(self):
         if self.src.fmt in ("tfrecord", "tfds"):
-            _import_tf()        # in the parent, before forking workers (CLIPA_SPEC section 9)
+            xla_utils.import_tensorflow()   # in the parent, before forking workers (CLIPA_SPEC section 9)
         while True:
             for images, tokens, meta in self._ordered(self._dataloader()):
                 self._batches += 1
@@ -1082,19 +1028,21 @@ def make_train_loader(spec, tokenizer, image_size: int, batch_size: int, *, fmt:
                       world_size: int = 1, shuffle_buffer: int | None = None,
                       prefetch: int | None = None, scale=(0.4, 1.0), color_jitter: bool = False,
                       state: dict | list | None = None, repeat: bool = True,
-                      split: str = "train") -> TrainLoader:
+                      split: str = "train", pin_memory: bool = False) -> TrainLoader:
     """Training loader over webdataset / TFRecord / TFDS shards (see TrainLoader).
     shuffle_buffer: samples per worker (default $TFDS_SHUFFLE_SIZE or 1000); prefetch: samples
     per worker decoded ahead (default $TFDS_PREFETCH_SIZE or 2 batches). Host memory is about
     num_workers * (shuffle_buffer * JPEG size + prefetch * 3*H*W bytes).
-    tokenizer: tokenizer.py Tokenizer (called per batch with a seeded rng); None yields captions."""
+    tokenizer: tokenizer.py Tokenizer (called per batch with a seeded rng); None yields captions.
+    pin_memory: page-locked image batches, so that the copy to the device can be asynchronous
+    (the trainer passes xla_utils.Runtime.pin_memory: true on CUDA)."""
     src = resolve(spec, fmt, split)
     shuffle_buffer = _env_int("TFDS_SHUFFLE_SIZE", DEFAULT_SHUFFLE) if shuffle_buffer is None else shuffle_buffer
     prefetch = _env_int("TFDS_PREFETCH_SIZE", 2 * batch_size) if prefetch is None else prefetch
     return TrainLoader(src, tokenizer, train_transform(image_size, scale, color_jitter), batch_size,
                        num_workers=num_workers, seed=seed, epoch=epoch, rank=rank,
                        world_size=world_size, shuffle_buffer=shuffle_buffer, prefetch=prefetch,
-                       repeat=repeat, state=state)
+                       repeat=repeat, state=state, pin_memory=pin_memory)
 
 
 # ----------------------------------------------------------------------------- evaluation loaders
@@ -1208,7 +1156,7 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
         if src.label_key is None:
             raise ValueError(f"{path}: TFDS dataset has no ClassLabel feature")
         ds = _ShardEvalDataset(src, transform, batch_size, rank, world_size)
-        _import_tf()
+        xla_utils.import_tensorflow()
         dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
                                          num_workers=num_workers)
         return EvalLoader(dl, None), list(src.classes)
@@ -1223,14 +1171,13 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
     return EvalLoader(dl, len(part)), classes
 
 
-# ----------------------------------------------------------------------------- stats / bench
+# ----------------------------------------------------------------------------- stats
 
 def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str = "train") -> dict:
-    """Read every record (and decode every image at 1/8 DCT scale) and count good / bad ones."""
+    """Read every record (and decode every image at 1/8 DCT scale) and count good / bad ones.
+    Bad data is counted, never raised; `spec` may be a resolved Source."""
     t0 = time.time()
     src = resolve(spec, fmt, split)
-    if src.fmt in ("tfrecord", "tfds"):
-        _import_tf()
     reasons: Counter = Counter()
     samples = empty = 0
     chars = 0
@@ -1262,406 +1209,24 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
             "seconds": round(time.time() - t0, 2)}
 
 
-def _openclip_style_transform(image_size: int, scale=(0.4, 1.0)):
-    """The usual OpenCLIP training pipeline, as the baseline: full decode, RandomResizedCrop,
-    ToTensor, Normalize -> float32."""
-    from torchvision import transforms as T
-    from model import OPENAI_MEAN, OPENAI_STD
-    tf = T.Compose([T.RandomResizedCrop(image_size, scale=scale,
-                                        interpolation=T.InterpolationMode.BICUBIC),
-                    T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
-    return lambda b: tf(Image.open(io.BytesIO(b)).convert("RGB"))
-
-
-def bench(spec, image_size: int = 96, n: int = 512, batch_size: int = 64, fmt: str | None = None,
-          workers: int = 0, tokenizer=None, repeats: int = 2) -> dict:
-    """images/s/core of our transform vs the OpenCLIP-style one on the same records: one thread,
-    in-memory JPEG bytes, decode + augment + batch, timed in process CPU time (so other load on
-    the machine does not count); optionally the whole loader with N workers (wall time)."""
-    src = resolve(spec, fmt)
-    torch.set_num_threads(1)
-    recs = []
-    for path in src.shards:
-        for raw in read_shard(path, src):
-            if raw.reason is None:
-                recs.append(raw.image)
-            if len(recs) >= n:
-                break
-        if len(recs) >= n:
-            break
-    if not recs:
-        raise ValueError("no readable samples to benchmark")
-    ours = train_transform(image_size)
-    theirs = _openclip_style_transform(image_size)
-    sizes = [Image.open(io.BytesIO(b)).size for b in recs[:64]]
-
-    def rates():    # images per CPU-second of this (single-threaded) process = per core
-        spent = [0.0, 0.0]
-        for i in range(0, len(recs), batch_size):   # batch by batch, in turn: both pipelines
-            for k, fn in enumerate((ours, theirs)):  # see the same machine load
-                t0 = time.process_time()
-                torch.stack([fn(b) for b in recs[i:i + batch_size]])
-                spent[k] += time.process_time() - t0
-        return [len(recs) / t for t in spent]
-
-    random.seed(0)
-    torch.manual_seed(0)
-    r_ours = r_theirs = 0.0
-    for _ in range(repeats):        # best of N passes
-        a, b = rates()
-        r_ours, r_theirs = max(r_ours, a), max(r_theirs, b)
-    out = {"image_size": image_size, "images": len(recs),
-           "source_size": [round(sum(s[0] for s in sizes) / len(sizes)),
-                           round(sum(s[1] for s in sizes) / len(sizes))],
-           "ours_images_per_s_per_core": round(r_ours, 1),
-           "openclip_images_per_s_per_core": round(r_theirs, 1),
-           "speedup": round(r_ours / r_theirs, 2),
-           "batch_bytes_uint8": batch_size * 3 * image_size ** 2,
-           "batch_bytes_float32": batch_size * 3 * image_size ** 2 * 4, "batch_size": batch_size}
-    if workers > 0:
-        loader = make_train_loader(spec, tokenizer, image_size, batch_size, fmt=src.fmt,
-                                   num_workers=workers, shuffle_buffer=256, repeat=False)
-        it = iter(loader)
-        next(it)        # worker start-up excluded
-        t0, got = time.perf_counter(), 0
-        for images, _ in it:
-            got += images.shape[0]
-            if got >= n:
-                break
-        dt = time.perf_counter() - t0
-        out["loader_workers"] = workers
-        out["loader_images_per_s"] = round(got / dt, 1) if got else 0.0
-        out["loader_images_per_s_per_worker"] = round(got / dt / workers, 1) if got else 0.0
-    return out
-
-
-def _photo_source() -> Image.Image | None:
-    """A real photograph shipped with matplotlib (a pinned runtime package), for benchmarks."""
-    try:
-        from matplotlib import cbook
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            return Image.open(f).convert("RGB")
-    except Exception:  # noqa: BLE001 - optional: fall back to procedural images
-        return None
-
-
-def make_synthetic_shards(out_dir: str, n: int = 2048, size=(400, 300), shard_size: int = 512,
-                          seed: int = 0, quality: int = 90) -> str:
-    """JPEG shards for benchmarks in img2dataset's webdataset layout: random crops of a real
-    photograph (matplotlib's sample photo) with colour shifts and a few drawn shapes, re-encoded
-    at `size` (~35 KB at 400x300, q90, like LAION images). Returns the brace spec."""
-    import webdataset as wds
-    os.makedirs(out_dir, exist_ok=True)
-    W, H = size
-    photo = _photo_source()
-    n_shards = max(1, math.ceil(n / shard_size))
-    for s in range(n_shards):
-        with wds.TarWriter(os.path.join(out_dir, f"{s:05d}.tar"), mtime=0) as tw:
-            for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
-                rng = random.Random(_mix(seed, i, 0xBE7C))
-                if photo is not None:
-                    pw, ph = photo.size
-                    w = int(pw * rng.uniform(0.5, 1.0))
-                    h = min(ph, int(w * H / W))
-                    w = int(h * W / H)
-                    x, y = rng.randint(0, pw - w), rng.randint(0, ph - h)
-                    img = photo.resize((W, H), Image.BICUBIC, box=(x, y, x + w, y + h))
-                    img = ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.7))
-                else:
-                    t = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
-                    c0, c1 = (np.array([rng.randint(0, 255) for _ in range(3)], np.float32) for _ in range(2))
-                    img = Image.fromarray(np.broadcast_to(c0 * (1 - t) + c1 * t, (H, W, 3)).astype(np.uint8))
-                d = ImageDraw.Draw(img)
-                for _ in range(rng.randint(2, 6)):
-                    x, y = rng.randint(-50, W), rng.randint(-50, H)
-                    box = [x, y, x + rng.randint(20, 120), y + rng.randint(20, 120)]
-                    (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, tuple(rng.randint(0, 255) for _ in range(3)))
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=quality)
-                key = f"{i:09d}"
-                tw.write({"__key__": key, "jpg": buf.getvalue(), "txt": f"a synthetic photo number {i}",
-                          "json": json.dumps({"key": key, "width": W, "height": H})})
-    return os.path.join(out_dir, f"{{00000..{n_shards - 1:05d}}}.tar")
-
-
-# ----------------------------------------------------------------------------- demo dataset
-
-# Classes of the zero-shot set: "<colour> <shape>" (6 x 6 = 36). Colour alone or shape alone
-# gets 1/6 of the way, so accuracy separates models that bind both words to the image.
-DEMO_COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215),
-                "yellow": (235, 205, 35), "purple": (135, 55, 185), "orange": (240, 135, 25)}
-DEMO_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
-DEMO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a drawing of a {}.", "a {}.",
-                  "a small {}.", "a large {}.", "there is a {}.")
-# Lead-ins with no content words: >= 6 BPE tokens, so truncation to 8 tokens (SOT + 6 + EOT)
-# keeps only them, while syntax masking (nouns > adjectives > verbs > rest) drops them first.
-_LEADS = ("if you look very closely you will see", "as far as i can tell this is",
-          "it is hard to say but there seems to be", "i would say that what you see here is",
-          "when you look at it you can notice", "to be honest with you it looks like",
-          "at first glance you might not notice", "believe it or not this is simply",
-          "so what we have got here is", "you can probably tell that there is")
-_SHORT_LEADS = ("", "a photo of", "there is", "here is", "this is")
-_SIZES = ("small", "large")
-_POSITIONS = ("top left", "top right", "bottom left", "bottom right", "middle")
-_BG_WORDS = {"plain": "plain", "gradient": "faded", "stripes": "striped", "checks": "checkered",
-             "noise": "grainy"}
-
-
-@dataclass
-class DemoDataset:
-    root: str
-    train_wds: str          # brace spec of the webdataset tar shards
-    train_tfrecord: str     # brace spec of the TFRecord shards (same samples)
-    val_dir: str            # ImageFolder tree: val/<NN_colour_shape>/*.jpg
-    classnames: list[str]
-    templates: list[str]
-    n_train: int
-    n_val: int
-
-
-def _demo_scene(rng: random.Random, size: int, colour: str, shape: str, big: bool,
-                where: str) -> tuple[Image.Image, str]:
-    S = size * 2                                   # draw at 2x, downsample: anti-aliased edges
-    kind = rng.choice(list(_BG_WORDS))
-    base = [rng.randint(60, 200)] * 3
-    tint = [min(255, max(0, c + rng.randint(-25, 25))) for c in base]   # muted: never a class colour
-    img = Image.new("RGB", (S, S), tuple(tint))
-    shift = rng.choice((-50, 50))
-    other = tuple(min(255, max(0, c + shift + rng.randint(-10, 10))) for c in tint)
-    if kind == "gradient":
-        t = np.linspace(0.0, 1.0, S, dtype=np.float32)[:, None, None]
-        arr = np.asarray(tint, np.float32) * (1 - t) + np.asarray(other, np.float32) * t
-        img = Image.fromarray(np.broadcast_to(arr, (S, S, 3)).astype(np.uint8))
-    elif kind in ("stripes", "checks"):
-        w = rng.randint(4, 12) if kind == "stripes" else rng.randint(6, 16)
-        yy, xx = np.mgrid[0:S, 0:S]
-        on = (xx // w) % 2 == 0 if kind == "stripes" else ((xx // w) + (yy // w)) % 2 == 0
-        img = Image.fromarray(np.where(on[:, :, None], np.asarray(other, np.uint8),
-                                       np.asarray(tint, np.uint8)))
-    elif kind == "noise":
-        arr = np.asarray(img, dtype=np.int16) + np.random.RandomState(rng.randrange(1 << 31)).randint(
-            -30, 31, (S, S, 1))
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    r = S * (rng.uniform(0.28, 0.38) if big else rng.uniform(0.14, 0.2))
-    lo, hi = r + 2, S - r - 2
-    anchors = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-               "bottom right": (0.75, 0.75), "middle": (0.5, 0.5)}
-    ax, ay = anchors[where]
-    cx = min(hi, max(lo, S * ax + rng.uniform(-0.08, 0.08) * S))
-    cy = min(hi, max(lo, S * ay + rng.uniform(-0.08, 0.08) * S))
-    col = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in DEMO_COLOURS[colour])
-    rot = rng.uniform(-0.3, 0.3)
-
-    def poly(points):
-        return [(cx + x * math.cos(rot) - y * math.sin(rot), cy + x * math.sin(rot) + y * math.cos(rot))
-                for x, y in points]
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], col)
-    elif shape == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], col)
-        q = r * 0.55
-        d.ellipse([cx - q, cy - q, cx + q, cy + q], tuple(tint) if kind != "noise" else tuple(base))
-    elif shape == "square":
-        q = r * 0.85
-        d.polygon(poly([(-q, -q), (q, -q), (q, q), (-q, q)]), col)
-    elif shape == "triangle":
-        d.polygon(poly([(0, -r), (r * 0.95, r * 0.7), (-r * 0.95, r * 0.7)]), col)
-    elif shape == "star":
-        pts = [((r if i % 2 == 0 else r * 0.42) * math.sin(i * math.pi / 5),
-                -(r if i % 2 == 0 else r * 0.42) * math.cos(i * math.pi / 5)) for i in range(10)]
-        d.polygon(poly(pts), col)
-    elif shape == "cross":
-        t = r * 0.33
-        d.polygon(poly([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r),
-                        (-t, t), (-r, t), (-r, -t), (-t, -t)]), col)
-    return img.reduce(2), kind      # 2x2 box filter: anti-aliased edges
-
-
-def _demo_caption(rng: random.Random, colour: str, shape: str, big: bool, where: str, bg: str) -> str:
-    size = _SIZES[big]
-    lead = rng.choice(_LEADS) if rng.random() < 0.8 else rng.choice(_SHORT_LEADS)
-    obj = rng.choice((f"{colour} {shape}", f"{size} {colour} {shape}", f"{shape} that is {colour}",
-                      f"{size} {shape} coloured {colour}"))
-    obj = rng.choice(("an " if obj[0] in "aeiou" else "a ", "one ")) + obj
-    tail = rng.choice(("", "", f" in the {where}", f" on a {_BG_WORDS[bg]} background",
-                       f" near the {where} on a {_BG_WORDS[bg]} background"))
-    return " ".join(x for x in (lead, obj + tail) if x)
-
-
-def _demo_sample(seed: int, split: int, i: int, size: int, label: int | None = None):
-    rng = random.Random(_mix(seed, split, i, 0xDE30))
-    if label is None:
-        colour, shape = rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)
-    else:
-        colour, shape = list(DEMO_COLOURS)[label // len(DEMO_SHAPES)], DEMO_SHAPES[label % len(DEMO_SHAPES)]
-    big, where = rng.random() < 0.5, rng.choice(_POSITIONS)
-    img, bg = _demo_scene(rng, size, colour, shape, big, where)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    meta = {"colour": colour, "shape": shape, "size": _SIZES[big], "position": where, "background": bg}
-    return buf.getvalue(), _demo_caption(rng, colour, shape, big, where, bg), meta
-
-
-def _demo_classnames() -> list[str]:
-    return [f"{c} {s}" for c in DEMO_COLOURS for s in DEMO_SHAPES]
-
-
-def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, seed: int = 0,
-                      image_size: int = 64, shard_size: int = 1000) -> DemoDataset:
-    """Write the procedural demo dataset (idempotent: a valid stamp means it is reused).
-    out_dir/train/wds/NNNNN.tar (webdataset TarWriter, img2dataset layout), out_dir/train/tfrecord/
-    NNNNN.tfrecord (TensorFlow TFRecordWriter, features jpg/txt/key/json), out_dir/val/<class>/
-    (ImageFolder, n_val/36 per class), classnames.txt, templates.txt, demo_stamp.json."""
-    params = {"version": 1, "n_train": n_train, "n_val": n_val, "seed": seed,
-              "image_size": image_size, "shard_size": shard_size}
-    out_dir = os.path.abspath(out_dir)
-    classnames = _demo_classnames()
-    n_shards = max(1, math.ceil(n_train / shard_size))
-    last = f"{n_shards - 1:05d}"
-    ds = DemoDataset(out_dir, os.path.join(out_dir, "train", "wds", f"{{00000..{last}}}.tar"),
-                     os.path.join(out_dir, "train", "tfrecord", f"{{00000..{last}}}.tfrecord"),
-                     os.path.join(out_dir, "val"), classnames, list(DEMO_TEMPLATES), n_train, n_val)
-    stamp_path = os.path.join(out_dir, "demo_stamp.json")
-    if _stamp_ok(stamp_path, out_dir, params):
-        log.info("demo dataset in %s is up to date (stamp matches)", out_dir)
-        return ds
-    t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    for sub in ("train", "val", "classnames.txt", "templates.txt", "demo_stamp.json"):
-        p = os.path.join(out_dir, sub)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.remove(p)
-    # draw every sample first (a pure function of seed/split/index), on all cores
-    jobs = [(seed, 0, i, image_size, None) for i in range(n_train)] + \
-           [(seed, 1, i, image_size, i % len(classnames)) for i in range(n_val)]
-    procs = min(os.cpu_count() or 1, 8)
-    if procs > 1 and len(jobs) >= 2000:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(procs) as pool:
-            drawn = pool.starmap(_demo_sample, jobs, chunksize=256)
-    else:
-        drawn = [_demo_sample(*j) for j in jobs]
-    import webdataset as wds
-    tf = _import_tf()
-    os.makedirs(os.path.join(out_dir, "train", "wds"))
-    os.makedirs(os.path.join(out_dir, "train", "tfrecord"))
-    for s in range(n_shards):
-        name = f"{s:05d}"
-        with wds.TarWriter(os.path.join(out_dir, "train", "wds", name + ".tar"), mtime=0) as tw, \
-                tf.io.TFRecordWriter(os.path.join(out_dir, "train", "tfrecord", name + ".tfrecord")) as rw:
-            for i in range(s * shard_size, min(n_train, (s + 1) * shard_size)):
-                jpg, cap, meta = drawn[i]
-                key = f"{i:09d}"
-                js = json.dumps({"key": key, "caption": cap, **meta})
-                tw.write({"__key__": key, "jpg": jpg, "txt": cap, "json": js})
-                feats = {"jpg": jpg, "txt": cap.encode(), "key": key.encode(), "json": js.encode()}
-                ex = tf.train.Example(features=tf.train.Features(feature={
-                    k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}))
-                rw.write(ex.SerializeToString())
-    for i in range(n_val):
-        label = i % len(classnames)
-        jpg = drawn[n_train + i][0]
-        d = os.path.join(out_dir, "val", f"{label:02d}_{classnames[label].replace(' ', '_')}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{i:06d}.jpg"), "wb") as f:
-            f.write(jpg)
-    with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
-        f.write("\n".join(classnames) + "\n")
-    with open(os.path.join(out_dir, "templates.txt"), "w") as f:
-        f.write("\n".join(DEMO_TEMPLATES) + "\n")
-    files = {}
-    for root, _, fs in os.walk(out_dir):
-        for fn in fs:
-            p = os.path.join(root, fn)
-            if fn != "demo_stamp.json":
-                files[os.path.relpath(p, out_dir)] = os.path.getsize(p)
-    with open(stamp_path + ".tmp", "w") as f:
-        json.dump({"params": params, "files": files}, f)
-    os.replace(stamp_path + ".tmp", stamp_path)
-    log.info("wrote demo dataset (%d train, %d val) to %s in %.1fs", n_train, n_val, out_dir,
-             time.time() - t0)
-    return ds
-
-
-def _stamp_ok(stamp_path: str, out_dir: str, params: dict) -> bool:
-    try:
-        with open(stamp_path) as f:
-            stamp = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if stamp.get("params") != params:
-        return False
-    return all(os.path.exists(p := os.path.join(out_dir, rel)) and os.path.getsize(p) == size
-               for rel, size in stamp.get("files", {}).items())
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
+    ap = xla_utils.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("stats", help="read a dataset end to end; print one JSON object")
     p.add_argument("spec", nargs="+", help="shards: brace pattern, glob, directory or files")
     p.add_argument("--format", choices=FORMATS, default=None)
     p.add_argument("--no-decode", action="store_true", help="do not decode images")
     p.add_argument("--split", default="train", help="TFDS split (e.g. validation)")
-    p = sub.add_parser("bench", help="images/s/core of this pipeline vs the OpenCLIP-style one")
-    p.add_argument("spec", nargs="+")
-    p.add_argument("--format", choices=FORMATS, default=None)
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--n", type=int, default=512, help="images per measurement")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0,
-                   help="also time the whole loader with N worker processes")
-    p.add_argument("--model", default=None, help="tokenize with this model's tokenizer (loader run)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timed runs, best kept")
-    p = sub.add_parser("synth", help="write photo-like JPEG webdataset shards (for bench)")
-    p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=2048)
-    p.add_argument("--size", default="400x300", help="WxH")
-    p = sub.add_parser("demo", help="write the embedded procedural demo dataset")
-    p.add_argument("out_dir")
-    p.add_argument("--n-train", type=int, default=10000)
-    p.add_argument("--n-val", type=int, default=1080)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    global IMPORT_XLA_BEFORE_TF
-    IMPORT_XLA_BEFORE_TF = False
+    xla_utils.TF_AFTER_XLA = False      # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
-    try:
-        if args.cmd == "stats":
-            spec = args.spec[0] if len(args.spec) == 1 else args.spec
-            print(json.dumps(dataset_stats(spec, args.format, not args.no_decode, args.split)))
-        elif args.cmd == "bench":
-            spec = args.spec[0] if len(args.spec) == 1 else args.spec
-            tok = None
-            if args.model:
-                from tokenizer import get_tokenizer
-                tok = get_tokenizer(args.model)
-            r = bench(spec, args.image_size, args.n, args.batch_size, args.format, args.workers, tok,
-                      args.repeats)
-            print(f"{'pipeline':<34}{'images/s/core':>14}")
-            print(f"{'ours (draft decode, uint8)':<34}{r['ours_images_per_s_per_core']:>14}")
-            print(f"{'OpenCLIP-style (full decode, f32)':<34}{r['openclip_images_per_s_per_core']:>14}")
-            print(f"speedup {r['speedup']}x; batch of {r['batch_size']}: "
-                  f"{r['batch_bytes_uint8']} bytes uint8 vs {r['batch_bytes_float32']} float32")
-            print(json.dumps(r))
-        elif args.cmd == "synth":
-            try:
-                w, h = (int(v) for v in args.size.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"--size must look like 400x300, got {args.size!r}") from None
-            print(make_synthetic_shards(args.out_dir, args.n, (w, h)))
-        elif args.cmd == "demo":
-            ds = make_demo_dataset(args.out_dir, args.n_train, args.n_val, args.seed, args.image_size)
-            print(json.dumps(asdict(ds)))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    try:    # a spec that does not resolve is the user's error; anything later is a bug or bad data
+        src = resolve(args.spec[0] if len(args.spec) == 1 else args.spec, args.format, args.split)
+    except (ValueError, OSError) as e:
+        return xla_utils.usage_error(e)
+    print(json.dumps(dataset_stats(src, decode=not args.no_decode)))
     return 0
 
 

@@ -1,9 +1,12 @@
 """Text tokenizers for CLIPA: CLIP BPE (v1 models), BERT WordPiece (v2 models), and the four text
 token reduction strategies of the papers (CLIPA_SPEC section 2): truncate, random, block, syntax.
 
-    tok = get_tokenizer("ViT-L-16-CL8-Syntax-GAP")        # training tokenizer: syntax masking, 8 tokens
-    tok = get_tokenizer(name, reduction="truncate")       # evaluation: prompts are never masked
-    ids = tok(["a diagram", "a dog"], rng=random.Random(0))   # LongTensor [2, 8]
+    tok = Tokenizer("clip_bpe", context_length=8, reduction="syntax")   # training: syntax masking
+    ids = tok(["a diagram", "a dog"], rng=random.Random(0))             # LongTensor [2, 8]
+    Tokenizer("clip_bpe", 8)                                            # evaluation: truncation
+
+model.get_tokenizer(model_name) builds the one a registered model implies. This module imports no
+other project module; its benchmark is launch/bench_tokenizer.py.
 
 CLIP BPE rows are SOT + BPE tokens + EOT, zero padded; a cut row ends with EOT (as OpenCLIP).
 WordPiece rows are [CLS] + word-pieces, no [SEP], zero padded (as the v2 big_vision models).
@@ -11,15 +14,12 @@ Everything runs offline from the files in assets/ (see assets/LICENSES.md).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import heapq
 import html
 import os
 import random
-import sys
-import time
 
 import numpy as np
 import regex
@@ -451,183 +451,3 @@ class Tokenizer:
 
     def _row_wordpiece(self, bk, text: str, rng) -> list[int]:
         return ([bk.cls] + self._content(bk, text, rng))[:self.context_length]
-
-
-def get_tokenizer(model_name: str, context_length: int | None = None,
-                  reduction: str | None = None) -> Tokenizer:
-    """The tokenizer a registered model implies. reduction None -> the model's training reduction
-    ("syntax" for -Syntax- models); evaluation should pass reduction="truncate"."""
-    from model import get_model_config
-    text = get_model_config(model_name).text
-    return Tokenizer(text.tokenizer, text.context_length if context_length is None else context_length,
-                     text.reduction if reduction is None else reduction)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-_SUBJECTS = ("dog", "cat", "woman", "man", "child", "car", "house", "bird", "horse", "boat", "table",
-             "chair", "street", "mountain", "beach", "kitchen", "flower", "tree", "bicycle", "train",
-             "pizza", "laptop", "girl", "boy", "city", "river", "shirt", "dress", "guitar", "cake")
-_ADJS = ("large", "small", "brown", "green", "red", "old", "young", "beautiful", "white", "black",
-         "wooden", "modern", "vintage", "happy", "blue", "tall", "cozy", "colorful", "empty", "busy")
-_VERBS = ("running", "sitting", "standing", "walking", "holding", "playing", "eating", "looking at",
-          "riding", "lying on", "jumping over", "parked near", "flying above", "reading")
-_PLACES = ("on the grass", "in a park", "near the water", "at night", "in the snow", "on a table",
-           "by the window", "in the city", "under a tree", "on the street", "at the beach")
-_EXTRAS = ("stock photo", "high resolution", "for sale", "free shipping", "hd wallpaper",
-           "with a smile", "during sunset", "in 2019", "size 10", "#travel", "- image 3 of 12")
-
-
-_NON_ASCII = ("café", "naïve", "Zürich", "São Paulo", "“quoted”", "it’s", "—", "😀", "🐶", "日本",
-              "crème brûlée", "5 °C", "© 2020", "Ø 30 cm", "niño")
-
-
-def synthetic_captions(n: int, seed: int = 0, rare_words: list[str] | None = None,
-                       non_ascii: bool = False) -> list[str]:
-    """Caption-like texts of mostly 10-20 words (alt-text style), with a share of rare words so
-    the word cache also sees misses; non_ascii=True puts one non-ASCII word in every caption."""
-    r = random.Random(seed)
-    rare = rare_words or []
-    caps = []
-    for _ in range(n):
-        parts = [r.choice(("a", "the", "two", "an image of a", "photo of a")), r.choice(_ADJS),
-                 r.choice(_ADJS), r.choice(_SUBJECTS), r.choice(_VERBS), r.choice(("a", "the")),
-                 r.choice(_ADJS), r.choice(_SUBJECTS), r.choice(_PLACES)]
-        if r.random() < 0.6:
-            parts.append(r.choice(_EXTRAS))
-        if rare and r.random() < 0.5:
-            parts.insert(r.randrange(len(parts)), r.choice(rare))
-        if non_ascii:
-            parts.insert(r.randrange(len(parts) + 1), r.choice(_NON_ASCII))
-        cap = " ".join(parts)
-        if r.random() < 0.3:
-            cap = cap.capitalize() + "."
-        caps.append(cap)
-    return caps
-
-
-def _rare_words(k: int = 20000, seed: int = 1) -> list[str]:
-    """Real whole-word entries of the BPE vocabulary, for benchmark captions with cache misses."""
-    bk = _backend("clip_bpe")
-    words = [s[:-4] for s in bk.decoder[512:-2] if s.endswith("</w>") and s[:-4].isalpha() and len(s) > 7]
-    random.Random(seed).shuffle(words)
-    return words[:k]
-
-
-def _rate(fn, captions, repeat: int = 3, chunk: int = 1024) -> float:
-    """Captions per CPU-second of this process: the best chunk of `chunk` captions over `repeat`
-    passes. CPU time, and the best of many short samples, because on a shared machine wall time
-    (and even CPU time, through cache and core sharing) also pays for other processes."""
-    best = 0.0
-    for _ in range(repeat):
-        for i in range(0, len(captions), chunk):
-            part = captions[i:i + chunk]
-            t = time.process_time()
-            fn(part)
-            best = max(best, len(part) / max(time.process_time() - t, 1e-9))
-    return best
-
-
-def _open_clip_references(tmp: str) -> list[tuple[str, str, object]]:
-    """OpenCLIP's tokenizers for both families: SimpleTokenizer (v1) and its HFTokenizer as
-    configured for the CLIPA v2 models (bert-base-uncased, strip_sep_token), here built from our
-    vocab file because the hub is out of reach."""
-    refs = []
-    try:
-        from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-    except ImportError:
-        print("open_clip not installed: no reference rows", file=sys.stderr)
-        return refs
-    oc = SimpleTokenizer()
-    refs.append(("open_clip SimpleTokenizer", "clip_bpe", lambda cs, ctx: oc(cs, context_length=ctx)))
-    try:
-        import shutil
-        shutil.copy(BERT_VOCAB, os.path.join(tmp, "vocab.txt"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            f.write('{"tokenizer_class": "BertTokenizer", "do_lower_case": true, "model_max_length": 512}')
-        hf = HFTokenizer(tmp, context_length=32, strip_sep_token=True)
-        refs.append(("open_clip HFTokenizer, v2 config", "wordpiece", lambda cs, ctx: hf(cs, context_length=ctx)))
-    except Exception as err:  # transformers missing or too old: the CLIP row still stands
-        print(f"no OpenCLIP WordPiece reference row: {err}", file=sys.stderr)
-    return refs
-
-
-def bench(n: int = 20000, batch: int = 256, seed: int = 0) -> list[dict]:
-    """captions/s on one core for every strategy and OpenCLIP's tokenizers, same captions, same run.
-
-    Warm-up tokenizes other captions of the same distribution first (a data loader worker runs for
-    hours, so its word cache is warm); the timed captions still contain unseen rare words."""
-    import tempfile
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rare = _rare_words()
-    warm = synthetic_captions(n, seed=seed + 1000, rare_words=rare[: len(rare) // 2])
-    corpora = {"ascii": synthetic_captions(n, seed=seed, rare_words=rare),
-               "non-ascii": synthetic_captions(n, seed=seed, rare_words=rare, non_ascii=True)}
-    words = [len(c.split()) for c in corpora["ascii"]]
-    rows = []
-
-    def add(name, fn, corpus="ascii"):
-        caps = corpora[corpus]
-        fn(warm[:batch])
-        fn(warm)
-        batched = _rate(lambda cs: [fn(cs[i:i + batch]) for i in range(0, len(cs), batch)], caps)
-        single = _rate(lambda cs: [fn([c]) for c in cs], caps[: max(1, n // 4)], chunk=256)
-        rows.append(dict(name=name, corpus=corpus, batched=batched, single=single))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        refs = _open_clip_references(tmp)
-        for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32)):
-            for name, kind, ref in refs:
-                if kind == tk:
-                    add(f"{name} (ctx {ctx})", lambda cs, ref=ref, ctx=ctx: ref(cs, ctx))
-            for red in REDUCTIONS:
-                t, rng = Tokenizer(tk, ctx, red), random.Random(seed)
-                add(f"ours {tk} {red} (ctx {ctx})", lambda cs, t=t, rng=rng: t(cs, rng=rng))
-        for name, kind, ref in refs:    # captions that all need ftfy / the Unicode path
-            ctx = 16 if kind == "clip_bpe" else 32
-            add(f"{name} (ctx {ctx})", lambda cs, ref=ref, ctx=ctx: ref(cs, ctx), "non-ascii")
-            t = Tokenizer(kind, ctx, "truncate")
-            add(f"ours {kind} truncate (ctx {ctx})", lambda cs, t=t: t(cs), "non-ascii")
-    torch.set_num_threads(threads)
-    print(f"{n} synthetic captions of {min(words)}-{max(words)} words (mean {sum(words) / n:.1f}); "
-          f"captions per CPU-second of one process (1 torch thread), best chunk (1024 / 256 "
-          f"captions) of 3 passes; batched: calls of {batch} captions; single: one call per caption "
-          f"({max(1, n // 4)} captions)")
-    print(f"| {'tokenizer / strategy':46s} | captions  | batched /s | single /s |")
-    print(f"|{'-' * 48}|-----------|-----------:|----------:|")
-    for r in rows:
-        print(f"| {r['name']:46s} | {r['corpus']:9s} | {r['batched']:10,.0f} | {r['single']:9,.0f} |")
-    return rows
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tokenizer.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="captions/s/core of every strategy vs OpenCLIP's tokenizer")
-    b.add_argument("--n", type=int, default=20000, help="captions per measurement (default 20000)")
-    b.add_argument("--batch", type=int, default=256)
-    e = sub.add_parser("encode", help="print the token ids (and their text) of captions")
-    e.add_argument("--model", default="ViT-L-16-CL8-Syntax-GAP")
-    e.add_argument("--context-length", type=int, default=None)
-    e.add_argument("--reduction", default=None, choices=REDUCTIONS)
-    e.add_argument("texts", nargs="+")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "bench":
-            if args.n < 1 or args.batch < 1:
-                raise ValueError("--n and --batch must be >= 1")
-            bench(args.n, args.batch)
-        else:
-            tok = get_tokenizer(args.model, args.context_length, args.reduction)
-            print(tok)
-            for text, ids in zip(args.texts, tok(args.texts).tolist()):
-                print(ids, repr(tok.decode(ids)))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

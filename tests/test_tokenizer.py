@@ -1,13 +1,21 @@
 """tokenizer.py against what we did not write: OpenCLIP's SimpleTokenizer (CLIP BPE) and
-transformers' pure-Python BertTokenizer (WordPiece), plus the reduction strategies' contracts."""
+transformers' pure-Python BertTokenizer (WordPiece), plus the reduction strategies' contracts and
+model.get_tokenizer for every registered model."""
+import os
 import pickle
 import random
 import string
+import sys
 
 import pytest
 import torch
 
+import model
 import tokenizer as T
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
+
+from bench_tokenizer import synthetic_captions  # noqa: E402  (alt-text-like captions)
 
 SOT, EOT, CLS = 49406, 49407, 101
 
@@ -84,7 +92,7 @@ def _generated(n: int, seed: int) -> list[str]:
     return out
 
 
-CORPUS = HAND + _generated(1200, seed=0) + T.synthetic_captions(100, seed=5)
+CORPUS = HAND + _generated(1200, seed=0) + synthetic_captions(100, seed=5)
 
 
 def test_corpus_is_big_and_varied():
@@ -97,8 +105,8 @@ def test_corpus_is_big_and_varied():
 
 @pytest.fixture(scope="module")
 def open_clip_tokenizer():
-    oc = pytest.importorskip("open_clip.tokenizer")
-    return oc.SimpleTokenizer()
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()
 
 
 @pytest.mark.parametrize("ctx", [77, 16, 8])
@@ -162,7 +170,7 @@ def test_word_cache_clears_when_full(monkeypatch):
 
 @pytest.fixture(scope="module")
 def bert_reference():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ref = transformers.BertTokenizer(vocab_file=T.BERT_VOCAB, do_lower_case=True)
 
     def encode(texts, ctx):
@@ -221,7 +229,7 @@ def _is_subsequence(small, big):
 @pytest.mark.parametrize("tk,ctx", [("clip_bpe", 8), ("clip_bpe", 16), ("wordpiece", 8)])
 @pytest.mark.parametrize("reduction", ["random", "block"])
 def test_random_and_block_masking(tk, ctx, reduction):
-    caps = T.synthetic_captions(50, seed=3) + ["a dog", ""]
+    caps = synthetic_captions(50, seed=3) + ["a dog", ""]
     full = T.Tokenizer(tk, 200, "truncate")
     tok = T.Tokenizer(tk, ctx, reduction)
     out = tok(caps, rng=random.Random(7))
@@ -317,61 +325,37 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="context_length"):
         T.Tokenizer("clip_bpe", 1)
     with pytest.raises(ValueError, match="context_length"):
-        T.get_tokenizer("ViT-B-16-CL16", context_length=0)
+        model.get_tokenizer("ViT-B-16-CL16", context_length=0)
     with pytest.raises(ValueError, match="rng must be a random.Random"):
         T.Tokenizer("clip_bpe", 8, "random")(["a dog"], rng=42)
     with pytest.raises(ValueError, match="valid: truncate"):
-        T.get_tokenizer("ViT-B-16-CL16", reduction="nope")
+        model.get_tokenizer("ViT-B-16-CL16", reduction="nope")
     with pytest.raises(ValueError, match="unknown model"):
-        T.get_tokenizer("ViT-Nope")
+        model.get_tokenizer("ViT-Nope")
 
 
-# ----------------------------------------------------------------------------- get_tokenizer
+# ----------------------------------------------------------------------------- model.get_tokenizer
 
 def test_get_tokenizer_serves_every_registered_model():
-    import model
     names = model.list_models() + sorted(model.MODEL_ALIASES)
     for name in names:
         cfg = model.get_model_config(name).text
-        tok = T.get_tokenizer(name)
+        tok = model.get_tokenizer(name)
         assert (tok.tokenizer, tok.context_length, tok.reduction) == \
             (cfg.tokenizer, cfg.context_length, cfg.reduction), name
         assert ("Syntax" in name) == (tok.reduction == "syntax"), name
         out = tok(["a diagram", "a dog", "a cat"], rng=random.Random(0))
         assert out.shape == (3, cfg.context_length) and int(out.max()) < cfg.vocab_size, name
-        ev = T.get_tokenizer(name, reduction="truncate")
+        ev = model.get_tokenizer(name, reduction="truncate")
         assert ev.reduction == "truncate" and ev.context_length == cfg.context_length
-    assert T.get_tokenizer("ViT-H-14-CLIPA").tokenizer == "wordpiece"
-    assert T.get_tokenizer("ViT-L-16-CL8-Syntax-GAP", context_length=32).context_length == 32
+    assert model.get_tokenizer("ViT-H-14-CLIPA").tokenizer == "wordpiece"
+    assert model.get_tokenizer("ViT-L-16-CL8-Syntax-GAP", context_length=32).context_length == 32
 
 
 def test_tokenizer_pickles_for_data_loader_workers():
-    tok = T.get_tokenizer("ViT-L-16-CL8-Syntax-GAP")
+    tok = T.Tokenizer("clip_bpe", 8, "syntax")
     blob = pickle.dumps(tok)
     assert len(blob) < 1000                       # config only; vocabularies load once per process
     again = pickle.loads(blob)
-    caps = T.synthetic_captions(20, seed=9)
+    caps = synthetic_captions(20, seed=9)
     assert torch.equal(again(caps), tok(caps))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def test_cli(capsys):
-    assert T.main(["encode", "--model", "ViT-B-16-CL16", "a photo of a dog"]) == 0
-    out = capsys.readouterr().out
-    assert "a photo of a dog" in out and str(SOT) in out
-    assert T.main(["encode", "--model", "ViT-Nope", "x"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: unknown model") and err.count("\n") == 1
-    assert T.main(["bench", "--n", "0"]) == 2
-
-
-def test_bench_runs_small(capsys):
-    rows = T.bench(n=40, batch=16)
-    names = [r["name"] for r in rows]
-    assert "open_clip SimpleTokenizer (ctx 16)" in names
-    assert all(f"ours {tk} {red} (ctx {ctx})" in names for red in T.REDUCTIONS
-               for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32)))
-    assert all(r["batched"] > 0 and r["single"] > 0 for r in rows)
-    assert {r["corpus"] for r in rows} == {"ascii", "non-ascii"}
-    assert "| ours clip_bpe syntax (ctx 8)" in capsys.readouterr().out
