@@ -15,7 +15,6 @@ Images travel as uint8 and are normalised on the device (data.normalize).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -25,6 +24,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+import data
+import xla_utils
+from model import config_from_metadata, create_model, get_tokenizer, read_metadata
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TEMPLATE_SETS = {"openai": "openai_templates.txt", "short": "short_templates.txt"}
@@ -52,15 +55,32 @@ def load_templates(name_or_path: str | None = "openai") -> list[str]:
     """'openai' (the CLIP paper's 80 prompts), 'short' (7 of them) or a file, one template per line
     with '{}' where the class name goes."""
     name_or_path = name_or_path or "openai"
+    path = name_or_path
     if name_or_path in TEMPLATE_SETS:
         path = os.path.join(ASSETS, TEMPLATE_SETS[name_or_path])
-    else:
-        path = name_or_path
     templates = _read_lines(path, "templates")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise ValueError(f"every template needs exactly one '{{}}' placeholder; {path} has {bad[0]!r}")
     return templates
+
+
+def eval_classes(data_path, fmt: str | None = None) -> list[str]:
+    """Class folder names (ImageFolder) or ClassLabel names (TFDS) of an evaluation set, in label
+    order. Lists the folders / reads the TFDS info; no image is read."""
+    return data.make_eval_loader(data_path, None, 1, fmt=fmt, num_workers=0)[1]
+
+
+def check_eval_set(data_path, classnames: list[str], fmt: str | None = None) -> None:
+    """One-line ValueError unless the set at data_path has one class per name. Cheap (no image is
+    read), so a training run checks its eval set before its first step, not after a stage."""
+    _check_class_count(data_path, eval_classes(data_path, fmt), classnames)
+
+
+def _check_class_count(data_path, classes: list[str], classnames: list[str]):
+    if len(classes) != len(classnames):
+        raise ValueError(f"{data_path} has {len(classes)} classes but {len(classnames)} class names "
+                         "were given (pass --classnames with one name per class, in sorted folder order)")
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -71,14 +91,15 @@ def _unwrap(model):
 
 
 @torch.no_grad()
-def build_classifier(model, tokenizer, classnames, templates, device, *, batch_size: int = 256,
-                     dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
-    """Zero-shot weights W [E, C]: per class, mean of the normalised prompt embeddings, renormalised.
+def build_classifier(model, tokenizer, classnames, templates, *, runtime: xla_utils.Runtime,
+                     precision: str = "auto", batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Zero-shot weights W [E, C] on runtime.device: per class, mean of the normalised prompt
+    embeddings, renormalised. precision: 'auto' | 'fp32' | 'bf16' (runtime.precision decides auto).
 
     Prompts run through the text tower in fixed-size batches (the last one padded by repetition) so
     an XLA device compiles the text graph once."""
     clip = _unwrap(model)
-    device = torch.device(device) if device is not None else next(clip.parameters()).device
+    precision = runtime.precision(precision)
     prompts = [t.format(c) for c in classnames for t in templates]
     tokens = tokenizer(prompts)
     n = tokens.shape[0]
@@ -88,13 +109,13 @@ def build_classifier(model, tokenizer, classnames, templates, device, *, batch_s
         chunk = tokens[start:start + bs]
         if chunk.shape[0] < bs:  # static shape: pad with copies of the first row
             chunk = torch.cat([chunk, chunk[:1].expand(bs - chunk.shape[0], -1)])
-        with _autocast(device, dtype):
-            emb = clip.encode_text(chunk.to(device), normalize=True)
+        with runtime.autocast(precision):
+            emb = clip.encode_text(chunk.to(runtime.device), normalize=True)
         chunks.append(emb.float())  # padding rows dropped after the loop: one graph for all chunks
-        _mark_step(device)
+        runtime.step_boundary()
     emb = torch.cat(chunks)[:n].view(len(classnames), len(templates), -1)
     weights = F.normalize(emb.mean(dim=1), dim=-1).t().contiguous()
-    _mark_step(device)  # materialise W (else it would be re-traced into the first image batch)
+    runtime.step_boundary()  # materialise W (else it would be re-traced into the first image batch)
     return weights
 
 
@@ -126,43 +147,29 @@ class Preprocess:
             raise ValueError(f"interpolation must be bicubic or bilinear, got {p.interpolation!r}")
         return p
 
-
-def eval_image_transform(pre: Preprocess):
-    """data.py's uint8 eval transform, decoding JPEGs at full resolution: the reduced-scale (draft)
-    decode that speeds up training changes pixels by ~2-3 levels on large images, and zero-shot
-    numbers must match the reference preprocessing (torchvision Resize + CenterCrop on the full image)."""
-    import data
-    return data.EvalTransform(pre.image_size, pre.interpolation, pre.square_resize_only, draft=False)
+    def transform(self):
+        """The uint8 image transform: data.eval_transform, the one create_model_and_transforms uses."""
+        return data.eval_transform(self.image_size, self.interpolation, self.square_resize_only)
 
 
-def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, batch_size: int = 64,
-             num_workers: int = 2, device=None, dtype: torch.dtype | None = None, fmt: str | None = None,
-             force_image_size: int | None = None, image_mean=None, image_std=None,
-             interpolation: str | None = None, square_resize_only: bool | None = None,
-             tokenizer=None, model_name: str | None = None, runtime=None, rank: int | None = None,
-             world_size: int | None = None, text_batch_size: int = 256, progress: bool = False,
-             limit: int | None = None) -> dict:
-    """Zero-shot accuracy of `model` on the classification set at `data_path`.
+def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precision: str = "auto",
+             classnames=None, templates=None, batch_size: int = 64, num_workers: int = 2,
+             fmt: str | None = None, preprocess: Preprocess | None = None, tokenizer=None,
+             text_batch_size: int = 256, progress: bool = False, limit: int | None = None) -> dict:
+    """Zero-shot accuracy of `model` (on runtime.device) on the classification set at `data_path`.
 
+    runtime: the xla_utils.Runtime the model runs under (train.py passes its own). With several
+    processes each rank evaluates its shard and the counts are summed; under XLA SPMD each batch is
+    sharded over the mesh.
+    precision: 'auto' | 'fp32' | 'bf16' autocast (runtime.precision decides auto).
     classnames: list or file path; None -> the 1000 ImageNet-1K names shipped in assets/.
     templates: list, 'openai' (80, default), 'short' (7) or a file path.
-    dtype: autocast dtype (None: bfloat16 on CUDA, float32 elsewhere).
-    runtime: an xla_utils.Runtime (train.py passes its own): with several processes each rank
-    evaluates its shard and the counts are summed; under XLA SPMD each batch is sharded over the
-    mesh. None -> `device` (default: the model's), rank/world_size if given, else torch.distributed's
-    if initialised (counts are summed over its process group when world_size > 1).
-    tokenizer: None -> tokenizer.get_tokenizer(model_name or model_cfg, reduction="truncate").
+    preprocess: None -> the model family's (Preprocess.for_model(model_cfg)).
+    tokenizer: None -> the model's tokenizer at its context length, plain truncation.
     Returns dict(top1, top5, mean_per_class_recall, n) plus details.
     The model is put in eval mode (no image masking) and its previous mode restored afterwards."""
-    import data
-
     clip = _unwrap(model)
-    if runtime is None:
-        device = torch.device(device) if device is not None else next(clip.parameters()).device
-        runtime = _default_runtime(device, rank, world_size)
-    device, rank, world_size = runtime.device, runtime.rank, runtime.world_size
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = runtime.precision(precision)
     if runtime.spmd and batch_size % runtime.num_devices:
         raise ValueError(f"batch size {batch_size} must be a multiple of the {runtime.num_devices} "
                          "XLA devices it is sharded over")
@@ -171,63 +178,57 @@ def evaluate(model, model_cfg, data_path, *, classnames=None, templates=None, ba
     if templates is None or isinstance(templates, str):
         templates = load_templates(templates)
     if tokenizer is None:
-        tokenizer = _eval_tokenizer(model_name, model_cfg)
-    pre = Preprocess.for_model(model_cfg, force_image_size, image_mean, image_std, interpolation,
-                               square_resize_only)
-
-    transform = eval_image_transform(pre)
-    loader, classes = data.make_eval_loader(data_path, transform, batch_size, fmt=fmt,
-                                            num_workers=num_workers, rank=rank, world_size=world_size)
-    if len(classes) != len(classnames):
-        raise ValueError(f"{data_path} has {len(classes)} classes but {len(classnames)} class names "
-                         "were given (pass --classnames with one name per class, in sorted folder order)")
+        tokenizer = get_tokenizer(model_cfg, reduction="truncate")
+    pre = preprocess or Preprocess.for_model(model_cfg)
+    loader, classes = data.make_eval_loader(data_path, pre.transform(), batch_size, fmt=fmt,
+                                            num_workers=num_workers, rank=runtime.rank,
+                                            world_size=runtime.world_size)
+    _check_class_count(data_path, classes, classnames)
 
     was_training = clip.training
     clip.eval()
+    progress = progress and runtime.is_master
     t0 = time.time()
     try:
-        weights = build_classifier(clip, tokenizer, classnames, templates, device, dtype=dtype,
-                                   batch_size=text_batch_size, progress=progress and rank == 0)
-        _synchronize(device)
+        weights = build_classifier(clip, tokenizer, classnames, templates, runtime=runtime,
+                                   precision=precision, batch_size=text_batch_size, progress=progress)
+        runtime.synchronize()
         t1 = time.time()
-        counts = _classify(clip, weights, loader, pre, runtime, dtype, batch_size,
-                           len(classnames), progress and rank == 0, limit)
-        _synchronize(device)
+        counts = _classify(clip, weights, loader, pre, runtime, precision, batch_size, len(classnames),
+                           progress, limit)
+        runtime.synchronize()
         t2 = time.time()
     finally:
         clip.train(was_training)
-    if runtime.distributed and world_size > 1:  # (under SPMD the counts are already global)
+    if runtime.distributed and runtime.world_size > 1:  # (under SPMD the counts are already global)
         torch.distributed.all_reduce(counts)
     counts = counts.cpu().double()
     correct1, correct5, per_class_correct, per_class_total = (
         counts[0, 0].item(), counts[0, 1].item(), counts[1], counts[2])
     n = int(per_class_total.sum().item())
     if n == 0:
-        raise ValueError(f"no images found in {data_path}")
+        raise ValueError(f"no readable images in {data_path}")
     seen = per_class_total > 0
     recall = (per_class_correct[seen] / per_class_total[seen]).mean().item()
     return dict(top1=correct1 / n, top5=correct5 / n, mean_per_class_recall=recall, n=n,
-                num_classes=len(classnames), num_templates=len(templates),
+                num_classes=len(classnames), num_templates=len(templates), precision=precision,
                 context_length=int(tokenizer.context_length), classifier_seconds=round(t1 - t0, 2),
                 image_seconds=round(t2 - t1, 2), images_per_second=round(n / max(t2 - t1, 1e-9), 1),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()})
 
 
 @torch.no_grad()
-def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size, num_classes,
+def _classify(clip, weights, loader, pre: Preprocess, runtime, precision, batch_size, num_classes,
               progress, limit):
     """Hit counts as one integer tensor [3, C]: row 0 = (top-1 hits, top-5 hits, 0...), row 1 =
-    per-class top-1 hits, row 2 = per-class totals (mean per-class recall uses the classes present). Batches are padded to batch_size (labels -1) so that XLA
-    compiles once; counts stay on the device until the end (no per-batch host sync)."""
-    import data
-
+    per-class top-1 hits, row 2 = per-class totals (mean per-class recall uses the classes present).
+    Batches are padded to batch_size (labels -1) so that XLA compiles once; counts stay on the
+    device until the end (no per-batch host sync)."""
     device = runtime.device
     k = min(5, num_classes)
-    # exact integer counts (int32 on XLA: TPUs have no fast 64-bit integers)
-    counts = torch.zeros(3, num_classes, device=device,
-                         dtype=torch.int32 if device.type == "xla" else torch.int64)
+    counts = torch.zeros(3, num_classes, device=device, dtype=runtime.count_dtype)
     classes = torch.arange(num_classes, device=device)
-    _mark_step(device)  # materialise the zeros: every batch then runs the same graph
+    runtime.step_boundary()  # materialise the zeros: every batch then runs the same graph
     seen = 0
     for images, labels in _progress(loader, progress, "images"):
         if limit is not None and seen >= limit:
@@ -239,7 +240,7 @@ def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size
             labels = torch.cat([labels, labels.new_full((batch_size - valid,), -1)])
         images, labels = runtime.to_device(images, labels)
         x = data.normalize(images, pre.image_mean, pre.image_std)
-        with _autocast(device, dtype):
+        with runtime.autocast(precision):
             feats = clip.encode_image(x, normalize=True)
         logits = 100.0 * F.normalize(feats.float(), dim=-1) @ weights
         topk = logits.topk(k, dim=-1).indices
@@ -250,62 +251,15 @@ def _classify(clip, weights, loader, pre: Preprocess, runtime, dtype, batch_size
         counts[0, 1] += hitk.sum()
         counts[1] += (onehot * hit1[:, None]).sum(0)
         counts[2] += onehot.sum(0)
-        _mark_step(device)
+        runtime.step_boundary()
     return counts
 
-
-# ----------------------------------------------------------------------------- runtime helpers
 
 def _progress(it, enabled, unit, total=None):
     if not enabled:
         return it
     from tqdm import tqdm
     return tqdm(it, total=total, unit=f" {unit} batch", file=sys.stderr, dynamic_ncols=True)
-
-
-def _autocast(device, dtype):
-    """Autocast to dtype (bf16 / fp16) on the device; nothing for float32 or None."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def _synchronize(device):
-    # for honest timings: wait for queued device work
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _mark_step(device):
-    if torch.device(device).type == "xla":
-        import torch_xla
-        torch_xla.sync()
-
-
-def _default_runtime(device: torch.device, rank: int | None = None, world_size: int | None = None):
-    """A Runtime describing the caller's setup: this device, the given ranks or torch.distributed's."""
-    from xla_utils import Runtime
-    kind = device.type if device.type in ("cuda", "xla") else "cpu"
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if rank is None or world_size is None:
-        rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
-                            if initialised else (0, 1))
-    if world_size > 1 and not initialised:
-        raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group "
-                         "(or pass runtime=) to sum the counts of the ranks")
-    return Runtime(kind, device, rank=rank, world_size=world_size, distributed=world_size > 1)
-
-
-def _eval_tokenizer(model_name, model_cfg):
-    """The model's tokenizer at its own context length, plain truncation (prompts are never masked)."""
-    import tokenizer as tok
-    text = model_cfg.text
-    if model_name is not None:
-        try:
-            return tok.get_tokenizer(model_name, context_length=text.context_length, reduction="truncate")
-        except ValueError:  # a name the registry does not know: the config says all we need
-            pass
-    return tok.Tokenizer(text.tokenizer, text.context_length, "truncate")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -320,7 +274,8 @@ def _default_out(ckpt: str, dataset: str) -> str:
 
 
 def _parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Zero-shot classification accuracy of a CLIPA checkpoint.")
+    p = xla_utils.ArgumentParser(prog="eval_zeroshot.py",
+                                 description="Zero-shot classification accuracy of a CLIPA checkpoint.")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--ckpt", help="run dir, checkpoint dir, .safetensors or torch state dict "
                    "(ours, OpenCLIP or converted CLIPA-v2)")
@@ -342,8 +297,9 @@ def _parse_args(argv=None):
     p.add_argument("--interpolation", choices=["bicubic", "bilinear"])
     p.add_argument("--square-resize-only", action=argparse.BooleanOptionalAction, default=None,
                    help="resize to a square without cropping (v2 default) vs short side + center crop")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | xla")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--device", default="auto", choices=xla_utils.DEVICES,
+                   help="auto: cuda if a GPU is visible, xla if a TPU is attached, else cpu")
+    p.add_argument("--precision", choices=xla_utils.PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--limit", type=int, help="stop after about this many images per process (quick check)")
     p.add_argument("--out", metavar="FILE", help="JSON result (default: next to the checkpoint, else cwd)")
@@ -352,83 +308,71 @@ def _parse_args(argv=None):
 
 
 def load_checkpoint_model(ckpt: str, model_name: str | None = None, image_size: int | None = None):
-    """(model, cfg, name) from a checkpoint; the architecture comes from its metadata unless named.
-    image_size (--force-image-size) builds the model at that size (position table resized)."""
-    import model as M
-
+    """(model, name) from a checkpoint, its weights read once and its header once; the architecture
+    comes from its metadata unless named. image_size (--force-image-size) builds the model at that
+    size (position table resized)."""
     if model_name is not None:
-        net = M.create_model(model_name, image_size=image_size, pretrained=ckpt)
-        return net, net.cfg, model_name
-    _, meta = M.read_weights(ckpt)
-    cfg = M.config_from_metadata(meta)
+        return create_model(model_name, image_size=image_size, pretrained=ckpt), model_name
+    meta = read_metadata(ckpt)
+    cfg = config_from_metadata(meta)
     if cfg is None:
         raise ValueError(f"{ckpt} records no model config (not a checkpoint of this project): pass "
-                         f"--model NAME, one of {', '.join(M.list_models())}")
-    net = M.create_model(cfg, image_size=image_size)
-    M.load_pretrained(net, ckpt)
-    return net, net.cfg, meta.get("model_name") or "checkpoint"
+                         "--model NAME (python model.py list)")
+    return create_model(cfg, image_size=image_size, pretrained=ckpt), meta.get("model_name", "checkpoint")
+
+
+def _inputs(args):
+    """Everything the run needs from the user, checked before the device starts: (dataset path,
+    class names, templates, preprocessing, model on the host, model name)."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--limit", args.limit, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.random_init and args.model is None:
+        raise ValueError("--random-init needs --model NAME")
+    dataset = args.imagenet_val or args.data
+    if not os.path.exists(dataset):
+        raise FileNotFoundError(f"dataset not found: {dataset}")
+    if args.ckpt:
+        xla_utils.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
+    templates = load_templates(args.templates)
+    if args.classnames or args.imagenet_val:
+        classnames = load_classnames(args.classnames)
+        check_eval_set(dataset, classnames, args.format)
+    else:  # --data without --classnames: the folder (synset) names
+        classnames = [c.replace("_", " ") for c in eval_classes(dataset, args.format)]
+    if args.random_init:
+        net, name = create_model(args.model, image_size=args.force_image_size), args.model
+    else:
+        net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
+    pre = Preprocess.for_model(net.cfg, image_mean=args.image_mean, image_std=args.image_std,
+                               interpolation=args.interpolation, square_resize_only=args.square_resize_only)
+    return dataset, classnames, templates, pre, net, name
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    started = []  # the runtime _main starts: shut down however it ends (torchrun process group)
     try:
-        return _main(args, started)
-    finally:
-        for runtime in started:
-            runtime.shutdown()
-
-
-def _main(args, started: list) -> int:
-    rank = 0
-    try:
-        import xla_utils
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        dataset = args.imagenet_val or args.data
-        if not os.path.exists(dataset):
-            raise FileNotFoundError(f"dataset not found: {dataset}")
-        templates = load_templates(args.templates)
-        classnames = load_classnames(args.classnames) if (args.classnames or args.imagenet_val) else None
-        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+        dataset, classnames, templates, pre, net, name = _inputs(args)
         runtime = xla_utils.init_runtime(args.device)
-        started.append(runtime)
-        rank = runtime.rank
-        if args.random_init:
-            if args.model is None:
-                raise ValueError("--random-init needs --model NAME")
-            import model as M
-            with torch.device(runtime.device if runtime.kind == "cuda" else "cpu"):
-                net = M.create_model(args.model, image_size=args.force_image_size)
-            cfg, name = net.cfg, args.model
-        else:
-            net, cfg, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
-        net.to(runtime.device)
-        if classnames is None:  # --data without --classnames: the folder (synset) names
-            import data
-            _, classes = data.make_eval_loader(dataset, lambda x: x, 1, fmt=args.format, num_workers=0)
-            classnames = [c.replace("_", " ") for c in classes]
-        if rank == 0:
+    except (ValueError, OSError) as err:  # user input: missing / unreadable files, unknown names
+        return xla_utils.usage_error(err)
+    try:
+        cfg = net.cfg
+        if runtime.is_master:
             print(f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts tokenized "
                   f"at context length {cfg.text.context_length} (truncation, no masking); "
                   f"{len(classnames)} classes x {len(templates)} templates", file=sys.stderr)
-        res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates,
-                       batch_size=args.batch_size, num_workers=args.workers, dtype=dtype,
-                       fmt=args.format, image_mean=args.image_mean, image_std=args.image_std,
-                       interpolation=args.interpolation, square_resize_only=args.square_resize_only,
-                       model_name=name, runtime=runtime, progress=not args.no_progress,
-                       limit=args.limit)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    if rank != 0:
+        res = evaluate(net.to(runtime.device), cfg, dataset, runtime=runtime, precision=args.precision,
+                       classnames=classnames, templates=templates, batch_size=args.batch_size,
+                       num_workers=args.workers, fmt=args.format, preprocess=pre,
+                       progress=not args.no_progress, limit=args.limit)
+    finally:
+        runtime.shutdown()
+    if not runtime.is_master:
         return 0
-    precision = args.precision if args.precision != "auto" else \
-        ("bf16" if runtime.kind == "cuda" else "fp32")
     ckpt = os.path.abspath(args.ckpt) if args.ckpt else "random-init"
-    res = dict(model=name, checkpoint=ckpt, dataset=os.path.abspath(dataset),
-               device=runtime.kind, precision=precision, **res)
+    res = dict(model=name, checkpoint=ckpt, dataset=os.path.abspath(dataset), device=runtime.kind, **res)
     print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
           f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
           f"{res['num_classes']} classes, context length {res['context_length']})")

@@ -21,6 +21,7 @@ import data
 import eval_zeroshot as Z
 import model as M
 import tokenizer as T
+import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSNAMES = ["goldfish", "tabby cat", "fire truck", "volcano", "pizza", "umbrella"]
@@ -47,6 +48,11 @@ def _names_file(tmp_path, names=CLASSNAMES):
     p = tmp_path / "classnames.txt"
     p.write_text("\n".join(names) + "\n")
     return str(p)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return xla_utils.init_runtime("cpu")
 
 
 def _perturb(module, seed):
@@ -126,11 +132,12 @@ def _pick_seed(build, tokenizer, preprocess, root, templates):
     return oc, (top1, top5, recall, preds, W)
 
 
-def _our_predictions(net, cfg, root, templates, **pre_kw):
+def _our_predictions(net, cfg, root, templates):
     """Per-image predictions through this module's public pieces (what evaluate() does)."""
-    pre = Z.Preprocess.for_model(cfg, **pre_kw)
-    W = Z.build_classifier(net, Z._eval_tokenizer(None, cfg), CLASSNAMES, templates, "cpu", batch_size=7)
-    loader, classes = data.make_eval_loader(root, Z.eval_image_transform(pre), 5, num_workers=0)
+    pre = Z.Preprocess.for_model(cfg)
+    W = Z.build_classifier(net, M.get_tokenizer(cfg, reduction="truncate"), CLASSNAMES, templates,
+                           runtime=xla_utils.init_runtime("cpu"), batch_size=7)
+    loader, classes = data.make_eval_loader(root, pre.transform(), 5, num_workers=0)
     preds, images = [], []
     with torch.no_grad():
         for x, _ in loader:
@@ -141,7 +148,10 @@ def _our_predictions(net, cfg, root, templates, **pre_kw):
 
 
 def _run_cli(args):
-    return Z.main([*map(str, args), "--workers", "0", "--device", "cpu", "--no-progress"])
+    try:
+        return Z.main([*map(str, args), "--workers", "0", "--device", "cpu", "--no-progress"])
+    except SystemExit as e:  # argparse errors exit from inside
+        return e.code
 
 
 # ----------------------------------------------------------------------------- vs OpenCLIP
@@ -224,13 +234,12 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluate() as train.py uses it
 
-def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, tmp_path):
+def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, cpu):
     """Random image masking (train mode only) must not leak into evaluation; mode is restored."""
     net = M.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5)
     cfg = net.cfg
     net.train()
-    kw = dict(classnames=CLASSNAMES, templates="short", batch_size=8, num_workers=0,
-              model_name="ViT-Test-8-CL16")
+    kw = dict(runtime=cpu, classnames=CLASSNAMES, templates="short", batch_size=8, num_workers=0)
     first = Z.evaluate(net, cfg, folder, **kw)
     assert net.training
     net.eval()
@@ -241,25 +250,89 @@ def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, tmp_path):
     assert first["n"] == 24 and first["num_templates"] == 7
 
 
-def test_xla_matches_cpu_with_one_compile_per_graph(folder):
+def test_evaluate_needs_a_runtime_and_honours_its_precision(folder, cpu):
+    """evaluate() runs under the caller's Runtime (no device guessing); precision 'auto' is the
+    runtime's rule (fp32 on the CPU), 'bf16' runs both towers under bf16 autocast."""
+    torch.manual_seed(1)
+    net = _perturb(M.create_model("ViT-Test-8-CL16"), 1)
+    kw = dict(classnames=CLASSNAMES, templates="short", batch_size=12, num_workers=0)
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'runtime'"):
+        Z.evaluate(net, net.cfg, folder, **kw)
+    seen = []
+    for tower in (net.visual, net.text):
+        tower.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        seen.clear()
+        res = Z.evaluate(net, net.cfg, folder, runtime=cpu, precision=precision, **kw)
+        assert res["precision"] == cpu.precision(precision) and res["n"] == 24
+        assert len(seen) == 1 + 2 and set(seen) == {dtype}, precision    # 1 prompt chunk, 2 image batches
+    tok = M.get_tokenizer(net.cfg, reduction="truncate")
+    w32, w16 = (Z.build_classifier(net, tok, CLASSNAMES, ["a photo of a {}."], runtime=cpu, precision=p)
+                for p in ("fp32", "bf16"))
+    assert w32.dtype == w16.dtype == torch.float32 and not torch.equal(w32, w16)
+    assert (w32 - w16).abs().max() < 0.05
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        Z.evaluate(net, net.cfg, folder, runtime=cpu, precision="fp16", **kw)
+
+
+def test_model_transforms_and_evaluate_see_the_same_pixels(tmp_path):
+    """The two doors to evaluation preprocessing - create_model_and_transforms' eval transform (a PIL
+    image in) and evaluate()'s loader (JPEG bytes in) - give identical tensors on a large JPEG, and
+    those are the full-resolution picture (a reduced-scale draft decode moves pixels 2-3 levels)."""
+    import torchvision.transforms as TV
+
+    rng = np.random.default_rng(1)
+    fine = rng.normal(128, 60, (240, 320, 3)).clip(0, 255).astype(np.uint8)   # 4-px detail at 1280x960
+    (tmp_path / "val" / "n00").mkdir(parents=True)
+    path = tmp_path / "val" / "n00" / "big.JPEG"
+    Image.fromarray(fine).resize((1280, 960), Image.BICUBIC).save(path, quality=90)
+    for name in ("ViT-Test-8-CL16", "ViT-Test-8-CL32-GAP-BigVision"):
+        _, _, preprocess = M.create_model_and_transforms(name)
+        pre = Z.Preprocess.for_model(M.get_model_config(name))
+        loader, _ = data.make_eval_loader(tmp_path / "val", pre.transform(), 1, num_workers=0)
+        (images, _), = list(loader)
+        theirs = data.normalize(images, pre.image_mean, pre.image_std)[0]
+        assert torch.equal(preprocess(Image.open(path)), theirs), name
+        mode = TV.InterpolationMode(pre.interpolation)
+        resize = [TV.Resize((32, 32), mode)] if pre.square_resize_only else [TV.Resize(32, mode), TV.CenterCrop(32)]
+        ref = TV.Compose([*resize, TV.ToTensor(), TV.Normalize(pre.image_mean, pre.image_std)])(
+            Image.open(path).convert("RGB"))
+        assert (theirs - ref).abs().max() <= 1.01 / (255 * min(pre.image_std)), name
+
+
+def test_check_eval_set_counts_classes_without_reading_images(tmp_path):
+    """train.py runs this before its first step: a class-name list that does not match the set is a
+    one-line error up front. Only the folders are listed: undecodable files do not matter here."""
+    for c in ("n01", "n02", "n03"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        (tmp_path / "val" / c / "0.JPEG").write_bytes(b"not a jpeg")
+    Z.check_eval_set(tmp_path / "val", ["a", "b", "c"])
+    assert Z.eval_classes(tmp_path / "val") == ["n01", "n02", "n03"]
+    with pytest.raises(ValueError, match=r"val has 3 classes but 2 class names were given") as e:
+        Z.check_eval_set(tmp_path / "val", ["a", "b"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no such evaluation directory"):
+        Z.check_eval_set(tmp_path / "nope", ["a"])
+
+
+def test_xla_matches_cpu_with_one_compile_per_graph(folder, cpu):
     """On an XLA device (PJRT CPU here, a TPU for users) the padded static-shape batches give the CPU
     result, and the text and image graphs are compiled once each, not once per batch."""
-    import torch_xla
     import torch_xla.debug.metrics as met
 
     torch.manual_seed(5)
     net = _perturb(M.create_model("ViT-Test-8-CL16"), 5)
-    kw = dict(classnames=CLASSNAMES, templates="short", batch_size=5, text_batch_size=16,
-              num_workers=0, model_name="ViT-Test-8-CL16")
-    cpu = Z.evaluate(net, net.cfg, folder, **kw)
+    kw = dict(classnames=CLASSNAMES, templates="short", batch_size=5, text_batch_size=16, num_workers=0)
+    on_cpu = Z.evaluate(net, net.cfg, folder, runtime=cpu, **kw)
+    xla_rt = xla_utils.init_runtime("xla")
     compiles = lambda: (met.metric_data("CompileTime") or [0])[0]  # noqa: E731
     before = compiles()
-    xla = Z.evaluate(net.to(torch_xla.device()), net.cfg, folder, **kw)
+    xla = Z.evaluate(net.to(xla_rt.device), net.cfg, folder, runtime=xla_rt, **kw)
     # 3 text chunks (42 prompts, last padded) + 5 image batches (last padded) -> 2 big graphs, plus
     # the small classifier-average and zero-counts graphs
     assert compiles() - before <= 4
     for k in ("top1", "top5", "mean_per_class_recall", "n"):
-        assert xla[k] == cpu[k], k
+        assert xla[k] == on_cpu[k], k
 
 
 def _tfds_copy(folder, root):
@@ -290,7 +363,6 @@ def _tfds_copy(folder, root):
 
 
 def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     tfds_dir = _tfds_copy(folder, tmp_path / "tfds")
     torch.manual_seed(7)
     net = _perturb(M.create_model("ViT-Test-8-CL16"), 7)
@@ -308,27 +380,28 @@ def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
 
 
 def _dist_worker(rank, world, port, folder, sd, out_dir):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # what torchrun sets; the runtime starts the gloo process group from it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    rt = xla_utils.init_runtime("cpu")
     torch.set_num_threads(1)
     net = M.create_model("ViT-Test-8-CL16")
     net.load_state_dict(sd)
-    res = Z.evaluate(net, net.cfg, folder, classnames=CLASSNAMES, templates="short", batch_size=4,
-                     num_workers=0, model_name="ViT-Test-8-CL16")
+    res = Z.evaluate(net, net.cfg, folder, runtime=rt, classnames=CLASSNAMES, templates="short",
+                     batch_size=4, num_workers=0)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-    dist.destroy_process_group()
+    rt.shutdown()
 
 
-def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, tmp_path):
+def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, tmp_path, cpu):
     """Two gloo processes (each evaluates its half) report what one process reports for all."""
     import socket
     torch.manual_seed(3)
     net = M.create_model("ViT-Test-8-CL16")
     sd = _perturb(net, 3).state_dict()
-    single = Z.evaluate(net, net.cfg, folder, classnames=CLASSNAMES, templates="short", batch_size=4,
-                        num_workers=0, model_name="ViT-Test-8-CL16")
+    single = Z.evaluate(net, net.cfg, folder, runtime=cpu, classnames=CLASSNAMES, templates="short",
+                        batch_size=4, num_workers=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -349,14 +422,14 @@ def test_prompts_are_truncated_not_syntax_masked():
     import open_clip
     name = "ViT-Tiny-8-CL16-Syntax-GAP"
     cfg = M.get_model_config(name)
-    tok = Z._eval_tokenizer(name, cfg)
+    tok = M.get_tokenizer(cfg, reduction="truncate")  # evaluate()'s default
     assert tok.context_length == 16 and tok.reduction == "truncate"
     prompts = [t.format("great white shark") for t in Z.load_templates("openai")]
     prompts.append("a very blurry and rather dark low resolution photo of the great white shark in the sea")
     ref = open_clip.tokenizer.SimpleTokenizer(context_length=16)(prompts)
     assert torch.equal(tok(prompts), ref)
     # the training tokenizer of this model would have dropped words (syntax masking)
-    assert not torch.equal(T.get_tokenizer(name)(prompts[-1:]), ref[-1:])
+    assert not torch.equal(M.get_tokenizer(name)(prompts[-1:]), ref[-1:])
 
 
 # ----------------------------------------------------------------------------- data files
@@ -372,11 +445,14 @@ def test_classnames_and_templates_are_openclips():
         assert [t.format("tabby cat") for t in mine] == [t("tabby cat") for t in ref]
 
 
-def test_bad_template_file(tmp_path):
+@pytest.mark.parametrize("bad", ["no placeholder here", "{} and {} twice"])
+def test_bad_template_file(tmp_path, bad):
     p = tmp_path / "t.txt"
-    p.write_text("a photo of a {}.\nno placeholder here\n")
-    with pytest.raises(ValueError, match="placeholder"):
+    p.write_text(f"a photo of a {{}}.\n{bad}\n")
+    with pytest.raises(ValueError, match=f"exactly one '{{}}' placeholder; {p} has {bad!r}"):
         Z.load_templates(str(p))
+    with pytest.raises(FileNotFoundError, match="templates file not found: nope.txt"):
+        Z.load_templates("nope.txt")
 
 
 # ----------------------------------------------------------------------------- usage example
@@ -387,8 +463,7 @@ def test_seed_usage_example_small_v2(tmp_path):
     mean/std, bilinear, square resize."""
     from safetensors.torch import save_file
     import torchvision.transforms.functional as TF
-    from model import create_model_and_transforms
-    from tokenizer import get_tokenizer
+    from model import create_model_and_transforms, get_tokenizer
 
     name = "ViT-Test-8-CL32-GAP-BigVision"
     torch.manual_seed(0)
@@ -402,7 +477,7 @@ def test_seed_usage_example_small_v2(tmp_path):
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], interpolation='bilinear',
         square_resize_only=True)
     tokenizer = get_tokenizer('ViT-Test-8-CL32-GAP-BigVision')
-    model.eval()
+    assert not model.training  # returned in eval mode, as OpenCLIP's
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 83, 3), dtype=np.uint8))
     image = preprocess(img).unsqueeze(0)
@@ -433,8 +508,7 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
     forward pass gives 1024-d features, and the transform/tokenizer of the same call are real.
     Not exercised: loading a real H/14 checkpoint (none here) and numerics at this size."""
     import open_clip
-    from model import create_model_and_transforms
-    from tokenizer import get_tokenizer
+    from model import create_model_and_transforms, get_tokenizer
 
     with torch.device("meta"):
         model, _, preprocess = create_model_and_transforms(
@@ -462,30 +536,41 @@ def v1_ckpt(tmp_path_factory):
     return str(p)
 
 
-@pytest.mark.parametrize("case", ["missing_ckpt", "not_a_ckpt", "wrong_arch", "no_metadata",
-                                  "missing_data", "class_count", "unknown_model", "random_no_model"])
+CLI_ERRORS = {  # case -> (arguments after --ckpt V1 where given, expected message)
+    "missing_ckpt": (["--ckpt", "{tmp}/nope.pt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
+                     "checkpoint not found"),
+    "not_a_ckpt": (["--ckpt", "{tmp}/notes.txt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
+                   "not a torch checkpoint"),
+    "wrong_arch": (["--ckpt", "{v1}", "--model", "ViT-Tiny-8-CL32-GAP", "--data", "{folder}"], "does not fit"),
+    "no_metadata": (["--ckpt", "{v1}", "--data", "{folder}"], "records no model config"),
+    "missing_data": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{tmp}/nodir"],
+                     "dataset not found"),
+    "class_count": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--classnames",
+                     "{tmp}/two.txt"], "has 6 classes but 2 class names"),
+    "unknown_model": (["--ckpt", "{v1}", "--model", "ViT-Q-99", "--data", "{folder}"], "unknown model"),
+    "random_no_model": (["--random-init", "--data", "{folder}"], "--random-init needs --model"),
+    "bad_templates": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--templates",
+                       "{tmp}/notes.txt"], "exactly one '{}' placeholder"),
+    "batch_size": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--batch-size", "0"],
+                   "--batch-size must be >= 1, got 0"),
+    "bad_std": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--image-std", "1", "0",
+                 "1"], "image std must be positive"),
+    # argparse's own errors used to print the 12-line usage block first
+    "no_source": (["--ckpt", "{v1}"], "one of the arguments --imagenet-val --data is required"),
+    "bad_precision": (["--ckpt", "{v1}", "--data", "{folder}", "--precision", "fp16"], "invalid choice: 'fp16'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
 def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
-    text_file = tmp_path / "notes.txt"
-    text_file.write_text("this is not a checkpoint\n")
-    args = {
-        "missing_ckpt": ["--ckpt", tmp_path / "nope.pt", "--model", "ViT-Test-8-CL16", "--data", folder],
-        "not_a_ckpt": ["--ckpt", text_file, "--model", "ViT-Test-8-CL16", "--data", folder],
-        "wrong_arch": ["--ckpt", v1_ckpt, "--model", "ViT-Tiny-8-CL32-GAP", "--data", folder],
-        "no_metadata": ["--ckpt", v1_ckpt, "--data", folder],
-        "missing_data": ["--ckpt", v1_ckpt, "--model", "ViT-Test-8-CL16", "--data", tmp_path / "nodir"],
-        "class_count": ["--ckpt", v1_ckpt, "--model", "ViT-Test-8-CL16", "--data", folder,
-                        "--classnames", _names_file(tmp_path, ["cat", "dog"])],
-        "unknown_model": ["--ckpt", v1_ckpt, "--model", "ViT-Q-99", "--data", folder],
-        "random_no_model": ["--random-init", "--data", folder],
-    }[case]
-    expect = {"missing_ckpt": "not found", "not_a_ckpt": "not a torch checkpoint", "wrong_arch": "does not fit",
-              "no_metadata": "--model", "missing_data": "not found", "class_count": "2 class names",
-              "unknown_model": "unknown model", "random_no_model": "needs --model"}[case]
+    (tmp_path / "notes.txt").write_text("this is not a checkpoint\n")
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    args, expect = CLI_ERRORS[case]
+    args = [a.format(tmp=tmp_path, folder=folder, v1=v1_ckpt) for a in args]
     assert _run_cli(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    # (the run-description line may come first; then exactly one error line, no traceback)
-    assert err[-1].startswith("error: ") and expect in err[-1], err
-    assert len(err) <= 2 and not any(line.startswith(("Traceback", "error: ")) for line in err[:-1]), err
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1 and not out.out, out.err
+    assert expect in out.err, out.err
 
 
 def test_cli_random_init_for_timing(folder, tmp_path):
@@ -496,10 +581,26 @@ def test_cli_random_init_for_timing(folder, tmp_path):
     assert res["checkpoint"] == "random-init" and res["n"] == 24 and res["images_per_second"] > 0
 
 
+def _process(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PJRT_DEVICE": "CPU"})
+
+
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), "--ckpt",
-                        str(tmp_path / "missing.safetensors"), "--imagenet-val", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, "PJRT_DEVICE": "CPU"})
+    r = _process("--ckpt", tmp_path / "missing.safetensors", "--imagenet-val", tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.safetensors'}"]
+    r = _process()                                   # argparse printed a 12-line usage block here
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: one of the arguments --ckpt --random-init is required")
+
+
+def test_cli_keeps_the_traceback_of_unexpected_errors(folder, tmp_path, monkeypatch):
+    """Only input validation is a one-line error: a failure inside the evaluation is not hidden."""
+    def broken(*args, **kwargs):
+        raise KeyError("visual.proj")
+    monkeypatch.setattr(Z, "evaluate", broken)
+    with pytest.raises(KeyError, match="visual.proj"):
+        _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
+                  _names_file(tmp_path), "--out", tmp_path / "r.json"])
