@@ -199,7 +199,7 @@ def _override(cfg: CLIPConfig, context_length: int | None, **vision) -> CLIPConf
     return replace(cfg, vision=replace(cfg.vision, **v), text=replace(cfg.text, **t))
 
 
-def _check_config(cfg: CLIPConfig) -> CLIPConfig:
+def check_config(cfg: CLIPConfig) -> CLIPConfig:
     """Reject settings the model cannot build, with a one-line reason."""
     v, t = cfg.vision, cfg.text
     if v.image_size % v.patch_size:
@@ -208,7 +208,7 @@ def _check_config(cfg: CLIPConfig) -> CLIPConfig:
         raise ValueError(f"unknown image mask {v.mask!r}; expected one of {', '.join(MASK_STRATEGIES)}")
     if not 0.0 <= v.mask_ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {v.mask_ratio}")
-    if v.pool not in ("cls", "gap_cls", "gap") or v.pos_embed not in ("learnable", "sincos"):
+    if v.pool not in ("cls", "gap_cls", "gap") or v.pos_embed not in POS_EMBEDS:
         raise ValueError(f"unknown vision pool {v.pool!r} or position embedding {v.pos_embed!r}")
     if v.pos_embed == "sincos" and v.width % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {v.width}")
@@ -223,6 +223,7 @@ def _check_config(cfg: CLIPConfig) -> CLIPConfig:
 
 LN_EPS = 1e-5  # OpenCLIP and the authors' clipa_torch both use torch's default LayerNorm eps
 MASK_STRATEGIES = ("none", "random", "grid", "block")
+POS_EMBEDS = ("learnable", "sincos")
 
 
 def sincos_2d(width: int, grid: int) -> torch.Tensor:
@@ -449,7 +450,7 @@ class TextTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        self.cfg = _check_config(cfg)
+        self.cfg = check_config(cfg)
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.gelu)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.gelu)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
