@@ -31,6 +31,7 @@ from torchvision import transforms  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
+import shards  # noqa: E402
 import xla_utils  # noqa: E402
 
 
@@ -48,11 +49,11 @@ def bench(spec, image_size: int = 96, n: int = 512, batch_size: int = 64, fmt: s
     """images/s/core of data.py's transform vs the OpenCLIP-style one on the same records: one
     thread, in-memory JPEG bytes, decode + augment + batch, timed in process CPU time (so other
     load on the machine does not count); optionally the whole loader with N workers (wall time)."""
-    src = data.resolve(spec, fmt)
+    src = shards.resolve(spec, fmt)
     torch.set_num_threads(1)
     recs = []
     for path in src.shards:     # the first n good records; a shard is read only as far as needed
-        recs += itertools.islice((r.image for r in data.read_shard(path, src) if r.reason is None),
+        recs += itertools.islice((r.image for r in shards.read_shard(path, src) if r.reason is None),
                                  n - len(recs))
         if len(recs) >= n:
             break
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="400x300", help="WxH")
     p = sub.add_parser("bench", help="images/s/core of data.py's pipeline vs the OpenCLIP-style one")
     p.add_argument("spec", nargs="+", help="shards: brace pattern, glob, directory or files")
-    p.add_argument("--format", choices=data.FORMATS, default=None)
+    p.add_argument("--format", choices=shards.FORMATS, default=None)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--n", type=int, default=512, help="images per measurement")
     p.add_argument("--batch-size", type=int, default=64)
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         return xla_utils.usage_error("--image-size, --n, --batch-size and --repeats must be >= 1, "
                                      "--workers >= 0")
     try:
-        src = data.resolve(args.spec[0] if len(args.spec) == 1 else args.spec, args.format)
+        src = shards.resolve(args.spec[0] if len(args.spec) == 1 else args.spec, args.format)
         tok = model.get_tokenizer(args.model) if args.model else None
     except (ValueError, OSError) as e:
         return xla_utils.usage_error(e)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -33,8 +34,8 @@ def synth(tmp_path_factory):
 
 def test_synth_writes_photo_like_shards(synth):
     assert synth.endswith("{00000..00000}.tar")
-    src = data.resolve(synth)
-    recs = [r for p in src.shards for r in data.read_shard(p, src)]
+    src = shards.resolve(synth)
+    recs = [r for p in src.shards for r in shards.read_shard(p, src)]
     assert [r.key for r in recs] == [f"{i:09d}" for i in range(12)] and all(r.reason is None for r in recs)
     assert data.dataset_stats(synth)["skipped"] == 0
     img = Image.open(io.BytesIO(recs[0].image))

@@ -1,6 +1,6 @@
-"""data.py: shards written by the real writers (webdataset TarWriter, TensorFlow TFRecordWriter,
-TFDS), corrupted shards with exact skip counts, sharding, determinism, exact resume, pinned
-batches, transforms against torchvision, normalize, and the stats CLI."""
+"""The data path, shards.py and data.py: shards written by the real writers (webdataset TarWriter,
+TensorFlow TFRecordWriter, TFDS), corrupted shards with exact skip counts, sharding, determinism,
+exact resume, pinned batches, transforms against torchvision, normalize, and the stats CLI."""
 import io
 import json
 import os
@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import shards
 import tokenizer
 import xla_utils
 
@@ -55,7 +56,7 @@ N_SHARDS, PER_SHARD = 5, 12
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def tiny_shards(tmp_path_factory):
     """5 wds shards x 12 samples (img2dataset layout) and the same samples as TFRecord shards."""
     d = tmp_path_factory.mktemp("shards")
     truth = {}
@@ -78,13 +79,13 @@ def _keys(loader):
 
 # ----------------------------------------------------------------------------- readers
 
-def test_wds_reader_matches_webdataset_library(shards):
+def test_wds_reader_matches_webdataset_library(tiny_shards):
     import webdataset as wds
-    d, truth = shards
+    d, truth = tiny_shards
     spec = str(d / "{00000..00004}.tar")
-    src = data.resolve(spec)
+    src = shards.resolve(spec)
     assert src.fmt == "wds" and len(src.shards) == N_SHARDS
-    ours = [r for p in src.shards for r in data.read_wds(p, src)]
+    ours = [r for p in src.shards for r in shards.read_wds(p, src)]
     assert all(r.reason is None for r in ours)
     assert {r.key: (r.image, r.text) for r in ours} == truth
     theirs = [(s["__key__"], s["jpg"], s["txt"].decode()) for s in
@@ -92,33 +93,33 @@ def test_wds_reader_matches_webdataset_library(shards):
     assert [(r.key, r.image, r.text) for r in ours] == theirs
 
 
-def test_tfrecord_reader_and_detection_by_content(shards, tmp_path):
-    d, truth = shards
-    src = data.resolve(str(d / "*.tfrecord"))
+def test_tfrecord_reader_and_detection_by_content(tiny_shards, tmp_path):
+    d, truth = tiny_shards
+    src = shards.resolve(str(d / "*.tfrecord"))
     assert src.fmt == "tfrecord"
-    got = {r.key: (r.image, r.text) for p in src.shards for r in data.read_tfrecord(p, src)}
+    got = {r.key: (r.image, r.text) for p in src.shards for r in shards.read_tfrecord(p, src)}
     assert got == truth
     # misleading names: the format comes from the bytes, not from the path
     os.symlink(d / "00000.tfrecord", tmp_path / "laion_imagenet.tar")
     os.symlink(d / "00000.tar", tmp_path / "data.tfrecord")
-    assert data.resolve(str(tmp_path / "laion_imagenet.tar")).fmt == "tfrecord"
-    assert data.resolve(str(tmp_path / "data.tfrecord")).fmt == "wds"
-    assert data.expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
-    assert data.expand_spec(str(d / "00000.tar") + "::" + str(d / "{00003..00004}.tar")) == \
+    assert shards.resolve(str(tmp_path / "laion_imagenet.tar")).fmt == "tfrecord"
+    assert shards.resolve(str(tmp_path / "data.tfrecord")).fmt == "wds"
+    assert shards.expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
+    assert shards.expand_spec(str(d / "00000.tar") + "::" + str(d / "{00003..00004}.tar")) == \
         [str(d / f"{i:05d}.tar") for i in (0, 3, 4)]
-    assert len(data.expand_spec(str(d))) == 2 * N_SHARDS          # a directory: its shard files
+    assert len(shards.expand_spec(str(d))) == 2 * N_SHARDS          # a directory: its shard files
 
 
 def test_missing_paths_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        data.resolve(str(tmp_path / "nope-{000..003}.tar"))
+        shards.resolve(str(tmp_path / "nope-{000..003}.tar"))
     with pytest.raises(FileNotFoundError, match="no files match"):
-        data.resolve(str(tmp_path / "*.tar"))
+        shards.resolve(str(tmp_path / "*.tar"))
     (tmp_path / "x.tar").write_bytes(b"hello, not a shard" * 100)
     with pytest.raises(ValueError, match="neither a tar"):
-        data.resolve(str(tmp_path / "x.tar"))
+        shards.resolve(str(tmp_path / "x.tar"))
     with pytest.raises(ValueError, match="unknown format"):
-        data.resolve(str(tmp_path / "x.tar"), fmt="parquet")
+        shards.resolve(str(tmp_path / "x.tar"), fmt="parquet")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "stats", str(tmp_path / "none.tar")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: no such file") and r.stderr.count("\n") == 1
@@ -213,8 +214,8 @@ def test_corrupt_tfrecord_counts(tmp_path):
 # ----------------------------------------------------------------------------- sharding / order / resume
 
 @pytest.mark.parametrize("n_shards", [5, 3])      # 5 >= 4 readers: by shard; 3 < 4: by record
-def test_sharding_over_ranks_and_workers_no_dup_no_gap(shards, n_shards):
-    d, truth = shards
+def test_sharding_over_ranks_and_workers_no_dup_no_gap(tiny_shards, n_shards):
+    d, truth = tiny_shards
     spec = [str(d / f"{s:05d}.tar") for s in range(n_shards)]
     seen = []
     for rank in range(2):
@@ -226,16 +227,16 @@ def test_sharding_over_ranks_and_workers_no_dup_no_gap(shards, n_shards):
     assert set(seen[0]).isdisjoint(seen[1]) and seen[0] and seen[1]
 
 
-def test_tfrecord_with_forked_workers(shards):
+def test_tfrecord_with_forked_workers(tiny_shards):
     """tf.data inside forked DataLoader workers (TensorFlow imported in the parent first)."""
-    d, truth = shards
+    d, truth = tiny_shards
     loader = data.make_train_loader(str(d / "*.tfrecord"), None, 32, 1, num_workers=2, repeat=False)
     keys = _keys(loader)
     assert sorted(keys) == sorted(truth) and loader.samples == len(truth)
 
 
-def test_order_is_deterministic_per_seed_and_epoch(shards):
-    d, _ = shards
+def test_order_is_deterministic_per_seed_and_epoch(tiny_shards):
+    d, _ = tiny_shards
     spec = str(d / "{00000..00004}.tar")
 
     def order(seed, epoch):
@@ -247,8 +248,8 @@ def test_order_is_deterministic_per_seed_and_epoch(shards):
     assert a != sorted(a)          # actually shuffled
 
 
-def test_images_are_deterministic_and_uint8(shards):
-    d, _ = shards
+def test_images_are_deterministic_and_uint8(tiny_shards):
+    d, _ = tiny_shards
     spec = str(d / "{00000..00001}.tar")
     runs = [next(iter(data.make_train_loader(spec, None, 48, 6, num_workers=0, shuffle_buffer=8)))
             for _ in range(2)]
@@ -257,8 +258,8 @@ def test_images_are_deterministic_and_uint8(shards):
 
 
 @pytest.mark.parametrize("workers,consumed", [(2, 5), (0, 13)])
-def test_resume_is_exact(shards, workers, consumed):
-    d, _ = shards
+def test_resume_is_exact(tiny_shards, workers, consumed):
+    d, _ = tiny_shards
     spec = str(d / "{00000..00004}.tar")
     kw = dict(num_workers=workers, shuffle_buffer=10, seed=3)
     full = [b for _, (_, b) in zip(range(30), data.make_train_loader(spec, None, 32, 4, **kw))]  # crosses epochs
@@ -272,8 +273,8 @@ def test_resume_is_exact(shards, workers, consumed):
     assert resumed.epoch >= 1 and len(set(k for b in full[:15] for k in b)) == 60   # epoch 0 = 60 samples
 
 
-def test_resume_with_other_layout_skips_finished_shards(shards):
-    d, truth = shards
+def test_resume_with_other_layout_skips_finished_shards(tiny_shards):
+    d, truth = tiny_shards
     spec = str(d / "{00000..00004}.tar")
     loader = data.make_train_loader(spec, None, 32, 1, num_workers=0, shuffle_buffer=1, repeat=False)
     it = iter(loader)
@@ -287,10 +288,10 @@ def test_resume_with_other_layout_skips_finished_shards(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_pinned_loader_gives_the_same_batches_and_resumes(shards, workers):
+def test_pinned_loader_gives_the_same_batches_and_resumes(tiny_shards, workers):
     """pin_memory copies every DataLoader item (the state travels in it): same batches, same
     state, exact resume; page-locked where an accelerator exists (the CPU client ignores it)."""
-    d, _ = shards
+    d, _ = tiny_shards
     spec = str(d / "{00000..00004}.tar")
     tok = tokenizer.Tokenizer("clip_bpe", 16)
     kw = dict(num_workers=workers, shuffle_buffer=10, seed=1)
@@ -308,9 +309,9 @@ def test_pinned_loader_gives_the_same_batches_and_resumes(shards, workers):
     assert all(x.is_pinned() == torch.accelerator.is_available() for b in got for x in b)
 
 
-def test_real_tokenizer_in_loader(shards):
+def test_real_tokenizer_in_loader(tiny_shards):
     tok = tokenizer.Tokenizer("clip_bpe", 16)
-    d, _ = shards
+    d, _ = tiny_shards
     loader = data.make_train_loader(str(d / "00000.tfrecord"), tok, 32, 4, num_workers=0, shuffle_buffer=1,
                                     repeat=False)
     images, tokens = next(iter(loader))
@@ -319,8 +320,8 @@ def test_real_tokenizer_in_loader(shards):
     assert torch.equal(tokens, tok([f"caption {k} of a thing" for k in keys]))
 
 
-def test_no_batch_is_a_clear_error(shards):
-    d, _ = shards
+def test_no_batch_is_a_clear_error(tiny_shards):
+    d, _ = tiny_shards
     loader = data.make_train_loader(str(d / "00000.tar"), None, 32, 100, num_workers=0)
     with pytest.raises(ValueError, match="no training batch"):
         next(iter(loader))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import shards
 import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,10 @@ def test_regeneration_is_byte_identical_and_idempotent(demo, tmp_path):
 
 
 def test_both_shard_formats_hold_the_same_samples(demo):
-    sw, st = data.resolve(demo.train_wds), data.resolve(demo.train_tfrecord)
+    sw, st = shards.resolve(demo.train_wds), shards.resolve(demo.train_tfrecord)
     assert (sw.fmt, st.fmt) == ("wds", "tfrecord")
-    rw = [(r.key, r.image, r.text) for p in sw.shards for r in data.read_shard(p, sw)]
-    rt = [(r.key, r.image, r.text) for p in st.shards for r in data.read_shard(p, st)]
+    rw = [(r.key, r.image, r.text) for p in sw.shards for r in shards.read_shard(p, sw)]
+    rt = [(r.key, r.image, r.text) for p in st.shards for r in shards.read_shard(p, st)]
     assert rw == rt and len(rw) == 50
     assert Image.open(io.BytesIO(rw[0][1])).size == (48, 48)
     # the caption describes the drawn sample
