@@ -2,58 +2,73 @@
 
     torchrun --nproc_per_node 8 train.py --cfg l16_i37_t8 --train-data '/data/laion/{00000..41407}.tar'
     python xla_utils.py launch train.py --cfg h14_v2 --train-data ...        # TPU VM (SPMD)
-    python train.py --cfg demo                                                  # CPU, embedded data
     python train.py --cfg b16_i50_t16 --dry-run --batch-size 4096               # print resolved stages
+    python train.py --cfg l16_i37_t8 --flops                                    # FLOPs per stage
 
 A preset is a list of stages (pre-train at few tokens, then fine-tune at full length). train.py runs
 the selected stages in order, each one initialised from the previous stage's last checkpoint;
 finetune.py runs the fine-tune stages from a given pre-trained checkpoint with the same functions.
+Every option is declared once, as a field of `Stage` (per stage) or `RunConfig` (per run); the
+command line is generated from those fields.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
 import os
-import re
-import shutil
+import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
+import data
+import eval_zeroshot
+import model as model_lib
+import tokenizer as tokenizer_lib
 import xla_utils
 
+
+def opt(default, help: str, **meta):
+    """A dataclass field with its command-line help (and choices) beside its default."""
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
 # ----------------------------------------------------------------------------- presets
+
+INITS = ("scratch", "previous")
 
 
 @dataclass(frozen=True)
 class Stage:
     """One training phase. Numbers from CLIPA_SPEC section 4; lr = base_lr x batch_size / 256."""
     name: str
-    model: str
-    image_size: int
-    context_length: int | None = None     # None: the model's own (T8/T16/T32 are in the names)
-    text_reduction: str | None = None     # None: the model's (syntax for -Syntax- names)
-    pos_embed: str = "sincos"             # "sincos" (fixed 2-D) | "learnable" (v1 fine-tunes)
-    mask: str = "none"                    # image token masking: none | random | grid | block
-    mask_ratio: float = 0.0
-    batch_size: int = 256                 # global batch (all devices, all accumulation steps)
-    base_lr: float = 8e-6
-    lr: float | None = None               # None: base_lr * batch_size / 256
-    warmup: int = 0                       # linear warmup steps
-    train_num_samples: int = 0            # samples seen in this stage: steps = samples // batch
-    weight_decay: float = 0.2
-    color_jitter: bool = False
-    scale_min: float = 0.4                # RandomResizedCrop scale=(scale_min, 1.0)
-    train_data: str = ""                  # shard spec (wds/TFRecord/TFDS) or "demo"
-    train_format: str | None = None       # None: detect from the files
-    init: str = "scratch"                 # "scratch" | "previous" (the previous stage / --pretrained)
+    model: str = opt("", "registry name of the model (model.py)")
+    image_size: int = opt(224, "training resolution: CLIPA's image token reduction by resizing")
+    context_length: int | None = opt(None, "text tokens (None: the model's own, T8/T16/T32 in its name)")
+    text_reduction: str | None = opt(None, "text token reduction (None: the model's)",
+                                     choices=(None, *tokenizer_lib.REDUCTIONS))
+    pos_embed: str = opt("sincos", "image position embedding", choices=model_lib.POS_EMBEDS)
+    mask: str = opt("none", "image token masking", choices=model_lib.MASK_STRATEGIES)
+    mask_ratio: float = opt(0.0, "fraction of image patches masked")
+    batch_size: int = opt(256, "global batch (all devices, all accumulation steps)")
+    base_lr: float = opt(8e-6, "lr per 256 samples")
+    lr: float | None = opt(None, "peak lr (None: base_lr x batch_size / 256)")
+    warmup: int = opt(0, "linear warmup steps")
+    train_num_samples: int = opt(0, "samples seen in this stage: steps = samples // batch")
+    weight_decay: float = opt(0.2, "AdamW weight decay (weight matrices only)")
+    color_jitter: bool = opt(False, "colour jitter augmentation")
+    scale_min: float = opt(0.4, "RandomResizedCrop scale=(scale_min, 1)")
+    train_data: str = opt("", "training shards: webdataset tars, TFRecords or a TFDS dir")
+    train_format: str | None = opt(None, "shard format (None: detected from the bytes)",
+                                   choices=(None, *data.FORMATS))
+    init: str = opt("scratch", "start from scratch or the previous stage / --pretrained", choices=INITS)
 
     @property
     def resolved_lr(self) -> float:
@@ -62,6 +77,11 @@ class Stage:
     @property
     def steps(self) -> int:
         return self.train_num_samples // self.batch_size
+
+    def model_config(self) -> model_lib.CLIPConfig:
+        return model_lib.get_model_config(self.model, image_size=self.image_size,
+                                          context_length=self.context_length, pos_embed=self.pos_embed,
+                                          mask=self.mask, mask_ratio=self.mask_ratio)
 
 
 @dataclass(frozen=True)
@@ -72,73 +92,76 @@ class Preset:
     reported: str = ""                    # the paper's result for this recipe (README table)
 
 
-def _v1(name, pre_model, img, batch, warmup, ft_model, ft_batch, ft_warmup, jitter, desc, reported):
-    return Preset(name, desc, (
-        Stage("pretrain", pre_model, img, batch_size=batch, base_lr=8e-6, warmup=warmup,
-              train_num_samples=2_560_000_000, color_jitter=jitter),
-        Stage("finetune", ft_model, 224, pos_embed="learnable", batch_size=ft_batch, base_lr=8e-7,
-              warmup=ft_warmup, train_num_samples=131_072_000, color_jitter=jitter, init="previous"),
-    ), reported)
-
-
-def _v2(name, pre_model, ft_model, desc, reported, pre_ctx=None):
-    # one progressive schedule: 12.8B samples at 84 px / 8 tokens, then 512M at 224 px (30% random
-    # masking), then 128M at 336 px (40%); position embeddings stay sin-cos (reference configs)
-    return Preset(name, desc, (
-        Stage("pretrain", pre_model, 84, context_length=pre_ctx,
-              text_reduction="syntax" if pre_ctx else None, batch_size=65536, base_lr=8e-6,
-              warmup=782, train_num_samples=12_811_670_000, color_jitter=True),
-        Stage("ft224", ft_model, 224, mask="random", mask_ratio=0.3, batch_size=32768, base_lr=4e-7,
-              warmup=800, train_num_samples=524_288_000, color_jitter=True, init="previous"),
-        Stage("ft336", ft_model, 336, mask="random", mask_ratio=0.4, batch_size=16384, base_lr=1e-7,
-              warmup=1600, train_num_samples=131_072_000, color_jitter=True, init="previous"),
-    ), reported)
-
+# The papers' stage templates; each preset below names only what differs.
+V1_PRETRAIN = Stage("pretrain", base_lr=8e-6, train_num_samples=2_560_000_000)
+V1_FINETUNE = Stage("finetune", image_size=224, pos_embed="learnable", base_lr=8e-7,
+                    train_num_samples=131_072_000, init="previous")
+# v2: one progressive schedule, 12.8B samples at 84 px / 8 tokens, then 512M at 224 px (30% random
+# masking), then 128M at 336 px (40%); position embeddings stay sin-cos (reference configs)
+V2_PRETRAIN = Stage("pretrain", image_size=84, batch_size=65536, base_lr=8e-6, warmup=782,
+                    train_num_samples=12_811_670_000, color_jitter=True)
+V2_FT224 = Stage("ft224", image_size=224, mask="random", mask_ratio=0.3, batch_size=32768, base_lr=4e-7,
+                 warmup=800, train_num_samples=524_288_000, color_jitter=True, init="previous")
+V2_FT336 = Stage("ft336", image_size=336, mask="random", mask_ratio=0.4, batch_size=16384, base_lr=1e-7,
+                 warmup=1600, train_num_samples=131_072_000, color_jitter=True, init="previous")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
-    _v1("b16_i50_t16", "ViT-B-16-CL16", 112, 65536, 782, "ViT-B-16-CL16", 8192, 3072, False,
-        "v1 B/16: pre-train 112 px (I50) / 16 tokens, fine-tune 224 px",
-        "63.2% IN-1K zero-shot, ~2 days on 8xA100 (LAION-400M)"),
-    _v1("l16_i17_t16", "ViT-L-16-CL16-Syntax-GAP", 64, 32768, 1563, "ViT-L-16-CL16-GAP", 7168, 3571,
-        True, "v1 L/16: pre-train 64 px (I17) / 16 syntax tokens, fine-tune 224 px",
-        "67.8% IN-1K zero-shot, ~3 days on 8xA100 (LAION-400M)"),
-    _v1("l16_i37_t8", "ViT-L-16-CL8-Syntax-GAP", 96, 32768, 1563, "ViT-L-16-CL32-GAP", 7168, 3571,
-        True, "v1 L/16: pre-train 96 px (I37) / 8 syntax tokens, fine-tune 224 px / 32 tokens",
-        "69.3% IN-1K zero-shot, ~4 days on 8xA100 (LAION-400M)"),
-    Preset("h14_i36_t8", "v1-code H/14: pre-train 84 px (I36) / 8 syntax tokens, fine-tune 224 px "
-           "with 30% random masking (the reference's TPU scripts)", (
-        Stage("pretrain", "ViT-H-14-CL8-Syntax-GAP", 84, batch_size=65536, base_lr=8e-6, warmup=782,
-              train_num_samples=2_560_000_000, color_jitter=True),
-        Stage("finetune", "ViT-H-14-CL32-GAP", 224, mask="random", mask_ratio=0.3, batch_size=32768,
-              base_lr=4e-7, warmup=800, train_num_samples=524_288_000, color_jitter=True,
-              init="previous"),
-    ), "not reported in v1 (the v2 schedule below is the H/14 result)"),
-    _v2("h14_v2", "ViT-H-14-CL8-Syntax-GAP", "ViT-H-14-CL32-GAP",
-        "v2 H/14: 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
-        "79.1% IN-1K zero-shot, 8640 A100-hours (LAION-2B); 81.8% on DataComp-1B"),
-    _v2("l14_v2", "ViT-L-14-CL32-GAP-BigVision", "ViT-L-14-CL32-GAP-BigVision",
-        "v2 L/14 (BigVision towers): 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
-        "79.7% after 224 px (4008 A100-hours), 80.3% after 336 px (4520 h), DataComp-1B", pre_ctx=8),
-    Preset("demo", "tiny CPU demo on the embedded procedural data: 32 px / 16 syntax tokens, then "
-           "64 px / 32 tokens with 30% random masking and learnable position embeddings", (
-        # a long warmup matters: at 2e-3 with 10 warmup steps the tiny model sits at chance
-        Stage("pretrain", "ViT-Tiny-8-CL16-Syntax-GAP", 32, batch_size=32, base_lr=1.6e-2, warmup=25,
-              train_num_samples=32 * 300, scale_min=0.6, train_data="demo"),
-        Stage("finetune", "ViT-Tiny-8-CL32-GAP", 64, pos_embed="learnable", mask="random",
+    Preset(name="b16_i50_t16", description="v1 B/16: pre-train 112 px (I50) / 16 tokens, fine-tune 224 px",
+           reported="63.2% IN-1K zero-shot, ~2 days on 8xA100 (LAION-400M)", stages=(
+        replace(V1_PRETRAIN, model="ViT-B-16-CL16", image_size=112, batch_size=65536, warmup=782),
+        replace(V1_FINETUNE, model="ViT-B-16-CL16", batch_size=8192, warmup=3072),
+    )),
+    Preset(name="l16_i17_t16", description="v1 L/16: pre-train 64 px (I17) / 16 syntax tokens, fine-tune 224 px",
+           reported="67.8% IN-1K zero-shot, ~3 days on 8xA100 (LAION-400M)", stages=(
+        replace(V1_PRETRAIN, model="ViT-L-16-CL16-Syntax-GAP", image_size=64, batch_size=32768,
+                warmup=1563, color_jitter=True),
+        replace(V1_FINETUNE, model="ViT-L-16-CL16-GAP", batch_size=7168, warmup=3571, color_jitter=True),
+    )),
+    Preset(name="l16_i37_t8",
+           description="v1 L/16: pre-train 96 px (I37) / 8 syntax tokens, fine-tune 224 px / 32 tokens",
+           reported="69.3% IN-1K zero-shot, ~4 days on 8xA100 (LAION-400M)", stages=(
+        replace(V1_PRETRAIN, model="ViT-L-16-CL8-Syntax-GAP", image_size=96, batch_size=32768,
+                warmup=1563, color_jitter=True),
+        replace(V1_FINETUNE, model="ViT-L-16-CL32-GAP", batch_size=7168, warmup=3571, color_jitter=True),
+    )),
+    Preset(name="h14_i36_t8", description="v1-code H/14: pre-train 84 px (I36) / 8 syntax tokens, fine-tune "
+           "224 px with 30% random masking (the reference's TPU scripts)",
+           reported="not reported in v1 (the v2 schedule below is the H/14 result)", stages=(
+        replace(V1_PRETRAIN, model="ViT-H-14-CL8-Syntax-GAP", image_size=84, batch_size=65536, warmup=782,
+                color_jitter=True),
+        replace(V2_FT224, name="finetune", model="ViT-H-14-CL32-GAP"),
+    )),
+    Preset(name="h14_v2", description="v2 H/14: 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
+           reported="79.1% IN-1K zero-shot, 8640 A100-hours (LAION-2B); 81.8% on DataComp-1B", stages=(
+        replace(V2_PRETRAIN, model="ViT-H-14-CL8-Syntax-GAP"),
+        replace(V2_FT224, model="ViT-H-14-CL32-GAP"),
+        replace(V2_FT336, model="ViT-H-14-CL32-GAP"),
+    )),
+    Preset(name="l14_v2",
+           description="v2 L/14 (BigVision towers): 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
+           reported="79.7% after 224 px (4008 A100-hours), 80.3% after 336 px (4520 h), DataComp-1B",
+           stages=(
+        replace(V2_PRETRAIN, model="ViT-L-14-CL32-GAP-BigVision", context_length=8, text_reduction="syntax"),
+        replace(V2_FT224, model="ViT-L-14-CL32-GAP-BigVision"),
+        replace(V2_FT336, model="ViT-L-14-CL32-GAP-BigVision"),
+    )),
+    # a long warmup matters: at 2e-3 with 10 warmup steps the tiny model sits at chance
+    Preset(name="demo", description="tiny CPU demo on the procedural data of launch/demo_data.py: 32 px / "
+           "16 syntax tokens, then 64 px / 32 tokens with 30% random masking and learnable position "
+           "embeddings", reported="a smoke test, not a result", stages=(
+        Stage("pretrain", model="ViT-Tiny-8-CL16-Syntax-GAP", image_size=32, batch_size=32, base_lr=1.6e-2,
+              warmup=25, train_num_samples=32 * 300, scale_min=0.6),
+        Stage("finetune", model="ViT-Tiny-8-CL32-GAP", image_size=64, pos_embed="learnable", mask="random",
               mask_ratio=0.3, batch_size=32, base_lr=1.6e-3, warmup=10, train_num_samples=32 * 100,
-              scale_min=0.6, train_data="demo", init="previous"),
-    ), "a smoke test, not a result"),
+              scale_min=0.6, init="previous"),
+    )),
 ]}
 
-CHOICES = {"pos_embed": ("sincos", "learnable"), "mask": ("none", "random", "grid", "block"),
-           "text_reduction": (None, "truncate", "random", "block", "syntax"),
-           "init": ("scratch", "previous"), "train_format": (None, "wds", "tfrecord", "tfds")}
-STAGE_FIELDS = [f.name for f in dataclasses.fields(Stage) if f.name != "name"]
+STAGE_FIELDS = {f.name: f for f in dataclasses.fields(Stage) if f.name != "name"}
 
 
-def _parse_field(name: str, text: str):
-    """Parse a command-line string for Stage field `name` by the field's declared type."""
-    ftype = {f.name: f.type for f in dataclasses.fields(Stage)}[name]
+def _parse_value(name: str, ftype: str, text: str):
+    """A command-line string -> the value of a field declared with type `ftype`."""
     if "None" in ftype and text.lower() in ("none", "null", ""):
         return None
     try:
@@ -158,6 +181,32 @@ def _parse_field(name: str, text: str):
     except ValueError:
         raise ValueError(f"bad value {text!r} for {name} (expects {ftype})") from None
     return text
+
+
+def check_stage(s: Stage) -> None:
+    """Reject a stage that cannot run, with a one-line reason (before anything is built)."""
+    for f in STAGE_FIELDS.values():
+        allowed = f.metadata.get("choices")
+        if allowed is not None and getattr(s, f.name) not in allowed:
+            raise ValueError(f"stage {s.name}: {f.name}={getattr(s, f.name)!r}; valid: "
+                             f"{', '.join(str(a) for a in allowed)}")
+    for name in ("image_size", "batch_size", "train_num_samples"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"stage {s.name}: {name} must be >= 1, got {getattr(s, name)}")
+    if s.context_length is not None and s.context_length < 1:
+        raise ValueError(f"stage {s.name}: context_length must be >= 1, got {s.context_length}")
+    if s.warmup < 0 or s.weight_decay < 0 or s.resolved_lr <= 0:
+        raise ValueError(f"stage {s.name}: warmup and weight_decay must be >= 0 and lr > 0 (got warmup "
+                         f"{s.warmup}, weight_decay {s.weight_decay}, lr {s.resolved_lr})")
+    if not 0.0 < s.scale_min <= 1.0:
+        raise ValueError(f"stage {s.name}: scale_min must be in (0, 1], got {s.scale_min}")
+    if s.steps < 1:
+        raise ValueError(f"stage {s.name}: train_num_samples {s.train_num_samples} < batch_size "
+                         f"{s.batch_size} (no step to run)")
+    try:
+        model_lib.check_config(s.model_config())    # unknown model, bad size for the patch, mask ratio
+    except ValueError as e:
+        raise ValueError(f"stage {s.name}: {e}") from None
 
 
 def resolve_stages(cfg: str, overrides=(), select: str | None = None) -> list[tuple[int, Stage]]:
@@ -181,51 +230,65 @@ def resolve_stages(cfg: str, overrides=(), select: str | None = None) -> list[tu
     for sel, fname, text in overrides:
         if fname not in STAGE_FIELDS:
             raise ValueError(f"unknown field {fname!r}; valid: {', '.join(STAGE_FIELDS)}")
-        value = _parse_field(fname, text)
-        targets = range(len(stages)) if sel is None else [index_of(sel)]
-        for i in targets:
+        value = _parse_value(fname, STAGE_FIELDS[fname].type, text)
+        for i in (range(len(stages)) if sel is None else [index_of(sel)]):
             stages[i] = replace(stages[i], **{fname: value})
     chosen = range(len(stages)) if not select else sorted({index_of(s.strip()) for s in select.split(",")})
     out = [(i, stages[i]) for i in chosen]
     for _, s in out:
-        for fname, allowed in CHOICES.items():
-            if getattr(s, fname) not in allowed:
-                raise ValueError(f"stage {s.name}: {fname}={getattr(s, fname)!r}; valid: "
-                                 f"{', '.join(str(a) for a in allowed)}")
-        if not 0.0 <= s.mask_ratio < 1.0:
-            raise ValueError(f"stage {s.name}: mask_ratio must be in [0, 1), got {s.mask_ratio}")
-        if s.steps < 1:
-            raise ValueError(f"stage {s.name}: train_num_samples {s.train_num_samples} < batch_size "
-                             f"{s.batch_size} (no step to run)")
+        check_stage(s)
     return out
+
+
+def flops_table(stages: list[tuple[int, Stage]]) -> str:
+    """Markdown table of a preset's stages: tokens, forward GFLOPs per sample (the papers'
+    convention, 1 multiply-add = 1 FLOP) and the stage's training compute (3x forward x samples)."""
+    rows = ["| stage | model | image px | patches kept | text tokens | GFLOPs/sample | samples | "
+            "training EFLOPs |", "|---|---|---|---|---|---|---|---|"]
+    for _, s in stages:
+        cfg = s.model_config()
+        f = model_lib.count_flops(cfg, mask_ratio=s.mask_ratio)
+        samples = s.steps * s.batch_size
+        rows.append(f"| {s.name} | {s.model} | {s.image_size} | {f['patches_kept']}/{f['patches']} | "
+                    f"{cfg.text.context_length} | {f['total_gflops']:.2f} | {samples:,} | "
+                    f"{3 * f['total_gflops'] * samples / 1e9:.1f} |")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- run options
 
+NONFINITE = ("stop", "skip")
+
 
 @dataclass
 class RunConfig:
-    cfg: str = "demo"
-    out: str = "runs/demo"
-    device: str = "auto"
-    precision: str = "auto"               # auto: bf16 autocast on CUDA, fp32 on XLA and CPU
-    seed: int = 0
-    workers: int = 2
-    log_every: int = 10
-    save_every: int = 1000                # steps
-    save_minutes: float = 60.0            # also save when this much time passed since the last save
-    keep: int = 3                         # checkpoints kept (older ones deleted)
-    resume: str | None = None             # "latest" or a checkpoint directory
-    pretrained: str | None = None         # weights for the first selected stage
-    eval_every: int = 0                   # steps; 0: only at the end of each stage if eval_data
-    eval_data: str | None = None          # ImageFolder / TFDS dir for zero-shot eval ("demo")
-    eval_batch_size: int = 64
-    eval_classnames: str | None = None    # file, one class name per line (default: ImageNet-1K)
-    eval_templates: str | None = None     # file, one prompt template per line (default: OpenAI 80)
-    grad_checkpointing: bool = False
-    accum_steps: int = 1
-    max_steps: int | None = None          # stop after this global step (resumable)
-    stage: str | None = None
+    cfg: str = opt("", "preset: " + ", ".join(PRESETS), required=True)
+    stage: str | None = opt(None, "stages to run: names or indices, comma-separated (default all)")
+    out: str = opt("", "output directory (default runs/CFG)")
+    device: str = opt("auto", "where to train", choices=xla_utils.DEVICES)
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on XLA and CPU",
+                         choices=xla_utils.PRECISIONS)
+    seed: int = opt(0, "random seed")
+    workers: int = opt(2, "data loader workers per process")
+    log_every: int = opt(10, "progress line every N steps")
+    save_every: int = opt(1000, "checkpoint every N steps")
+    save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save")
+    keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)")
+    resume: str | None = opt(None, "'latest' (in --out) or a checkpoint directory")
+    pretrained: str | None = opt(None, "weights for the first stage: checkpoint dir, .safetensors or "
+                                 "OpenCLIP file")
+    eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)")
+    eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")
+    eval_batch_size: int = opt(64, "zero-shot eval batch per process")
+    eval_classnames: str | None = opt(None, "class names file (default: ImageNet-1K)")
+    eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
+    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass")
+    accum_steps: int = opt(1, "gradient accumulation steps (independent contrastive chunks)")
+    max_steps: int | None = opt(None, "stop (resumably) after this global step")
+    nonfinite: str = opt("stop", "on a non-finite loss: stop (the last good checkpoint stays) or skip "
+                         "the step's update", choices=NONFINITE)
+    force_resume: bool = opt(False, "resume although stage settings, seed, workers, accumulation or "
+                             "world size differ from the checkpoint's (the continuation is not exact)")
 
 
 # ----------------------------------------------------------------------------- the step
@@ -243,23 +306,16 @@ def clip_loss(image_features, text_features, logit_scale, rt: xla_utils.Runtime)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on ndim<2 params, biases, norms, logit_scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = (p.ndim < 2 or name.endswith("bias") or "norm" in name or "ln_" in name
-                  or "logit_scale" in name)
-        (no_decay if exempt else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    """Weight decay on weight matrices only: biases, norms, the class token and logit_scale all
+    have fewer than 2 dimensions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay}]
 
 
 def build_optimizer(model, stage: Stage, rt: xla_utils.Runtime) -> torch.optim.AdamW:
-    # XLA: capturable keeps the step count and bias corrections on the device (no per-step host
-    # scalars that would change the graph). CUDA: fused kernel. CPU: foreach (2x the for-loop).
-    kw = {"xla": dict(capturable=True), "cuda": dict(fused=True), "cpu": dict(foreach=True)}[rt.kind]
     return torch.optim.AdamW(param_groups(model, stage.weight_decay), lr=stage.resolved_lr,
-                             betas=(0.9, 0.95), eps=1e-6, **kw)
+                             betas=(0.9, 0.95), eps=1e-6, **rt.optimizer_kwargs())
 
 
 def lr_at(step: int, stage: Stage) -> float:
@@ -276,11 +332,11 @@ def unwrap(model):
 
 
 def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: float, *,
-               precision: str = "fp32", accum_steps: int = 1):
+               precision: str = "fp32", accum_steps: int = 1, skip_nonfinite: bool = False):
     """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]).
     Returns the loss (a device tensor, mean over the accumulation chunks). The caller marks the
-    step boundary (rt.step_boundary) after it."""
-    import data
+    step boundary (rt.step_boundary) after it. skip_nonfinite: when any rank's loss is not finite,
+    drop the update (costs a host read of the loss before the optimizer step)."""
     raw = unwrap(model)
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -293,52 +349,19 @@ def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: floa
         imgs, toks = rt.to_device(images[i * chunk:(i + 1) * chunk], tokens[i * chunk:(i + 1) * chunk])
         x = data.normalize(imgs, raw.cfg.image_mean, raw.cfg.image_std)
         # DDP: all-reduce gradients only on the last chunk
-        sync = nullcontext() if i == accum_steps - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if i == accum_steps - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with rt.autocast(precision):
                 img_f, txt_f, scale = model(x, toks)
                 loss = clip_loss(img_f.float(), txt_f.float(), scale.float(), rt)
             (loss / accum_steps).backward()
         total = total + loss.detach()
-    optimizer.step()
+    if not (skip_nonfinite and rt.agree(not math.isfinite(total.item()))):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         raw.logit_scale.clamp_(0, math.log(100))
     return total / accum_steps
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class Batches:
-    """Endless (images uint8, tokens) batches of one stage for this rank: data.py's loader repeats
-    epochs itself; state() / the state argument resume without repeating or skipping data."""
-
-    def __init__(self, spec, tokenizer, stage: Stage, per_rank_batch: int, rt, run: RunConfig,
-                 stage_index: int, state: dict | None = None):
-        import data
-        self.loader = data.make_train_loader(
-            spec, tokenizer, stage.image_size, per_rank_batch, fmt=stage.train_format,
-            num_workers=run.workers, seed=run.seed + stage_index, rank=rt.rank,
-            world_size=rt.world_size, scale=(stage.scale_min, 1.0), color_jitter=stage.color_jitter,
-            state=state)
-        self.it = iter(self.loader)
-
-    def __next__(self):
-        return next(self.it)
-
-    def state(self) -> dict:
-        return self.loader.state_dict()
-
-
-def demo_data(out: str, rt: xla_utils.Runtime):
-    """The embedded demo dataset under OUT/demo_data (written once by the master; idempotent)."""
-    import data
-    root = os.path.join(out, "demo_data")
-    if rt.is_master:
-        data.make_demo_dataset(root)
-    rt.barrier()
-    return data.make_demo_dataset(root)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -348,89 +371,112 @@ def checkpoint_root(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
-def find_checkpoint(spec: str, out: str) -> str:
-    """'latest' -> the directory named in OUT/checkpoints/latest; else a checkpoint directory."""
-    if spec == "latest":
-        latest = os.path.join(checkpoint_root(out), "latest")
-        if not os.path.exists(latest):
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_root(out)}")
-        with open(latest) as f:
-            spec = os.path.join(checkpoint_root(out), f.read().strip())
-    if not os.path.exists(os.path.join(spec, "train_state.pt")):
-        raise FileNotFoundError(f"not a training checkpoint directory (no train_state.pt): {spec}")
-    return spec
-
-
-def _to_cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+class RunStopped(Exception):
+    """The run cannot go on (non-finite loss or weights, a checkpoint that could not be written):
+    reported in one line, exit status 1, the newest good checkpoint left in place."""
 
 
 def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: Stage) -> str | None:
-    """OUT/checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, meta.json}, written
-    atomically by the master; then OUT/checkpoints/latest names it; older ones beyond --keep go."""
-    import model as model_lib
-    from safetensors.torch import save_file
+    """OUT/checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, meta.json} (written by
+    xla_utils.write_checkpoint: atomic, `latest` always complete, pruned to --keep). Collective:
+    every rank calls it (each rank's loader and RNG state are gathered). Returns the path, or None
+    when the write failed (disk full...): the previous checkpoint stays, the caller decides."""
     raw = unwrap(model)
-    # every rank's loader and RNG state (collective: all ranks call this)
+    # the master copies the weights to the host anyway: it checks them there (no extra XLA graph)
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in raw.state_dict().items()} \
+        if rt.is_master else {}
+    if rt.agree(not all(torch.isfinite(v).all() for v in weights.values())):
+        raise RunStopped(f"the weights are not finite at step {state['step']}: not saving them; "
+                         f"the newest good checkpoint stays in {checkpoint_root(run.out)}")
     per_rank = rt.all_gather_object({"rng": rt.rng_state(), "data": state.pop("data")})
-    if not rt.is_master:
+    path = None
+    try:
+        if rt.is_master:
+            train_state = dict(state, optimizer=xla_utils.to_cpu(optimizer.state_dict()),
+                               rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank],
+                               world_size=rt.world_size)
+            meta = {k: v for k, v in state.items() if k != "config"}
+            meta.update(model=stage.model, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
+            path = xla_utils.write_checkpoint(
+                checkpoint_root(run.out), f"step_{state['step']:08d}", weights,
+                model_lib.weights_metadata(stage.model, raw.cfg), train_state, meta,
+                keep=run.keep, protected=state["stage_ends"])
+    except OSError as e:
+        print(f"warning: checkpoint of step {state['step']} not written ({e}); the previous one "
+              f"stays", file=sys.stderr, flush=True)
+    finally:
         rt.barrier()
-        return None
-    weights = {k: v.detach().cpu().contiguous().clone() for k, v in raw.state_dict().items()}
-    train_state = dict(state, optimizer=_to_cpu(optimizer.state_dict()),
-                       rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank],
-                       world_size=rt.world_size)
-    meta = {k: v for k, v in state.items() if k != "config"}
-    meta.update(model=stage.model, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    name = f"step_{state['step']:08d}"
+    return path if rt.is_master else ""
+
+
+# what a bit-exact continuation depends on besides the stage's own fields
+EXACT_RUN_FIELDS = ("seed", "workers", "accum_steps")
+
+
+def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
+    """--resume latest|DIR -> (checkpoint dir, its train state), checked against the preset and
+    against the settings the checkpoint was trained with."""
     root = checkpoint_root(run.out)
+    if spec == "latest" and not os.path.isfile(os.path.join(root, "latest")):
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {root}")
+    path = xla_utils.resolve_checkpoint(root if spec == "latest" else spec)
+    file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"not a training checkpoint directory (no train_state.pt): {path}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        idx, name, saved = state["stage_index"], state["stage_name"], json.loads(state["config"])
+        saved_cfg = saved["run"]["cfg"]
+    except Exception as e:  # refused pickle, truncated zip, another structure: not our train state
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{file} is not a readable train state ({type(e).__name__}: {first})") from None
+    preset = PRESETS[run.cfg].stages
+    if saved_cfg != run.cfg or idx >= len(preset) or preset[idx].name != name:
+        raise ValueError(f"{path} is stage {name!r} of preset {saved_cfg}, not of {run.cfg} "
+                         f"(stages: {', '.join(s.name for s in preset)})")
+    changed = [f"{k} {saved['run'].get(k)} -> {getattr(run, k)}" for k in EXACT_RUN_FIELDS
+               if saved["run"].get(k) != getattr(run, k)]
+    now, then = dict(stages), {s["name"]: s for s in saved["stages"]}.get(name, {})
+    if idx in now:
+        changed += [f"{name}.{k} {then[k]} -> {v}" for k, v in dataclasses.asdict(now[idx]).items()
+                    if k in then and then[k] != v]
+    if changed and not run.force_resume:
+        raise ValueError(f"{path} was trained with other settings ({'; '.join(changed)}): resuming would "
+                         f"not continue it exactly; pass --force-resume to continue anyway")
+    if idx in now:
+        _check_weights_fit(path, now[idx])
+    return path, state
 
-    def fill(d):
-        save_file(weights, os.path.join(d, "model.safetensors"),
-                  metadata=model_lib.weights_metadata(stage.model, raw.cfg))
-        torch.save(train_state, os.path.join(d, "train_state.pt"))
-        with open(os.path.join(d, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
 
-    path = xla_utils.atomic_dir(os.path.join(root, name), fill)
-    xla_utils.atomic_write_text(name + "\n", os.path.join(root, "latest"))
-    old = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))[:-run.keep]
-    keep_always = state.get("stage_ends", [])
-    for d in old:
-        if d not in keep_always:   # the last checkpoint of each finished stage is kept
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    rt.barrier()
-    return path
-
-
-def load_train_state(path: str) -> dict:
-    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-
-
-def load_weights_exact(model, path: str):
-    """Resume: our own weights file, every key must match (no conversion, no resizing)."""
-    from safetensors.torch import load_file
-    sd = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the stage's model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+def _check_weights_fit(path: str, stage: Stage) -> None:
+    """The checkpoint's tensors (read from the safetensors header only) are the stage's model's."""
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in model_lib.CLIP(stage.model_config()).state_dict().items()}
+    try:
+        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # missing, truncated or hostile file: safetensors' own error types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}/model.safetensors is not readable ({first})") from None
+    bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and want[k] != got[k]]
+    if bad:
+        raise ValueError(f"{path} does not hold weights of {stage.model} at the stage's settings "
+                         f"({len(bad)} tensors differ, e.g. {bad[0]})")
 
 
 # ----------------------------------------------------------------------------- logging
 
 
 class Logger:
-    """Progress lines on stdout (master), OUT/metrics.jsonl, TensorBoard when installed."""
+    """Progress lines on stdout (master), OUT/metrics.jsonl, TensorBoard when installed. Every record
+    carries the invocation's run id (steps re-run after a resume appear once per invocation). A
+    failing disk never stops training through the logs: the failure is reported once."""
 
     def __init__(self, rt, out: str):
         self.rt, self.file, self.tb = rt, None, None
+        self.run_id = os.urandom(4).hex()     # not from the seeded RNGs: those must stay untouched
+        self._t, self._step = time.time(), 0
+        self._warned = False
         if rt.is_master:
             os.makedirs(out, exist_ok=True)
             self.file = open(os.path.join(out, "metrics.jsonl"), "a")
@@ -447,332 +493,350 @@ class Logger:
     def record(self, rec: dict):
         if not self.rt.is_master:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
+        try:
+            self.file.write(json.dumps({**rec, "run": self.run_id}) + "\n")
+            self.file.flush()
+            if self.tb is not None:
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self.tb.add_scalar(k, v, rec["step"])
+        except OSError as e:
+            if not self._warned:
+                print(f"warning: metrics not written ({e}); training goes on", file=sys.stderr, flush=True)
+                self._warned = True
+
+    def start_stage(self, stage_step: int):
+        self._t, self._step = time.time(), stage_step
+
+    def step(self, stage: Stage, loss, scale, lr: float, step: int, stage_step: int, samples: int,
+             skipped: int):
+        """One progress record. A step closure: runs once the step's values exist on the host
+        (XLA: after the graph ran), and touches host values only (a device op here would be one
+        more XLA graph)."""
+        now = time.time()
+        dt, dsteps = now - self._t, stage_step - self._step
+        self._t, self._step = now, stage_step
+        loss_v = self.rt.mean_over_ranks(loss.item())
+        scale_v = math.exp(scale.item())
+        sps = dsteps * stage.batch_size / dt if dt > 0 else 0.0
+        eta = datetime.timedelta(seconds=int(max(0, (stage.steps - stage_step) * dt / max(1, dsteps))))
+        compiles = self.rt.compile_count()
+        self.record({"step": step, "stage": stage.name, "stage_step": stage_step, "loss": loss_v, "lr": lr,
+                     "logit_scale": scale_v, "samples_per_s": sps, "samples": samples,
+                     "skipped_samples": skipped, "time": now,
+                     **({"compiles": compiles} if compiles is not None else {})})
+        self.info(f"step {step} [{stage.name} {stage_step}/{stage.steps}] {sps:.1f} samples/s | loss "
+                  f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | skipped {skipped} | ETA {eta}"
+                  + (f" | compiles {compiles}" if compiles is not None else ""))
 
     def close(self):
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for f in (self.file, self.tb):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
 
 
-def _eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(0, seconds))))
+# ----------------------------------------------------------------------------- inputs
 
 
-# ----------------------------------------------------------------------------- the loop
+@dataclass
+class EvalSet:
+    data: str
+    classnames: list[str]
+    templates: list[str]
 
 
-def run_training(run: RunConfig, stages: list[tuple[int, Stage]]) -> dict:
-    """Run the selected stages; resumes from run.resume; returns a summary dict."""
-    rt = xla_utils.init_runtime(run.device)
-    log = Logger(rt, run.out)
-    precision = run.precision if run.precision != "auto" else ("bf16" if rt.kind == "cuda" else "fp32")
-    log.info(f"{rt.describe()}; precision {precision}; preset {run.cfg}; out {run.out}")
-    for _, s in stages:   # fail early on shapes that cannot split evenly
+@dataclass
+class Inputs:
+    """Everything a run reads besides its shards, checked before the first step."""
+    resume_path: str | None = None
+    resume_state: dict | None = None
+    eval: EvalSet | None = None
+
+
+def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
+    """Validate what the run will need (data, eval set, checkpoints) up front: a mistake costs a
+    one-line error now, not a crash at the end of a stage. Raises ValueError / FileNotFoundError."""
+    if run.pretrained and not os.path.exists(run.pretrained):
+        raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
+    for _, s in stages:
+        if not s.train_data:
+            raise ValueError(f"stage {s.name} of preset {run.cfg}: no training data; give --train-data "
+                             f"SPEC (webdataset tars, TFRecords or a TFDS dir)")
+        data.resolve(s.train_data, s.train_format)
+    inputs = Inputs()
+    if run.eval_data:
+        if not os.path.exists(run.eval_data):
+            raise FileNotFoundError(f"--eval-data: no such directory: {run.eval_data}")
+        classnames = eval_zeroshot.load_classnames(run.eval_classnames)
+        eval_zeroshot.check_eval_set(run.eval_data, classnames)
+        inputs.eval = EvalSet(run.eval_data, classnames, eval_zeroshot.load_templates(run.eval_templates))
+    if run.resume:
+        inputs.resume_path, inputs.resume_state = load_resume_state(run.resume, run, stages)
+    elif run.pretrained:   # the first stage starts from it: its weights must fit that model
+        model_lib.create_model(stages[0][1].model_config(), pretrained=run.pretrained)
+    return inputs
+
+
+def check_layout(rt: xla_utils.Runtime, run: RunConfig, stages, inputs: Inputs) -> None:
+    """Batches must split evenly over the ranks, the accumulation steps and (XLA) the devices; a
+    resumed run continues exactly only on as many ranks as it was saved from."""
+    saved = inputs.resume_state["world_size"] if inputs.resume_state else rt.world_size
+    if saved != rt.world_size and not run.force_resume:
+        raise ValueError(f"{inputs.resume_path} was saved by {saved} ranks, this run has {rt.world_size}: "
+                         f"the data would resume at shard granularity; pass --force-resume to continue anyway")
+    for _, s in stages:
         if s.batch_size % (rt.world_size * run.accum_steps):
             raise ValueError(f"stage {s.name}: batch size {s.batch_size} is not divisible by "
                              f"{rt.world_size} ranks x {run.accum_steps} accumulation steps")
         if rt.spmd and (s.batch_size // rt.world_size // run.accum_steps) % (rt.num_devices // rt.world_size):
             raise ValueError(f"stage {s.name}: per-host batch must be divisible by the local device count")
 
-    resume_state, resume_path = None, None
-    if run.resume:
-        resume_path = find_checkpoint(run.resume, run.out)
-        resume_state = load_train_state(resume_path)
-        preset_stages = PRESETS[run.cfg].stages
-        idx = resume_state["stage_index"]
-        if idx >= len(preset_stages) or preset_stages[idx].name != resume_state["stage_name"]:
-            raise ValueError(f"{resume_path} is stage {resume_state['stage_name']!r} of another preset, "
-                             f"not of {run.cfg} (stages: {', '.join(s.name for s in preset_stages)})")
-        log.info(f"resuming from {resume_path} (step {resume_state['step']}, stage "
-                 f"{resume_state['stage_name']}, stage step {resume_state['stage_step']})")
 
-    step = resume_state["step"] if resume_state else 0
-    stage_ends = list(resume_state.get("stage_ends", [])) if resume_state else []
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StageRun:
+    """A stage, built and ready to step: where it starts and what it steps with."""
+    index: int
+    stage: Stage
+    model: torch.nn.Module                # the CLIP itself
+    wmodel: torch.nn.Module               # what the step calls (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    loader: data.TrainLoader
+    batches: object                       # iterator over the loader
+    stage_step: int = 0
+    samples: int = 0
+
+
+def build_stage(rt, run: RunConfig, si: int, stage: Stage, *, init: str | None,
+                state: dict | None, resume_path: str | None) -> StageRun:
+    """Model (from scratch, from `init`, or from the resumed checkpoint), optimizer, data."""
+    # same seed for a stage whether the run got here directly or by resuming at the boundary
+    rt.seed(run.seed + 1000 * si + rt.rank)
+    model = model_lib.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
+    model.set_grad_checkpointing(run.grad_checkpointing)
+    model.to(rt.device).train()
+    optimizer = build_optimizer(model, stage, rt)
+    tok = model_lib.get_tokenizer(stage.model, context_length=stage.context_length,
+                                  reduction=stage.text_reduction)
+    # every rank's loader state is saved: data.py takes this rank's, or resumes at shard
+    # granularity when the world size changed
+    loader = data.make_train_loader(
+        stage.train_data, tok, stage.image_size, stage.batch_size // rt.world_size, fmt=stage.train_format,
+        num_workers=run.workers, seed=run.seed + si, rank=rt.rank, world_size=rt.world_size,
+        scale=(stage.scale_min, 1.0), color_jitter=stage.color_jitter, pin_memory=rt.pin_memory,
+        state=state["data"] if state else None)
+    sr = StageRun(si, stage, model, rt.wrap_model(model), optimizer, loader, iter(loader))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        rt.set_rng_state(state["rng"][rt.rank] if len(state["rng"]) == rt.world_size else state["rng"][0])
+        sr.stage_step, sr.samples = state["stage_step"], state["samples"]
+    return sr
+
+
+def run_training(rt: xla_utils.Runtime, run: RunConfig, stages: list[tuple[int, Stage]],
+                 inputs: Inputs, signals: xla_utils.StopSignals | None = None) -> dict:
+    """Run the selected stages (resuming where inputs say); returns a summary dict."""
+    signals = signals or xla_utils.StopSignals()
+    log = Logger(rt, run.out)
+    precision = rt.precision(run.precision)
+    log.info(f"{rt.describe()}; precision {precision}; preset {run.cfg}; out {run.out}")
+    resume = inputs.resume_state
+    if resume:
+        log.info(f"resuming from {inputs.resume_path} (step {resume['step']}, stage "
+                 f"{resume['stage_name']}, stage step {resume['stage_step']})")
+    step = resume["step"] if resume else 0
+    stage_ends = list(resume["stage_ends"]) if resume else []
     prev_ckpt = run.pretrained
-    summary = {"stages": [], "device": rt.kind}
-    stage_list = [s for _, s in stages]
+    summary = {"stages": [], "device": rt.kind, "stopped_by": None}
     config_json = json.dumps({"run": dataclasses.asdict(run),
-                              "stages": [dataclasses.asdict(s) for s in stage_list]})
+                              "stages": [dataclasses.asdict(s) for _, s in stages]})
     try:
         for pos, (si, stage) in enumerate(stages):
-            stage_state = None
-            if resume_state is not None:
-                done_index = resume_state["stage_index"]
-                if si < done_index:
+            state = None
+            if resume is not None:
+                if si < resume["stage_index"]:
                     continue                      # finished before the checkpoint
-                if si == done_index:
-                    if resume_state["stage_step"] >= stage.steps:
-                        prev_ckpt = resume_path   # stage finished: the next starts from its weights
+                if si == resume["stage_index"]:
+                    if resume["stage_step"] >= stage.steps:
+                        prev_ckpt = inputs.resume_path   # finished: the next stage starts from it
                         continue
-                    stage_state = resume_state
+                    state = resume
                 else:   # the checkpoint's stage is not among the selected ones
-                    prev_ckpt = prev_ckpt or resume_path
+                    prev_ckpt = prev_ckpt or inputs.resume_path
             if run.max_steps is not None and step >= run.max_steps:
                 break
             init = None
-            if stage_state is None and stage.init == "previous":
+            if state is None and stage.init == "previous":
                 if not prev_ckpt:
                     raise ValueError(f"stage {stage.name} fine-tunes a pre-trained model: give "
                                      f"--pretrained CKPT (or run the stage before it)")
                 init = prev_ckpt
-            elif stage_state is None and pos == 0 and run.pretrained:
+            elif state is None and pos == 0 and run.pretrained:
                 init = run.pretrained
-            result = run_stage(rt, run, log, si, stage, step, init=init, state=stage_state,
-                               resume_path=resume_path if stage_state else None,
-                               precision=precision, config_json=config_json, stage_ends=stage_ends)
+            sr = build_stage(rt, run, si, stage, init=init, state=state,
+                             resume_path=inputs.resume_path if state else None)
+            log.info(f"stage {stage.name} ({si}): {stage.model} {stage.image_size}px ctx "
+                     f"{sr.model.cfg.text.context_length} pos {stage.pos_embed} mask {stage.mask}:"
+                     f"{stage.mask_ratio} | batch {stage.batch_size} lr {stage.resolved_lr:.3g} warmup "
+                     f"{stage.warmup} steps {stage.steps} | from "
+                     f"{'step ' + str(sr.stage_step) if state else init or 'scratch'}")
+            result = run_stage(rt, run, log, sr, step, precision=precision, eval_set=inputs.eval,
+                               config_json=config_json, stage_ends=stage_ends, resumed=state is not None,
+                               signals=signals)
             step = result["step"]
             summary["stages"].append(result)
-            if result["finished"]:
-                prev_ckpt = result["checkpoint"]
-            else:
+            summary["stopped_by"] = result["stopped_by"]
+            if not result["finished"]:
                 break
+            prev_ckpt = result["checkpoint"]
         if not summary["stages"]:
             log.info(f"nothing to run: the selected stages finished by step {step}")
     finally:
         log.close()
     summary["step"] = step
     rt.barrier()
-    rt.shutdown()
     return summary
 
 
-def run_stage(rt, run: RunConfig, log: Logger, si: int, stage: Stage, step: int, *, init, state,
-              resume_path, precision: str, config_json: str, stage_ends: list) -> dict:
-    import model as model_lib
-    import tokenizer as tokenizer_lib
+def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, precision: str,
+              eval_set: EvalSet | None, config_json: str, stage_ends: list, resumed: bool,
+              signals: xla_utils.StopSignals) -> dict:
+    """Step one built stage to its end (or --max-steps, or a stop signal), saving and evaluating
+    on the way."""
+    stage = sr.stage
+    t_start = last_save = time.time()
+    saved_at = sr.stage_step if resumed else -1    # stage step of the newest checkpoint
+    log.start_stage(sr.stage_step)
 
-    # data first: a missing dataset should fail before minutes of model building
-    spec, eval_data = stage.train_data, run.eval_data
-    classnames = _read_lines(run.eval_classnames) if run.eval_classnames else None
-    templates = _read_lines(run.eval_templates) if run.eval_templates else None
-    if stage.train_data == "demo" or run.eval_data == "demo":
-        demo = demo_data(run.out, rt)
-        if stage.train_data == "demo":
-            spec = demo.train_wds
-        if run.eval_data == "demo":
-            eval_data, classnames, templates = demo.val_dir, demo.classnames, demo.templates
-    if not spec:
-        raise ValueError(f"stage {stage.name} of preset {run.cfg}: no training data; give --train-data "
-                         f"SPEC (webdataset tars, TFRecords or a TFDS dir)")
-
-    # same seed for a stage whether the run got here directly or by resuming at the boundary
-    rt.seed(run.seed + 1000 * si + rt.rank)
-    model = model_lib.create_model(stage.model, image_size=stage.image_size,
-                                   context_length=stage.context_length, pos_embed=stage.pos_embed,
-                                   mask=stage.mask, mask_ratio=stage.mask_ratio, pretrained=init)
-    if state is not None:
-        load_weights_exact(model, resume_path)
-    if run.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(rt.device).train()
-    optimizer = build_optimizer(model, stage, rt)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        r = state["rng"][rt.rank] if len(state["rng"]) == rt.world_size else state["rng"][0]
-        rt.set_rng_state(r)
-    wmodel = rt.wrap_model(model)
-
-    tok = tokenizer_lib.get_tokenizer(stage.model, context_length=stage.context_length,
-                                      reduction=stage.text_reduction)
-    per_rank = stage.batch_size // rt.world_size
-    # all ranks' loader states: data.py takes this rank's, or resumes at shard granularity when
-    # the world size changed
-    batches = Batches(spec, tok, stage, per_rank, rt, run, si, state=state["data"] if state else None)
-
-    stage_step = state["stage_step"] if state else 0
-    samples = state["samples"] if state else 0
-    log.info(f"stage {stage.name} ({si}): {stage.model} {stage.image_size}px ctx "
-             f"{model.cfg.text.context_length} pos {stage.pos_embed} mask {stage.mask}:{stage.mask_ratio}"
-             f" | batch {stage.batch_size} lr {stage.resolved_lr:.3g} warmup {stage.warmup} "
-             f"steps {stage.steps} | from {'step ' + str(stage_step) if state else init or 'scratch'}")
-
-    t_start = time.time()
-    last_save = time.time()
-    saved_at = stage_step if state is not None else -1   # stage step of the newest checkpoint
-    clock = {"t": t_start, "step": stage_step}
-
-    def report(loss, scale, lr, gstep, sstep, nsamples):
-        # runs once the step's values exist on the host (XLA: after the graph ran)
-        now = time.time()
-        dt, dsteps = now - clock["t"], sstep - clock["step"]
-        clock.update(t=now, step=sstep)
-        # host values only: a device op here would be one more XLA graph
-        loss_v = rt.mean_over_ranks(loss.item())
-        scale_v = math.exp(scale.item())
-        sps = dsteps * stage.batch_size / dt if dt > 0 else 0.0
-        eta = (stage.steps - sstep) * dt / max(1, dsteps)
-        compiles = rt.compile_count()
-        rec = {"step": gstep, "stage": stage.name, "stage_step": sstep, "loss": loss_v, "lr": lr,
-               "logit_scale": scale_v, "samples_per_s": sps, "samples": nsamples,
-               "time": now}
-        if compiles is not None:
-            rec["compiles"] = compiles
-        log.record(rec)
-        log.info(f"step {gstep} [{stage.name} {sstep}/{stage.steps}] {sps:.1f} samples/s | loss "
-                 f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | ETA {_eta(eta)}"
-                 + (f" | compiles {compiles}" if compiles is not None else ""))
-
-    def checkpoint():
-        st = {"step": step, "stage_index": si, "stage_name": stage.name, "stage_step": stage_step,
-              "samples": samples, "config": config_json, "data": batches.state(),
+    def checkpoint() -> bool:
+        st = {"step": step, "stage_index": sr.index, "stage_name": stage.name, "stage_step": sr.stage_step,
+              "samples": sr.samples, "config": config_json, "data": sr.loader.state_dict(),
               "stage_ends": list(stage_ends)}
-        return save_checkpoint(rt, run, wmodel, optimizer, st, stage)
+        return save_checkpoint(rt, run, sr.wmodel, sr.optimizer, st, stage) is not None
 
-    finished = True
-    while stage_step < stage.steps:
+    finished, stopped_by = True, None
+    while sr.stage_step < stage.steps:
         if run.max_steps is not None and step >= run.max_steps:
             finished = False
             break
-        images, tokens = next(batches)
-        lr = lr_at(stage_step, stage)
-        loss = train_step(rt, wmodel, optimizer, images, tokens, lr, precision=precision,
-                          accum_steps=run.accum_steps)
-        step, stage_step, samples = step + 1, stage_step + 1, samples + stage.batch_size
-        if stage_step % run.log_every == 0 or stage_step == stage.steps or stage_step == 1:
-            rt.add_step_closure(report, (loss, model.logit_scale.detach(), lr, step, stage_step, samples))
+        images, tokens = next(sr.batches)
+        lr = lr_at(sr.stage_step, stage)
+        loss = train_step(rt, sr.wmodel, sr.optimizer, images, tokens, lr, precision=precision,
+                          accum_steps=run.accum_steps, skip_nonfinite=run.nonfinite == "skip")
+        step, sr.stage_step, sr.samples = step + 1, sr.stage_step + 1, sr.samples + stage.batch_size
+        if sr.stage_step % run.log_every == 0 or sr.stage_step in (1, stage.steps):
+            rt.add_step_closure(log.step, (stage, loss, sr.model.logit_scale.detach(), lr, step,
+                                           sr.stage_step, sr.samples, sum(sr.loader.skipped.values())))
         rt.step_boundary()
-        if run.eval_every and stage_step % run.eval_every == 0 and eval_data:
-            run_eval(rt, run, log, model, eval_data, classnames, templates, step, stage)
-        due = stage_step % run.save_every == 0
-        if not due and stage_step % 10 == 0:     # time-based saves (all ranks must agree)
-            due = rt.any_rank(time.time() - last_save > run.save_minutes * 60)
-        if due and stage_step < stage.steps:
-            checkpoint()
-            saved_at, last_save = stage_step, time.time()
+        # decisions that gate a collective are agreed by every process; one host read per step
+        nonfinite, stop, late = rt.agree_each([
+            not math.isfinite(loss.item()), signals.received is not None,
+            sr.stage_step % 10 == 0 and time.time() - last_save > run.save_minutes * 60])
+        if nonfinite and run.nonfinite == "stop":
+            raise RunStopped(f"the loss is not finite at step {step} ({stage.name} step {sr.stage_step}): "
+                             f"stopped without saving; the newest good checkpoint stays in "
+                             f"{checkpoint_root(run.out)} (lower the lr, or --nonfinite skip)")
+        if nonfinite:
+            log.info(f"warning: the loss is not finite at step {step}: its update was skipped")
+        if stop:
+            stopped_by, finished = signals.received or signal.SIGTERM, False
+            break
+        if run.eval_every and sr.stage_step % run.eval_every == 0 and eval_set:
+            run_eval(rt, log, sr, eval_set, step, precision, run)
+        if (sr.stage_step % run.save_every == 0 or late) and sr.stage_step < stage.steps:
+            if checkpoint():
+                saved_at = sr.stage_step
+            last_save = time.time()
 
     if finished:
         stage_ends.append(f"step_{step:08d}")   # kept by --keep pruning: the next stage's init
-    if saved_at != stage_step:
-        checkpoint()
+    if saved_at != sr.stage_step and not checkpoint():
+        raise RunStopped(f"the checkpoint of step {step} could not be written (see the warning above); "
+                         f"the newest complete one stays in {checkpoint_root(run.out)}")
     ckpt = os.path.join(checkpoint_root(run.out), f"step_{step:08d}")
-    metrics = None
-    if finished and eval_data:
-        metrics = run_eval(rt, run, log, model, eval_data, classnames, templates, step, stage)
+    if stopped_by is not None:
+        log.info(f"stopped by {signal.Signals(stopped_by).name} at step {step}; checkpoint {ckpt}; "
+                 f"continue with --resume latest")
+    metrics = run_eval(rt, log, sr, eval_set, step, precision, run) if finished and eval_set else None
     elapsed = time.time() - t_start
     log.info(f"stage {stage.name} {'done' if finished else 'stopped'} at step {step} "
              f"({elapsed:.1f}s); checkpoint {ckpt}")
-    return {"name": stage.name, "step": step, "stage_step": stage_step, "finished": finished,
-            "checkpoint": ckpt, "seconds": elapsed, "eval": metrics, "compiles": rt.compile_count()}
+    return {"name": stage.name, "step": step, "stage_step": sr.stage_step, "finished": finished,
+            "checkpoint": ckpt, "seconds": elapsed, "eval": metrics, "compiles": rt.compile_count(),
+            "stopped_by": stopped_by}
 
 
-def _read_lines(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
-
-
-def run_eval(rt, run, log, model, data_path, classnames, templates, step, stage) -> dict:
-    import eval_zeroshot
-    model.eval()
-    try:
-        res = eval_zeroshot.evaluate(model, model.cfg, data_path, classnames=classnames,
-                                     templates=templates, batch_size=run.eval_batch_size,
-                                     num_workers=run.workers, device=rt.device, model_name=stage.model,
-                                     rank=rt.rank if rt.distributed else 0,
-                                     world_size=rt.world_size if rt.distributed else 1)
-    finally:
-        model.train()
-    log.record({"step": step, "stage": stage.name, **{f"eval_{k}": v for k, v in res.items()}})
+def run_eval(rt, log: Logger, sr: StageRun, ev: EvalSet, step: int, precision: str, run: RunConfig) -> dict:
+    """Zero-shot accuracy with the trainer's runtime (ranks, SPMD mesh) and precision."""
+    res = eval_zeroshot.evaluate(sr.model, sr.model.cfg, ev.data, runtime=rt, precision=precision,
+                                 classnames=ev.classnames, templates=ev.templates,
+                                 batch_size=run.eval_batch_size, num_workers=run.workers)
+    log.record({"step": step, "stage": sr.stage.name, **{f"eval_{k}": v for k, v in res.items()}})
     log.info(f"step {step} zero-shot: top1 {res['top1']:.4f} top5 {res['top5']:.4f} (n={res['n']})")
     return res
 
 
 # ----------------------------------------------------------------------------- CLI
 
-# flag -> Stage field (each applies to every selected stage; --set STAGE.FIELD=V targets one)
-STAGE_FLAGS = {
-    "--model": "model", "--image-size": "image_size", "--context-length": "context_length",
-    "--text-reduction": "text_reduction", "--pos-embed": "pos_embed", "--mask": "mask",
-    "--mask-ratio": "mask_ratio", "--batch-size": "batch_size", "--lr": "lr", "--base-lr": "base_lr",
-    "--warmup": "warmup", "--train-num-samples": "train_num_samples", "--weight-decay": "weight_decay",
-    "--color-jitter": "color_jitter", "--scale-min": "scale_min", "--train-data": "train_data",
-    "--train-format": "train_format",
-}
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line and exit 2, not argparse's usage block
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser(prog: str, finetune: bool = False) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0] if not finetune else
-                                "CLIPA fine-tuning: the preset's fine-tune stage(s) from a pre-trained "
-                                "checkpoint.")
-    p.add_argument("--cfg", required=True, help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--stage", default=None, help="stages to run: names or indices, comma-separated")
-    p.add_argument("--out", default=None, help="output directory (default runs/CFG)")
-    p.add_argument("--device", default="auto", choices=xla_utils.DEVICES)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loader workers per process")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps")
-    p.add_argument("--save-minutes", type=float, default=60.0, help="... and every M minutes")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    p.add_argument("--pretrained", default=None, required=finetune,
-                   help="weights for the first stage (a checkpoint dir, .safetensors or OpenCLIP file)")
-    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval every N steps")
-    p.add_argument("--eval-data", default=None, help="ImageFolder/TFDS dir for zero-shot eval, or 'demo'")
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--eval-classnames", default=None, help="class names file (default ImageNet-1K)")
-    p.add_argument("--eval-templates", default=None, help="prompt templates file (default OpenAI 80)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--accum-steps", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop (resumably) after this global step")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved stages and exit")
-    for flag, fname in STAGE_FLAGS.items():
-        p.add_argument(flag, dest=f"stage__{fname}", default=None, metavar="V",
-                       help=f"stage field {fname} for every selected stage")
+def build_parser(prog: str, finetune: bool = False) -> xla_utils.ArgumentParser:
+    """The command line, generated from RunConfig's fields (run options) and Stage's fields
+    (each applies to every selected stage; --set STAGE.FIELD=V targets one stage)."""
+    desc = (__doc__.split("\n\n")[0] if not finetune else
+            "CLIPA fine-tuning: the preset's fine-tune stage(s) from a pre-trained checkpoint.")
+    p = xla_utils.ArgumentParser(prog=prog, description=desc)
+    for f in dataclasses.fields(RunConfig):
+        kw = dict(dest=f.name, default=None, help=f.metadata["help"],
+                  required=f.metadata.get("required", False) or (finetune and f.name == "pretrained"))
+        if f.type == "bool":
+            p.add_argument(_flag(f.name), action="store_true", **kw)
+        else:
+            p.add_argument(_flag(f.name), metavar="V", choices=f.metadata.get("choices"), **kw)
+    for f in STAGE_FIELDS.values():
+        p.add_argument(_flag(f.name), dest=f"stage__{f.name}", default=None, metavar="V",
+                       help=f"stage field: {f.metadata['help']}")
     p.add_argument("--set", action="append", default=[], metavar="[STAGE.]FIELD=VALUE",
                    help="override any stage field, e.g. --set finetune.batch_size=4096")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved stages and exit")
+    p.add_argument("--flops", action="store_true", help="print the stages' FLOPs table and exit")
     return p
 
 
 def parse_args(argv, prog="train.py", finetune=False):
-    """argv -> (RunConfig, [(index, Stage)], dry_run). Raises ValueError on bad presets/fields."""
+    """argv -> (RunConfig, [(index, Stage)], namespace). Raises ValueError on bad values."""
     a = build_parser(prog, finetune).parse_args(argv)
-    overrides = []
-    for fname in STAGE_FIELDS:
-        v = getattr(a, f"stage__{fname}", None)
-        if v is not None:
-            overrides.append((None, fname, v))
+    run = RunConfig(**{f.name: _parse_value(f.name, f.type, getattr(a, f.name))
+                       for f in dataclasses.fields(RunConfig) if getattr(a, f.name) is not None})
+    run.out = run.out or os.path.join("runs", run.cfg)
+    overrides = [(None, name, getattr(a, f"stage__{name}")) for name in STAGE_FIELDS
+                 if getattr(a, f"stage__{name}") is not None]
     for item in a.set:
         if "=" not in item:
             raise ValueError(f"--set expects [STAGE.]FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         sel, _, fname = key.rpartition(".")
         overrides.append((sel or None, fname, value))
-    if a.cfg not in PRESETS:
-        raise ValueError(f"unknown preset {a.cfg!r}; valid: {', '.join(PRESETS)}")
-    select = a.stage
-    if finetune and select is None:   # finetune.py: the stages that start from a previous one
-        select = ",".join(s.name for s in PRESETS[a.cfg].stages if s.init == "previous")
-    stages = resolve_stages(a.cfg, overrides, select)
-    for flag, n in (("--accum-steps", a.accum_steps), ("--log-every", a.log_every),
-                    ("--save-every", a.save_every), ("--keep", a.keep)):
-        if n < 1:
-            raise ValueError(f"{flag} must be >= 1, got {n}")
-    run = RunConfig(cfg=a.cfg, out=a.out or os.path.join("runs", a.cfg), device=a.device,
-                    precision=a.precision, seed=a.seed, workers=a.workers, log_every=a.log_every,
-                    save_every=a.save_every, save_minutes=a.save_minutes, keep=a.keep, resume=a.resume,
-                    pretrained=a.pretrained, eval_every=a.eval_every, eval_data=a.eval_data,
-                    eval_batch_size=a.eval_batch_size, eval_classnames=a.eval_classnames,
-                    eval_templates=a.eval_templates, grad_checkpointing=a.grad_checkpointing,
-                    accum_steps=a.accum_steps, max_steps=a.max_steps, stage=select)
-    if run.pretrained and not os.path.exists(run.pretrained):
-        raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
-    return run, stages, a.dry_run
+    if run.cfg not in PRESETS:
+        raise ValueError(f"unknown preset {run.cfg!r}; valid: {', '.join(PRESETS)}")
+    if finetune and run.stage is None:   # finetune.py: the stages that start from a previous one
+        run.stage = ",".join(s.name for s in PRESETS[run.cfg].stages if s.init == "previous")
+    stages = resolve_stages(run.cfg, overrides, run.stage)
+    for name in ("accum_steps", "log_every", "save_every", "keep", "eval_batch_size"):
+        if getattr(run, name) < 1:
+            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(run, name)}")
+    for name in ("workers", "eval_every"):
+        if getattr(run, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(run, name)}")
+    if run.save_minutes < 0 or (run.max_steps is not None and run.max_steps < 0):
+        raise ValueError("--save-minutes and --max-steps must be >= 0")
+    return run, stages, a
 
 
 def describe_stages(run: RunConfig, stages) -> str:
@@ -785,16 +849,39 @@ def describe_stages(run: RunConfig, stages) -> str:
 
 
 def main(argv=None, prog="train.py", finetune=False) -> int:
+    """Exit status: 0 done (or stopped at --max-steps), 2 bad input (one line, found before the
+    first step), 1 the run could not go on (one line: non-finite loss, checkpoint not written),
+    128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT). Any other error inside the
+    run keeps its traceback."""
     try:
-        run, stages, dry = parse_args(sys.argv[1:] if argv is None else argv, prog, finetune)
-        if dry:
-            print(describe_stages(run, stages))
+        run, stages, a = parse_args(sys.argv[1:] if argv is None else argv, prog, finetune)
+        if a.dry_run or a.flops:
+            print(describe_stages(run, stages) if a.dry_run else flops_table(stages))
             return 0
-        run_training(run, stages)
+        inputs = check_inputs(run, stages)
+        rt = xla_utils.init_runtime(run.device)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return xla_utils.usage_error(e)
+    lock = xla_utils.RunLock(run.out)
+    try:
+        try:
+            check_layout(rt, run, stages, inputs)
+            if rt.is_master:
+                lock.acquire()
+        except ValueError as e:
+            return xla_utils.usage_error(e)
+        if lock.previous:
+            print(f"taking over the lock of a run that ended without releasing it ({lock.previous})",
+                  flush=True)
+        if rt.is_master:
+            xla_utils.remove_temporaries(checkpoint_root(run.out))   # left by a kill mid-save
+        summary = run_training(rt, run, stages, inputs, xla_utils.StopSignals().install())
+    except RunStopped as e:
+        return xla_utils.usage_error(e, status=1)
+    finally:
+        lock.release()
+        rt.shutdown()
+    return 128 + summary["stopped_by"] if summary["stopped_by"] else 0
 
 
 if __name__ == "__main__":

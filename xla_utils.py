@@ -23,19 +23,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
+import json
 import os
 import random
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 DEVICES = ("auto", "cuda", "xla", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -227,19 +233,24 @@ class Runtime:
         return [obj]
 
     def agree(self, flag: bool) -> bool:
-        """True on every process if `flag` is true on any of them. Decisions that gate a collective
-        (a time-based save, a stop) must go through here: processes that disagree would deadlock.
-        torch.distributed: an all-reduce(max). Multi-host XLA (one process per host, SPMD): each
-        host contributes its flag as its rows of a batch-sharded tensor, whose max every host reads."""
+        """True on every process if `flag` is true on any of them (see agree_each)."""
+        return self.agree_each([flag])[0]
+
+    def agree_each(self, flags: list[bool]) -> list[bool]:
+        """Element-wise any() of `flags` over all processes, in one collective. Decisions that gate
+        a collective (a time-based save, a stop on a signal or a non-finite loss) must go through
+        here: processes that disagree would deadlock. torch.distributed: an all-reduce(max).
+        Multi-host XLA (one process per host, SPMD): each host contributes its flags as its rows of
+        a batch-sharded tensor, whose max every host reads."""
+        values = [1.0 if f else 0.0 for f in flags]
         if self.distributed and self.world_size > 1:
-            t = torch.tensor([1.0 if flag else 0.0],
-                             device=self.device if self.kind == "cuda" else "cpu")
+            t = torch.tensor(values, device=self.device if self.kind == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return bool(t.item() > 0)
+            return [bool(v > 0) for v in t.tolist()]
         if self.spmd and self.world_size > 1:
-            local = torch.full((self.num_devices // self.world_size,), 1.0 if flag else 0.0)
-            return bool(self.to_device(local)[0].max().item() > 0)
-        return flag
+            local = torch.tensor(values).repeat(self.num_devices // self.world_size, 1)
+            return [bool(v > 0) for v in self.to_device(local)[0].amax(0).tolist()]
+        return [bool(f) for f in flags]
 
     # -- model and data placement
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -455,6 +466,91 @@ def atomic_dir(final_dir: str, fill_fn) -> str:
     return final_dir
 
 
+def to_cpu(obj):
+    """A nest of dicts / lists / tensors with every tensor on the host (for torch.save)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def write_checkpoint(root: str, name: str, weights: dict, weights_metadata: dict, train_state: dict,
+                     meta: dict, *, keep: int, protected=()) -> str:
+    """ROOT/NAME/{model.safetensors, train_state.pt, meta.json} (host tensors) as one atomic directory, then
+    ROOT/latest names it, then the step directories beyond the newest `keep` are deleted (except
+    `protected` ones). `latest` always names a complete checkpoint, even when NAME is re-saved."""
+    pointer = os.path.join(root, "latest")
+    steps = lambda: sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))  # noqa: E731
+    if os.path.isdir(os.path.join(root, name)):
+        # re-saving what `latest` may name (after --resume of an older one): point it at an older
+        # complete checkpoint first, so that a kill in between never leaves it dangling
+        older = [d for d in steps() if d < name]
+        if older:
+            atomic_write_text(older[-1] + "\n", pointer)
+        elif os.path.exists(pointer):
+            os.remove(pointer)
+
+    def fill(d):
+        save_file(weights, os.path.join(d, "model.safetensors"), metadata=weights_metadata)
+        torch.save(train_state, os.path.join(d, "train_state.pt"))
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    path = atomic_dir(os.path.join(root, name), fill)
+    atomic_write_text(name + "\n", pointer)
+    for d in steps()[:-keep]:
+        if d not in protected:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return path
+
+
+def remove_temporaries(parent: str) -> list[str]:
+    """Delete what atomic_write / atomic_dir leave behind when a process is killed mid-write
+    (.NAME.tmpPID). Call only while holding the run lock: then no other writer is active."""
+    gone = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if re.fullmatch(r"\..+\.tmp\d+", name):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            gone.append(name)
+    return gone
+
+
+class RunLock:
+    """OUT/.lock: one run per output directory. A POSIX record lock (fcntl.lockf) on the file, so
+    the kernel drops it when the holder dies however it dies (a SIGKILL'd run leaves a stale file,
+    never a stale lock), and forked data-loader workers do not inherit it."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, ".lock")
+        self.fd = None
+        self.previous = ""          # holder recorded in a stale lock file that was taken over
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
+                             "stop it, or train into another --out") from None
+        self.previous = holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)        # closing drops the lock; the file stays (harmless)
+            self.fd = None
+
+
 def resolve_checkpoint(path: str) -> str:
     """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
     holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
@@ -483,6 +579,24 @@ def resolve_checkpoint(path: str) -> str:
 
 # ----------------------------------------------------------------------------- command lines
 
+class StopSignals:
+    """SIGTERM (preemption: the cloud's grace period) and SIGINT (Ctrl-C) ask a long run to stop:
+    `received` is set and the run decides (with every rank) when to save and exit. A second Ctrl-C
+    interrupts at once; a second SIGTERM ends the process."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2 instead of the usage block; every script
     of the project uses it (sub-commands too: add_subparsers passes the class on)."""
@@ -496,12 +610,13 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().add_subparsers(**kw)
 
 
-def usage_error(err: BaseException | str) -> int:
-    """Print a user error (bad flag, missing file, unknown name) as one line; returns exit status 2.
-    Only for errors found while validating input: unexpected errors keep their traceback."""
+def usage_error(err: BaseException | str, status: int = 2) -> int:
+    """Print an expected error (bad flag, missing file, unknown name; with status 1 a run that
+    cannot go on) as one line; returns the exit status. Only for errors the program anticipates:
+    unexpected ones keep their traceback."""
     text = str(err).strip() if not isinstance(err, str) else err
     print(f"error: {(text.splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
-    return 2
+    return status
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -1,8 +1,9 @@
 """CLIPA's trade-off on a laptop CPU, end to end, with no downloads.
 
-    python launch/demo.py [--out demo_out] [--samples-scale 1.0]
+    python launch/demo.py [--out demo_out] [--pretrain-samples 6400] [--finetune-samples 1600]
+                          [--only KEY,...] [--workers 1] [--n-train 10000] [--n-val 1080]
 
-1. data.py writes the embedded procedural dataset (webdataset tar + TFRecord shards, and a held-out
+1. launch/demo_data.py writes the embedded procedural dataset (webdataset tar + TFRecord shards, and a held-out
    ImageFolder zero-shot set of 36 "<colour> <shape>" classes).
 2. The real scripts train each variant below on the same shards (train.py, which runs the preset's
    pre-train and fine-tune stages one after the other), then eval_zeroshot.py scores it.
@@ -24,7 +25,7 @@ usual fwd+bwd = 3x fwd rule) x samples seen.
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,14 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import demo_data  # noqa: E402  (launch/, beside this file)
+import model as M  # noqa: E402
+import train  # noqa: E402
+import xla_utils  # noqa: E402
+
+# A finished variant is reused only if it was trained by the same command with the same code.
+CODE = ("train.py", "model.py", "data.py", "tokenizer.py", "eval_zeroshot.py", "xla_utils.py")
 
 
 @dataclass
@@ -73,8 +82,6 @@ def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Var
 
 def tokens_and_flops(argv: list[str]) -> tuple[list[str], float, int]:
     """Resolve a variant's stages with train.py's own parser -> (token strings, train GFLOPs, samples)."""
-    import model as M
-    import train
     _, stages, _ = train.parse_args(argv + ["--dry-run"])
     toks, gflops, samples = [], 0.0, 0
     for _, s in stages:
@@ -105,9 +112,13 @@ def run(cmd: list[str], log_path: str) -> float:
     return time.time() - t0
 
 
-def latest_checkpoint(out: str) -> str:
-    with open(os.path.join(out, "checkpoints", "latest")) as f:
-        return os.path.join(out, "checkpoints", f.read().strip())
+def fingerprint(argv: list[str], dataset: dict) -> str:
+    """What a variant's result depends on: its command, the dataset and the training code."""
+    h = hashlib.sha256(json.dumps([argv, dataset]).encode())
+    for name in CODE:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def read_metrics(out: str) -> list[dict]:
@@ -155,7 +166,7 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = xla_utils.ArgumentParser(prog="launch/demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
     ap.add_argument("--pretrain-samples", type=int, default=6400)
     ap.add_argument("--finetune-samples", type=int, default=1600)
@@ -165,10 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-val", type=int, default=1080, help="held-out images (a multiple of 36)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    import data
     t0 = time.time()
     print(f"[demo] 1/3 embedded dataset -> {a.out}/data", flush=True)
-    ds = data.make_demo_dataset(os.path.join(a.out, "data"), n_train=a.n_train, n_val=a.n_val)
+    ds = demo_data.make_demo_dataset(os.path.join(a.out, "data"), n_train=a.n_train, n_val=a.n_val)
     print(f"[demo]     {ds.n_train} training pairs in webdataset + TFRecord shards, {ds.n_val} held-out "
           f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)", flush=True)
     tmpl = os.path.join(ds.root, "templates.txt")
@@ -185,25 +195,28 @@ def main(argv=None) -> int:
         print(f"[demo] 2/3 variant {i}/{len(vs)}: {v.label} ({samples} samples, "
               f"{gflops / 1e3:.1f} training TFLOPs)", flush=True)
         done = os.path.join(out, "result.json")
-        if os.path.exists(done):   # a second run reuses finished variants
+        key = fingerprint(v.argv + ["--workers", str(a.workers)], {"n_train": ds.n_train, "n_val": ds.n_val})
+        if os.path.exists(done):   # a second run reuses finished variants of the same command and code
             with open(done) as f:
-                results.append(dict(json.load(f), curve=loss_curve(out)))
-            print("    reusing the finished run in " + out, flush=True)
-            continue
-        if os.path.exists(out):    # an interrupted variant: start it again from a clean directory
-            print("    restarting the unfinished run in " + out, flush=True)
+                prev = json.load(f)
+            if prev.get("fingerprint") == key:
+                results.append(dict(prev, curve=loss_curve(out)))
+                print("    reusing the finished run in " + out, flush=True)
+                continue
+        if os.path.exists(out):    # unfinished, or another command / code: start again, clean
+            print("    starting again in " + out + " (unfinished, or its command or code changed)", flush=True)
             shutil.rmtree(out)
         train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
                        "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
         eval_json = os.path.join(out, "zeroshot.json")
-        run([sys.executable, "eval_zeroshot.py", "--ckpt", latest_checkpoint(out), "--data", ds.val_dir,
+        run([sys.executable, "eval_zeroshot.py", "--ckpt", xla_utils.resolve_checkpoint(out), "--data", ds.val_dir,
              "--classnames", names, "--templates", tmpl, "--device", "cpu", "--out", eval_json,
              "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
         with open(eval_json) as f:
             ev = json.load(f)
         r = {"key": v.key, "label": v.label, "tokens": " -> ".join(toks), "train_gflops": gflops,
              "samples": samples, "wall_s": train_s, "top1": 100 * ev["top1"], "top5": 100 * ev["top5"],
-             "argv": v.argv, "curve": loss_curve(out)}
+             "argv": v.argv, "fingerprint": key, "curve": loss_curve(out)}
         with open(done, "w") as f:
             json.dump(r, f, indent=1)
         results.append(r)

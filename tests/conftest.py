@@ -1,5 +1,5 @@
 # torch_xla must be imported before tensorflow in any process (the reverse order aborts with an
-# LLVM option clash), so import it first, before any test module pulls in data.py's readers.
+# LLVM option clash), so import it first, before any test module pulls in the TFRecord / TFDS readers (shards.py).
 import os
 import sys
 

@@ -1,17 +1,29 @@
 """train.py / finetune.py: presets, the contrastive step on every runtime, checkpoints, resume,
 fine-tuning and the demo, on the CPU (torchrun/gloo, and XLA's PJRT CPU client)."""
+import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from open_clip.loss import ClipLoss
+from open_clip_train.scheduler import cosine_lr
+from safetensors import safe_open
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "launch"))
 
+import data  # noqa: E402
+import demo_data  # noqa: E402
+import eval_zeroshot  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
 
@@ -57,7 +69,6 @@ def test_presets_follow_the_paper_recipe():
     assert [(s.mask, s.mask_ratio) for s in v2] == [("none", 0.0), ("random", 0.3), ("random", 0.4)]
     assert [s.pos_embed for s in train.PRESETS["l16_i37_t8"].stages] == ["sincos", "learnable"]
     # every preset's models exist in model.py's registry with the stage's overrides
-    import model
     for p in train.PRESETS.values():
         for s in p.stages:
             cfg = model.get_model_config(s.model, image_size=s.image_size, context_length=s.context_length,
@@ -90,9 +101,7 @@ def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
                          (["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", str(tmp_path / "a")],
                           "no training data; give --train-data"),
                          (["--cfg", "demo", "--train-data", "/nope/{0..3}.tar", "--out", str(tmp_path / "b")],
-                          "/nope/0.tar"),
-                         (["--cfg", "demo", "--resume", "latest", "--out", str(tmp_path / "c")],
-                          "--resume latest: no checkpoint in")]:
+                          "/nope/0.tar")]:
         assert train.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
@@ -102,14 +111,52 @@ def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and "--cfg" in err and err.count("\n") == 1
 
-    p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", "/no/such/ckpt"])
+    p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", "/no/such/ckpt", "--train-data", REPO])
     assert p.returncode == 2 and p.stderr.strip() == "error: --pretrained: no such file or directory: /no/such/ckpt"
+
+
+def test_dry_run_checks_what_a_run_would_reject_and_nothing_it_needs_not(capsys):
+    """--dry-run resolves and validates the stages (an unknown model is exit 2, as in a real run) but
+    reads no files: finetune.py --dry-run does not need the --pretrained checkpoint to exist."""
+    assert train.main(["--cfg", "demo", "--dry-run", "--model", "ViT-Nope"]) == 2
+    assert "unknown model 'ViT-Nope'" in capsys.readouterr().err
+    for argv in (["--image-size", "0"], ["--batch-size", "0"], ["--warmup", "-5"], ["--weight-decay", "-1"],
+                 ["--scale-min", "0"], ["--scale-min", "2"], ["--image-size", "30"]):
+        assert train.main(["--cfg", "demo", "--dry-run", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: stage ") and err.count("\n") == 1, (argv, err)
+    assert train.main(["--cfg", "demo", "--dry-run", "--pretrained", "/not/yet/trained"],
+                      prog="finetune.py", finetune=True) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[1])["name"] == "finetune"
+
+
+def test_every_option_is_declared_once():
+    """The command line is generated from the dataclass fields: every RunConfig and Stage field has
+    its flag, help text, and (where an enumeration exists) the owning module's choices."""
+    p = train.build_parser("train.py")
+    flags = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(train.RunConfig):
+        assert flags[f.name].help == f.metadata["help"]
+    for name, f in train.STAGE_FIELDS.items():
+        assert f"stage__{name}" in flags and f.metadata["help"] in flags[f"stage__{name}"].help
+    assert flags["device"].choices == xla_utils.DEVICES and flags["precision"].choices == xla_utils.PRECISIONS
+    assert train.STAGE_FIELDS["mask"].metadata["choices"] == model.MASK_STRATEGIES
+    run, _, _ = train.parse_args(["--cfg", "demo"])
+    assert run == train.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))   # defaults: the dataclass's
+
+
+def test_flops_table_is_derived_from_the_presets(capsys):
+    """python train.py --cfg NAME --flops: per stage, the FLOPs counter at the stage's tokens. The
+    H/14 v2 rows reproduce the paper's 224 px / 40%-masked 336 px numbers (CLIPA_SPEC section 3)."""
+    assert train.main(["--cfg", "h14_v2", "--flops"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["pretrain", "ft224", "ft336"]
+    assert [r[3].strip() for r in rows] == ["36/36", "179/256", "345/576"]
+    assert float(rows[2][5]) == pytest.approx(237.64, abs=0.01)
 
 
 def test_loss_matches_open_clip_and_schedule():
     """Single process: our loss equals OpenCLIP's ClipLoss; lr equals OpenCLIP's cosine_lr."""
-    from open_clip.loss import ClipLoss
-    from open_clip_train.scheduler import cosine_lr
     rt = xla_utils.init_runtime("cpu")
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
@@ -117,7 +164,8 @@ def test_loss_matches_open_clip_and_schedule():
     scale = torch.tensor(14.3)
     assert train.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
 
-    stage = train.Stage("s", "ViT-Test-8-CL16", 32, batch_size=512, base_lr=8e-6, warmup=5, train_num_samples=512 * 40)
+    stage = train.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=512, base_lr=8e-6, warmup=5,
+                        train_num_samples=512 * 40)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     ref = cosine_lr(opt, stage.resolved_lr, stage.warmup, stage.steps)
     lrs = [train.lr_at(i, stage) for i in range(stage.steps)]
@@ -126,25 +174,26 @@ def test_loss_matches_open_clip_and_schedule():
 
 
 def test_weight_decay_groups():
-    import model
+    """AdamW decays weight matrices only: the class token, logit scale, biases and norms are exempt."""
     m = model.create_model("ViT-Test-8-CL16", pos_embed="learnable")
     no_decay, decay = train.param_groups(m, 0.2)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
-    assert "logit_scale" in nd and "visual.class_embedding" in nd
-    assert all(n.endswith("bias") or ".ln_" in n or n.startswith("visual.ln") or n.startswith("text.ln")
-               or m.get_parameter(n).ndim < 2 for n in nd)
-    assert "visual.conv1.weight" in d and "visual.proj" in d and "text.token_embedding.weight" in d
-    assert all(m.get_parameter(n).ndim >= 2 for n in d) and len(nd) + len(d) == len(names)
+    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "text.ln_final.bias",
+            "visual.transformer.resblocks.0.attn.in_proj_bias"} <= nd
+    assert {"visual.conv1.weight", "visual.proj", "text.token_embedding.weight",
+            "visual.positional_embedding", "text.transformer.resblocks.1.mlp.c_fc.weight"} <= d
+    assert len(nd) + len(d) == len(names) and not nd & d
 
 
 # ----------------------------------------------------------------------------- one step, every runtime
 
 STEP_SCRIPT = r'''
 import argparse, json, sys, torch
-import xla_utils, train, model
+from open_clip.loss import ClipLoss
+import data, model, train, xla_utils
 ap = argparse.ArgumentParser()
 ap.add_argument("out"); ap.add_argument("steps", type=int); ap.add_argument("--device", default="auto")
 args = ap.parse_args()
@@ -153,7 +202,8 @@ rt = xla_utils.init_runtime(args.device)
 print(rt.describe(), flush=True)
 torch.manual_seed(0)                                   # identical init on every rank
 m = model.create_model("ViT-Test-8-CL16").to(rt.device).train()
-stage = train.Stage("t", "ViT-Test-8-CL16", 32, batch_size=8, lr=2e-3, warmup=2, train_num_samples=8 * 100)
+stage = train.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
+                    train_num_samples=8 * 100)
 opt = train.build_optimizer(m, stage, rt)
 wm = rt.wrap_model(m)
 g = torch.Generator().manual_seed(123)
@@ -165,8 +215,6 @@ mine = slice(rt.rank * per, (rt.rank + 1) * per)       # this rank's rows of the
 rec = {"losses": [], "compiles": []}
 if rt.kind == "cpu":
     # gather-with-grad semantics against OpenCLIP's ClipLoss(local_loss, gather_with_grad)
-    from open_clip.loss import ClipLoss
-    import data
     x = data.normalize(images[mine], m.cfg.image_mean, m.cfg.image_std)
     fi, ft, s = m(x, tokens[mine])
     fi2, ft2 = fi.detach().requires_grad_(), ft.detach().requires_grad_()
@@ -225,7 +273,6 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     assert one["rec"]["losses"][-1] < one["rec"]["losses"][0]
     for k, v in one["weights"].items():
         assert torch.allclose(_no_key_bias(k, two["weights"][k]), _no_key_bias(k, v), atol=1e-5, rtol=0), k
-    import model
     torch.manual_seed(0)
     init = model.create_model("ViT-Test-8-CL16").state_dict()
     assert not torch.equal(init["visual.proj"], one["weights"]["visual.proj"])     # it did train
@@ -245,9 +292,8 @@ def _no_key_bias(name, t):
 
 @pytest.fixture(scope="module")
 def demo_small(tmp_path_factory):
-    """data.py's embedded demo dataset, small: 512 training pairs in 4 webdataset shards."""
-    import data
-    return data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72, shard_size=128)
+    """The embedded demo dataset (launch/demo_data.py), small: 512 training pairs in 4 webdataset shards."""
+    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72, shard_size=128)
 
 
 def _train(args, timeout=400, script="train.py", **env):
@@ -281,10 +327,6 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
     """SIGKILL a run mid pre-train (checkpoints every 3 steps), resume from `latest`: the rest of the
     run - including the stage change to 64 px / 32 tokens / learnable positions / 30% masking - has
     bit-identical losses on the CPU."""
-    import signal
-    import time
-    import model
-    from safetensors import safe_open
     out = tmp_path / "run"
     proc = subprocess.Popen([PY, "train.py", *_tiny_demo_args(demo_small, out)], cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -301,8 +343,12 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
     stdout = _train(_tiny_demo_args(demo_small, out, "--resume", "latest", "--eval-data", demo_small.val_dir,
                                     "--eval-classnames", os.path.join(demo_small.root, "classnames.txt"),
                                     "--eval-templates", os.path.join(demo_small.root, "templates.txt")))
-    assert stdout.startswith("device: cpu (1 process(es)); precision fp32")
+    # the killed run's lock file is still there, its lock is not: taken over, said in one line
+    took_over, device = stdout.splitlines()[:2]
+    assert took_over.startswith("taking over the lock of a run that ended without releasing it (pid ")
+    assert device.startswith("device: cpu (1 process(es)); precision fp32")
     assert f"resuming from {ck / killed_at}" in stdout
+    assert not [n for n in os.listdir(ck) if ".tmp" in n]          # a kill mid-save leaves nothing
     want, _ = _losses(uninterrupted)
     got, recs = _losses(out)       # steps after the checkpoint ran twice: the resumed run's records win
     assert sorted(want) == list(range(1, 13)) and sorted(got) == sorted(want)
@@ -395,9 +441,6 @@ def test_train_py_on_xla_matches_cpu(demo_small, uninterrupted, tmp_path, device
 def test_gradient_accumulation_averages_chunk_losses():
     """--accum-steps K: K chunks of the rank's batch, each its own contrastive batch; the step's loss
     is their mean and the update uses the mean gradient (same as one batch when K=1)."""
-    import data
-    import model
-    from open_clip.loss import ClipLoss
     rt = xla_utils.init_runtime("cpu")
     torch.manual_seed(0)
     m = model.create_model("ViT-Test-8-CL16").train()
@@ -419,3 +462,69 @@ def test_gradient_accumulation_averages_chunk_losses():
     assert torch.allclose(before - m.visual.proj.detach(), (grads[0] + grads[1]) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible by --accum-steps 3"):
         train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=3)
+
+
+# ----------------------------------------------------------------------------- inputs checked up front
+
+def test_eval_inputs_are_checked_before_the_first_step(demo_small, tmp_path, capsys):
+    """A templates file without '{}' or class names that do not match the eval set stop the run in
+    one line before anything trains (no checkpoint, no metrics); 'short' / 'openai' are accepted."""
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of a thing\n")
+    names = os.path.join(demo_small.root, "classnames.txt")
+    base = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--eval-data", demo_small.val_dir]
+    for extra, needle in [(["--eval-classnames", names, "--eval-templates", str(bad)], "placeholder"),
+                          ([], "36 classes but 1000 class names"),
+                          (["--eval-classnames", names, "--resume", "latest"], "--resume latest: no checkpoint in")]:
+        out = tmp_path / "run"
+        assert train.main(base + extra + ["--out", str(out)]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+        assert not out.exists()
+    run, stages, _ = train.parse_args(base + ["--eval-classnames", names, "--eval-templates", "short"])
+    inputs = train.check_inputs(run, stages)
+    assert len(inputs.eval.templates) == 7 and len(inputs.eval.classnames) == 36
+
+
+def test_training_eval_uses_the_trainers_runtime_and_precision(monkeypatch):
+    """run_eval hands eval_zeroshot the trainer's Runtime (ranks, SPMD mesh) and its precision."""
+    seen = {}
+
+    def fake_evaluate(net, cfg, path, **kw):
+        seen.update(kw)
+        return {"top1": 0.5, "top5": 1.0, "n": 2}
+
+    monkeypatch.setattr(eval_zeroshot, "evaluate", fake_evaluate)
+    rt = xla_utils.init_runtime("cpu")
+    stage = train.PRESETS["demo"].stages[0]
+    m = model.create_model(stage.model)
+    sr = train.StageRun(0, stage, m, m, None, None, None)
+    log = train.Logger(xla_utils.Runtime("cpu", torch.device("cpu"), rank=1), "/nonexistent")  # quiet
+    ev = train.EvalSet("dir", ["a", "b"], ["{}"])
+    train.run_eval(rt, log, sr, ev, 5, "bf16", train.RunConfig(cfg="demo"))
+    assert seen["runtime"] is rt and seen["precision"] == "bf16"
+
+
+def test_an_internal_error_keeps_its_traceback(demo_small, tmp_path, monkeypatch):
+    """Only input errors become one line: a bug inside the run propagates with its traceback."""
+    def broken(*a, **k):
+        raise ValueError("a bug deep in the run")
+
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(ValueError, match="a bug deep in the run"):
+        train.main(["--cfg", "demo", "--stage", "pretrain", "--train-data", demo_small.train_wds,
+                    "--workers", "0", "--out", str(tmp_path / "run")])
+
+
+def test_agree_is_one_decision_for_every_process(tmp_path):
+    """A time-based save is a collective: two processes whose clocks disagree must both save."""
+    script = tmp_path / "agree.py"
+    script.write_text("import sys, xla_utils\nrt = xla_utils.init_runtime('cpu')\n"
+                      "open(f'{sys.argv[-1]}.{rt.rank}', 'w').write(repr("
+                      "(rt.agree(rt.rank == 1), rt.agree(False), rt.agree_each([rt.rank == 0, False, True]))))\n"
+                      "rt.barrier()\nrt.shutdown()\n")
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29633", str(script),
+              str(tmp_path / "r")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"r.{rank}").read_text() == "(True, False, [True, False, True])"
