@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -424,7 +425,9 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"not a training checkpoint directory (no train_state.pt): {path}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # torch warns about a foreign file before refusing it
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
         idx, name, saved = state["stage_index"], state["stage_name"], json.loads(state["config"])
         saved_cfg = saved["run"]["cfg"]
     except Exception as e:  # refused pickle, truncated zip, another structure: not our train state
@@ -812,8 +815,9 @@ def build_parser(prog: str, finetune: bool = False) -> xla_utils.ArgumentParser:
 def parse_args(argv, prog="train.py", finetune=False):
     """argv -> (RunConfig, [(index, Stage)], namespace). Raises ValueError on bad values."""
     a = build_parser(prog, finetune).parse_args(argv)
-    run = RunConfig(**{f.name: _parse_value(f.name, f.type, getattr(a, f.name))
-                       for f in dataclasses.fields(RunConfig) if getattr(a, f.name) is not None})
+    given = {f: getattr(a, f.name) for f in dataclasses.fields(RunConfig) if getattr(a, f.name) is not None}
+    run = RunConfig(**{f.name: v if isinstance(v, bool) else _parse_value(f.name, f.type, v)
+                       for f, v in given.items()})
     run.out = run.out or os.path.join("runs", run.cfg)
     overrides = [(None, name, getattr(a, f"stage__{name}")) for name in STAGE_FIELDS
                  if getattr(a, f"stage__{name}") is not None]

@@ -175,6 +175,18 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=10000, help="demo training pairs to generate")
     ap.add_argument("--n-val", type=int, default=1080, help="held-out images (a multiple of 36)")
     a = ap.parse_args(argv)
+    keys = [v.key for v in variants(32, 32, "", "wds")]
+    only = a.only.split(",") if a.only else keys
+    for name, n in (("--pretrain-samples", a.pretrain_samples), ("--finetune-samples", a.finetune_samples),
+                    ("--n-train", a.n_train), ("--n-val", a.n_val)):
+        if n < 32:
+            return xla_utils.usage_error(f"{name} must be >= 32 (one batch), got {n}")
+    if a.workers < 0 or a.n_val % 36:
+        return xla_utils.usage_error(f"--workers must be >= 0 and --n-val a multiple of 36 (got {a.workers}, {a.n_val})")
+    if set(only) - set(keys):
+        return xla_utils.usage_error(f"unknown variant {sorted(set(only) - set(keys))[0]!r}; valid: {', '.join(keys)}")
+    if os.path.isfile(a.out):
+        return xla_utils.usage_error(f"--out {a.out} is a file, not a directory")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     print(f"[demo] 1/3 embedded dataset -> {a.out}/data", flush=True)
@@ -184,10 +196,7 @@ def main(argv=None) -> int:
     tmpl = os.path.join(ds.root, "templates.txt")
     names = os.path.join(ds.root, "classnames.txt")
 
-    vs = variants(a.pretrain_samples, a.finetune_samples, ds.train_wds, "wds")
-    if a.only:
-        keep = set(a.only.split(","))
-        vs = [v for v in vs if v.key in keep]
+    vs = [v for v in variants(a.pretrain_samples, a.finetune_samples, ds.train_wds, "wds") if v.key in only]
     results = []
     for i, v in enumerate(vs, 1):
         out = os.path.join(a.out, v.key)

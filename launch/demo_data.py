@@ -272,8 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.n_train < 1 or args.n_val < 0 or args.image_size < 8:
-        return xla_utils.usage_error("need --n-train >= 1, --n-val >= 0 and --image-size >= 8")
+    if args.n_train < 1 or args.n_val < 0 or args.n_val % (len(COLOURS) * len(SHAPES)) or args.image_size < 8:
+        return xla_utils.usage_error(f"need --n-train >= 1, --n-val a multiple of {len(COLOURS) * len(SHAPES)} "
+                                     "(every class equally) and --image-size >= 8")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         return xla_utils.usage_error(f"{args.out_dir} exists and is not a directory")
     xla_utils.TF_AFTER_XLA = False      # this process never uses XLA: skip the torch_xla import

@@ -1,9 +1,34 @@
 # torch_xla must be imported before tensorflow in any process (the reverse order aborts with an
-# LLVM option clash), so import it first, before any test module pulls in the TFRecord / TFDS readers (shards.py).
+# LLVM option clash), so import it first, before any test module pulls in the TFRecord / TFDS
+# readers (shards.py).
 import os
 import sys
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))
+sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "launch"))
+sys.path.insert(0, TESTS)
 
 import torch_xla  # noqa: E402,F401
+import pytest  # noqa: E402
+
+import demo_data  # noqa: E402
+from runs import tiny_demo_args, train  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory):
+    """The embedded demo dataset (launch/demo_data.py), small: 512 training pairs in 4 webdataset
+    shards, 72 held-out images in 36 classes."""
+    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72,
+                                       shard_size=128)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(demo_small, tmp_path_factory):
+    """Both demo stages (8 pre-train steps at 32 px, 4 masked fine-tune steps at 64 px) in one
+    command: the reference that interrupted and resumed runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("full")
+    train(tiny_demo_args(demo_small, out))
+    return out

@@ -26,22 +26,8 @@ import eval_zeroshot  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
-
-PY = sys.executable
-# XLA on the CPU: cheaper compiles (the graphs are tiny; the default LLVM passes dominate)
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", XLA_FLAGS=FAST_XLA)
-    env.setdefault("PJRT_DEVICE", "CPU")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _run(cmd, timeout=400, **env):
-    p = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
-    return p
+from runs import PY, env as _env, losses as _losses, run as _run, tiny_demo_args as _tiny_demo_args  # noqa: E402
+from runs import train as _train  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- presets and CLI
@@ -143,6 +129,9 @@ def test_every_option_is_declared_once():
     assert train.STAGE_FIELDS["mask"].metadata["choices"] == model.MASK_STRATEGIES
     run, _, _ = train.parse_args(["--cfg", "demo"])
     assert run == train.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))   # defaults: the dataclass's
+    run, _, _ = train.parse_args(["--cfg", "demo", "--grad-checkpointing", "--save-minutes", "2.5",
+                                  "--max-steps", "1_000", "--eval-templates", "short"])
+    assert (run.grad_checkpointing, run.save_minutes, run.max_steps, run.eval_templates) == (True, 2.5, 1000, "short")
 
 
 def test_flops_table_is_derived_from_the_presets(capsys):
@@ -289,38 +278,6 @@ def _no_key_bias(name, t):
 
 
 # ----------------------------------------------------------------------------- end to end (train.py)
-
-@pytest.fixture(scope="module")
-def demo_small(tmp_path_factory):
-    """The embedded demo dataset (launch/demo_data.py), small: 512 training pairs in 4 webdataset shards."""
-    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72, shard_size=128)
-
-
-def _train(args, timeout=400, script="train.py", **env):
-    p = _run([PY, script, *args], timeout=timeout, **env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
-
-
-def _losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
-
-
-def _tiny_demo_args(demo, out, *extra):
-    return ["--cfg", "demo", "--workers", "1", "--batch-size", "16", "--train-data", demo.train_wds,
-            "--set", "pretrain.train_num_samples=128", "--set", "finetune.train_num_samples=64",
-            "--log-every", "1", "--save-every", "3", "--keep", "1", "--out", str(out), *extra]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(demo_small, tmp_path_factory):
-    """Both demo stages (8 pre-train steps at 32 px, 4 fine-tune steps at 64 px) in one command."""
-    out = tmp_path_factory.mktemp("full")
-    _train(_tiny_demo_args(demo_small, out))
-    return out
-
 
 @pytest.mark.slow
 def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_path):

@@ -1,0 +1,41 @@
+"""Helpers for tests that drive the real scripts (train.py, finetune.py, ...) in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+# XLA on the CPU: cheaper compiles (the graphs are tiny; the default LLVM passes dominate)
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def env(**extra):
+    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", XLA_FLAGS=FAST_XLA)
+    e.setdefault("PJRT_DEVICE", "CPU")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run(cmd, timeout=400, **extra):
+    return subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
+
+
+def train(args, timeout=400, script="train.py", **extra):
+    p = run([PY, script, *args], timeout=timeout, **extra)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def losses(out_dir):
+    """({step: loss} with the last record of each step winning, all records) of a run's metrics."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
+
+
+def tiny_demo_args(demo, out, *extra):
+    """Both demo stages at batch 16: 8 pre-train steps at 32 px, 4 masked fine-tune steps at 64 px."""
+    return ["--cfg", "demo", "--workers", "1", "--batch-size", "16", "--train-data", demo.train_wds,
+            "--set", "pretrain.train_num_samples=128", "--set", "finetune.train_num_samples=64",
+            "--log-every", "1", "--save-every", "3", "--keep", "1", "--out", str(out), *extra]
