@@ -35,6 +35,10 @@ from shards import FORMATS, Raw, Source, find_tfds_dir, is_remote, read_shard, r
 log = logging.getLogger("clipa.data")
 
 DEFAULT_SHUFFLE = 1000      # samples per loader worker (raw JPEG bytes, ~10-50 KB each)
+# the largest image (width x height) that is decoded: Pillow's decompression-bomb limit (0.25 GiB as
+# RGB). One cap for the train and eval transforms and `stats`; a larger image is the counted skip
+# "image_too_large", refused from its header before any pixel is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
 END = 1 << 62               # "past the last shard" position
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
@@ -58,12 +62,31 @@ def mix(*xs: int) -> int:
 
 # ----------------------------------------------------------------------------- transforms
 
+class ImageTooLarge(ValueError):
+    """An encoded image over MAX_IMAGE_PIXELS: refused before decoding."""
+
+
+def _check_pixels(width: int, height: int):
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{width}x{height} image is over MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+
+
 def _open_image(src) -> Image.Image:
+    """A PIL image (returned as is), or encoded bytes / a path / a file object opened lazily,
+    its size checked against MAX_IMAGE_PIXELS (Pillow's own bomb error counts as too large too)."""
     if isinstance(src, Image.Image):
         return src
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(src))
-    return Image.open(src)   # path or file object
+    try:
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from None
+    _check_pixels(*img.size)
+    return img
+
+
+def _skip_reason(error: Exception) -> str:
+    """The skip count an image transform's exception goes to: image_too_large or bad_image."""
+    return "image_too_large" if isinstance(error, ImageTooLarge) else "bad_image"
 
 
 def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -170,7 +193,8 @@ class TrainTransform:
     JPEGs are decoded at 1/2..1/8 DCT scale when the crop allows (simplejpeg, or Pillow's draft
     mode: same pixels), the crop box mapped to the decoded pixel grid, then resampled with
     antialiased bicubic in torch's uint8 kernel. draft=False decodes in full (torchvision's
-    pixels); use_simplejpeg=False takes Pillow's decoder for everything (its fallback otherwise)."""
+    pixels); use_simplejpeg=False takes Pillow's decoder for everything (its fallback otherwise).
+    Raises ImageTooLarge for an image over MAX_IMAGE_PIXELS, another exception for a bad one."""
 
     def __init__(self, image_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3),
                  color_jitter: bool = False, draft: bool = True, use_simplejpeg: bool = True):
@@ -186,6 +210,7 @@ class TrainTransform:
             H, W, _, _ = simplejpeg.decode_jpeg_header(src)
         except ValueError:
             return None
+        _check_pixels(W, H)
         params = random_resized_crop_params(W, H, self.scale, self.ratio, rng)
         top, left, h, w = params
         box = (left, top, left + w, top + h)
@@ -422,13 +447,15 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         try:
             x = cfg.transform(e.raw.image, random.Random(mix(cfg.seed, cfg.epoch, e.sid, e.rec)))
         except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
-            stats["bad_image"] += 1
+            reason = _skip_reason(ex)
+            stats[reason] += 1
             if stats["bad_image"] >= 50 and not stats["samples"]:   # a bug, not bad data
                 raise RuntimeError(f"the first {stats['bad_image']} images all failed to decode; "
                                    f"last error: {type(ex).__name__}: {ex}") from ex
-            if "bad_image" not in logged:
-                logged.add("bad_image")
-                log.warning("skipping bad image %s in %s: %s", e.raw.key, cfg.plan.shards[e.sid], ex)
+            if reason not in logged:
+                logged.add(reason)
+                log.warning("skipping bad image (%s) %s in %s: %s", reason, e.raw.key,
+                            cfg.plan.shards[e.sid], ex)
             continue
         stats["samples"] += 1
         images.append(x)
@@ -465,6 +492,12 @@ class _TrainDataset(torch.utils.data.IterableDataset):
 
 def _identity(x):
     return x
+
+
+def _generator(*xs: int) -> torch.Generator:
+    """A DataLoader draws a seed each time it is iterated: from this generator, not from torch's
+    global RNG, which is the trainer's (restored on resume; image masking draws from it)."""
+    return torch.Generator().manual_seed(mix(*xs, 0xD1) >> 1)
 
 
 def _worker_init(_):
@@ -577,9 +610,9 @@ class TrainLoader:
         cfg = _StreamCfg(self.src, plan, self.seed, self.epoch, self.rank, max(1, self.num_workers),
                          self.batch_size, self.shuffle_buffer, self.transform, self.tokenizer,
                          dict(self._workers))
-        kw = {}
+        kw = {"generator": _generator(self.seed, self.epoch, self.rank)}
         if self.num_workers > 0:
-            kw = dict(prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
+            kw.update(prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
                       worker_init_fn=_worker_init, persistent_workers=False)
         # pin_memory rebuilds each (images, tokens, meta) item as a list with meta copied: _ordered
         # only unpacks and indexes it, so batches and loader state are the same either way
@@ -774,7 +807,7 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
         ds = _ShardEvalDataset(src, transform, batch_size, rank, world_size)
         xla_utils.import_tensorflow()
         dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=_generator(rank))
         return EvalLoader(dl, None), list(src.classes)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: not a directory (expected an ImageFolder tree or TFDS dir)")
@@ -783,17 +816,19 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
     part = items[rank * n // world_size:(rank + 1) * n // world_size]
     dl = torch.utils.data.DataLoader(_FolderDataset(part, transform), batch_size=batch_size,
                                      shuffle=False, num_workers=num_workers,
-                                     collate_fn=_collate_eval)
+                                     collate_fn=_collate_eval, generator=_generator(rank))
     return EvalLoader(dl, len(part)), classes
 
 
 # ----------------------------------------------------------------------------- stats
 
 def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str = "train") -> dict:
-    """Read every record (and decode every image at 1/8 DCT scale) and count good / bad ones.
-    Bad data is counted, never raised; `spec` may be a resolved Source."""
+    """Read every record (and decode every image as the train loader does, its transform at 16 px:
+    mostly 1/8 DCT scale) and count good / bad ones by the loader's reasons. Bad data is counted,
+    never raised; `spec` may be a resolved Source."""
     t0 = time.time()
     src = resolve(spec, fmt, split)
+    check = train_transform(16)
     reasons: Counter = Counter()
     samples = empty = 0
     chars = 0
@@ -807,11 +842,9 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
             n += 1
             if raw.reason is None and decode:
                 try:
-                    img = Image.open(io.BytesIO(raw.image))
-                    img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
-                    img.load()
-                except Exception:  # noqa: BLE001
-                    raw = raw._replace(reason="bad_image")
+                    check(raw.image, random.Random(0))
+                except Exception as e:  # noqa: BLE001 - any decoder error means a bad image
+                    raw = raw._replace(reason=_skip_reason(e))
             if raw.reason is None:
                 samples += 1
                 chars += len(raw.text) if isinstance(raw.text, str) else 0

@@ -7,7 +7,9 @@ Sources (CLIPA_SPEC section 5):
   tfds      a TFDS dataset directory (tfds.builder_from_directory); its TFRecord files are read directly.
 The format comes from an explicit flag or from the files' first bytes, never from a path substring.
 Readers never raise for bad data: a bad record comes out flagged with the reason (Raw.reason), so
-that loaders and `python data.py stats` can count and skip it.
+that loaders and `python data.py stats` can count and skip it. No size read from a shard is
+trusted: a tar member or TFRecord record is read only when it is at most MAX_RECORD_BYTES and fits
+in the bytes left in the file, so a hostile length field costs nothing (see read_wds, read_tfrecord).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import glob as globlib
 import logging
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
@@ -26,6 +29,9 @@ log = logging.getLogger("clipa.shards")
 FORMATS = ("wds", "tfrecord", "tfds")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image")    # first present wins
 TEXT_KEYS = ("txt", "caption", "text")
+# the most bytes one tar member or TFRecord record may hold (an image, a caption, a whole
+# tf.train.Example); a web image is ~10 KB-10 MB. Larger ones are bad data, never allocated.
+MAX_RECORD_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- local or remote files
@@ -39,6 +45,28 @@ def _open(path: str):
     if is_remote(path):
         return xla_utils.import_tensorflow().io.gfile.GFile(path, "rb")
     return open(path, "rb", buffering=1 << 20)
+
+
+def _read_errors(path: str) -> tuple:
+    """What reading `path` raises when the file cannot be read: OSError, and TensorFlow's
+    OpError (not an OSError) for gs://, s3://, ... paths."""
+    if is_remote(path):
+        return OSError, xla_utils.import_tensorflow().errors.OpError
+    return (OSError,)
+
+
+def _file_size(f) -> int | None:
+    """Bytes in the open file `f` (a regular local file or a gfile), None when it cannot tell
+    (a pipe, say)."""
+    try:
+        st = os.fstat(f.fileno())
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        return int(f.size())
+    except Exception:  # noqa: BLE001 - any stream without a size: sizes are then only capped
+        return None
 
 
 # ----------------------------------------------------------------------------- shard specs
@@ -239,13 +267,22 @@ class _Truncated(Exception):
     pass
 
 
-def _tar_members(f) -> Iterator[tuple[str, bytes]]:
+class _Unreadable(Exception):
+    """The rest of the shard cannot be read; args[0]: the reason, args[1]: the member name."""
+
+
+def _tar_members(f) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of each regular file in a tar stream; stops at the end-of-archive marker.
+    data is None for a member over MAX_RECORD_BYTES that fits in the file (skipped unread).
     Raises _Truncated(name of the member cut short, or None between members) when the file ends
-    early, and ValueError on a corrupt header."""
+    early, _Unreadable("oversized_member", name) for a member size that is over the cap and more
+    than the bytes left (a hostile or garbled header: nothing after it can be found), and
+    ValueError on a corrupt header."""
     long_name, first = None, True
+    end, pos = _file_size(f), 0
     while True:
         hdr = f.read(512)
+        pos += len(hdr)
         if not hdr and first:   # a 0-byte shard (img2dataset: all downloads failed): no samples
             return
         first = False
@@ -260,10 +297,15 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
         if chk != sum(hdr[:148]) + 256 + sum(hdr[156:512]):
             raise ValueError("corrupt tar header (checksum)")
         size_field = hdr[124:136]
-        if size_field[0] & 0x80:   # GNU base-256 size for members > 8 GiB
-            size = int.from_bytes(size_field[1:], "big")
+        if size_field[0] & 0x80:   # GNU base-256 size for members > 8 GiB (0xff: negative)
+            size = int.from_bytes(size_field[1:], "big") if size_field[0] == 0x80 else -1
         else:
-            size = int(size_field.strip(b"\0 ") or b"0", 8)
+            try:
+                size = int(size_field.strip(b"\0 ") or b"0", 8)
+            except ValueError:
+                raise ValueError("corrupt tar header (size)") from None
+        if size < 0:
+            raise ValueError("corrupt tar header (negative size)")
         kind = hdr[156:157]
         if long_name is not None:
             name = long_name
@@ -271,10 +313,24 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
             if hdr[257:262] == b"ustar" and hdr[345] != 0:
                 name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        is_file = kind in (b"0", b"\0", b"7")
+        left = None if end is None else end - pos
+        if size > MAX_RECORD_BYTES:
+            if left is None or size + (-size) % 512 > left:
+                raise _Unreadable("oversized_member", name if is_file else None)
+            f.seek(size + (-size) % 512, 1)       # skipped unread; the next header follows
+            pos += size + (-size) % 512
+            long_name = None
+            if is_file:
+                yield name, None
+            continue
+        if left is not None and size > left:     # the file ends inside this member
+            raise _Truncated(name if is_file else None)
         data = f.read(size)
+        pos += len(data)
         if len(data) < size:
-            raise _Truncated(name if kind in (b"0", b"\0", b"7") else None)
-        f.read((-size) % 512)
+            raise _Truncated(name if is_file else None)
+        pos += len(f.read((-size) % 512))
         if kind == b"L":           # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             continue
@@ -284,7 +340,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
                     long_name = rec.split(" path=", 1)[1]
             continue
         long_name = None
-        if kind not in (b"0", b"\0", b"7"):
+        if not is_file:
             continue
         yield name, data
 
@@ -297,18 +353,28 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _make_raw(key: str, parts: dict, src: Source, truncated: bool = False) -> Raw:
+    if any(v is None for v in parts.values()):       # a member over MAX_RECORD_BYTES, skipped
+        return Raw(key, None, None, "oversized_member")
     image = next((parts[k] for k in src.image_keys if k in parts), None)
+    if not isinstance(image, (bytes, bytearray, type(None))):     # e.g. a TFRecord int64 feature
+        image = None
     if src.label_key is not None:
         if image is None:
             return Raw(key, None, None, "truncated_record" if truncated else "missing_image")
-        if src.label_key not in parts:
+        try:
+            label = int(parts[src.label_key])
+        except (KeyError, TypeError, ValueError):
             return Raw(key, None, None, "truncated_record" if truncated else "missing_label")
-        return Raw(key, image, int(parts[src.label_key]))
+        return Raw(key, image, label)
     text = next((parts[k] for k in src.text_keys if k in parts), None)
+    if not isinstance(text, (bytes, str, type(None))):
+        text = None
     if image is None or text is None:
         if truncated:
             return Raw(key, None, None, "truncated_record")
         return Raw(key, None, None, "missing_image" if image is None else "missing_caption")
+    if not image:
+        return Raw(key, None, None, "empty_image")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -321,10 +387,15 @@ def _make_raw(key: str, parts: dict, src: Source, truncated: bool = False) -> Ra
 
 
 def read_wds(path: str, src: Source) -> Iterator[Raw]:
-    """Samples of one webdataset tar shard, bad ones flagged (never raises for bad data)."""
+    """Samples of one webdataset tar shard, bad ones flagged (never raises for bad data).
+    Per sample: a member over MAX_RECORD_BYTES that fits in the file is skipped unread and its
+    sample flagged oversized_member. Once per shard, losing the rest of it: a size beyond the
+    bytes left (oversized_member, or truncated_record when under the cap: a cut-off writer), a
+    corrupt header (corrupt_shard), a file that cannot be opened or read (unreadable_shard)."""
+    errors = _read_errors(path)
     try:
         f = _open(path)
-    except OSError as e:
+    except errors as e:
         yield Raw(path, None, None, "unreadable_shard")
         log.warning("unreadable shard %s: %s", path, e)
         return
@@ -338,33 +409,79 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
                         yield _make_raw(key, parts, src)
                     key, parts = k, {}
                 parts[ext] = data
-        except _Truncated as e:
+        except (_Truncated, _Unreadable) as e:
             # the sample being read when the file ended is lost; earlier ones are intact
-            if not (e.args and e.args[0]):     # cut between members: the last sample may be whole
-                yield _make_raw(key, parts, src, truncated=True) if key is not None else \
-                    Raw(path, None, None, "truncated_record")
+            reason = e.args[0] if isinstance(e, _Unreadable) else "truncated_record"
+            name = e.args[-1] if e.args else None
+            if not name:        # between samples' members: the last sample may be whole
+                if isinstance(e, _Unreadable):
+                    log.warning("%s: a member after key %s is over %d bytes and past the end of "
+                                "the file: rest of the shard skipped", path, key, MAX_RECORD_BYTES)
+                    if key is not None:
+                        yield _make_raw(key, parts, src)
+                    yield Raw(key or path, None, None, reason)
+                else:
+                    yield _make_raw(key, parts, src, truncated=True) if key is not None else \
+                        Raw(path, None, None, reason)
                 return
-            cut_key = _split_key(e.args[0])[0]
+            cut_key = _split_key(name)[0]
             if key is not None and cut_key != key:
                 yield _make_raw(key, parts, src)
-            yield Raw(cut_key, None, None, "truncated_record")
+            if isinstance(e, _Unreadable):
+                log.warning("%s: member %s is over %d bytes and past the end of the file: rest "
+                            "of the shard skipped", path, name, MAX_RECORD_BYTES)
+            yield Raw(cut_key, None, None, reason)
             return
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             log.warning("corrupt shard %s after key %s: %s", path, key, e)
             yield Raw(key or path, None, None, "corrupt_shard")
+            return
+        except errors as e:
+            log.warning("unreadable shard %s after key %s: %s", path, key, e)
+            yield Raw(key or path, None, None, "corrupt_shard" if key is not None else "unreadable_shard")
             return
     if key is not None:
         yield _make_raw(key, parts, src)
 
 
+def _scan_tfrecord(f) -> tuple[int, str | None]:
+    """Check a TFRecord file's framing without reading record data (headers and seeks only):
+    (records framed soundly before the first bad one, None or why the file ends there). A length
+    is trusted only with its CRC, at most MAX_RECORD_BYTES and within the file: tf.data would
+    otherwise allocate what a hostile length asks for (2^62 bytes: a segfault)."""
+    end, pos, n = _file_size(f), 0, 0
+    while True:
+        head = f.read(12)
+        if not head:
+            return n, None
+        if len(head) < 12:
+            return n, "truncated_record"
+        length, crc = struct.unpack("<QI", head)
+        if crc != _masked_crc32c(head[:8]):
+            return n, "corrupt_record"
+        if length > MAX_RECORD_BYTES:
+            return n, "oversized_record"
+        pos += 12 + length + 4
+        if end is not None and pos > end:
+            return n, "truncated_record"
+        f.seek(length + 4, 1)
+        n += 1
+
+
 def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
-    """Samples of one TFRecord shard (tf.data), bad ones flagged (never raises for bad data)."""
+    """Samples of one TFRecord shard (tf.data), bad ones flagged (never raises for bad data).
+    The framing is checked first (_scan_tfrecord): tf.data reads only the soundly framed
+    records, and what ends the file early (truncated_record, corrupt_record, oversized_record)
+    is one skip for the rest of the shard, like a record whose data fails its CRC."""
     tf = xla_utils.import_tensorflow()
     from google.protobuf.message import DecodeError
     try:
-        it = iter(tf.data.TFRecordDataset(path).as_numpy_iterator())
+        with _open(path) as f:
+            sound, tail = _scan_tfrecord(f)
+        ds = tf.data.TFRecordDataset(path)
+        it = iter((ds.take(sound) if tail else ds).as_numpy_iterator())
     except (tf.errors.OpError, OSError) as e:
-        log.warning("unreadable shard %s: %s", path, e)
+        log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0] if str(e) else e)
         yield Raw(path, None, None, "unreadable_shard")
         return
     i = 0
@@ -372,6 +489,9 @@ def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
         try:
             rec = next(it)
         except StopIteration:
+            if tail:
+                log.warning("%s: %s after record %d, the rest of the shard skipped", path, tail, i)
+                yield Raw(f"{path}#{i}", None, None, tail)
             return
         except tf.errors.DataLossError as e:     # bad length/crc: the rest of the file is lost
             yield Raw(f"{path}#{i}", None, None,

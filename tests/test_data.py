@@ -273,6 +273,73 @@ def test_resume_is_exact(tiny_shards, workers, consumed):
     assert resumed.epoch >= 1 and len(set(k for b in full[:15] for k in b)) == 60   # epoch 0 = 60 samples
 
 
+class _SeedProbe:
+    """A transform that returns the torch seed of the process it runs in (a loader worker)."""
+
+    def __call__(self, src, rng=None):
+        return torch.tensor([torch.initial_seed()])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_leaves_the_global_torch_rng_alone(tiny_shards, workers):
+    """The trainer restores torch's global RNG on resume and masks images with it: starting the
+    loader (its first batch, each epoch) must not draw from it, and its batches must not depend
+    on it."""
+    d, _ = tiny_shards
+    spec = str(d / "{00000..00004}.tar")
+    kw = dict(num_workers=workers, shuffle_buffer=10, seed=2)
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        batches = [b for _, b in zip(range(20), data.make_train_loader(spec, None, 32, 4, **kw))]  # 2 epochs
+        assert torch.equal(torch.get_rng_state(), before)
+        runs.append(batches)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(*runs))
+
+
+def test_resume_keeps_the_mask_stream_exact(tiny_shards):
+    """What train.py does in a masked stage: a mask drawn from the global RNG after each batch;
+    a resumed run restores that RNG and the loader state and draws the very same masks."""
+    d, _ = tiny_shards
+    spec = str(d / "{00000..00004}.tar")
+    kw = dict(num_workers=2, shuffle_buffer=10, seed=4)
+    torch.manual_seed(0)
+    loader = data.make_train_loader(spec, None, 32, 4, **kw)
+    it = iter(loader)
+    masks = []
+    for step in range(20):
+        next(it)
+        masks.append(torch.rand(6))
+        if step == 7:
+            loader_state, saved = json.loads(json.dumps(loader.state_dict())), torch.get_rng_state()
+    torch.manual_seed(99)       # a new process: whatever state, then the restore
+    torch.set_rng_state(saved)
+    resumed = iter(data.make_train_loader(spec, None, 32, 4, state=loader_state, **kw))
+    again = []
+    for _ in range(12):
+        next(resumed)
+        again.append(torch.rand(6))
+    assert all(torch.equal(a, b) for a, b in zip(masks[8:], again))
+
+
+def test_worker_seeds_are_deterministic_per_seed_epoch_and_rank(tiny_shards):
+    d, _ = tiny_shards
+    src = shards.resolve(str(d / "{00000..00004}.tar"))
+
+    def seeds(seed=0, epoch=0, rank=0, global_seed=0):
+        torch.manual_seed(global_seed)
+        loader = data.TrainLoader(src, None, _SeedProbe(), 4, num_workers=2, seed=seed, epoch=epoch,
+                                  rank=rank, world_size=2, shuffle_buffer=1, prefetch=4, repeat=False,
+                                  state=None, pin_memory=False)
+        return {int(s) for images, _ in loader for s in images.flatten()}
+    base = seeds()
+    assert len(base) == 2                                   # one per worker
+    assert seeds(global_seed=5) == base                     # not from torch's global RNG
+    assert len({frozenset(base), frozenset(seeds(seed=1)), frozenset(seeds(epoch=1)),
+                frozenset(seeds(rank=1))}) == 4
+
+
 def test_resume_with_other_layout_skips_finished_shards(tiny_shards):
     d, truth = tiny_shards
     spec = str(d / "{00000..00004}.tar")

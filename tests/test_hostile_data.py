@@ -1,0 +1,390 @@
+"""Hostile shards: every format (webdataset tar from webdataset's TarWriter and from tarfile,
+TFRecord from TensorFlow's TFRecordWriter, TFDS from its own writer) with ~5% planted bad samples
+of every kind, read end to end by the real train loader and by `data.py stats`. Both finish, and
+both report exactly the planted counts by reason.
+
+What a planted thing counts as (a skip counts once, whether it loses one sample or a shard's rest):
+  per sample  truncated JPEG, random bytes -> bad_image; zero-byte image -> empty_image; header
+              claiming 60000x60000 (JPEG, PNG) -> image_too_large; no caption -> missing_caption;
+              blank caption -> empty_caption; invalid UTF-8 -> bad_caption_encoding
+  per shard   file cut inside its last sample -> truncated_record (earlier samples kept); tar
+              member size 2^62 / 2^80 (GNU base-256) -> oversized_member, TFRecord length 2^62
+              with a valid length CRC -> oversized_record (the rest of that shard: nothing
+              after such a header can be found); a directory or a dangling symlink where a shard
+              should be -> unreadable_shard
+  nothing     a 0-byte shard (img2dataset writes one when all its downloads fail: no sample is
+              lost; stats reports it under empty_shards), and a PNG stored as .jpg: Pillow reads
+              it by its content, so it is a GOOD sample and trains like any other
+chmod 000 is not used for "unreadable": these tests may run as root, which reads such files."""
+import io
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import shards
+import xla_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PER_SHARD = 60
+
+
+# ----------------------------------------------------------------------------- planted bytes
+
+def _jpeg(i: int, size=(32, 24)) -> bytes:
+    a = np.random.RandomState(i).randint(0, 255, (size[1] // 8, size[0] // 8, 3)).astype(np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(a).resize(size, Image.BILINEAR).save(b, "JPEG", quality=85)
+    return b.getvalue()
+
+
+def _png(i: int) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", (30, 20), (i % 256, 40, 200)).save(b, "PNG")
+    return b.getvalue()
+
+
+def _huge_jpeg() -> bytes:
+    """A small baseline JPEG whose frame header claims 60000x60000 pixels."""
+    b = bytearray(_jpeg(7))
+    sof = b.index(b"\xff\xc0")
+    b[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
+    return bytes(b)
+
+
+def _huge_png() -> bytes:
+    """A small PNG whose IHDR (with a correct CRC) claims 60000x60000 pixels."""
+    b = bytearray(_png(7))
+    ihdr = b.index(b"IHDR")
+    b[ihdr + 4:ihdr + 12] = struct.pack(">II", 60000, 60000)
+    b[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(b[ihdr:ihdr + 17])))
+    return bytes(b)
+
+
+# (key, image or None, caption or None, expected reason)
+BAD = [
+    ("b_truncjpeg", _jpeg(1, (64, 48))[:300], "cut", "bad_image"),
+    ("b_random", np.random.RandomState(5).bytes(700), "noise", "bad_image"),
+    ("b_zerobyte", b"", "nothing", "empty_image"),
+    ("b_hugejpeg", _huge_jpeg(), "bomb", "image_too_large"),
+    ("b_hugepng", _huge_png(), "bomb png", "image_too_large"),
+    ("b_nocaption", _jpeg(2), None, "missing_caption"),
+    ("b_emptycaption", _jpeg(3), " \t ", "empty_caption"),
+    ("b_latin1", _jpeg(4), "caf\xe9 cr\xe8me".encode("latin-1"), "bad_caption_encoding"),
+]
+PER_SAMPLE = Counter(r for *_, r in BAD)
+
+
+def _samples(fmt: str, shard: int, bad=(), extra_good=(), n=PER_SHARD):
+    """n good samples with `bad` ones spread among them; (list, good captions)."""
+    out = [(f"{fmt}{shard}_{j:03d}", _jpeg(shard * 1000 + j), f"good {fmt} {shard} {j}")
+           for j in range(n)] + list(extra_good)
+    for i, b in enumerate(bad):
+        out.insert(7 + i * (len(out) // (len(bad) + 1)), b[:3])
+    return out, [c for k, _, c in out if not k.startswith("b_")]
+
+
+def _tar_header(name: str, size_field: bytes) -> bytes:
+    """A ustar header with a raw 12-byte size field and a correct checksum (what a hostile
+    writer produces: the header passes every integrity check a tar reader has)."""
+    h = bytearray(tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT)[:512])
+    h[124:136] = size_field
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _base256(n: int) -> bytes:
+    return b"\x80" + n.to_bytes(11, "big")
+
+
+def _tarfile_shard(path, samples, tail: bytes = b""):
+    """A shard written with tarfile (PAX, its default format); `tail` replaces its end marker."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, img, cap in samples:
+            for ext, v in (("jpg", img), ("txt", cap.encode() if isinstance(cap, str) else cap)):
+                if v is not None:
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(v)
+                    tf.addfile(ti, io.BytesIO(v))
+        end = tf.offset
+    blob = buf.getvalue()
+    path.write_bytes(blob[:end] + tail if tail else blob)
+
+
+def _tarwriter_shard(path, samples):
+    import webdataset as wds
+    with wds.TarWriter(str(path)) as w:
+        for key, img, cap in samples:
+            s = {"__key__": key, "jpg": img}
+            if cap is not None:
+                s["txt"] = cap
+            w.write(s)
+
+
+def _tfrecords(path, samples, image_key="jpg", text_key="txt"):
+    tf = xla_utils.import_tensorflow()
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for key, img, cap in samples:
+            feats = {"key": key.encode(), image_key: img}
+            if cap is not None:
+                feats[text_key] = cap.encode() if isinstance(cap, str) else cap
+            w.write(tf.train.Example(features=tf.train.Features(feature={
+                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+                for k, v in feats.items()})).SerializeToString())
+
+
+def _cut_tar_inside(path, name: str):
+    """Cut a tar file 100 bytes into the data of member `name` (its header starts with it)."""
+    blob = path.read_bytes()
+    path.write_bytes(blob[:blob.rindex(name.encode() + b"\0") + 512 + 100])
+
+
+def _cut_tfrecord_end(path):
+    """Cut a TFRecord file's last record (a 160x120 JPEG: KBs) 100 bytes short."""
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-100])
+
+
+def _unreadable(d, ext: str):
+    os.mkdir(d / f"f_directory.{ext}")                               # a directory, not a file
+    os.symlink(d / "deleted-after-listing", d / f"g_dangling.{ext}")  # a shard gone since listing
+
+
+# ----------------------------------------------------------------------------- the datasets
+
+@pytest.fixture(scope="module")
+def wds_set(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile_wds")
+    good = []
+    s, g = _samples("wds", 0, BAD[:4])
+    _tarwriter_shard(d / "a.tar", s)
+    good += g
+    s, g = _samples("wds", 1, BAD[4:], extra_good=[("g_png", _png(1), "good png stored as jpg")])
+    _tarfile_shard(d / "b.tar", s, tail=_tar_header("huge.txt", b"%011o\0" % 5) + b"huge\n" +
+                   b"\0" * 507 + _tar_header("huge.jpg", _base256(2 ** 62)) + b"\xff" * 4096)
+    good += g
+    s, g = _samples("wds", 2, extra_good=[("last", _jpeg(9, (160, 120)), "cut off")])
+    _tarwriter_shard(d / "c.tar", s)
+    _cut_tar_inside(d / "c.tar", "last.jpg")
+    good += g[:-1]
+    s, g = _samples("wds", 3)
+    _tarfile_shard(d / "d.tar", s[:10], tail=_tar_header("x.jpg", _base256(2 ** 80 - 1)) + b"\0" * 1024)
+    good += g[:10]
+    (d / "e_empty.tar").write_bytes(b"")
+    _unreadable(d, "tar")
+    want = PER_SAMPLE + Counter(truncated_record=1, oversized_member=2, unreadable_shard=2)
+    return str(d / "*.tar"), want, good
+
+
+@pytest.fixture(scope="module")
+def tfrecord_set(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile_tfrecord")
+    good = []
+    s, g = _samples("tfr", 0, BAD[:4])
+    _tfrecords(d / "a.tfrecord", s)
+    good += g
+    s, g = _samples("tfr", 1, BAD[4:], extra_good=[("g_png", _png(1), "good png stored as jpg")])
+    _tfrecords(d / "b.tfrecord", s)
+    length = struct.pack("<Q", 2 ** 62)        # a valid length CRC: only the size betrays it
+    with open(d / "b.tfrecord", "ab") as f:
+        f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 2048)
+    good += g
+    s, g = _samples("tfr", 2, extra_good=[("last", _jpeg(9, (160, 120)), "cut off")])
+    _tfrecords(d / "c.tfrecord", s)
+    _cut_tfrecord_end(d / "c.tfrecord")
+    good += g[:-1]
+    (d / "e_empty.tfrecord").write_bytes(b"")
+    _unreadable(d, "tfrecord")
+    want = PER_SAMPLE + Counter(truncated_record=1, oversized_record=1, unreadable_shard=2)
+    return str(d / "*.tfrecord"), want, good
+
+
+@pytest.fixture(scope="module")
+def tfds_set(tmp_path_factory):
+    """A TFDS dataset written by TFDS (bad images and captions go through its writer as bytes,
+    which it stores unchecked); a caption-less record and a cut-off last record are appended to
+    its shard, since a TFDS example must have every feature."""
+    import tensorflow_datasets as tfds
+    root = tmp_path_factory.mktemp("hostile_tfds")
+    samples, good = _samples("tfds", 0, [b for b in BAD if b[2] is not None],
+                             extra_good=[("g_png", _png(1), "good png stored as jpg")], n=150)
+
+    class Hostile(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"), "text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for key, img, cap in samples:
+                yield key, {"image": img, "text": cap}
+
+    Hostile.name = "hostile"
+    Hostile(data_dir=str(root)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    src = shards.resolve(str(root / "hostile"))
+    assert src.fmt == "tfds" and len(src.shards) == 1
+    extra = root / "extra.tfrecord"
+    _tfrecords(extra, [("b_nocaption", _jpeg(2), None), ("last", _jpeg(9, (160, 120)), "cut off")],
+               image_key="image", text_key="text")
+    with open(src.shards[0], "ab") as f:
+        f.write(extra.read_bytes())
+    _cut_tfrecord_end(pathlib.Path(src.shards[0]))
+    want = PER_SAMPLE + Counter(truncated_record=1)
+    return str(root / "hostile"), want, good
+
+
+# ----------------------------------------------------------------------------- loader and stats
+
+def _through_loader(spec, workers: int):
+    loader = data.make_train_loader(spec, None, 16, 1, num_workers=workers, shuffle_buffer=16,
+                                    repeat=False)
+    captions = [c for _, caps in loader for c in caps]
+    return loader, captions
+
+
+def _check(spec, want, good, workers, stats):
+    loader, captions = _through_loader(spec, workers)
+    assert sorted(captions) == sorted(good)
+    assert loader.samples == len(good)
+    assert loader.skipped == dict(want)
+    assert sum(want.values()) / (len(good) + sum(want.values())) == pytest.approx(0.05, abs=0.02)
+    assert stats["skipped_by_reason"] == loader.skipped
+    assert (stats["samples"], stats["skipped"]) == (loader.samples, sum(loader.skipped.values()))
+
+
+def test_wds_loader_and_stats_cli_count_every_planted_sample(wds_set):
+    spec, want, good = wds_set
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "stats", spec],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads(r.stdout)
+    assert (stats["format"], stats["empty_shards"]) == ("wds", 1)
+    for workers in (0, 2):
+        _check(spec, want, good, workers, stats)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tfrecord_loader_and_stats_count_every_planted_sample(tfrecord_set, workers, capsys):
+    spec, want, good = tfrecord_set
+    assert data.main(["stats", spec]) == 0          # the CLI's code path, in this process
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["format"], stats["empty_shards"]) == ("tfrecord", 1)
+    _check(spec, want, good, workers, stats)
+
+
+def test_tfds_loader_and_stats_count_every_planted_sample(tfds_set):
+    spec, want, good = tfds_set
+    stats = data.dataset_stats(spec)
+    assert stats["format"] == "tfds"
+    _check(spec, want, good, 0, stats)
+
+
+# ----------------------------------------------------------------------------- the readers alone
+
+def _wds_raws(path):
+    return [(r.key, r.reason) for r in shards.read_wds(str(path), shards.Source("wds", [str(path)]))]
+
+
+@pytest.mark.parametrize("size_field", [_base256(2 ** 62), _base256(2 ** 80 - 1), _base256(65 << 20)])
+def test_huge_tar_member_allocates_nothing(tmp_path, size_field):
+    """The size field is believed only up to MAX_RECORD_BYTES and the bytes left in the file:
+    no allocation of what the header asks for, one skip, the samples before it kept."""
+    _tarfile_shard(tmp_path / "h.tar", [("a", _jpeg(0), "cap a")],
+                   tail=_tar_header("b.jpg", size_field) + b"\0" * 20000)
+    tracemalloc.start()
+    got = _wds_raws(tmp_path / "h.tar")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [("a", None), ("b", "oversized_member")]
+    assert peak < 4 << 20
+
+
+def test_oversized_member_inside_the_file_skips_only_its_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_RECORD_BYTES", 2000)
+    _tarfile_shard(tmp_path / "o.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1, (320, 240)), "cap b"),
+                                        ("c", _jpeg(2), "cap c")])
+    assert len(_jpeg(1, (320, 240))) > 2000 > len(_jpeg(2))
+    assert _wds_raws(tmp_path / "o.tar") == [("a", None), ("b", "oversized_member"), ("c", None)]
+
+
+@pytest.mark.parametrize("size_field", [b"\xff" * 12, b"-0000000001\0"])
+def test_negative_tar_sizes_are_a_corrupt_shard(tmp_path, size_field):
+    """A negative size (base-256 0xff, or an octal -1) would read the whole rest of the file
+    as one member (f.read(-1)): it is a corrupt header, one skip for the rest of the shard and
+    the sample being read (as for any corrupt header, whose name cannot be trusted)."""
+    _tarfile_shard(tmp_path / "n.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")],
+                   tail=_tar_header("c.jpg", size_field) + b"\0" * 20000)
+    assert _wds_raws(tmp_path / "n.tar") == [("a", None), ("b", "corrupt_shard")]
+
+
+def test_huge_tfrecord_length_is_not_handed_to_tf_data(tmp_path):
+    """tf.data allocates a record's length before reading it (2^62: a segfault that kills the
+    process); the framing is checked first, so only sound records reach it."""
+    _tfrecords(tmp_path / "t.tfrecord", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")])
+    length = struct.pack("<Q", 2 ** 62)
+    with open(tmp_path / "t.tfrecord", "ab") as f:
+        f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 100)
+    src = shards.Source("tfrecord", [str(tmp_path / "t.tfrecord")])
+    got = [(r.key, r.reason) for r in shards.read_tfrecord(src.shards[0], src)]
+    assert got == [("a", None), ("b", None), (f"{src.shards[0]}#2", "oversized_record")]
+
+
+def test_unreadable_remote_shard_is_a_skip_not_an_exception(tmp_path):
+    """Remote paths are read through TensorFlow's gfile, whose errors are no OSError."""
+    src = shards.Source("wds", [])
+    url = "file://" + str(tmp_path / "gone.tar")
+    assert [r.reason for r in shards.read_wds(url, src)] == ["unreadable_shard"]
+    _tarfile_shard(tmp_path / "ok.tar", [("a", _jpeg(0), "cap a")])
+    assert [(r.key, r.reason) for r in shards.read_wds("file://" + str(tmp_path / "ok.tar"), src)] == \
+        [("a", None)]
+
+
+# ----------------------------------------------------------------------------- one pixel cap
+
+def test_one_pixel_cap_for_loader_stats_and_eval(tmp_path, monkeypatch):
+    """data.MAX_IMAGE_PIXELS decides for the train transform (simplejpeg and Pillow paths), the
+    eval transform and stats alike: an image over it is image_too_large everywhere."""
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
+    over, under = _jpeg(1, (48, 32)), _jpeg(2, (40, 30))
+    _tarwriter_shard(tmp_path / "p.tar", [("over", over, "over"), ("overpng", _png_of(over), "over png"),
+                                          ("under", under, "under")])
+    spec = str(tmp_path / "p.tar")
+    stats = data.dataset_stats(spec)
+    loader, captions = _through_loader(spec, 0)
+    assert captions == ["under"]
+    assert stats["skipped_by_reason"] == loader.skipped == {"image_too_large": 2}
+    for t in (data.train_transform(16), data.TrainTransform(16, use_simplejpeg=False), data.eval_transform(16)):
+        with pytest.raises(data.ImageTooLarge):
+            t(over)
+        assert t(under).shape == (3, 16, 16)
+
+
+def _png_of(jpeg: bytes) -> bytes:
+    b = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(b, "PNG")
+    return b.getvalue()
+
+
+def test_png_stored_as_jpg_is_a_good_sample():
+    x = data.train_transform(16)(_png(3))
+    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16)
+    assert x[2].float().mean().round() == 200          # its pixels, decoded by content
