@@ -284,7 +284,8 @@ class RunConfig:
     eval_classnames: str | None = opt(None, "class names file (default: ImageNet-1K)")
     eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass")
-    accum_steps: int = opt(1, "gradient accumulation steps (independent contrastive chunks)")
+    accum_steps: int = opt(1, "gradient accumulation: the exact full-batch gradient in K chunks, memory of one")
+    compile: bool = opt(False, "torch.compile the step (CUDA / CPU; XLA compiles anyway): once per stage")
     max_steps: int | None = opt(None, "stop (resumably) after this global step")
     nonfinite: str = opt("stop", "on a non-finite loss: stop (the last good checkpoint stays) or skip "
                          "the step's update", choices=NONFINITE)
@@ -332,37 +333,82 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: float, *,
-               precision: str = "fp32", accum_steps: int = 1, skip_nonfinite: bool = False):
-    """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]).
-    Returns the loss (a device tensor, mean over the accumulation chunks). The caller marks the
-    step boundary (rt.step_boundary) after it. skip_nonfinite: when any rank's loss is not finite,
-    drop the update (costs a host read of the loss before the optimizer step)."""
+def features(model, images, tokens, rt: xla_utils.Runtime, precision: str):
+    """uint8 images [B,3,H,W] and tokens [B,T] on the device -> fp32 (image, text) features and the
+    logit scale. The unit torch.compile sees (static shapes: one graph per stage)."""
     raw = unwrap(model)
+    x = data.normalize(images, raw.cfg.image_mean, raw.cfg.image_std)
+    with rt.autocast(precision):
+        img_f, txt_f, scale = model(x, tokens)
+    return img_f.float(), txt_f.float(), scale.float()
+
+
+def batch_loss(model, images, tokens, rt: xla_utils.Runtime, precision: str):
+    """Forward and contrastive loss of one batch: compiled as one graph with --compile."""
+    return clip_loss(*features(model, images, tokens, rt, precision), rt)
+
+
+@dataclass
+class StepFns:
+    """The step's compilable pieces: eager by default, torch.compile'd with --compile."""
+    loss: object = batch_loss
+    features: object = features
+
+    @classmethod
+    def compiled(cls, rt: xla_utils.Runtime) -> "StepFns":
+        return cls(rt.compile(batch_loss), rt.compile(features))
+
+
+def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: float, *,
+               precision: str = "fp32", accum_steps: int = 1, skip_nonfinite: bool = False,
+               fns: StepFns = StepFns()):
+    """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]).
+    Returns the loss of the whole global batch (a device tensor). The caller marks the step boundary
+    (rt.step_boundary) after it. accum_steps K > 1: the exact full-batch gradient in K chunks
+    (memory of one chunk; see accumulate). skip_nonfinite: when any rank's loss is not finite, drop
+    the update (costs a host read of the loss before the optimizer step)."""
     for g in optimizer.param_groups:
         g["lr"] = lr
-    n = images.shape[0]
-    if n % accum_steps:
-        raise ValueError(f"per-rank batch {n} is not divisible by --accum-steps {accum_steps}")
-    chunk = n // accum_steps
-    total = 0.0
-    for i in range(accum_steps):
-        imgs, toks = rt.to_device(images[i * chunk:(i + 1) * chunk], tokens[i * chunk:(i + 1) * chunk])
-        x = data.normalize(imgs, raw.cfg.image_mean, raw.cfg.image_std)
-        # DDP: all-reduce gradients only on the last chunk
-        sync = contextlib.nullcontext() if i == accum_steps - 1 or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with rt.autocast(precision):
-                img_f, txt_f, scale = model(x, toks)
-                loss = clip_loss(img_f.float(), txt_f.float(), scale.float(), rt)
-            (loss / accum_steps).backward()
-        total = total + loss.detach()
-    if not (skip_nonfinite and rt.agree(not math.isfinite(total.item()))):
+    if images.shape[0] % accum_steps:
+        raise ValueError(f"per-rank batch {images.shape[0]} is not divisible by --accum-steps {accum_steps}")
+    images, tokens = rt.to_device(images, tokens)
+    if accum_steps == 1:
+        loss = fns.loss(model, images, tokens, rt, precision)
+        loss.backward()
+    else:
+        loss = accumulate(rt, model, images, tokens, accum_steps, precision, fns.features)
+    if not (skip_nonfinite and rt.agree(not math.isfinite(loss.item()))):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        raw.logit_scale.clamp_(0, math.log(100))
-    return total / accum_steps
+        unwrap(model).logit_scale.clamp_(0, math.log(100))
+    return loss.detach()
+
+
+def accumulate(rt, model, images, tokens, k: int, precision: str, features_fn):
+    """Gradient of the full-batch loss in k chunks (feature caching, as OpenCLIP's accumulation):
+    a no-grad pass caches every chunk's features; then each chunk is recomputed with grad and the
+    full-batch loss, with the other chunks' cached features, is backpropagated through it. The RNG is
+    replayed so both passes draw the same image masks; the logit scale's own gradient is taken once
+    (in the last pass, the one DDP synchronises, so every parameter has a gradient there)."""
+    chunks = list(zip(images.chunk(k), tokens.chunk(k)))
+    rng, cache = [], []
+    with torch.no_grad():
+        for x, t in chunks:
+            rng.append(rt.rng_state())
+            cache.append(features_fn(model, x, t, rt, precision)[:2])
+    after = rt.rng_state()
+    for j, (x, t) in enumerate(chunks):
+        rt.set_rng_state(rng[j])
+        last = j == k - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            img_j, txt_j, scale = features_fn(model, x, t, rt, precision)
+            img = torch.cat([img_j if i == j else c[0] for i, c in enumerate(cache)])
+            txt = torch.cat([txt_j if i == j else c[1] for i, c in enumerate(cache)])
+            loss = clip_loss(img, txt, scale if last else scale.detach(), rt)
+            loss.backward()
+    rt.set_rng_state(after)
+    return loss
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -609,6 +655,7 @@ class StageRun:
     optimizer: torch.optim.Optimizer
     loader: data.TrainLoader
     batches: object                       # iterator over the loader
+    fns: StepFns = field(default_factory=StepFns)
     stage_step: int = 0
     samples: int = 0
 
@@ -631,7 +678,8 @@ def build_stage(rt, run: RunConfig, si: int, stage: Stage, *, init: str | None,
         num_workers=run.workers, seed=run.seed + si, rank=rt.rank, world_size=rt.world_size,
         scale=(stage.scale_min, 1.0), color_jitter=stage.color_jitter, pin_memory=rt.pin_memory,
         state=state["data"] if state else None)
-    sr = StageRun(si, stage, model, rt.wrap_model(model), optimizer, loader, iter(loader))
+    sr = StageRun(si, stage, model, rt.wrap_model(model), optimizer, loader, iter(loader),
+                  StepFns.compiled(rt) if run.compile else StepFns())
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rt.set_rng_state(state["rng"][rt.rank] if len(state["rng"]) == rt.world_size else state["rng"][0])
@@ -720,15 +768,16 @@ def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, preci
               "stage_ends": list(stage_ends)}
         return save_checkpoint(rt, run, sr.wmodel, sr.optimizer, st, stage) is not None
 
-    finished, stopped_by = True, None
+    finished, stopped_by, first = True, None, True
     while sr.stage_step < stage.steps:
         if run.max_steps is not None and step >= run.max_steps:
             finished = False
             break
         images, tokens = next(sr.batches)
         lr = lr_at(sr.stage_step, stage)
+        t0 = time.time()
         loss = train_step(rt, sr.wmodel, sr.optimizer, images, tokens, lr, precision=precision,
-                          accum_steps=run.accum_steps, skip_nonfinite=run.nonfinite == "skip")
+                          accum_steps=run.accum_steps, skip_nonfinite=run.nonfinite == "skip", fns=sr.fns)
         step, sr.stage_step, sr.samples = step + 1, sr.stage_step + 1, sr.samples + stage.batch_size
         if sr.stage_step % run.log_every == 0 or sr.stage_step in (1, stage.steps):
             rt.add_step_closure(log.step, (stage, loss, sr.model.logit_scale.detach(), lr, step,
@@ -738,6 +787,9 @@ def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, preci
         nonfinite, stop, late = rt.agree_each([
             not math.isfinite(loss.item()), signals.received is not None,
             sr.stage_step % 10 == 0 and time.time() - last_save > run.save_minutes * 60])
+        if run.compile and first:
+            log.info(f"compiled the step in {time.time() - t0:.1f}s (torch.compile, once per stage)")
+        first = False
         if nonfinite and run.nonfinite == "stop":
             raise RunStopped(f"the loss is not finite at step {step} ({stage.name} step {sr.stage_step}): "
                              f"stopped without saving; the newest good checkpoint stays in "

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 from safetensors.torch import save_file
 
 DEVICES = ("auto", "cuda", "xla", "cpu")
@@ -110,28 +111,6 @@ def grad_checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(fn, x)
     from torch.utils.checkpoint import checkpoint
     return checkpoint(fn, x, use_reentrant=False)
-
-
-# ----------------------------------------------------------------------------- gather with grad
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradient over ranks and returns this rank's slice.
-
-    Every rank's loss depends on every rank's features, so d(sum_r loss_r)/d(my features) needs
-    the contributions of all ranks: an all-reduce (sum) of the gathered gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(ctx.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -206,7 +185,9 @@ class Runtime:
         this rank's row offset (labels = arange(b) + offset). Under SPMD the tensor already is the
         global batch (the compiler does the gather), so it is returned as is with offset 0."""
         if self.distributed and self.world_size > 1:
-            return _AllGatherWithGrad.apply(x), self.rank * x.shape[0]
+            # functional collective: traceable by torch.compile; its backward is a reduce-scatter
+            # (sum), i.e. each rank gets the gradient of every rank's loss w.r.t. its own rows
+            return fc.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD), self.rank * x.shape[0]
         return x, 0
 
     def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +271,11 @@ class Runtime:
             xm.add_step_closure(fn, args=args)
         else:
             fn(*args)
+
+    def compile(self, fn):
+        """torch.compile(fn) on CUDA and CPU, static shapes (fixed keep-counts and context: one
+        graph per stage); on XLA fn itself, which the XLA compiler already compiles per step graph."""
+        return fn if self.kind == "xla" else torch.compile(fn, dynamic=False)
 
     def compile_count(self) -> int | None:
         """Number of XLA graph compilations so far (None off XLA)."""

@@ -185,6 +185,7 @@ from open_clip.loss import ClipLoss
 import data, model, train, xla_utils
 ap = argparse.ArgumentParser()
 ap.add_argument("out"); ap.add_argument("steps", type=int); ap.add_argument("--device", default="auto")
+ap.add_argument("--accum", type=int, default=1); ap.add_argument("--compile", action="store_true")
 args = ap.parse_args()
 out, steps = args.out, args.steps
 rt = xla_utils.init_runtime(args.device)
@@ -213,11 +214,19 @@ if rt.kind == "cpu":
     ours.backward(); ref.backward()
     rec["vs_open_clip"] = [abs(ours.item() - ref.item()), (fi2.grad - fi3.grad).abs().max().item(),
                            (ft2.grad - ft3.grad).abs().max().item()]
+fns = train.StepFns.compiled(rt) if args.compile else train.StepFns()
+real_step = opt.step
+def first_step_grads(*a, **k):               # the gradient of the first step, before AdamW scales it
+    if "grads" not in rec:
+        rec["grads"] = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+    return real_step(*a, **k)
+opt.step = first_step_grads
 def note(loss):
     rec["losses"].append(float(rt.all_reduce_mean(loss.detach().clone())))
     rec["compiles"].append(rt.compile_count())
 for i in range(steps):
-    loss = train.train_step(rt, wm, opt, images[mine], tokens[mine], train.lr_at(i, stage))
+    loss = train.train_step(rt, wm, opt, images[mine], tokens[mine], train.lr_at(i, stage),
+                            accum_steps=args.accum, fns=fns)
     rt.add_step_closure(note, (loss,))
     rt.step_boundary()
 if rt.is_master:
@@ -265,6 +274,21 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     torch.manual_seed(0)
     init = model.create_model("ViT-Test-8-CL16").state_dict()
     assert not torch.equal(init["visual.proj"], one["weights"]["visual.proj"])     # it did train
+
+
+@pytest.mark.slow
+def test_two_processes_with_exact_accumulation_match_one(step_script, cpu_baseline, tmp_path):
+    """2 gloo processes x 2 accumulation chunks train the same global-batch loss as 1 process in one
+    chunk: the same first-step gradients and the same losses within 1e-5."""
+    one, _ = cpu_baseline
+    out = tmp_path / "acc.pt"
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29641", str(step_script),
+              str(out), "4", "--accum", "2"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    two = torch.load(out, weights_only=True)
+    assert two["rec"]["losses"] == pytest.approx(one["rec"]["losses"], abs=1e-5)
+    for k, g in one["rec"]["grads"].items():
+        assert torch.allclose(two["rec"]["grads"][k], g, atol=1e-5, rtol=0), k
 
 
 def _no_key_bias(name, t):
@@ -395,30 +419,70 @@ def test_train_py_on_xla_matches_cpu(demo_small, uninterrupted, tmp_path, device
     assert st["stage_step"] == 6 and st["optimizer"]["state"][0]["step"].device.type == "cpu"
 
 
-def test_gradient_accumulation_averages_chunk_losses():
-    """--accum-steps K: K chunks of the rank's batch, each its own contrastive batch; the step's loss
-    is their mean and the update uses the mean gradient (same as one batch when K=1)."""
+def _accum_step(k, mask=None, seed=0):
+    """Updated weights and loss after one SGD(lr=1) step with --accum-steps k (update = gradient)."""
     rt = xla_utils.init_runtime("cpu")
-    torch.manual_seed(0)
-    m = model.create_model("ViT-Test-8-CL16").train()
+    torch.manual_seed(seed)
+    m = model.create_model("ViT-Test-8-CL16", mask=mask or "none", mask_ratio=0.5 if mask else 0.0).train()
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     tokens = torch.randint(1, 49000, (8, 16), generator=g)
-    want, grads = [], []
-    for chunk in (slice(0, 4), slice(4, 8)):
-        m.zero_grad()
-        loss = ClipLoss()(*m(data.normalize(images[chunk], m.cfg.image_mean, m.cfg.image_std), tokens[chunk]))
-        loss.backward()
-        want.append(loss.item())
-        grads.append(m.visual.proj.grad.clone())
-    m.zero_grad()
-    opt = torch.optim.SGD(m.parameters(), lr=1.0)          # plain SGD: the update is the gradient
-    before = m.visual.proj.detach().clone()
-    got = train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=2)
-    assert got.item() == pytest.approx(sum(want) / 2, abs=1e-6)
-    assert torch.allclose(before - m.visual.proj.detach(), (grads[0] + grads[1]) / 2, atol=1e-6)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    torch.manual_seed(7)                                   # the image masks' stream
+    loss = train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=k)
+    return loss.item(), {n: p.detach().clone() for n, p in m.named_parameters()}, (m, images, tokens)
+
+
+def test_exact_accumulation_gives_the_full_batch_gradient():
+    """--accum-steps K: K chunks of the batch, the gradient and loss of the FULL batch's contrastive
+    loss (every chunk's rows see every other chunk's as negatives), K = 1, 2, 4."""
+    want_loss, want, _ = _accum_step(1)
+    for k in (2, 4):
+        loss, got, _ = _accum_step(k)
+        assert loss == pytest.approx(want_loss, abs=1e-6), k
+        for n in want:
+            assert torch.allclose(got[n], want[n], atol=1e-5, rtol=0), (k, n)
+    rt = xla_utils.init_runtime("cpu")
+    _, _, (m, images, tokens) = _accum_step(1)
     with pytest.raises(ValueError, match="not divisible by --accum-steps 3"):
-        train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=3)
+        train.train_step(rt, m, torch.optim.SGD(m.parameters(), lr=1.0), images, tokens, 1.0, accum_steps=3)
+
+
+def test_accumulation_replays_the_image_masks():
+    """With random image masking, both passes of a chunk draw the same masks: the update equals the
+    gradient of the full-batch loss of the masked chunks drawn in order (computed by hand)."""
+    loss, got, _ = _accum_step(2, mask="random")
+    rt = xla_utils.init_runtime("cpu")
+    torch.manual_seed(0)
+    m = model.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5).train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(1, 49000, (8, 16), generator=g)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    torch.manual_seed(7)
+    feats = [train.features(m, images[i:i + 4], tokens[i:i + 4], rt, "fp32") for i in (0, 4)]
+    ref = train.clip_loss(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[1][2], rt)
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), abs=1e-6)
+    for n, p in m.named_parameters():
+        assert torch.allclose(before[n] - got[n], p.grad, atol=1e-5, rtol=0), n
+
+
+@pytest.mark.slow
+def test_accumulation_memory_falls_with_k(tmp_path):
+    """Peak host memory of a step at batch 512 falls with K (activations of one chunk at a time)."""
+    script = tmp_path / "mem.py"
+    script.write_text(
+        "import resource, sys, torch, model, train, xla_utils\n"
+        "rt = xla_utils.init_runtime('cpu'); k = int(sys.argv[1])\n"
+        "m = model.create_model('ViT-Tiny-8-CL16-Syntax-GAP', image_size=32).train()\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8); t = torch.randint(1, 49000, (512, 16))\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "train.train_step(rt, m, opt, x, t, 0.1, accum_steps=k)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
+    peak = {k: int(_run([PY, str(script), str(k)]).stdout.split()[-1]) for k in (1, 4)}
+    assert peak[4] < 0.6 * peak[1], peak
 
 
 # ----------------------------------------------------------------------------- inputs checked up front
@@ -485,3 +549,41 @@ def test_agree_is_one_decision_for_every_process(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     for rank in (0, 1):
         assert (tmp_path / f"r.{rank}").read_text() == "(True, False, [True, False, True])"
+
+
+# ----------------------------------------------------------------------------- the compiled step
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mask, ckpt", [("ViT-Test-8-CL16", "none", False),
+                                              ("ViT-Test-8-CL32-GAP-BigVision", "random", True)])
+def test_compiled_step_has_no_graph_break_and_compiles_once(name, mask, ckpt):
+    """--compile: the forward + loss (+ its backward) is one graph, compiled on the first step and
+    never again over the stage (the lr changes every step); with no masking it trains exactly as
+    the eager step does (masks are drawn by the compiled graph's own RNG, so masked runs differ)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    rt = xla_utils.init_runtime("cpu")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(1, 30000, (8, 16 if "CL16" in name else 32), generator=g)
+    stage = train.Stage("s", model=name, image_size=32, batch_size=8, lr=1e-3, warmup=2, train_num_samples=80)
+
+    def run(fns):
+        torch.manual_seed(0)
+        m = model.create_model(name, image_size=32, mask=mask, mask_ratio=0.5 if mask != "none" else 0.0)
+        m.set_grad_checkpointing(ckpt)
+        opt = train.build_optimizer(m.train(), stage, rt)
+        out, graphs = [], []
+        for i in range(4):
+            out.append(train.train_step(rt, m, opt, images, tokens, train.lr_at(i, stage), fns=fns).item())
+            graphs.append(counters["stats"]["unique_graphs"])
+        return out, graphs
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, graphs = run(train.StepFns.compiled(rt))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert graphs == [graphs[0]] * 4 and graphs[0] >= 1, graphs
+    eager, _ = run(train.StepFns())
+    if mask == "none":
+        assert compiled == pytest.approx(eager, abs=1e-5)
