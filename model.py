@@ -3,7 +3,8 @@
 One registry (MODEL_CONFIGS) holds every architecture of the CLIPA papers. v1 models are
 OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors' JAX code.
 
-CLI: python model.py {list, flops NAME, tokenize [--model NAME] TEXT..., export CKPT --to open_clip OUT}
+CLI: python model.py {list, flops NAME, tokenize [--model NAME] TEXT...}; the OpenCLIP export is
+export.py (python export.py CKPT --to open_clip OUT).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -199,8 +201,48 @@ def _override(cfg: CLIPConfig, context_length: int | None, **vision) -> CLIPConf
     return replace(cfg, vision=replace(cfg.vision, **v), text=replace(cfg.text, **t))
 
 
+def count_parameters(cfg: CLIPConfig) -> int:
+    """Elements of the state dict of `cfg` (parameters and the fixed sin-cos table), from the
+    config alone: what building it would allocate, known before anything is allocated."""
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+
+    def blocks(w, layers, ratio):
+        h = int(w * ratio)  # 2 LayerNorms, qkv, out projection, MLP
+        return layers * (4 * w + 3 * w * w + 3 * w + w * w + w + 2 * w * h + h + w)
+
+    vision = (3 * v.patch_size ** 2 * v.width + v.width + (v.grid ** 2 + 1) * v.width
+              + 2 * v.width * bool(v.pre_norm) + blocks(v.width, v.layers, v.mlp_ratio) + 2 * v.width
+              + v.width * e)
+    text = (t.vocab_size * t.width + t.context_length * t.width + blocks(t.width, t.layers, t.mlp_ratio)
+            + 2 * t.width + t.width * e)
+    return vision + text + 1
+
+
+def _check_numbers(cfg: CLIPConfig) -> None:
+    """Sizes are positive integers and MLP ratios sane numbers: a config read from a file may hold
+    anything (1e12, -3, "12", [])."""
+    v, t = cfg.vision, cfg.text
+    for where, obj, names in (("", cfg, ("embed_dim",)),
+                              ("vision.", v, ("image_size", "patch_size", "width", "layers", "heads")),
+                              ("text.", t, ("context_length", "vocab_size", "width", "layers", "heads"))):
+        for name in names:
+            x = getattr(obj, name)
+            if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+                raise ValueError(f"bad model config: {where}{name} = {x!r} (expected a positive integer)")
+    for where, obj in (("vision.", v), ("text.", t)):
+        r = obj.mlp_ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r <= 64:
+            raise ValueError(f"bad model config: {where}mlp_ratio = {r!r} (expected a number in (0, 64])")
+        if obj.width % obj.heads:
+            raise ValueError(f"bad model config: {where}width {obj.width} is not divisible by {obj.heads} heads")
+    if not isinstance(v.mask_ratio, (int, float)) or isinstance(v.mask_ratio, bool):
+        raise ValueError(f"bad model config: vision.mask_ratio = {v.mask_ratio!r} (expected a number)")
+
+
 def check_config(cfg: CLIPConfig) -> CLIPConfig:
-    """Reject settings the model cannot build, with a one-line reason."""
+    """Reject settings the model cannot build, with a one-line reason; and sizes no real model has
+    (a crafted config in a checkpoint must not make us allocate until the machine dies)."""
+    _check_numbers(cfg)
     v, t = cfg.vision, cfg.text
     if v.image_size % v.patch_size:
         raise ValueError(f"image size {v.image_size} is not a multiple of the patch size {v.patch_size}")
@@ -216,7 +258,23 @@ def check_config(cfg: CLIPConfig) -> CLIPConfig:
         raise ValueError(f"bad text config: context length {t.context_length}, pool {t.pool!r}")
     if cfg.gelu not in ("exact", "tanh"):
         raise ValueError(f"unknown GELU flavour {cfg.gelu!r}")
+    if max(v.layers, t.layers) > MAX_LAYERS:      # before the count: building 10^5 blocks takes minutes
+        raise ValueError(f"model config asks for {v.layers} image and {t.layers} text layers (limit "
+                         f"{MAX_LAYERS}): refused")
+    if v.num_patches > MAX_PATCHES or t.context_length > MAX_CONTEXT:
+        raise ValueError(f"model config asks for {v.num_patches} image patches and {t.context_length} text "
+                         f"tokens (limits {MAX_PATCHES} and {MAX_CONTEXT}): refused")
+    n = count_parameters(cfg)
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"model config asks for {n / 1e9:.3g}B parameters, over the limit of "
+                         f"{MAX_PARAMETERS / 1e9:.3g}B (4x the largest registered model): refused")
     return cfg
+
+
+# What a config (from a name, a flag or a file's header) may ask for, checked before allocating.
+MAX_PARAMETERS = 4 * max(count_parameters(c) for c in MODEL_CONFIGS.values())
+MAX_LAYERS = 4 * max(max(c.vision.layers, c.text.layers) for c in MODEL_CONFIGS.values())
+MAX_PATCHES, MAX_CONTEXT = 128 * 128, 4096
 
 
 # ----------------------------------------------------------------------------- model
@@ -490,9 +548,13 @@ def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
         return None
     try:
         d = json.loads(meta["model_config"])
-        return CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
+        cfg = CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"weights metadata holds an unreadable model config ({e})") from None
+    try:
+        return check_config(cfg)        # bounded before anything is built: the header may be crafted
+    except ValueError as e:
+        raise ValueError(f"the checkpoint's model config is refused: {e}") from None
 
 
 def _weights_file(path) -> str:
@@ -614,7 +676,29 @@ def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
     return _load_state(model, read_weights(path), os.fspath(path), strict)
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """Loaded weights hold NaN or Inf values (the model's outputs will be meaningless)."""
+
+
 def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
+    sd, layout = _fitted_state(model, sd, source, strict)
+    model.load_state_dict(sd, strict=strict)
+    _check_finite(model, sd, source)
+    return layout
+
+
+def _check_finite(model: CLIP, sd: dict, source: str) -> None:
+    """model.nonfinite_weights = names of the tensors with NaN/Inf values; a warning when any."""
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    model.nonfinite_weights = bad
+    if bad:
+        warnings.warn(f"{source} holds non-finite weights (NaN/Inf) in {len(bad)} tensors: {_few(bad, 3)}; "
+                      "its outputs are meaningless", NonFiniteWeightsWarning, stacklevel=3)
+
+
+def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tuple[dict, str]:
+    """(state dict in our names with the position tables resized to `model`, layout), checked
+    against the model's keys and shapes - which a model on the meta device has without memory."""
     layout = detect_layout(sd)
     sd = to_clipa_keys(sd)
     own = model.state_dict()
@@ -637,8 +721,7 @@ def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
                  (("missing", missing, 4), ("unexpected", unexpected, 4), ("shape mismatch", shapes, 2)) if keys]
         raise ValueError(f"{source} ({layout} layout) does not fit this {model.cfg.family} "
                          f"architecture: {'; '.join(parts)}")
-    model.load_state_dict(sd, strict=strict)
-    return layout
+    return sd, layout
 
 
 def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None = None,
@@ -655,15 +738,18 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
                              "project): pass its model name (--model NAME)")
     if not isinstance(name_or_cfg, CLIPConfig):
         name_or_cfg = get_model_config(name_or_cfg)
-    cfg = _override(name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask,
-                    mask_ratio=mask_ratio)
+    cfg = check_config(_override(name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed,
+                                 mask=mask, mask_ratio=mask_ratio))
     if pretrained is None:
         return CLIP(cfg)
     sd = read_weights(pretrained)
     with torch.device("meta"):  # skip random init: every tensor is overwritten by the strict load
         model = CLIP(cfg)
+    # keys and shapes checked on the meta model: memory is allocated only for weights that fit
+    sd, _ = _fitted_state(model, sd, os.fspath(pretrained))
     model.to_empty(device="cpu")
-    _load_state(model, sd, os.fspath(pretrained))
+    model.load_state_dict(sd)
+    _check_finite(model, sd, os.fspath(pretrained))
     return model
 
 
@@ -696,91 +782,6 @@ def create_model_and_transforms(name, pretrained=None, force_image_size=None, im
     evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square),
                                mean, std)
     return model.eval(), train, evaluate
-
-
-# ----------------------------------------------------------------------------- OpenCLIP export
-
-# OpenCLIP 3.3.0 configs with the same weights layout, keyed by (family, vision width, layers, patch,
-# text width, layers, embed dim). Their context length (v1: 77) and image size (224) may differ from
-# ours: the printed call passes force_context_length / force_image_size then.
-OPENCLIP_NAMES = {
-    ("v1", 768, 12, 16, 512, 12, 512): "ViT-B-16",
-    ("v1", 1024, 24, 16, 768, 12, 768): "ViT-L-16",
-    ("v1", 1280, 32, 14, 1024, 24, 1024): "ViT-H-14",
-    ("v2", 1024, 24, 14, 768, 12, 768): "ViT-L-14-CLIPA",
-    ("v2", 1280, 32, 14, 1024, 24, 1024): "ViT-H-14-CLIPA",
-    ("v2", 1664, 48, 14, 1280, 32, 1280): "ViT-bigG-14-CLIPA",
-}
-
-
-def openclip_model_cfg(cfg: CLIPConfig) -> dict:
-    """The OpenCLIP 3.3 model config (open_clip_config.json's "model_cfg") of this architecture.
-    Exact except v1 GAP (mean incl. CLS), which OpenCLIP cannot express (its 'avg' drops CLS)."""
-    v, t = cfg.vision, cfg.text
-    act = {"act_kwargs": {"approximate": "tanh"}} if cfg.gelu == "tanh" else {}
-    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
-                  mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, no_ln_pre=not v.pre_norm,
-                  pool_type="tok" if v.pool == "cls" else "avg", final_ln_after_pool=v.pool != "cls", **act)
-    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=not t.causal,
-                pool_type="argmax" if t.pool == "eot" else "last", **act)
-    if t.tokenizer == "wordpiece":
-        text.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
-    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
-
-
-def openclip_target(cfg: CLIPConfig) -> tuple[str | None, dict, list[str]]:
-    """(OpenCLIP model name or None, create_model kwargs, caveats) for exported weights."""
-    v, t = cfg.vision, cfg.text
-    name = OPENCLIP_NAMES.get((cfg.family, v.width, v.layers, v.patch_size, t.width, t.layers, cfg.embed_dim))
-    kwargs, notes = {}, []
-    if name is None:
-        notes.append("no built-in OpenCLIP config has this architecture: export to a directory and load "
-                     "it with open_clip.create_model('local-dir:DIR')")
-        return None, kwargs, notes
-    if cfg.family == "v2" and v.image_size == 336:
-        name += "-336"
-    elif v.image_size != 224:
-        kwargs["force_image_size"] = v.image_size
-    if t.context_length != (77 if cfg.family == "v1" else 32):
-        kwargs["force_context_length"] = t.context_length
-    if cfg.gelu == "tanh":
-        notes.append(f"{name} uses exact GELU where these weights were trained with tanh GELU: features "
-                     "differ slightly; load the exported directory with 'local-dir:' for the exact model")
-    if v.pool != "cls" and cfg.family == "v1":
-        notes.append(f"{name} pools the CLS token, not GAP: its image features differ from ours; "
-                     "export to a directory ('local-dir:') for OpenCLIP's GAP")
-    if v.pool == "gap_cls":
-        notes.append("v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent: OpenCLIP's "
-                     "'avg' pool (used in the local-dir config) drops CLS, so image features differ")
-    return name, kwargs, notes
-
-
-def export_open_clip(model: CLIP, out) -> dict:
-    """Write `model` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
-    an existing directory or a path ending in '/' -> DIR/open_clip_model.safetensors plus
-    DIR/open_clip_config.json (OpenCLIP's 'local-dir:' format, exact architecture); else torch.save."""
-    cfg = model.cfg
-    sd = {k: t.detach().contiguous() for k, t in to_openclip_keys(model.state_dict()).items()}
-    out = os.fspath(out)
-    as_dir = os.path.isdir(out) or out.endswith(("/", os.sep))
-    if as_dir:
-        os.makedirs(out, exist_ok=True)
-        weights = os.path.join(out, "open_clip_model.safetensors")
-        preprocess = {"size": cfg.vision.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-                      "interpolation": cfg.interpolation,
-                      "resize_mode": "squash" if cfg.square_resize_only else "shortest"}
-        with open(os.path.join(out, "open_clip_config.json"), "w") as f:
-            json.dump({"model_cfg": openclip_model_cfg(cfg), "preprocess_cfg": preprocess}, f, indent=2)
-    else:
-        weights = out
-    if weights.endswith(".safetensors"):
-        save_file(sd, weights)
-    else:
-        torch.save(sd, weights)
-    name, kwargs, notes = openclip_target(cfg)
-    return {"path": weights, "dir": out if as_dir else None, "openclip_name": name, "kwargs": kwargs,
-            "notes": notes, "tensors": len(sd)}
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -817,8 +818,8 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    p = xla_utils.ArgumentParser(prog="model.py", description="CLIPA models: FLOPs counter, tokenizer, "
-                                 "OpenCLIP export")
+    p = xla_utils.ArgumentParser(prog="model.py", description="CLIPA models: FLOPs counter, tokenizer "
+                                 "(the OpenCLIP export: export.py)")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flops", help="forward GFLOPs per sample (1 multiply-add = 1 FLOP)")
     f.add_argument("name")
@@ -831,11 +832,8 @@ def main(argv=None) -> int:
     t.add_argument("--context-length", type=int)
     t.add_argument("--reduction", choices=tokenizer.REDUCTIONS, help="default: the model's training one")
     t.add_argument("texts", nargs="+")
-    e = sub.add_parser("export", help="write a checkpoint as OpenCLIP weights")
-    e.add_argument("ckpt")
-    e.add_argument("--to", choices=["open_clip"], required=True)
-    e.add_argument("out")
-    e.add_argument("--model", help="registry name (needed when the checkpoint records no config)")
+    sub.add_parser("export", help="moved: python export.py CKPT --to open_clip OUT", add_help=False,
+                   prefix_chars="\0").add_argument("rest", nargs="*")
     sub.add_parser("list", help="registry names and aliases")
     args = p.parse_args(argv)
 
@@ -862,32 +860,8 @@ def main(argv=None) -> int:
         for ids in tok(args.texts).tolist():
             print(ids, repr(tok.decode(ids)))
     else:
-        return _export(args)
-    return 0
-
-
-def _export(args) -> int:
-    parent = os.path.dirname(os.path.abspath(args.out))
-    try:
-        if not (os.path.isdir(parent) or args.out.endswith(("/", os.sep))):
-            raise FileNotFoundError(f"output directory does not exist: {parent}")
-        model = create_model(args.model, pretrained=args.ckpt)
-    except (ValueError, FileNotFoundError) as err:  # unknown model, missing or unreadable checkpoint
-        return xla_utils.usage_error(err)
-    info = export_open_clip(model, args.out)
-    print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
-    if info["openclip_name"]:
-        kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())
-        print(f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
-              f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})")
-    if info["dir"]:
-        print(f"exact architecture: open_clip.create_model('local-dir:{info['dir']}')  "
-              f"(CLIP_benchmark: --model local-dir:{info['dir']})")
-    else:
-        print("for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
-              "python model.py export CKPT --to open_clip DIR/")
-    for note in info["notes"]:
-        print(f"note: {note}")
+        return xla_utils.usage_error(f"the export moved to export.py: python export.py "
+                                     f"{' '.join(args.rest) or 'CKPT --to open_clip OUT'}")
     return 0
 
 

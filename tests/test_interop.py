@@ -3,6 +3,7 @@
 OpenCLIP models are built from their own configs with fewer layers (and small images) for speed;
 every comparison is float32 with max |difference| <= 1e-5 x the output norm."""
 import json
+import os
 from dataclasses import replace
 
 import open_clip
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP as OpenCLIP
 
+import export
 import model as M
 
 TANH = {"act_kwargs": {"approximate": "tanh"}}
@@ -119,7 +121,7 @@ def test_round_trip_openclip_here_openclip(v1_openclip, tmp_path):
     from safetensors.torch import save_file
     ckpt = tmp_path / "ours.safetensors"
     save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
-    M.export_open_clip(M.create_model(None, pretrained=ckpt), out)
+    export.export_open_clip(M.create_model(None, pretrained=ckpt), out)
     back = oc_build(cfg, seed=1)
     back.load_state_dict(torch.load(out, weights_only=True), strict=True)
     ref = oc.state_dict()
@@ -133,7 +135,7 @@ def test_round_trip_openclip_here_openclip(v1_openclip, tmp_path):
 
 
 def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
-    """`python model.py export` -> a file OpenCLIP loads by name (v1, short context) and a local-dir
+    """`python export.py` -> a file OpenCLIP loads by name (v1, short context) and a local-dir
     export that OpenCLIP rebuilds exactly (v2: tanh GELU, no pre-norm, patch GAP, last-token text)."""
     from safetensors.torch import save_file
     # v1: our weights (ctx 16) -> OpenCLIP config of the same shape + force_context_length=16
@@ -142,7 +144,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     ckpt = tmp_path / "v1.safetensors"
     save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
     out = tmp_path / "v1_openclip.pt"
-    assert M.main(["export", str(ckpt), "--to", "open_clip", str(out)]) == 0
+    assert export.main([str(ckpt), "--to", "open_clip", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     oc = open_clip.create_model(b16_2l, pretrained=str(out), force_context_length=16).eval()
     img, txt = torch.randn(2, 3, 224, 224), v1_tokens(2, 16)
@@ -150,7 +152,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
         assert_same(ours.encode_image(img), oc.encode_image(img))
         assert_same(ours.encode_text(txt), oc.encode_text(txt))
     # the same as a directory: OpenCLIP (and CLIP_benchmark) then also tokenizes at our 16 tokens
-    assert M.main(["export", str(ckpt), "--to", "open_clip", str(tmp_path / "v1_dir") + "/"]) == 0
+    assert export.main([str(ckpt), "--to", "open_clip", str(tmp_path / "v1_dir") + "/"]) == 0
     oc = open_clip.create_model(f"local-dir:{tmp_path / 'v1_dir'}").eval()
     assert open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v1_dir'}").context_length == 16
     with torch.no_grad():
@@ -165,13 +167,94 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL32-GAP-BigVision",
                                                                           ours.cfg))
     outdir = tmp_path / "v2_export"
-    assert M.main(["export", str(ckpt), "--to", "open_clip", str(outdir) + "/"]) == 0
+    assert export.main([str(ckpt), "--to", "open_clip", str(outdir) + "/"]) == 0
     assert "local-dir:" in capsys.readouterr().out
     oc = open_clip.create_model(f"local-dir:{outdir}").eval()
     img, txt = torch.randn(2, 3, 32, 32), torch.randint(0, 32000, (2, 32))
     with torch.no_grad():
         assert_same(ours.encode_image(img), oc.encode_image(img))
         assert_same(ours.encode_text(txt), oc.encode_text(txt))
+
+
+def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monkeypatch):
+    """issue 14: OpenCLIP loads a 'local-dir:' model's HF tokenizer from that directory; the export
+    writes it (from the shipped bert-base-uncased vocabulary, no download) and its ids are ours for
+    captions that fit (a cut caption: OpenCLIP keeps [CLS] + 30 pieces + 0, we [CLS] + 31 pieces)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(6)
+    ours = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
+    info = export.export_open_clip(ours, str(tmp_path / "v2") + "/")
+    assert sorted(os.listdir(tmp_path / "v2")) == sorted(info["files"]) == sorted(
+        ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "special_tokens_map.json",
+         "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
+    oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'v2'}")
+    oc_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v2'}")
+    tok = M.get_tokenizer(ours.cfg, reduction="truncate")
+    caps = ["a photo of a dog.", "A Man riding a WAVE on top of a surfboard!", "café, naïve résumé 北京",
+            "two  spaces\tand a tab", "x" * 120, "don't stop: 3.5 km/h"]
+    assert torch.equal(oc_tok(caps), tok(caps))
+    long = " ".join(["word"] * 40)
+    assert oc_tok([long])[0].tolist() == tok([long])[0].tolist()[:31] + [0]
+    with torch.no_grad():
+        t = tok(caps)
+        assert_same(ours.encode_text(t), oc.encode_text(oc_tok(caps)))
+    # the v1 directory needs no tokenizer files: OpenCLIP's own BPE at our context length
+    v1 = export.export_open_clip(M.create_model("ViT-Test-8-CL16"), str(tmp_path / "v1") + "/")
+    assert "tokenizer.json" not in v1["files"]
+    oc_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v1'}")
+    assert torch.equal(oc_tok(caps), M.get_tokenizer("ViT-Test-8-CL16", reduction="truncate")(caps))
+
+
+# ----------------------------------------------------------------------------- weight layouts users have
+
+def _layout_case(kind, tmp_path):
+    """(OpenCLIP model, its config, a file in the layout users have, our model name)."""
+    if kind == "clipa-v1 openclip file":          # the CLIPA-v1 releases: OpenCLIP ViT-L-16 at 16 tokens
+        cfg = oc_config("ViT-L-16", {"layers": 1, "image_size": 64}, {"layers": 1, "context_length": 16})
+        ours, path = shrink("ViT-L-16-CL16-GAP", 1, image_size=64), tmp_path / "clipa_v1_l16.pt"
+        oc = oc_build(cfg)
+        torch.save(oc.state_dict(), path)
+    elif kind == "clipa-v2 converted file":       # the authors' converted v2 weights: open_clip_pytorch_model.bin
+        cfg = oc_config("ViT-H-14-CLIPA", {"layers": 1, "image_size": 56, **TANH}, {"layers": 1, **TANH})
+        ours, path = shrink("ViT-H-14-CL32-GAP-BigVision", 1, image_size=56), tmp_path / "open_clip_pytorch_model.bin"
+        oc = oc_build(cfg)
+        torch.save(oc.state_dict(), path)
+    elif kind == "openclip ViT-bigG-14-CLIPA-336 safetensors":
+        cfg = oc_config("ViT-bigG-14-CLIPA-336", {"layers": 1, **TANH}, {"layers": 1, **TANH})
+        ours = shrink("ViT-bigG-14-CL32-GAP-BigVision", 1, image_size=336)
+        path = tmp_path / "open_clip_model.safetensors"
+        oc = oc_build(cfg)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(path))
+    else:                                         # an OpenCLIP training checkpoint (DDP): epoch_K.pt
+        cfg = oc_config("ViT-B-16", {"layers": 1, "image_size": 64}, {"layers": 1, "context_length": 16})
+        ours, path = shrink("ViT-B-16-CL16", 1, image_size=64), tmp_path / "epoch_3.pt"
+        oc = oc_build(cfg)
+        torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in oc.state_dict().items()},
+                    "optimizer": {"state": {}, "param_groups": []}}, path)
+    return oc, cfg, path, ours
+
+
+@pytest.mark.parametrize("kind", ["clipa-v1 openclip file", "clipa-v2 converted file",
+                                  "openclip ViT-bigG-14-CLIPA-336 safetensors", "openclip training checkpoint"])
+def test_weight_layouts_users_have_load_exactly(kind, tmp_path):
+    """issue 14, item 5: every tensor arrives bit for bit, and both towers give OpenCLIP's features
+    (v1 GAP pools differently by design: its text tower and its tokens are compared)."""
+    oc, cfg, path, ours_cfg = _layout_case(kind, tmp_path)
+    ours = M.create_model(ours_cfg, pretrained=path).eval()
+    theirs = oc.state_dict()
+    mine = M.to_openclip_keys(ours.state_dict())
+    assert set(mine) == set(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(mine[k], v), k
+    size = ours_cfg.vision.image_size
+    img, ctx = torch.randn(2, 3, size, size), ours_cfg.text.context_length
+    txt = v1_tokens(2, ctx) if ours_cfg.family == "v1" else torch.randint(0, 30000, (2, ctx))
+    with torch.no_grad():
+        assert_same(oc.encode_text(txt), ours.encode_text(txt))
+        if ours_cfg.vision.pool != "gap_cls":
+            assert_same(oc.encode_image(img), ours.encode_image(img))
 
 
 def test_v1_gap_against_hand_reference(tmp_path):
@@ -182,7 +265,7 @@ def test_v1_gap_against_hand_reference(tmp_path):
     cfg = M.get_model_config("ViT-Tiny-8-CL16-Syntax-GAP")
     assert cfg.vision.pool == "gap_cls"
     ours = M.CLIP(cfg).eval()
-    oc_cfg = M.openclip_model_cfg(cfg)
+    oc_cfg = export.openclip_model_cfg(cfg)
     oc = OpenCLIP(**oc_cfg).eval()
     oc.load_state_dict(M.to_openclip_keys(ours.state_dict()), strict=True)
     img = torch.randn(3, 3, 64, 64)
@@ -204,7 +287,7 @@ def test_full_size_models_map_to_openclip_names(name):
     """The printed OpenCLIP name (+ overrides) builds a model whose state dict has exactly our exported
     keys and shapes. Built on the meta device: full size, no memory, no time."""
     cfg = M.get_model_config(name)
-    oc_name, kwargs, _ = M.openclip_target(cfg)
+    oc_name, kwargs, _ = export.openclip_target(cfg)
     assert oc_name is not None
     oc_cfg = open_clip.get_model_config(oc_name)
     if "force_context_length" in kwargs:
@@ -225,7 +308,7 @@ def test_wrong_architecture_is_a_one_line_error(v1_openclip, capsys):
     with pytest.raises(ValueError, match="unexpected visual.ln_pre.weight") as e:
         M.create_model(shrink("ViT-L-14-CL32-GAP-BigVision", 2), pretrained=path)
     assert "shape mismatch" in str(e.value) and "\n" not in str(e.value)
-    assert M.main(["export", str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2        # no config recorded
+    assert export.main([str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2        # no config recorded
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model" in err and err.count("\n") == 1
 
@@ -235,3 +318,39 @@ def test_sincos_table_matches_openclip(width, grid):
     from open_clip.pos_embed import get_2d_sincos_pos_embed
     ref = torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()
     torch.testing.assert_close(M.sincos_2d(width, grid), ref, rtol=0, atol=1e-6)
+
+
+def test_model_card_records_recipe_samples_flops_and_results(tmp_path, capsys):
+    """The export directory's README.md: architecture, the preset's stages, samples seen, training
+    FLOPs (3 x forward x samples, as train.py --flops), and the evaluations found for the checkpoint.
+    The train state is laid out as train.py saves it (stage dicts of its presets, weights_only)."""
+    import dataclasses
+    import train
+    stages = [dataclasses.replace(s, train_num_samples=n, batch_size=16)
+              for s, n in zip(train.PRESETS["demo"].stages, (128, 64))]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000012"
+    ckpt.mkdir(parents=True)
+    cfg = stages[1].model_config()
+    net = M.CLIP(cfg)
+    from safetensors.torch import save_file
+    save_file(net.state_dict(), str(ckpt / "model.safetensors"), metadata=M.weights_metadata(stages[1].model, cfg))
+    config = {"run": {"cfg": "demo", "pretrained": None}, "stages": [dataclasses.asdict(s) for s in stages]}
+    torch.save({"step": 12, "stage_index": 1, "stage_name": "finetune", "stage_step": 4, "samples": 64,
+                "config": json.dumps(config), "optimizer": {"state": {}, "param_groups": []}}, ckpt / "train_state.pt")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000012\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 12, "stage": "finetune", "eval_top1": 0.25,
+                                                                 "eval_top5": 0.75, "eval_n": 72}) + "\n")
+    (ckpt / "zeroshot_val.json").write_text(json.dumps({"dataset": "/data/val", "top1": 0.5, "top5": 0.9, "n": 72,
+                                                        "num_classes": 36}))
+    assert export.main([str(tmp_path / "run"), "--to", "open_clip", str(tmp_path / "out") + "/"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    pre, fin = (M.count_flops(s.model_config(), mask_ratio=s.mask_ratio)["total_gflops"] for s in stages)
+    eflops = 3 * (pre * 128 + fin * 64) / 1e9
+    assert "# ViT-Tiny-8-CL32-GAP (CLIPA-v1)" in card and "library_name: open_clip" in card
+    assert "Preset `demo`" in card and "192 samples seen" in card and f"{eflops:.4g} training EFLOPs" in card
+    assert "| pretrain | ViT-Tiny-8-CL16-Syntax-GAP | 32 | 16 (syntax) | - | 16 | 128 | 128 |" in card
+    assert "| finetune | ViT-Tiny-8-CL32-GAP | 64 | 32 (truncate) | random 30% | 16 | 64 | 64 |" in card
+    assert "| val | zero-shot classification (36 classes, 72 images) | top-1 50.00%, top-5 90.00% |" in card
+    assert "training-time eval, step 12 (finetune)" in card and "top-1 25.00%" in card
+    assert "v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent" in card
+    assert "huggingface-cli upload ORG/NAME" in capsys.readouterr().out

@@ -16,6 +16,7 @@ ALLOWED = {
     "data": {"xla_utils", "shards"},
     "model": {"xla_utils", "data", "tokenizer"},
     "eval_zeroshot": {"xla_utils", "data", "model", "tokenizer"},
+    "export": {"xla_utils", "data", "model", "tokenizer"},
     "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot"},
     "finetune": {"train"},
 }

@@ -3,13 +3,16 @@
 Tiny configs only (CPU, seconds). Parity with OpenCLIP lives in test_interop.py."""
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
+import export
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,6 +424,15 @@ def test_create_model_and_transforms_returns_eval_mode(tmp_path):
         torch.testing.assert_close(model.encode_image(img), model.encode_image(img), rtol=0, atol=0)
 
 
+def _export_main(capsys, *args):
+    try:
+        rc = export.main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def test_export_cli_errors_are_one_line(tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     _save_ours(path)
@@ -428,8 +440,93 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
     for args, msg in (([path, "--to", "open_clip", tmp_path / "no" / "x.pt"], "output directory does not"),
                       ([tmp_path / "nope.pt", "--to", "open_clip", out], "checkpoint not found"),
                       ([path, "--to", "open_clip", out, "--model", "ViT-Q-99"], "unknown model"),
+                      ([path, "--to", "open_clip", out, "--results", tmp_path / "r.json"], "results file not found"),
                       ([path, "--to", "tf", out], "invalid choice")):
-        rc, stdout, err = _main(capsys, "export", *map(str, args))
+        rc, stdout, err = _export_main(capsys, *map(str, args))
         assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
         assert not stdout
     assert not os.path.exists(out)
+    # the old command says where the export went, in one line
+    rc, stdout, err = _main(capsys, "export", str(path), "--to", "open_clip", out)
+    assert rc == 2 and err == f"error: the export moved to export.py: python export.py {path} --to open_clip {out}\n"
+
+
+# ----------------------------------------------------------------------------- hostile configs, NaN weights
+
+def test_parameter_count_is_known_before_building():
+    for name, cfg in M.MODEL_CONFIGS.items():
+        for pos in M.POS_EMBEDS:
+            c = M.get_model_config(name, pos_embed=pos)
+            with torch.device("meta"):
+                built = sum(t.numel() for t in M.CLIP(c).state_dict().values())
+            assert M.count_parameters(c) == built, (name, pos)
+    assert M.MAX_PARAMETERS == 4 * M.count_parameters(M.get_model_config("ViT-bigG-14-CL32-GAP-BigVision"))
+
+
+def _crafted(path, vision=None, text=None, top=None):
+    """Our weights file (ViT-Test-8-CL16 tensors) whose header config was edited by hand."""
+    from safetensors.torch import save_file
+    m = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
+    cfg = json.loads(M.weights_metadata("ViT-Test-8-CL16", m.cfg)["model_config"])
+    cfg["vision"].update(vision or {})
+    cfg["text"].update(text or {})
+    cfg.update(top or {})
+    save_file(m.state_dict(), str(path), metadata={"format": "clipa", "model_name": "x",
+                                                    "model_config": json.dumps(cfg)})
+    return path
+
+
+@pytest.mark.parametrize("vision,text,top,msg", [
+    ({"layers": 100000}, {"vocab_size": 1e12}, None, "text.vocab_size = 1000000000000.0"),
+    ({"layers": 100000}, None, None, "100000 image and 2 text layers (limit 192)"),
+    ({"width": 4096, "heads": 32, "layers": 190}, {"width": 4096, "heads": 32, "layers": 190}, None, "over the limit"),
+    (None, {"vocab_size": 10 ** 12}, None, "over the limit"),
+    ({"image_size": 8 * 100000}, None, None, "image patches"),
+    (None, {"context_length": 10 ** 9}, None, "text tokens"),
+    ({"heads": 0}, None, None, "vision.heads = 0"),
+    ({"width": "32"}, None, None, "vision.width = '32'"),
+    ({"mlp_ratio": 1e9}, None, None, "mlp_ratio"),
+    (None, None, {"embed_dim": -1}, "embed_dim = -1"),
+])
+def test_a_crafted_header_config_is_refused_before_allocating(tmp_path, vision, text, top, msg, capsys):
+    """issue 13, Medium 5: sizes a file may ask for are bounded (positive integers, patches, context,
+    parameters <= 4x the largest registered model) before anything is built: one line, exit 2."""
+    path = _crafted(tmp_path / "evil.safetensors", vision, text, top)
+    with pytest.raises(ValueError, match=re.escape(msg)) as e:
+        M.create_model(None, pretrained=path)
+    assert "\n" not in str(e.value)
+    rc, stdout, err = _export_main(capsys, str(path), "--to", "open_clip", str(tmp_path / "out") + "/")
+    assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_config_that_does_not_fit_the_tensors_allocates_nothing(tmp_path, monkeypatch):
+    """Within the limits but not what the file holds (160 text layers of width 2048: 33 GB were
+    it built): refused from the meta model's shapes, before any memory is allocated."""
+    path = _crafted(tmp_path / "big.safetensors", None, {"layers": 160, "width": 2048, "heads": 16})
+    assert M.count_parameters(M.config_from_metadata(M.read_metadata(path))) < M.MAX_PARAMETERS
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match="does not fit this v1 architecture: missing text.transformer.resblocks.2"):
+        M.create_model(None, pretrained=path)
+
+
+def test_nonfinite_weights_load_with_a_warning(tmp_path, capsys):
+    """issue 13, Low 12: NaN/Inf weights load (a user may want to inspect them) with a warning naming
+    them; the export says so in one line."""
+    from safetensors.torch import save_file
+    m = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
+    sd = m.state_dict()
+    sd["visual.proj"][0, 0] = float("nan")
+    sd["text.ln_final.weight"][3] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path), metadata=M.weights_metadata("ViT-Test-8-CL16", m.cfg))
+    with pytest.warns(M.NonFiniteWeightsWarning, match="non-finite weights .* in 2 tensors: text.ln_final.weight, visual.proj"):
+        loaded = M.create_model(None, pretrained=path)
+    assert sorted(loaded.nonfinite_weights) == ["text.ln_final.weight", "visual.proj"]
+    rc, stdout, err = _export_main(capsys, str(path), "--to", "open_clip", str(tmp_path / "x.safetensors"))
+    assert rc == 0 and err.count("\n") == 1 and err.startswith("warning: ") and "non-finite" in err, err
+    good = tmp_path / "good.safetensors"
+    _save_ours(good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.create_model(None, pretrained=good).nonfinite_weights == []
