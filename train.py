@@ -270,23 +270,23 @@ class RunConfig:
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on XLA and CPU",
                          choices=xla_utils.PRECISIONS)
     seed: int = opt(0, "random seed")
-    workers: int = opt(2, "data loader workers per process")
-    log_every: int = opt(10, "progress line every N steps")
-    save_every: int = opt(1000, "checkpoint every N steps")
-    save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save")
-    keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)")
+    workers: int = opt(2, "data loader workers per process", min=0)
+    log_every: int = opt(10, "progress line every N steps", min=1)
+    save_every: int = opt(1000, "checkpoint every N steps", min=1)
+    save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save", min=0)
+    keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)", min=1)
     resume: str | None = opt(None, "'latest' (in --out) or a checkpoint directory")
     pretrained: str | None = opt(None, "weights for the first stage: checkpoint dir, .safetensors or "
                                  "OpenCLIP file")
-    eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)")
+    eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)", min=0)
     eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")
-    eval_batch_size: int = opt(64, "zero-shot eval batch per process")
+    eval_batch_size: int = opt(64, "zero-shot eval batch per process", min=1)
     eval_classnames: str | None = opt(None, "class names file (default: ImageNet-1K)")
     eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass")
-    accum_steps: int = opt(1, "gradient accumulation: the exact full-batch gradient in K chunks, memory of one")
+    accum_steps: int = opt(1, "gradient accumulation: the exact full-batch gradient in K chunks", min=1)
     compile: bool = opt(False, "torch.compile the step (CUDA / CPU; XLA compiles anyway): once per stage")
-    max_steps: int | None = opt(None, "stop (resumably) after this global step")
+    max_steps: int | None = opt(None, "stop (resumably) after this global step", min=0)
     nonfinite: str = opt("stop", "on a non-finite loss: stop (the last good checkpoint stays) or skip "
                          "the step's update", choices=NONFINITE)
     force_resume: bool = opt(False, "resume although stage settings, seed, workers, accumulation or "
@@ -516,43 +516,12 @@ def _check_weights_fit(path: str, stage: Stage) -> None:
 # ----------------------------------------------------------------------------- logging
 
 
-class Logger:
-    """Progress lines on stdout (master), OUT/metrics.jsonl, TensorBoard when installed. Every record
-    carries the invocation's run id (steps re-run after a resume appear once per invocation). A
-    failing disk never stops training through the logs: the failure is reported once."""
+class Logger(xla_utils.RunLog):
+    """xla_utils.RunLog (master's stdout, OUT/metrics.jsonl, TensorBoard) plus the progress record."""
 
     def __init__(self, rt, out: str):
-        self.rt, self.file, self.tb = rt, None, None
-        self.run_id = os.urandom(4).hex()     # not from the seeded RNGs: those must stay untouched
+        super().__init__(rt, out)
         self._t, self._step = time.time(), 0
-        self._warned = False
-        if rt.is_master:
-            os.makedirs(out, exist_ok=True)
-            self.file = open(os.path.join(out, "metrics.jsonl"), "a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def info(self, msg: str):
-        if self.rt.is_master:
-            print(msg, flush=True)
-
-    def record(self, rec: dict):
-        if not self.rt.is_master:
-            return
-        try:
-            self.file.write(json.dumps({**rec, "run": self.run_id}) + "\n")
-            self.file.flush()
-            if self.tb is not None:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        self.tb.add_scalar(k, v, rec["step"])
-        except OSError as e:
-            if not self._warned:
-                print(f"warning: metrics not written ({e}); training goes on", file=sys.stderr, flush=True)
-                self._warned = True
 
     def start_stage(self, stage_step: int):
         self._t, self._step = time.time(), stage_step
@@ -577,12 +546,6 @@ class Logger:
         self.info(f"step {step} [{stage.name} {stage_step}/{stage.steps}] {sps:.1f} samples/s | loss "
                   f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | skipped {skipped} | ETA {eta}"
                   + (f" | compiles {compiles}" if compiles is not None else ""))
-
-    def close(self):
-        for f in (self.file, self.tb):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -884,24 +847,16 @@ def parse_args(argv, prog="train.py", finetune=False):
     if finetune and run.stage is None:   # finetune.py: the stages that start from a previous one
         run.stage = ",".join(s.name for s in PRESETS[run.cfg].stages if s.init == "previous")
     stages = resolve_stages(run.cfg, overrides, run.stage)
-    for name in ("accum_steps", "log_every", "save_every", "keep", "eval_batch_size"):
-        if getattr(run, name) < 1:
-            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(run, name)}")
-    for name in ("workers", "eval_every"):
-        if getattr(run, name) < 0:
-            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(run, name)}")
-    if run.save_minutes < 0 or (run.max_steps is not None and run.max_steps < 0):
-        raise ValueError("--save-minutes and --max-steps must be >= 0")
+    for f in dataclasses.fields(RunConfig):
+        value, lo = getattr(run, f.name), f.metadata.get("min")
+        if lo is not None and value is not None and value < lo:
+            raise ValueError(f"{_flag(f.name)} must be >= {lo}, got {value}")
     return run, stages, a
 
 
 def describe_stages(run: RunConfig, stages) -> str:
-    lines = [f"preset {run.cfg}: {PRESETS[run.cfg].description}"]
-    for i, s in stages:
-        d = dataclasses.asdict(s)
-        d.update(index=i, lr=s.resolved_lr, steps=s.steps)
-        lines.append(json.dumps(d))
-    return "\n".join(lines)
+    return "\n".join([f"preset {run.cfg}: {PRESETS[run.cfg].description}"] + [
+        json.dumps({**dataclasses.asdict(s), "index": i, "lr": s.resolved_lr, "steps": s.steps}) for i, s in stages])
 
 
 def main(argv=None, prog="train.py", finetune=False) -> int:
