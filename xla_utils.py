@@ -43,9 +43,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 DEVICES = ("auto", "cuda", "xla", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
+# --shard: "none" replicates parameters, gradients and optimizer states on every device (DDP, or
+# SPMD with replicated parameters); "fsdp" shards them (FSDP2 fully_shard on CUDA/CPU, parameters
+# sharded over the SPMD mesh on XLA)
+SHARDING = ("none", "fsdp")
 
 
 # ----------------------------------------------------------------------------- device detection
@@ -234,13 +241,59 @@ class Runtime:
         return [bool(f) for f in flags]
 
     # -- model and data placement
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP for multi-process CUDA/CPU; under SPMD parameters stay replicated (no annotation)."""
+    def wrap_model(self, model: torch.nn.Module, shard: str = "none", precision: str = "fp32") -> torch.nn.Module:
+        """What the step calls. shard 'none': DDP for multi-process CUDA/CPU, the model itself
+        otherwise (under SPMD parameters stay replicated). shard 'fsdp': CUDA/CPU with several
+        processes, FSDP2 `fully_shard` per transformer block (fsdp_units), per tower and at the root,
+        in place (the model becomes its FSDP module; build the optimizer afterwards; scalar parameters
+        stay replicated, see below); on CUDA with
+        bf16 the parameters compute in bf16 and gradients reduce in fp32. XLA SPMD: every parameter
+        sharded over the mesh (shard_parameters). One process, one device: nothing to shard."""
+        if shard not in SHARDING:
+            raise ValueError(f"unknown sharding {shard!r}; choose {', '.join(SHARDING)}")
+        if shard == "fsdp" and self.spmd:
+            return shard_parameters(model, self.mesh)
+        if shard == "fsdp" and self.distributed and self.world_size > 1:
+            bf16 = self.kind == "cuda" and precision == "bf16"
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                      reduce_dtype=torch.float32 if bf16 else None)
+            for unit in fsdp_units(model):
+                fully_shard(unit, mp_policy=mp)
+            # FSDP2 refuses scalar parameters (logit_scale): they stay replicated, their gradient
+            # averaged over the ranks after each accumulation (mean(a) + b averages to mean(a + b),
+            # so several backward passes per step are fine), as DDP would
+            scalars = {p for p in model.parameters() if p.dim() == 0}
+            for p in scalars:
+                p.register_post_accumulate_grad_hook(lambda q: (self.all_reduce_mean(q.grad), None)[1])
+            return fully_shard(model, mp_policy=mp, ignored_params=scalars)
         if self.distributed and self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.local_rank] if self.kind == "cuda" else None
             return DDP(model, device_ids=ids, broadcast_buffers=False)
         return model
+
+    def full_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+        """(weights, optimizer state) as full host tensors on the master, ({}, {}) on the other
+        ranks. Collective for an FSDP model (every rank calls it): the shards are gathered with
+        torch.distributed.checkpoint's get_model_state_dict / get_optimizer_state_dict
+        (full_state_dict, cpu_offload); the optimizer state is then keyed by parameter name."""
+        if isinstance(model, FSDPModule):
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(model, options=opts),
+                    get_optimizer_state_dict(model, optimizer, options=opts))
+        if not self.is_master:
+            return {}, {}
+        model = getattr(model, "module", model)
+        return ({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+                to_cpu(optimizer.state_dict()))
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict):
+        """The inverse of full_state's optimizer state (every rank passes the full state; an FSDP
+        model keeps its shard of it, through set_optimizer_state_dict)."""
+        if isinstance(model, FSDPModule):
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
 
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Host batch -> device. Under SPMD each host passes its local rows; dimension 0 is sharded
@@ -301,6 +354,14 @@ class Runtime:
             import torch_xla.core.xla_model as xm
             xm.wait_device_ops()
 
+    def reset_peak_memory(self):
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int | None:
+        """Bytes the device allocator held at most since reset_peak_memory (CUDA; None elsewhere)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.kind == "cuda" else None
+
     def release_memory(self):
         """Return cached device memory (between benchmark models that do not fit side by side)."""
         if self.kind == "cuda":
@@ -345,6 +406,31 @@ class Runtime:
     def shutdown(self):
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP's sharding units, innermost first: every transformer block (an element of a ModuleList
+    named `resblocks`), then each child of the model that holds blocks (the towers: their own
+    forward, e.g. encode_image in the zero-shot eval, gathers their remaining parameters). The
+    root's own parameters (logit_scale) form the last unit, fully_shard(model)."""
+    blocks = [m for n, m in model.named_modules() if re.fullmatch(r"(.+\.)?resblocks\.\d+", n)]
+    ids = {id(b) for b in blocks}
+    towers = [c for c in model.children() if any(id(m) in ids for m in c.modules())]
+    return blocks + towers
+
+
+def shard_parameters(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """XLA SPMD FSDP: each parameter sharded over the 1-D device mesh along its first dimension
+    that the device count divides (a scalar such as logit_scale, or a tensor no dimension of which
+    divides, stays replicated). The compiler all-gathers weights where they are used and
+    reduce-scatters their gradients; AdamW's states follow their parameters' sharding."""
+    import torch_xla.distributed.spmd as xs
+    n = mesh.size()
+    for p in model.parameters():
+        dims = [d for d in range(p.dim()) if p.shape[d] % n == 0 and p.shape[d] >= n]
+        if dims:
+            xs.mark_sharding(p, mesh, tuple("data" if d == dims[0] else None for d in range(p.dim())))
+    return model
 
 
 def _tuplify(x):

@@ -1,18 +1,25 @@
-"""Training-step throughput at CLIPA's token counts vs full length, side by side in one run.
+"""The training step, side by side in one run: this project vs OpenCLIP, eager vs compiled, full
+length vs CLIPA's token counts, with samples/s, step time, peak memory and MFU.
 
-    python launch/bench_step.py --device cuda --model ViT-B-16-CL16 --batch 256
-    python launch/bench_step.py --device cpu --model ViT-Tiny-8-CL16-Syntax-GAP --batch 32
+    python launch/bench_step.py --device cuda --model ViT-L-16-CL8-Syntax-GAP --settings 224/32,96/8 \
+        --batch 1024 --grad-checkpointing --json out.json
+    python launch/bench_step.py --device cpu --model ViT-B-16-CL16 --layers 4 --settings 224/77,112/16 \
+        --batch 16                                                       # the CPU comparison
 
-For each setting (image size, text context, mask ratio) it builds the model with model.py, runs
-train.py's own train_step (uint8 batch -> device -> normalise -> both towers -> local contrastive
-loss -> AdamW) on random data, and prints samples/s, the speedup over the full-length row and the
-FLOPs counter's ratio. Settings are interleaved over rounds (best round kept) so machine noise
-hits all rows alike.
+Every row runs a full step (uint8 batch -> device -> normalise -> both towers -> contrastive loss ->
+backward -> AdamW with the same flags) on random data. Rows are interleaved over rounds and the
+median round is reported, so machine noise hits all rows alike. MFU = training FLOPs per sample
+(model.py's forward count x 2 for multiply-adds x 3 for forward + backward) x samples/s over the
+peak matmul rate measured in the same run (a large GEMM at the step's precision); HFU counts the
+recomputed forward too (x 4) when checkpointing. OpenCLIP (open_clip_torch, a test requirement)
+builds the same architecture from export.openclip_model_cfg.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
+from dataclasses import replace
 import sys
 import time
 
@@ -21,9 +28,17 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
+import export  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
+
+IMPLS = ("ours", "openclip")
+MODES = ("eager", "compiled")
+# the issue's goals, printed beside the figures: (model prefix, setting, what, threshold)
+GOALS = [("ViT-L-16", (96, 8), "mfu", 0.50), ("ViT-B-16", (112, 16), "mfu", 0.45),
+         ("ViT-L-16", (96, 8), "vs_openclip", 1.3)]
 
 
 def parse_setting(text: str) -> tuple[int, int, float]:
@@ -34,90 +49,183 @@ def parse_setting(text: str) -> tuple[int, int, float]:
     return int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
 
 
+def peak_matmul_tflops(rt, precision: str) -> float:
+    """The device's matmul rate at the step's precision, timed here (the MFU denominator)."""
+    n = 8192 if rt.kind == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=rt.device, dtype=dtype)
+    b = torch.randn(n, n, device=rt.device, dtype=dtype)
+    times = []
+    for _ in range(5):
+        rt.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        rt.synchronize()
+        times.append((time.perf_counter() - t0) / 4)
+    return 2 * n ** 3 / min(times) / 1e12
+
+
+def openclip_loss_fn():
+    from open_clip.loss import ClipLoss     # test requirement, only for this comparison
+    loss = ClipLoss()
+
+    def batch_loss(model, images, tokens, rt, precision):
+        x = data.normalize(images, M.OPENAI_MEAN, M.OPENAI_STD)
+        with rt.autocast(precision):
+            img_f, txt_f, scale = model(x, tokens)[:3]
+        return loss(img_f.float(), txt_f.float(), scale.float())
+    return batch_loss
+
+
+def build(a, rt, impl, mode, size, ctx, mask):
+    cfg = M.get_model_config(a.model, image_size=size, context_length=ctx,
+                             mask="random" if mask else "none", mask_ratio=mask)
+    if a.layers:
+        cfg = replace(cfg, vision=replace(cfg.vision, layers=a.layers), text=replace(cfg.text, layers=a.layers))
+    if impl == "ours":
+        net = M.create_model(cfg)
+        loss = train.batch_loss
+    else:
+        import open_clip
+        net = open_clip.CLIP(**export.openclip_model_cfg(cfg))
+        loss = openclip_loss_fn()
+    net = net.to(rt.device).train()
+    net.set_grad_checkpointing(a.grad_checkpointing)
+    stage = train.Stage("bench", model=a.model, image_size=size, context_length=ctx, batch_size=a.batch)
+    fns = train.StepFns(loss=rt.compile(loss) if mode == "compiled" else loss)
+    return {"impl": impl, "mode": mode, "setting": (size, ctx, mask), "cfg": cfg, "model": net, "fns": fns,
+            "opt": train.build_optimizer(net, stage, rt), "times": [],
+            "images": torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8),
+            "tokens": torch.randint(1, cfg.text.vocab_size - 1, (a.batch, ctx))}
+
+
+def timed(rt, r, steps, precision) -> float:
+    rt.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train.train_step(rt, r["model"], r["opt"], r["images"], r["tokens"], 1e-5, precision=precision,
+                         fns=r["fns"])
+        rt.step_boundary()
+    rt.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
 def main(argv=None) -> int:
     ap = xla_utils.ArgumentParser(prog="launch/bench_step.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16-CL16")
-    ap.add_argument("--settings", default="224/32,112/16,224/32/0.3",
-                    help="comma-separated SIZE/CTX[/MASK]; the first is the reference row")
+    ap.add_argument("--settings", default="224/32,112/16",
+                    help="comma-separated SIZE/CTX[/MASK]; the first is the full-length reference")
+    ap.add_argument("--layers", type=int, default=0, help="blocks per tower (0: the model's; fewer "
+                    "compile faster on a CPU)")
+    ap.add_argument("--impl", default="ours,openclip", help="ours, openclip or both")
+    ap.add_argument("--mode", default="eager,compiled", help="eager, compiled or both")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=xla_utils.DEVICES)
     ap.add_argument("--precision", default="auto", choices=xla_utils.PRECISIONS)
     ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--sequential", action="store_true",
-                    help="one model in memory at a time (large models); no interleaving")
+                    help="one model in memory at a time (large models); rows are then not interleaved")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
     a = ap.parse_args(argv)
     try:
         settings = [parse_setting(s) for s in a.settings.split(",")]
-        M.get_model_config(a.model)
+        impls, modes = a.impl.split(","), a.mode.split(",")
+        if set(impls) - set(IMPLS) or set(modes) - set(MODES):
+            raise ValueError(f"--impl takes {', '.join(IMPLS)} and --mode {', '.join(MODES)}")
+        if a.batch < 1 or a.steps < 1 or a.rounds < 1 or a.layers < 0:
+            raise ValueError("--batch, --steps and --rounds must be >= 1, --layers >= 0")
+        for s in settings:
+            M.check_config(M.get_model_config(a.model, image_size=s[0], context_length=s[1]))
+        rt = xla_utils.init_runtime(a.device)
     except ValueError as e:
         return xla_utils.usage_error(e)
-    rt = xla_utils.init_runtime(a.device)
     precision = rt.precision(a.precision)
-    print(f"# {rt.describe()} | {a.model} | batch {a.batch} | {precision}", flush=True)
+    peak = peak_matmul_tflops(rt, precision)
+    print(f"# {rt.describe()} | {a.model}{f' ({a.layers} blocks/tower)' if a.layers else ''} | batch "
+          f"{a.batch} | {precision} | peak matmul {peak:.1f} TFLOP/s (measured)", flush=True)
 
-    def build(size, ctx, mask):
-        cfg = M.get_model_config(a.model, image_size=size, context_length=ctx,
-                                 mask="random" if mask else "none", mask_ratio=mask)
-        model = M.create_model(cfg).to(rt.device).train()
-        if a.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        stage = train.Stage("bench", model=a.model, image_size=size, context_length=ctx, batch_size=a.batch)
-        return {"cfg": cfg, "model": model, "opt": train.build_optimizer(model, stage, rt),
-                "images": torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8),
-                "tokens": torch.randint(1, cfg.text.vocab_size, (a.batch, ctx)),
-                "best": float("inf"), "setting": (size, ctx, mask)}
-
-    def timed(r, steps):
-        rt.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train.train_step(rt, r["model"], r["opt"], r["images"], r["tokens"], 1e-5,
-                             precision=precision)
-            rt.step_boundary()
-        rt.synchronize()
-        return time.perf_counter() - t0
-
-    def measure(group):
-        for r in group:            # warm-up (and XLA compile) outside the timed rounds
-            timed(r, 2)
-        for _ in range(a.rounds):
-            for r in group:
-                r["best"] = min(r["best"], timed(r, a.steps) / a.steps)
-
+    keys = [(i, m, s) for s in settings for i in impls for m in modes]
+    runs = []
     if a.sequential:
-        runs = []
-        for s in settings:
-            r = build(*s)
-            measure([r])
-            r.update(model=None, opt=None)   # free the device before the next model
-            runs.append(r)
+        for k in keys:
+            r = build(a, rt, *k[:2], *k[2])
+            r["compile_s"] = timed(rt, r, 1, precision)
+            rt.reset_peak_memory()
+            timed(rt, r, 1, precision)
+            r["times"] = [timed(rt, r, a.steps, precision) for _ in range(a.rounds)]
+            r["peak_mem"] = rt.peak_memory()
+            r.update(model=None, opt=None, fns=None)
             rt.release_memory()
+            runs.append(r)
     else:
-        runs = [build(*s) for s in settings]
-        measure(runs)
+        runs = [build(a, rt, *k[:2], *k[2]) for k in keys]
+        for r in runs:                   # warm-up and compilation outside the timed rounds
+            r["compile_s"] = timed(rt, r, 1, precision)
+            timed(rt, r, 1, precision)
+        for _ in range(a.rounds):
+            for r in runs:
+                r["times"].append(timed(rt, r, a.steps, precision))
+        for r in runs:
+            r["peak_mem"] = None         # side by side: the allocator's peak is all rows together
 
-    ref = runs[0]
-    ref_flops = M.count_flops(ref["cfg"], mask_ratio=ref["setting"][2])["total_gflops"]
     rows = []
-    print(f"{'setting':>18s} {'img tokens':>10s} {'samples/s':>10s} {'speedup':>8s} {'FLOPs ratio':>11s}")
     for r in runs:
         size, ctx, mask = r["setting"]
         f = M.count_flops(r["cfg"], mask_ratio=mask)
-        sps = a.batch / r["best"]
-        row = {"image_size": size, "context_length": ctx, "mask_ratio": mask,
-               "image_tokens": f["patches_kept"] + 1, "samples_per_s": sps,
-               "speedup": ref["best"] / r["best"], "flops_ratio": ref_flops / f["total_gflops"]}
-        rows.append(row)
-        label = f"{size}px/T{ctx}" + (f"/{int(mask * 100)}%" if mask else "")
-        print(f"{label:>18s} {row['image_tokens']:>10d} {sps:>10.1f} {row['speedup']:>7.2f}x "
-              f"{row['flops_ratio']:>10.2f}x", flush=True)
+        step = statistics.median(r["times"])
+        sps = a.batch / step
+        flops = 2 * 3 * f["total_gflops"] * 1e9
+        rows.append({"impl": r["impl"], "mode": r["mode"], "image_size": size, "context_length": ctx,
+                     "mask_ratio": mask, "image_tokens": f["patches_kept"] + 1, "samples_per_s": sps,
+                     "step_ms": 1000 * step, "first_step_s": r["compile_s"], "peak_mem_gb":
+                     r["peak_mem"] / 2 ** 30 if r["peak_mem"] else None, "gflops_fwd": f["total_gflops"],
+                     "mfu": flops * sps / (peak * 1e12),
+                     "hfu": (flops * 4 / 3 if a.grad_checkpointing else flops) * sps / (peak * 1e12)})
+    ref = {(r["impl"], r["mode"]): r for r in rows if (r["image_size"], r["context_length"], r["mask_ratio"])
+           == settings[0]}
+    for r in rows:
+        base = ref[(r["impl"], r["mode"])]
+        r["speedup"] = r["samples_per_s"] / base["samples_per_s"]
+        r["flops_ratio"] = base["gflops_fwd"] / r["gflops_fwd"]
+        r["realised"] = r["speedup"] / r["flops_ratio"]
+    print(f"{'setting':>14s} {'impl':>8s} {'mode':>8s} {'tokens':>7s} {'samples/s':>10s} {'step ms':>8s} "
+          f"{'1st step s':>10s} {'peak GB':>8s} {'MFU':>6s} {'HFU':>6s} {'speedup':>8s} {'FLOPs x':>8s} "
+          f"{'realised':>8s}")
+    for r in rows:
+        label = f"{r['image_size']}px/T{r['context_length']}" + (f"/{int(r['mask_ratio'] * 100)}%"
+                                                                  if r["mask_ratio"] else "")
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"{label:>14s} {r['impl']:>8s} {r['mode']:>8s} I{r['image_tokens']:<6d} {r['samples_per_s']:10.1f} "
+              f"{r['step_ms']:8.1f} {r['first_step_s']:10.1f} {mem:>8s} {100 * r['mfu']:5.1f}% "
+              f"{100 * r['hfu']:5.1f}% {r['speedup']:7.2f}x {r['flops_ratio']:7.2f}x {r['realised']:8.2f}")
+    summary = []
+    for s in settings:
+        best = {i: max((r for r in rows if r["impl"] == i and (r["image_size"], r["context_length"],
+                                                                  r["mask_ratio"]) == s),
+                       key=lambda r: r["samples_per_s"], default=None) for i in IMPLS}
+        if best["ours"] and best["openclip"]:
+            ratio = best["ours"]["samples_per_s"] / best["openclip"]["samples_per_s"]
+            summary.append({"setting": s, "ours_best": best["ours"]["mode"],
+                            "openclip_best": best["openclip"]["mode"], "ours_vs_openclip": ratio})
+            print(f"# {s[0]}px/T{s[1]}: ours-best ({best['ours']['mode']}) / OpenCLIP-best "
+                  f"({best['openclip']['mode']}) = {ratio:.2f}x")
+    for prefix, s, what, want in GOALS:
+        if not a.model.startswith(prefix) or s not in [x[:2] for x in settings] or rt.kind == "cpu":
+            continue
+        mine = [r for r in rows if r["impl"] == "ours" and (r["image_size"], r["context_length"]) == s]
+        got = max(r["mfu"] for r in mine) if what == "mfu" else \
+            next((x["ours_vs_openclip"] for x in summary if x["setting"][:2] == s), None)
+        if got is not None:
+            print(f"# goal {prefix} {s[0]}px/T{s[1]} {what} >= {want}: {got:.2f} "
+                  f"({'met' if got >= want else 'missed'})")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"device": rt.describe(), "model": a.model, "batch": a.batch,
-                       "precision": precision, "rows": rows}, fh, indent=1)
+            json.dump({"device": rt.describe(), "model": a.model, "layers": a.layers, "batch": a.batch,
+                       "precision": precision, "peak_matmul_tflops": peak, "rows": rows,
+                       "summary": summary}, fh, indent=1)
     return 0
 
 

@@ -87,18 +87,23 @@ def test_missing_paths_are_one_line_errors(tmp_path, missing, needle):
 
 
 def test_bench_step_prints_rows_for_every_setting(tmp_path):
+    """One row per (setting, implementation, mode); token counts and FLOPs ratios from the counter;
+    the same architecture in OpenCLIP runs the same step."""
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_step.py"), "--device", "cpu",
                         "--model", "ViT-Test-8-CL16", "--batch", "4", "--settings", "32/16,16/8,32/16/0.5",
-                        "--steps", "1", "--rounds", "1", "--json", str(out)],
+                        "--mode", "eager", "--steps", "1", "--rounds", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = json.load(open(out))["rows"]
-    assert [(x["image_size"], x["context_length"], x["mask_ratio"]) for x in rows] == \
-        [(32, 16, 0.0), (16, 8, 0.0), (32, 16, 0.5)]
-    assert [x["image_tokens"] for x in rows] == [17, 5, 9]        # 4x4 / 2x2 patches + CLS; half kept
-    assert rows[0]["speedup"] == 1.0 and rows[0]["flops_ratio"] == 1.0
-    assert rows[1]["flops_ratio"] > 1.0 and all(x["samples_per_s"] > 0 for x in rows)
+    res = json.load(open(out))
+    rows = res["rows"]
+    assert [(x["impl"], x["image_size"], x["context_length"], x["mask_ratio"]) for x in rows] == \
+        [(i, *s) for s in [(32, 16, 0.0), (16, 8, 0.0), (32, 16, 0.5)] for i in ("ours", "openclip")]
+    assert [x["image_tokens"] for x in rows[::2]] == [17, 5, 9]        # 4x4 / 2x2 patches + CLS; half kept
+    assert all(x["speedup"] == 1.0 and x["flops_ratio"] == 1.0 for x in rows[:2])
+    assert rows[2]["flops_ratio"] > 1.0 and all(x["samples_per_s"] > 0 and 0 < x["mfu"] for x in rows)
+    assert res["peak_matmul_tflops"] > 0 and len(res["summary"]) == 3
+    assert "ours-best (eager) / OpenCLIP-best (eager)" in r.stdout
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_step.py"), "--settings", "32"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
