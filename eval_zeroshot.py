@@ -1,4 +1,5 @@
-"""Zero-shot image classification (ImageNet-1K and any ImageFolder set) for CLIPA models.
+"""Zero-shot image classification (ImageNet-1K and any ImageFolder set) and image-text retrieval
+(recall@1/5/10 on COCO / Flickr-style captioned sets) for CLIPA models.
 
 Classifier: for every class, the prompts (templates filled with the class name) are encoded, each
 embedding L2-normalised, averaged over templates and renormalised -> one column of W [E, C].
@@ -11,6 +12,7 @@ Images travel as uint8 and are normalised on the device (data.normalize).
     python eval_zeroshot.py --ckpt out/checkpoints/latest --imagenet-val /data/imagenet/val
     python eval_zeroshot.py --ckpt w.safetensors --data /data/imagenet2012 --format tfds
     python eval_zeroshot.py --ckpt w.pt --model ViT-B-16-CL16 --data pets/val --classnames pets.txt
+    python eval_zeroshot.py --ckpt out/checkpoints/latest --retrieval /data/clip_benchmark/flickr30k
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 import data
 import xla_utils
-from model import config_from_metadata, create_model, get_tokenizer, read_metadata
+from model import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TEMPLATE_SETS = {"openai": "openai_templates.txt", "short": "short_templates.txt"}
@@ -166,7 +169,7 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
     templates: list, 'openai' (80, default), 'short' (7) or a file path.
     preprocess: None -> the model family's (Preprocess.for_model(model_cfg)).
     tokenizer: None -> the model's tokenizer at its context length, plain truncation.
-    Returns dict(top1, top5, mean_per_class_recall, n) plus details.
+    Returns dict(top1, top5, mean_per_class_recall, n, skipped = undecodable images) plus details.
     The model is put in eval mode (no image masking) and its previous mode restored afterwards."""
     clip = _unwrap(model)
     precision = runtime.precision(precision)
@@ -202,6 +205,7 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
         clip.train(was_training)
     if runtime.distributed and runtime.world_size > 1:  # (under SPMD the counts are already global)
         torch.distributed.all_reduce(counts)
+    skipped = sum(runtime.all_gather_object(int(getattr(loader, "skipped", 0))))
     counts = counts.cpu().double()
     correct1, correct5, per_class_correct, per_class_total = (
         counts[0, 0].item(), counts[0, 1].item(), counts[1], counts[2])
@@ -210,7 +214,7 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
         raise ValueError(f"no readable images in {data_path}")
     seen = per_class_total > 0
     recall = (per_class_correct[seen] / per_class_total[seen]).mean().item()
-    return dict(top1=correct1 / n, top5=correct5 / n, mean_per_class_recall=recall, n=n,
+    return dict(top1=correct1 / n, top5=correct5 / n, mean_per_class_recall=recall, n=n, skipped=skipped,
                 num_classes=len(classnames), num_templates=len(templates), precision=precision,
                 context_length=int(tokenizer.context_length), classifier_seconds=round(t1 - t0, 2),
                 image_seconds=round(t2 - t1, 2), images_per_second=round(n / max(t2 - t1, 1e-9), 1),
@@ -255,6 +259,239 @@ def _classify(clip, weights, loader, pre: Preprocess, runtime, precision, batch_
     return counts
 
 
+# ----------------------------------------------------------------------------- retrieval
+
+RECALL_K = (1, 5, 10)
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class CaptionSet:
+    """A retrieval set: (image file, captions) items, or shards whose records carry an image and
+    a text (captions one per line). layout names where it came from."""
+    layout: str
+    items: list | None = None
+    source: object = None       # a data.Source for shard layouts
+
+
+def _flickr_items(ann: str, image_dir: str) -> list:
+    """CLIP_benchmark's Flickr annotation file: a header line, then IMAGE.jpg,caption per line."""
+    by_image: dict[str, list[str]] = {}
+    with open(ann, encoding="utf-8") as f:
+        f.readline()
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            image, sep, caption = line.partition(".jpg,")
+            if not sep:
+                raise ValueError(f"{ann}: line {line[:60]!r} is not IMAGE.jpg,caption")
+            by_image.setdefault(image + ".jpg", []).append(caption)
+    if not by_image:
+        raise ValueError(f"{ann} holds no captions (expected a header line, then IMAGE.jpg,caption lines)")
+    return [(os.path.join(image_dir, k), v) for k, v in by_image.items()]
+
+
+def _coco_items(ann: str, image_dir: str) -> list:
+    """A COCO captions file (images [{id, file_name}], annotations [{image_id, caption}]), in image
+    id order as torchvision's CocoCaptions (which CLIP_benchmark uses) lists them."""
+    with open(ann, encoding="utf-8") as f:
+        d = json.load(f)
+    try:
+        names = {im["id"]: im["file_name"] for im in d["images"]}
+        caps: dict = {i: [] for i in names}
+        for a in d["annotations"]:
+            caps[a["image_id"]].append(a["caption"].strip())
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{ann} is not a COCO captions file ({type(e).__name__}: {e})") from None
+    if not names:
+        raise ValueError(f"{ann} lists no images")
+    return [(os.path.join(image_dir, names[i]), caps[i]) for i in sorted(names)]
+
+
+def load_caption_set(path: str) -> CaptionSet:
+    """Resolve --retrieval DATA. Layouts (the first that matches):
+      DIR/test/nshards.txt              CLIP_benchmark webdataset (clip_benchmark_export_wds): DIR/test/0.tar ...
+      DIR/coco_test_karpathy.json       CLIP_benchmark mscoco_captions root (images in DIR/val2014/)
+      DIR/flickr30k_test_karpathy.txt   CLIP_benchmark flickr30k root (images in DIR/)
+      FILE.json / FILE.txt              one of those annotation files (images beside it, or in val2014/)
+      anything else                     shards (webdataset tars or TFRecords, as for training) whose
+                                        records hold an image and a text: one caption per line"""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        nshards = os.path.join(path, "test", "nshards.txt")
+        if os.path.isfile(nshards):
+            with open(nshards) as f:
+                n = int(f.read().strip() or 0)
+            if n < 1:
+                raise ValueError(f"{nshards} names no shards")
+            spec = os.path.join(path, "test", f"{{0..{n - 1}}}.tar" if n > 1 else "0.tar")
+            return CaptionSet("clip_benchmark-wds", source=data.resolve(spec))
+        for name in ("coco_test_karpathy.json", "flickr30k_test_karpathy.txt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_caption_set(os.path.join(path, name))
+    elif os.path.isfile(path) and path.endswith(".json"):
+        d = os.path.dirname(path)
+        return CaptionSet("coco", _coco_items(path, os.path.join(d, "val2014") if
+                                              os.path.isdir(os.path.join(d, "val2014")) else d))
+    elif os.path.isfile(path) and path.endswith(".txt"):
+        return CaptionSet("flickr", _flickr_items(path, os.path.dirname(path)))
+    return CaptionSet("shards", source=data.resolve(path))
+
+
+class _CaptionedDataset(torch.utils.data.IterableDataset):
+    """Batches (uint8 images [b,3,H,W] or None, captions [b lists], image ids LongTensor[b], bad) of
+    this rank's part: records split over ranks x workers (whole shards when there are enough)."""
+
+    def __init__(self, cs: CaptionSet, transform, batch_size: int, rank: int, world_size: int):
+        self.cs, self.transform, self.batch_size = cs, transform, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def _records(self, g: int, n: int):
+        """(id, image bytes or None, captions or None) of reader g of n; None bytes = bad record."""
+        if self.cs.items is not None:
+            for i in range(g, len(self.cs.items), n):
+                path, caps = self.cs.items[i]
+                try:
+                    with open(path, "rb") as f:
+                        yield i, f.read(), caps
+                except OSError:
+                    yield i, None, None
+            return
+        shards = self.cs.source.shards
+        by_shard = len(shards) >= n
+        for s in (range(g, len(shards), n) if by_shard else range(len(shards))):
+            for r, raw in enumerate(data.read_shard(shards[s], self.cs.source)):
+                if by_shard or r % n == g:
+                    caps = [c.strip() for c in raw.text.splitlines() if c.strip()] if raw.reason is None else None
+                    yield (s << 32) | r, raw.image if caps else None, caps
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        xs, caps, ids, bad = [], [], [], 0
+        for i, image, c in self._records(self.rank * nw + wid, self.world_size * nw):
+            try:
+                if image is None:
+                    raise ValueError("bad record")
+                xs.append(self.transform(image))
+            except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted
+                bad += 1
+                continue
+            caps.append(list(c))
+            ids.append(i)
+            if len(xs) == self.batch_size:
+                yield torch.stack(xs), caps, torch.tensor(ids), bad
+                xs, caps, ids, bad = [], [], [], 0
+        if xs or bad:
+            yield (torch.stack(xs) if xs else None), caps, torch.tensor(ids, dtype=torch.long), bad
+
+
+@torch.no_grad()
+def _encode_texts(clip, tokens, runtime, precision, bs):
+    """Normalised text features [n, E] on the host, in fixed-size batches (one graph)."""
+    n = tokens.shape[0]
+    out = []
+    for start in range(0, n, bs):
+        chunk = tokens[start:start + bs]
+        if chunk.shape[0] < bs:
+            chunk = torch.cat([chunk, chunk[:1].expand(bs - chunk.shape[0], -1)])
+        with runtime.autocast(precision):
+            emb = clip.encode_text(chunk.to(runtime.device), normalize=True)
+        out.append(F.normalize(emb.float(), dim=-1))
+        runtime.step_boundary()
+    return torch.cat(out).cpu()[:n] if out else torch.zeros(0, clip.cfg.embed_dim)
+
+
+def recall_at_k(image_feats, text_feats, text_image, ks=RECALL_K, chunk: int = 1024) -> dict:
+    """CLIP-paper retrieval recall from normalised features (host tensors). image->text R@k: the
+    share of images with at least one of their captions among the k captions most similar to them;
+    text->image R@k: the share of captions whose image is among the k most similar images.
+    text_image[j] = index of caption j's image."""
+    n, t = image_feats.shape[0], text_feats.shape[0]
+    kmax = max(ks)
+    hit_i2t = {k: torch.zeros(n, dtype=torch.bool) for k in ks}
+    for s in range(0, n, chunk):
+        top = (image_feats[s:s + chunk] @ text_feats.T).topk(min(kmax, t), dim=1).indices   # [c, k]
+        own = text_image[top] == torch.arange(s, min(s + chunk, n))[:, None]
+        for k in ks:
+            hit_i2t[k][s:s + chunk] = own[:, :k].any(dim=1)
+    hit_t2i = {k: torch.zeros(t, dtype=torch.bool) for k in ks}
+    for s in range(0, t, chunk):
+        top = (text_feats[s:s + chunk] @ image_feats.T).topk(min(kmax, n), dim=1).indices
+        own = top == text_image[s:s + chunk, None]
+        for k in ks:
+            hit_t2i[k][s:s + chunk] = own[:, :k].any(dim=1)
+    out = {f"image_to_text_R@{k}": hit_i2t[k].double().mean().item() for k in ks}
+    out.update({f"text_to_image_R@{k}": hit_t2i[k].double().mean().item() for k in ks})
+    return out
+
+
+def evaluate_retrieval(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precision: str = "auto",
+                       batch_size: int = 64, num_workers: int = 2, preprocess: Preprocess | None = None,
+                       tokenizer=None, text_batch_size: int = 256, progress: bool = False,
+                       limit: int | None = None) -> dict:
+    """Image<->text retrieval recall@1/5/10 of `model` (on runtime.device) on a captioned set
+    (load_caption_set's layouts). Same runtime, precision, preprocessing and static batch shapes as
+    evaluate(); captions are tokenized at the model's context length, truncated, never masked.
+    Several processes: each encodes its part, the features are gathered. Returns dict(
+    image_to_text_R@k, text_to_image_R@k for k in 1, 5, 10, images, texts, skipped, ...)."""
+    clip = _unwrap(model)
+    precision = runtime.precision(precision)
+    if runtime.spmd and (batch_size % runtime.num_devices or runtime.world_size > 1):
+        raise ValueError("retrieval under SPMD needs one host and a batch size that is a multiple of "
+                         f"the {runtime.num_devices} devices")
+    cs = data_path if isinstance(data_path, CaptionSet) else load_caption_set(data_path)
+    tok = tokenizer or get_tokenizer(model_cfg, reduction="truncate")
+    pre = preprocess or Preprocess.for_model(model_cfg)
+    ds = _CaptionedDataset(cs, pre.transform(), batch_size, runtime.rank, runtime.world_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    was_training = clip.training
+    clip.eval()
+    feats, ids, caps, bad = [], [], [], 0
+    t0 = time.time()
+    try:
+        runtime.step_boundary()
+        for images, c, i, b in _progress(loader, progress and runtime.is_master, "images"):
+            bad += b
+            if images is None or (limit is not None and len(caps) >= limit):
+                continue
+            valid = images.shape[0]
+            if valid < batch_size:   # static shape: zero images pad the last batch
+                images = torch.cat([images, images.new_zeros((batch_size - valid, *images.shape[1:]))])
+            (x,) = runtime.to_device(images)
+            x = data.normalize(x, pre.image_mean, pre.image_std)
+            with runtime.autocast(precision):
+                f = clip.encode_image(x, normalize=True)
+            feats.append((F.normalize(f.float(), dim=-1), valid))
+            runtime.step_boundary()
+            ids.append(i)
+            caps += c
+        image_feats = torch.cat([f.cpu()[:v] for f, v in feats]) if feats else torch.zeros(0, model_cfg.embed_dim)
+        t1 = time.time()
+        texts = [t for cs_ in caps for t in cs_]
+        text_feats = _encode_texts(clip, tok(texts), runtime, precision, min(text_batch_size, max(1, len(texts))))
+        runtime.synchronize()
+        t2 = time.time()
+    finally:
+        clip.train(was_training)
+    image_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    text_ids = torch.tensor([i for i, c in zip(image_ids.tolist(), caps) for _ in c], dtype=torch.long)
+    parts = runtime.all_gather_object((image_feats, image_ids, text_feats, text_ids, bad))
+    image_feats, image_ids, text_feats, text_ids = (torch.cat([p[j] for p in parts]) for j in range(4))
+    bad = sum(p[4] for p in parts)
+    if image_feats.shape[0] == 0:
+        raise ValueError(f"no readable captioned images in {data_path}")
+    order = image_ids.argsort()                       # a fixed image order whatever the ranks did
+    text_image = torch.searchsorted(image_ids[order], text_ids)
+    text_order = text_image.argsort(stable=True)
+    res = recall_at_k(image_feats[order], text_feats[text_order], text_image[text_order])
+    return dict(res, images=int(image_feats.shape[0]), texts=int(text_feats.shape[0]), skipped=int(bad),
+                layout=cs.layout, precision=precision, context_length=int(tok.context_length),
+                image_seconds=round(t1 - t0, 2), text_seconds=round(t2 - t1, 2),
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()})
+
+
 def _progress(it, enabled, unit, total=None):
     if not enabled:
         return it
@@ -264,27 +501,30 @@ def _progress(it, enabled, unit, total=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _default_out(ckpt: str, dataset: str) -> str:
+def _default_out(ckpt: str, dataset: str, task: str = "zeroshot") -> str:
     tag = os.path.basename(os.path.normpath(dataset)) or "data"
     ckpt = os.path.normpath(ckpt)
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
-    name = f"zeroshot_{tag}.json" if os.path.isdir(ckpt) else \
-        f"{os.path.splitext(os.path.basename(ckpt))[0]}.zeroshot_{tag}.json"
+    name = f"{task}_{tag}.json" if os.path.isdir(ckpt) else \
+        f"{os.path.splitext(os.path.basename(ckpt))[0]}.{task}_{tag}.json"
     return os.path.join(folder if os.access(folder, os.W_OK) else os.getcwd(), name)
 
 
 def _parse_args(argv=None):
     p = xla_utils.ArgumentParser(prog="eval_zeroshot.py",
-                                 description="Zero-shot classification accuracy of a CLIPA checkpoint.")
+                                 description="Zero-shot classification accuracy and image-text retrieval "
+                                 "recall of a CLIPA checkpoint.")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--ckpt", help="run dir, checkpoint dir, .safetensors or torch state dict "
                    "(ours, OpenCLIP or converted CLIPA-v2)")
     w.add_argument("--random-init", action="store_true",
                    help="no weights: time the evaluation of a randomly initialised --model")
     p.add_argument("--model", help="model name (default: read from the checkpoint's metadata)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--imagenet-val", metavar="DIR", help="ImageNet-1K val: ImageFolder val/ or TFDS dir")
     src.add_argument("--data", metavar="DIR", help="any ImageFolder (or TFDS) classification set")
+    p.add_argument("--retrieval", metavar="DATA", help="image<->text retrieval recall@1/5/10 on a captioned "
+                   "set: CLIP_benchmark's wds / mscoco_captions / flickr30k roots, or shards with captions")
     p.add_argument("--format", choices=["imagefolder", "tfds"], default=None, help="default: detect")
     p.add_argument("--classnames", metavar="FILE", help="one class name per line, class-index order "
                    "(default: ImageNet-1K for --imagenet-val, folder names for --data)")
@@ -331,52 +571,78 @@ def _inputs(args):
     if args.random_init and args.model is None:
         raise ValueError("--random-init needs --model NAME")
     dataset = args.imagenet_val or args.data
-    if not os.path.exists(dataset):
+    if dataset is None and args.retrieval is None:
+        raise ValueError("give a classification set (--imagenet-val DIR or --data DIR), --retrieval DATA, or both")
+    if dataset is not None and not os.path.exists(dataset):
         raise FileNotFoundError(f"dataset not found: {dataset}")
+    captions = load_caption_set(args.retrieval) if args.retrieval else None
     if args.ckpt:
         xla_utils.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
     templates = load_templates(args.templates)
-    if args.classnames or args.imagenet_val:
+    classnames = None
+    if dataset is not None and (args.classnames or args.imagenet_val):
         classnames = load_classnames(args.classnames)
         check_eval_set(dataset, classnames, args.format)
-    else:  # --data without --classnames: the folder (synset) names
+    elif dataset is not None:  # --data without --classnames: the folder (synset) names
         classnames = [c.replace("_", " ") for c in eval_classes(dataset, args.format)]
-    if args.random_init:
-        net, name = create_model(args.model, image_size=args.force_image_size), args.model
-    else:
-        net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
+    with warnings.catch_warnings(record=True) as caught:   # non-finite weights: one line each
+        warnings.simplefilter("always", NonFiniteWeightsWarning)
+        if args.random_init:
+            net, name = create_model(args.model, image_size=args.force_image_size), args.model
+        else:
+            net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     pre = Preprocess.for_model(net.cfg, image_mean=args.image_mean, image_std=args.image_std,
                                interpolation=args.interpolation, square_resize_only=args.square_resize_only)
-    return dataset, classnames, templates, pre, net, name
+    return dataset, classnames, templates, pre, net, name, captions
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     try:
-        dataset, classnames, templates, pre, net, name = _inputs(args)
+        dataset, classnames, templates, pre, net, name, captions = _inputs(args)
         runtime = xla_utils.init_runtime(args.device)
     except (ValueError, OSError) as err:  # user input: missing / unreadable files, unknown names
         return xla_utils.usage_error(err)
+    res = {}
     try:
         cfg = net.cfg
+        net = net.to(runtime.device)
         if runtime.is_master:
-            print(f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts tokenized "
-                  f"at context length {cfg.text.context_length} (truncation, no masking); "
-                  f"{len(classnames)} classes x {len(templates)} templates", file=sys.stderr)
-        res = evaluate(net.to(runtime.device), cfg, dataset, runtime=runtime, precision=args.precision,
-                       classnames=classnames, templates=templates, batch_size=args.batch_size,
-                       num_workers=args.workers, fmt=args.format, preprocess=pre,
-                       progress=not args.no_progress, limit=args.limit)
+            what = [f"{len(classnames)} classes x {len(templates)} templates"] if dataset else []
+            what += [f"retrieval on {args.retrieval} ({captions.layout})"] if captions else []
+            print(f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts and captions "
+                  f"tokenized at context length {cfg.text.context_length} (truncation, no masking); "
+                  + "; ".join(what), file=sys.stderr)
+        common = dict(runtime=runtime, precision=args.precision, batch_size=args.batch_size,
+                      num_workers=args.workers, preprocess=pre, progress=not args.no_progress, limit=args.limit)
+        if dataset:
+            res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates, fmt=args.format,
+                           **common)
+        if captions:
+            res["retrieval"] = dict(evaluate_retrieval(net, cfg, captions, **common),
+                                    dataset=os.path.abspath(args.retrieval))
     finally:
         runtime.shutdown()
     if not runtime.is_master:
         return 0
     ckpt = os.path.abspath(args.ckpt) if args.ckpt else "random-init"
-    res = dict(model=name, checkpoint=ckpt, dataset=os.path.abspath(dataset), device=runtime.kind, **res)
-    print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-          f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
-          f"{res['num_classes']} classes, context length {res['context_length']})")
-    out = args.out or _default_out(args.ckpt or os.path.join(os.getcwd(), name), dataset)
+    res = dict(model=name, checkpoint=ckpt, **({"dataset": os.path.abspath(dataset)} if dataset else {}),
+               device=runtime.kind, nonfinite_weights=len(getattr(net, "nonfinite_weights", [])), **res)
+    if dataset:
+        print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+              f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
+              f"{res['num_classes']} classes, context length {res['context_length']}"
+              + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else "") + ")")
+    if captions:
+        r = res["retrieval"]
+        print("retrieval: image->text " + " ".join(f"R@{k} {100 * r[f'image_to_text_R@{k}']:.2f}%" for k in RECALL_K)
+              + " | text->image " + " ".join(f"R@{k} {100 * r[f'text_to_image_R@{k}']:.2f}%" for k in RECALL_K)
+              + f"  ({r['images']} images, {r['texts']} captions"
+              + (f", {r['skipped']} unreadable skipped" if r["skipped"] else "") + ")")
+    out = args.out or _default_out(args.ckpt or os.path.join(os.getcwd(), name), dataset or args.retrieval,
+                                   "zeroshot" if dataset else "retrieval")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)

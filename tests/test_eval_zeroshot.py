@@ -15,8 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import captioned
 import data
 import eval_zeroshot as Z
 import model as M
@@ -379,7 +381,7 @@ def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
     assert results[1]["n"] == 24 and 0 < results[1]["top1"] < 1 and results[1]["top5"] < 1
 
 
-def _dist_worker(rank, world, port, folder, sd, out_dir):
+def _dist_worker(rank, world, port, folder, sd, out_dir, captions=None):
     # what torchrun sets; the runtime starts the gloo process group from it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -389,28 +391,36 @@ def _dist_worker(rank, world, port, folder, sd, out_dir):
     net.load_state_dict(sd)
     res = Z.evaluate(net, net.cfg, folder, runtime=rt, classnames=CLASSNAMES, templates="short",
                      batch_size=4, num_workers=0)
+    if captions:
+        res["retrieval"] = Z.evaluate_retrieval(net, net.cfg, captions, runtime=rt, batch_size=4, num_workers=0)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     rt.shutdown()
 
 
-def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, tmp_path, cpu):
-    """Two gloo processes (each evaluates its half) report what one process reports for all."""
+def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, captioned_sets, tmp_path, cpu):
+    """Two gloo processes (each evaluates its half) report what one process reports for all; the
+    same for retrieval (each encodes its part, the features are gathered)."""
     import socket
     torch.manual_seed(3)
     net = M.create_model("ViT-Test-8-CL16")
     sd = _perturb(net, 3).state_dict()
     single = Z.evaluate(net, net.cfg, folder, runtime=cpu, classnames=CLASSNAMES, templates="short",
                         batch_size=4, num_workers=0)
+    retrieval = Z.evaluate_retrieval(net, net.cfg, captioned_sets["shards"], runtime=cpu, batch_size=4,
+                                     num_workers=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_dist_worker, args=(2, port, folder, sd, str(tmp_path)),
+    torch.multiprocessing.start_processes(_dist_worker, args=(2, port, folder, sd, str(tmp_path),
+                                                              captioned_sets["shards"]),
                                           nprocs=2, start_method="fork")
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         for k in ("top1", "top5", "n"):
             assert res[k] == single[k], (r, k)
+        for k in RECALLS + ["images", "texts", "skipped"]:
+            assert res["retrieval"][k] == pytest.approx(retrieval[k], abs=1e-12), (r, k)
         assert res["mean_per_class_recall"] == pytest.approx(single["mean_per_class_recall"], abs=1e-12)
 
 
@@ -556,7 +566,12 @@ CLI_ERRORS = {  # case -> (arguments after --ckpt V1 where given, expected messa
     "bad_std": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--image-std", "1", "0",
                  "1"], "image std must be positive"),
     # argparse's own errors used to print the 12-line usage block first
-    "no_source": (["--ckpt", "{v1}"], "one of the arguments --imagenet-val --data is required"),
+    "no_source": (["--ckpt", "{v1}"], "give a classification set (--imagenet-val DIR or --data DIR), "
+                  "--retrieval DATA, or both"),
+    "missing_retrieval": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/nodir"],
+                          "no such file"),
+    "bad_captions": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/notes.txt"],
+                     "notes.txt holds no captions"),
     "bad_precision": (["--ckpt", "{v1}", "--data", "{folder}", "--precision", "fp16"], "invalid choice: 'fp16'"),
 }
 
@@ -604,3 +619,126 @@ def test_cli_keeps_the_traceback_of_unexpected_errors(folder, tmp_path, monkeypa
     with pytest.raises(KeyError, match="visual.proj"):
         _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
                   _names_file(tmp_path), "--out", tmp_path / "r.json"])
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+RECALLS = [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+
+
+@pytest.fixture(scope="module")
+def captioned_sets(tmp_path_factory):
+    """30 coloured-shape images with 1-3 captions each, in every retrieval layout (tests/captioned.py);
+    the plain shards hold one undecodable image more."""
+    return captioned.write_layouts(str(tmp_path_factory.mktemp("ret")), captioned.make_pairs(30, seed=4))
+
+
+def _recall_by_hand(image_feats, text_feats, text_image):
+    """Rank lists in plain Python: R@k image->text = share of images with one of their captions among
+    the k best-scoring captions; text->image = share of captions whose image is among the k best."""
+    s = (image_feats @ text_feats.T).tolist()
+    n, t = len(s), len(s[0])
+    out = {}
+    for k in (1, 5, 10):
+        hits = 0
+        for i in range(n):
+            best = sorted(range(t), key=lambda j: -s[i][j])[:k]
+            hits += any(text_image[j] == i for j in best)
+        out[f"image_to_text_R@{k}"] = hits / n
+        hits = 0
+        for j in range(t):
+            best = sorted(range(n), key=lambda i: -s[i][j])[:k]
+            hits += text_image[j] in best
+        out[f"text_to_image_R@{k}"] = hits / t
+    return out
+
+
+def test_retrieval_recall_by_hand_and_the_same_in_every_layout(captioned_sets, cpu):
+    torch.manual_seed(8)
+    net = _perturb(M.create_model("ViT-Test-8-CL32-GAP-BigVision"), 8).eval()
+    pairs = captioned.make_pairs(30, seed=4)
+    pre = Z.Preprocess.for_model(net.cfg)
+    with torch.no_grad():
+        x = data.normalize(torch.stack([pre.transform()(png) for png, _, _ in pairs]), pre.image_mean, pre.image_std)
+        img = F.normalize(net.encode_image(x), dim=-1)
+        caps = [c for _, _, cs in pairs for c in cs]
+        txt = F.normalize(net.encode_text(M.get_tokenizer(net.cfg, reduction="truncate")(caps)), dim=-1)
+    text_image = [i for i, (_, _, cs) in enumerate(pairs) for _ in cs]
+    expect = _recall_by_hand(img, txt, text_image)
+    assert 0 < expect["text_to_image_R@1"] < expect["text_to_image_R@10"] < 1          # not degenerate
+    for layout in ("cb_ret", "flickr", "coco", "shards"):
+        res = Z.evaluate_retrieval(net, net.cfg, captioned_sets[layout], runtime=cpu, batch_size=7, num_workers=0)
+        for k in RECALLS:
+            assert res[k] == pytest.approx(expect[k], abs=1e-12), (layout, k)
+        assert (res["images"], res["texts"]) == (30, len(caps)), layout
+        assert res["skipped"] == (1 if layout == "shards" else 0), layout
+        assert res["context_length"] == 32 and res["precision"] == "fp32"
+    # recall_at_k itself, on features whose ranking is known
+    e = torch.eye(3)
+    r = Z.recall_at_k(e, torch.stack([e[0], e[2], e[1], e[1]]), torch.tensor([0, 1, 2, 2]))
+    assert r["image_to_text_R@1"] == pytest.approx(1 / 3) and r["text_to_image_R@1"] == pytest.approx(1 / 4)
+
+
+def test_retrieval_cli_writes_both_tasks_to_the_json(folder, captioned_sets, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
+                     _names_file(tmp_path), "--templates", "short", "--retrieval", captioned_sets["shards"],
+                     "--batch-size", "8", "--out", out]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 24 and res["skipped"] == 0 and res["nonfinite_weights"] == 0
+    r = res["retrieval"]
+    assert r["images"] == 30 and r["skipped"] == 1 and r["layout"] == "shards"
+    assert r["dataset"] == os.path.abspath(captioned_sets["shards"]) and set(RECALLS) <= set(r)
+    printed = capsys.readouterr().out
+    assert "top-1 " in printed and "retrieval: image->text R@1 " in printed and "1 unreadable skipped" in printed
+    # retrieval alone, default output name next to the checkpoint
+    ckpt = tmp_path / "w.safetensors"
+    net = M.create_model("ViT-Test-8-CL16")
+    from safetensors.torch import save_file
+    save_file(net.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    assert _run_cli(["--ckpt", ckpt, "--retrieval", captioned_sets["flickr"]]) == 0
+    res = json.loads((tmp_path / "w.retrieval_flickr30k.json").read_text())
+    assert "top1" not in res and res["retrieval"]["layout"] == "flickr" and res["retrieval"]["texts"] > 30
+
+
+def test_nonfinite_weights_are_one_warning_line_and_in_the_json(folder, tmp_path, capsys):
+    net = M.create_model("ViT-Test-8-CL16")
+    sd = net.state_dict()
+    sd["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    from safetensors.torch import save_file
+    save_file(sd, str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    assert _run_cli(["--ckpt", ckpt, "--data", folder, "--classnames", _names_file(tmp_path), "--templates",
+                     "short", "--out", tmp_path / "r.json"]) == 0
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warn) == 1 and "non-finite weights (NaN/Inf) in 1 tensors: visual.conv1.weight" in warn[0]
+    assert json.loads((tmp_path / "r.json").read_text())["nonfinite_weights"] == 1
+
+
+def test_eval_json_counts_undecodable_images(tmp_path, capsys):
+    root = tmp_path / "val"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(root / c / "ok.png")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", root, "--templates", "short",
+                     "--out", tmp_path / "r.json"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["n"] == 2 and res["skipped"] == 1
+    assert "1 unreadable images skipped" in capsys.readouterr().out
+
+
+def test_retrieval_on_xla_matches_cpu_with_static_shapes(captioned_sets, cpu):
+    import torch_xla.debug.metrics as met
+    torch.manual_seed(9)
+    net = _perturb(M.create_model("ViT-Test-8-CL16"), 9)
+    kw = dict(batch_size=8, text_batch_size=16, num_workers=0)
+    on_cpu = Z.evaluate_retrieval(net, net.cfg, captioned_sets["cb_ret"], runtime=cpu, **kw)
+    xla_rt = xla_utils.init_runtime("xla")
+    compiles = lambda: (met.metric_data("CompileTime") or [0])[0]  # noqa: E731
+    before = compiles()
+    xla = Z.evaluate_retrieval(net.to(xla_rt.device), net.cfg, captioned_sets["cb_ret"], runtime=xla_rt, **kw)
+    assert compiles() - before <= 3        # 4 image batches (last padded), text chunks (last padded)
+    for k in RECALLS:
+        assert xla[k] == on_cpu[k], k
