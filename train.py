@@ -285,6 +285,8 @@ class RunConfig:
     eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     accum_steps: int = opt(1, "gradient accumulation: the exact full-batch gradient in K chunks", min=1)
+    shard: str = opt("none", "none: replicate parameters and optimizer states; fsdp: shard them (FSDP2 / XLA "
+                     "SPMD)", choices=xla_utils.SHARDING)
     compile: bool = opt(False, "torch.compile the step (CUDA / CPU; XLA compiles anyway): once per stage")
     max_steps: int | None = opt(None, "stop (resumably) after this global step", min=0)
     nonfinite: str = opt("stop", "on a non-finite loss: stop (the last good checkpoint stays) or skip "
@@ -428,10 +430,7 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
     xla_utils.write_checkpoint: atomic, `latest` always complete, pruned to --keep). Collective:
     every rank calls it (each rank's loader and RNG state are gathered). Returns the path, or None
     when the write failed (disk full...): the previous checkpoint stays, the caller decides."""
-    raw = unwrap(model)
-    # the master copies the weights to the host anyway: it checks them there (no extra XLA graph)
-    weights = {k: v.detach().cpu().contiguous().clone() for k, v in raw.state_dict().items()} \
-        if rt.is_master else {}
+    weights, optimizer_state = rt.full_state(model, optimizer)   # gathered from the shards under FSDP
     if rt.agree(not all(torch.isfinite(v).all() for v in weights.values())):
         raise RunStopped(f"the weights are not finite at step {state['step']}: not saving them; "
                          f"the newest good checkpoint stays in {checkpoint_root(run.out)}")
@@ -439,14 +438,14 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
     path = None
     try:
         if rt.is_master:
-            train_state = dict(state, optimizer=xla_utils.to_cpu(optimizer.state_dict()),
+            train_state = dict(state, optimizer=optimizer_state,
                                rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank],
                                world_size=rt.world_size)
             meta = {k: v for k, v in state.items() if k != "config"}
             meta.update(model=stage.model, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
             path = xla_utils.write_checkpoint(
                 checkpoint_root(run.out), f"step_{state['step']:08d}", weights,
-                model_lib.weights_metadata(stage.model, raw.cfg), train_state, meta,
+                model_lib.weights_metadata(stage.model, unwrap(model).cfg), train_state, meta,
                 keep=run.keep, protected=state["stage_ends"])
     except OSError as e:
         print(f"warning: checkpoint of step {state['step']} not written ({e}); the previous one "
@@ -485,6 +484,8 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
                          f"(stages: {', '.join(s.name for s in preset)})")
     changed = [f"{k} {saved['run'].get(k)} -> {getattr(run, k)}" for k in EXACT_RUN_FIELDS
                if saved["run"].get(k) != getattr(run, k)]
+    if saved["run"].get("shard", "none") != run.shard:   # the optimizer state's layout differs
+        raise ValueError(f"{path} was saved with --shard {saved['run'].get('shard', 'none')}: resume with it")
     now, then = dict(stages), {s["name"]: s for s in saved["stages"]}.get(name, {})
     if idx in now:
         changed += [f"{name}.{k} {then[k]} -> {v}" for k, v in dataclasses.asdict(now[idx]).items()
@@ -630,21 +631,20 @@ def build_stage(rt, run: RunConfig, si: int, stage: Stage, *, init: str | None,
     rt.seed(run.seed + 1000 * si + rt.rank)
     model = model_lib.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
     model.set_grad_checkpointing(run.grad_checkpointing)
-    model.to(rt.device).train()
+    wmodel = rt.wrap_model(model.to(rt.device).train(), run.shard, rt.precision(run.precision))  # before AdamW
     optimizer = build_optimizer(model, stage, rt)
     tok = model_lib.get_tokenizer(stage.model, context_length=stage.context_length,
                                   reduction=stage.text_reduction)
-    # every rank's loader state is saved: data.py takes this rank's, or resumes at shard
-    # granularity when the world size changed
+    # every rank's loader state is saved (another world size resumes at shard granularity)
     loader = data.make_train_loader(
         stage.train_data, tok, stage.image_size, stage.batch_size // rt.world_size, fmt=stage.train_format,
         num_workers=run.workers, seed=run.seed + si, rank=rt.rank, world_size=rt.world_size,
         scale=(stage.scale_min, 1.0), color_jitter=stage.color_jitter, pin_memory=rt.pin_memory,
         state=state["data"] if state else None)
-    sr = StageRun(si, stage, model, rt.wrap_model(model), optimizer, loader, iter(loader),
+    sr = StageRun(si, stage, model, wmodel, optimizer, loader, iter(loader),
                   StepFns.compiled(rt) if run.compile else StepFns())
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        rt.load_optimizer_state(wmodel, optimizer, state["optimizer"])
         rt.set_rng_state(state["rng"][rt.rank] if len(state["rng"]) == rt.world_size else state["rng"][0])
         sr.stage_step, sr.samples = state["stage_step"], state["samples"]
     return sr

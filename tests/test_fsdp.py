@@ -1,0 +1,203 @@
+"""--shard fsdp on CUDA/CPU: FSDP2 (torch.distributed.fsdp.fully_shard) with 2 gloo processes
+trains exactly what DDP and one process train (losses, updated weights), with gradient
+checkpointing, image masking and exact accumulation; checkpoints hold full tensors (portable) and a
+kill-and-resume of train.py under FSDP continues bit for bit."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model
+import xla_utils
+from runs import PY, REPO, env, losses, tiny_demo_args, train
+
+# every variant in one launch (process start-up dominates on 2 cores): (name, shard, grad
+# checkpointing, masking, accumulation steps)
+VARIANTS = [("ddp", "none", False, False, 1), ("fsdp", "fsdp", False, False, 1),
+            ("ddp_ckpt_mask", "none", True, True, 1), ("fsdp_ckpt_mask", "fsdp", True, True, 1),
+            ("fsdp_accum2", "fsdp", True, False, 2)]
+
+SCRIPT = r'''
+import sys, torch
+from torch.distributed.fsdp import FSDPModule
+import model, train, xla_utils
+args = [a for a in sys.argv[1:] if a not in ("--device", "cpu")]      # launch adds --device cpu
+out, names = args[0], args[1].split(",")
+rt = xla_utils.init_runtime("cpu")
+variants = [v for v in VARIANTS if v[0] in names]
+stage = train.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
+                    train_num_samples=8 * 100)
+g = torch.Generator().manual_seed(123)
+images = torch.randint(0, 256, (3, 8, 3, 32, 32), dtype=torch.uint8, generator=g)
+tokens = torch.randint(1, 49000, (3, 8, 16), generator=g)
+per = 8 // rt.world_size
+mine = slice(rt.rank * per, (rt.rank + 1) * per)       # this rank's rows of each global batch
+res = {}
+for name, shard, ckpt, mask, accum in variants:
+    torch.manual_seed(0)                               # identical init on every rank
+    m = model.create_model("ViT-Test-8-CL16", **(dict(mask="random", mask_ratio=0.25) if mask else {}))
+    m.set_grad_checkpointing(ckpt)
+    m.train()
+    wm = rt.wrap_model(m, shard)
+    opt = train.build_optimizer(m, stage, rt)
+    torch.manual_seed(7 + rt.rank)                     # the masks' draws: the same under DDP and FSDP
+    ls = []
+    for i in range(3):
+        loss = train.train_step(rt, wm, opt, images[i][mine], tokens[i][mine], train.lr_at(i, stage),
+                                accum_steps=accum)
+        ls.append(float(rt.all_reduce_mean(loss.detach().clone())))
+    weights, ostate = rt.full_state(wm, opt)
+    sharded = [n for n, p in m.named_parameters() if hasattr(p, "to_local") and p.to_local().numel() < p.numel()]
+    res[name] = {"losses": ls, "weights": weights, "fsdp": isinstance(wm, FSDPModule), "sharded": sharded,
+                 "exp_avg": {k: v["exp_avg"] for k, v in ostate.get("state", {}).items()}}
+if rt.is_master:
+    torch.save(res, out)
+'''
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    script = tmp / "fsdp_step.py"
+    script.write_text(f"VARIANTS = {VARIANTS!r}\n" + SCRIPT)
+    two, one = tmp / "two.pt", tmp / "one.pt"
+    p = subprocess.run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(script),
+                        str(two), ",".join(v[0] for v in VARIANTS)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    p = subprocess.run([PY, str(script), str(one), "ddp,ddp_ckpt_mask"], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return torch.load(two, weights_only=True), torch.load(one, weights_only=True)
+
+
+def _no_key_bias(name, t):
+    """Attention's key bias has an exactly-zero true gradient; its float noise differs between
+    reduction orders and Adam scales it up to +-lr, so it stays out of weight comparisons."""
+    if name.endswith("attn.in_proj_bias"):
+        w = t.shape[0] // 3
+        return torch.cat([t[:w], t[2 * w:]])
+    return t
+
+
+def _same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(_no_key_bias(k, a[k]), _no_key_bias(k, b[k]), atol=atol, rtol=0), k
+
+
+@pytest.mark.slow
+def test_fsdp_really_shards(results):
+    """Under FSDP every parameter but the scalar logit_scale (FSDP2 refuses scalars: replicated,
+    its gradient averaged) is a DTensor of which each rank holds a part; the gathered weights
+    have the model's full shapes."""
+    two, _ = results
+    assert two["fsdp"]["fsdp"] and not two["ddp"]["fsdp"]
+    full = model.create_model("ViT-Test-8-CL16").state_dict()
+    assert set(two["fsdp"]["sharded"]) == set(full) - {"logit_scale"}
+    assert {k: v.shape for k, v in two["fsdp"]["weights"].items()} == {k: v.shape for k, v in full.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plain,fsdp", [("ddp", "fsdp"), ("ddp_ckpt_mask", "fsdp_ckpt_mask")])
+def test_fsdp_equals_ddp(results, plain, fsdp):
+    """Same seeds, same batches: FSDP's losses and updated weights are DDP's within 1e-5 (with
+    checkpointing and 25% random image masking too: the masks are drawn the same)."""
+    two, _ = results
+    assert two[fsdp]["losses"] == pytest.approx(two[plain]["losses"], abs=1e-5)
+    assert two[fsdp]["losses"][-1] != two[fsdp]["losses"][0]
+    _same_weights(two[fsdp]["weights"], two[plain]["weights"])
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process(results):
+    """2 FSDP ranks, each half of the global batch (gather-with-grad loss), and 2 FSDP ranks in
+    2 exact-accumulation chunks, train what 1 process trains on the whole batch."""
+    two, one = results
+    assert two["fsdp"]["losses"] == pytest.approx(one["ddp"]["losses"], abs=1e-5)
+    _same_weights(two["fsdp"]["weights"], one["ddp"]["weights"])
+    assert two["fsdp_accum2"]["losses"] == pytest.approx(one["ddp"]["losses"], abs=1e-5)
+    _same_weights(two["fsdp_accum2"]["weights"], one["ddp"]["weights"])
+
+
+@pytest.mark.slow
+def test_fsdp_optimizer_state_is_full_and_named(results):
+    """The saved optimizer state (get_optimizer_state_dict, full_state_dict) holds full-size AdamW
+    moments keyed by parameter name: the same numbers DDP's optimizer holds."""
+    two, _ = results
+    st = two["fsdp"]["exp_avg"]
+    assert set(st) == set(two["fsdp"]["weights"])
+    for k, v in st.items():
+        assert v.shape == two["fsdp"]["weights"][k].shape, k
+
+
+def _launch(out, *extra, port):
+    return [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", str(port), "train.py",
+            *tiny_demo_args_fsdp(out, *extra)]
+
+
+def _descendants(pid):
+    """Process ids below `pid` (from /proc), children first."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    kids = [p for p, pp in parent.items() if pp == pid]
+    return [q for k in kids for q in _descendants(k)] + kids
+
+
+def _ckpt(out):
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        return os.path.join(out, "checkpoints", f.read().strip())
+
+
+@pytest.mark.slow
+def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
+    """train.py --shard fsdp on 2 gloo processes, both demo stages (the second with 30% masking):
+    SIGKILLed after step 5 (checkpoint of step 3) and resumed, it ends with the uninterrupted FSDP
+    run's losses, weights and AdamW moments bit for bit; its weights file holds full tensors that
+    model.create_model loads."""
+    global tiny_demo_args_fsdp
+    tiny_demo_args_fsdp = lambda out, *extra: tiny_demo_args(demo_small, out, "--shard", "fsdp", *extra)  # noqa: E731
+    full = tmp_path / "full"
+    p = subprocess.run(_launch(full, port=29661), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_launch(out, port=29662), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoints" / "step_00000003").exists():
+        time.sleep(0.05)
+    # wait for step 5's record, then kill the launcher and both ranks
+    while time.time() < deadline and proc.poll() is None and 5 not in (losses(out)[0] if (out / "metrics.jsonl").exists() else {}):
+        time.sleep(0.05)
+    for pid in _descendants(proc.pid) + [proc.pid]:     # the ranks run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert os.path.basename(_ckpt(out)) == "step_00000003"
+    p = subprocess.run(_launch(out, "--resume", "latest", port=29663), cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    want, got = losses(full)[0], losses(out)[0]
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]
+    a, b = _ckpt(out), _ckpt(full)
+    assert os.path.basename(a) == os.path.basename(b) == "step_00000012"
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb)
+    sa = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)
+    assert sa["world_size"] == 2 and set(sb["optimizer"]["state"]) == set(wb)   # keyed by name, full
+    assert all(torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
+               for k in sb["optimizer"]["state"])
+    m = model.create_model("ViT-Tiny-8-CL32-GAP", image_size=64, pos_embed="learnable", pretrained=b)
+    assert torch.equal(m.state_dict()["visual.proj"], wb["visual.proj"])
