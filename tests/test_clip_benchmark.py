@@ -82,6 +82,7 @@ def _clip_benchmark(monkeypatch, out_dir, model_dir, datasets, root, task="auto"
             for d in datasets}
 
 
+@pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle")   # CLIP_benchmark's own call
 @pytest.mark.parametrize("name", ["ViT-Test-8-CL16", "ViT-Test-8-CL32-GAP-BigVision"])
 def test_clip_benchmark_gives_our_numbers(name, sets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
