@@ -738,15 +738,36 @@ def usage_error(err: BaseException | str, status: int = 2) -> int:
 
 # ----------------------------------------------------------------------------- launcher
 
+RENDEZVOUS = ("static", "c10d")
+
+
+def slurm_nodes(environ=None) -> dict:
+    """Node flags from SLURM's srun environment: nnodes = SLURM_NNODES, node_rank = SLURM_NODEID,
+    master_addr = the first host of SLURM_JOB_NODELIST (a compressed list such as
+    'gpu-[003-005,007],cpu01' -> 'gpu-003'). Raises ValueError outside a SLURM job."""
+    environ = os.environ if environ is None else environ
+    missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST") if not environ.get(k)]
+    if missing:
+        raise ValueError(f"--slurm: {', '.join(missing)} not set (run it under srun, one task per node)")
+    first = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", environ["SLURM_JOB_NODELIST"])
+    host = first.group(1) + (first.group(2) or "")
+    return dict(nnodes=int(environ["SLURM_NNODES"]), node_rank=int(environ["SLURM_NODEID"]), master_addr=host)
+
+
 def launch_command(script: str, args: list[str], *, device: str = "auto", nproc: int | None = None,
                    nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                   master_port: int = 29500) -> tuple[list[str], dict]:
+                   master_port: int = 29500, rdzv_backend: str = "static") -> tuple[list[str], dict]:
     """The command (and extra environment) that starts SCRIPT on this machine.
 
     CUDA: torchrun with one process per GPU (or --nproc). CPU: torchrun with --nproc processes
     (default 1). XLA/TPU: one process per host with PJRT_DEVICE=TPU; the script uses SPMD over all
     local chips. On a TPU pod run the same launch command on every host
-    (gcloud compute tpus tpu-vm ssh NAME --worker=all --command "...")."""
+    (gcloud compute tpus tpu-vm ssh NAME --worker=all --command "...").
+
+    Several nodes (CUDA/CPU): the same command on each with --nnodes N and its --node-rank, all
+    naming node 0 as --master-addr. rdzv_backend 'static' (torchrun's default): ranks follow the
+    node ranks; 'c10d': torchrun's c10d rendezvous at master_addr:master_port (node ranks are
+    assigned as nodes join; a restarted node rejoins)."""
     kind = resolve_device(device)
     env = {}
     if kind == "xla":
@@ -756,9 +777,15 @@ def launch_command(script: str, args: list[str], *, device: str = "auto", nproc:
         return [sys.executable, script, "--device", "xla", *args], env
     if nproc is None:
         nproc = torch.cuda.device_count() if kind == "cuda" else 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
-           f"--master_port={master_port}", script, "--device", kind, *args]
+    if rdzv_backend not in RENDEZVOUS:
+        raise ValueError(f"unknown rendezvous {rdzv_backend!r}; choose {', '.join(RENDEZVOUS)}")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank {node_rank} is not in 0..{nnodes - 1} (--nnodes {nnodes})")
+    nodes = ([f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
+             if rdzv_backend == "static" else
+             ["--rdzv_backend=c10d", f"--rdzv_endpoint={master_addr}:{master_port}", "--rdzv_id=clipa"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+           *nodes, script, "--device", kind, *args]
     if kind == "cpu":
         # each process gets its share of the cores instead of all of them fighting
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -775,6 +802,10 @@ def main(argv=None) -> int:
     lp.add_argument("--node-rank", type=int, default=0)
     lp.add_argument("--master-addr", default="127.0.0.1")
     lp.add_argument("--master-port", type=int, default=29500)
+    lp.add_argument("--rdzv-backend", default="static", choices=RENDEZVOUS,
+                    help="static: ranks by --node-rank; c10d: torchrun's c10d rendezvous at the master")
+    lp.add_argument("--slurm", action="store_true",
+                    help="take --nnodes, --node-rank and --master-addr from srun's SLURM_* variables")
     lp.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     lp.add_argument("script")
     lp.add_argument("args", nargs=argparse.REMAINDER)
@@ -788,9 +819,10 @@ def main(argv=None) -> int:
             return 0
         if not os.path.exists(a.script):
             raise FileNotFoundError(f"script not found: {a.script}")
-        cmd, env = launch_command(a.script, a.args, device=a.device, nproc=a.nproc, nnodes=a.nnodes,
-                                  node_rank=a.node_rank, master_addr=a.master_addr,
-                                  master_port=a.master_port)
+        nodes = slurm_nodes() if a.slurm else dict(nnodes=a.nnodes, node_rank=a.node_rank,
+                                                   master_addr=a.master_addr)
+        cmd, env = launch_command(a.script, a.args, device=a.device, nproc=a.nproc, **nodes,
+                                  master_port=a.master_port, rdzv_backend=a.rdzv_backend)
     except (ValueError, FileNotFoundError) as e:
         return usage_error(e)
     if a.print_only:   # shell-quoted: braces and spaces survive a paste
