@@ -8,6 +8,7 @@ crop is much smaller than the source, with the crop box mapped to the reduced im
 decodes at full resolution (torchvision's pixels).
 
 CLI:  python data.py stats SPEC... [--format F] [--no-decode] [--split S]
+      python data.py reshard SRC DST --max-side N [--quality Q] [--workers W]   (shards.py's pass)
 The demo dataset lives in launch/demo_data.py, the loader benchmark in launch/bench_data.py.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
 
+import shards
 import xla_utils
 from shards import FORMATS, Raw, Source, find_tfds_dir, is_remote, read_shard, resolve
 
@@ -868,15 +870,26 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=FORMATS, default=None)
     p.add_argument("--no-decode", action="store_true", help="do not decode images")
     p.add_argument("--split", default="train", help="TFDS split (e.g. validation)")
+    p = sub.add_parser("reshard", help="copy shards with each image re-encoded to a bounded side")
+    p.add_argument("src", help="shards (webdataset tar or TFRecord): brace pattern, glob, directory")
+    p.add_argument("dst", help="local output directory: the same shard names, the same format")
+    p.add_argument("--max-side", type=int, required=True, help="longest image side, e.g. 2x the pre-train px")
+    p.add_argument("--quality", type=int, default=shards.RESHARD_QUALITY, help="JPEG / WebP quality")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes")
+    p.add_argument("--format", choices=FORMATS, default=None)
     args = ap.parse_args(argv)
     xla_utils.TF_AFTER_XLA = False      # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
     try:    # a spec that does not resolve is the user's error; anything later is a bug or bad data
-        src = resolve(args.spec[0] if len(args.spec) == 1 else args.spec, args.format, args.split)
+        spec = args.src if args.cmd == "reshard" else args.spec[0] if len(args.spec) == 1 else args.spec
+        src = resolve(spec, args.format, getattr(args, "split", "train"))
+        plan = args.cmd == "reshard" and shards.reshard_plan(src, args.dst, args.max_side, args.quality,
+                                                             args.workers, MAX_IMAGE_PIXELS)
     except (ValueError, OSError) as e:
         return xla_utils.usage_error(e)
-    print(json.dumps(dataset_stats(src, decode=not args.no_decode)))
-    return 0
+    out = shards.reshard(plan) if plan else dataset_stats(src, decode=not args.no_decode)
+    print(json.dumps(out))
+    return 1 if plan and out["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Where CLIPA's records come from: shard specs, format detection and record readers.
+"""Where CLIPA's records come from: shard specs, format detection and record readers, and the
+one-time reshard pass that rewrites shards with their images bounded (`python data.py reshard`).
 
 Sources (CLIPA_SPEC section 5):
   wds       webdataset tar shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), read by a
@@ -14,13 +15,23 @@ in the bytes left in the file, so a hostile length field costs nothing (see read
 from __future__ import annotations
 
 import glob as globlib
+import io
+import itertools
+import json
 import logging
+import multiprocessing
 import os
 import re
 import stat
 import struct
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
+
+from PIL import Image
 
 import xla_utils
 
@@ -271,8 +282,9 @@ class _Unreadable(Exception):
     """The rest of the shard cannot be read; args[0]: the reason, args[1]: the member name."""
 
 
-def _tar_members(f) -> Iterator[tuple[str, bytes | None]]:
-    """(name, data) of each regular file in a tar stream; stops at the end-of-archive marker.
+def _tar_members(f) -> Iterator[tuple[str, bytes | None, int, int]]:
+    """(name, data, header offset, end offset) of each regular file in a tar stream (the offsets of
+    its own 512-byte header and of the byte after its padding); stops at the end-of-archive marker.
     data is None for a member over MAX_RECORD_BYTES that fits in the file (skipped unread).
     Raises _Truncated(name of the member cut short, or None between members) when the file ends
     early, _Unreadable("oversized_member", name) for a member size that is over the cap and more
@@ -281,6 +293,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None]]:
     long_name, first = None, True
     end, pos = _file_size(f), 0
     while True:
+        at = pos
         hdr = f.read(512)
         pos += len(hdr)
         if not hdr and first:   # a 0-byte shard (img2dataset: all downloads failed): no samples
@@ -322,7 +335,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None]]:
             pos += size + (-size) % 512
             long_name = None
             if is_file:
-                yield name, None
+                yield name, None, at, pos
             continue
         if left is not None and size > left:     # the file ends inside this member
             raise _Truncated(name if is_file else None)
@@ -342,7 +355,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None]]:
         long_name = None
         if not is_file:
             continue
-        yield name, data
+        yield name, data, at, pos
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -402,7 +415,7 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
     key, parts = None, {}
     with f:
         try:
-            for name, data in _tar_members(f):
+            for name, data, _, _ in _tar_members(f):
                 k, ext = _split_key(name)
                 if k != key:
                     if key is not None:
@@ -444,28 +457,83 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
         yield _make_raw(key, parts, src)
 
 
-def _scan_tfrecord(f) -> tuple[int, str | None]:
+def _scan_tfrecord(f) -> tuple[list[int], str | None]:
     """Check a TFRecord file's framing without reading record data (headers and seeks only):
-    (records framed soundly before the first bad one, None or why the file ends there). A length
-    is trusted only with its CRC, at most MAX_RECORD_BYTES and within the file: tf.data would
-    otherwise allocate what a hostile length asks for (2^62 bytes: a segfault)."""
-    end, pos, n = _file_size(f), 0, 0
+    (the end offset of each record framed soundly before the first bad one, None or why the file
+    ends there). A length is trusted only with its CRC, at most MAX_RECORD_BYTES and within the
+    file: tf.data would otherwise allocate what a hostile length asks for (2^62 bytes: a segfault)."""
+    end, pos, ends = _file_size(f), 0, []
     while True:
         head = f.read(12)
         if not head:
-            return n, None
+            return ends, None
         if len(head) < 12:
-            return n, "truncated_record"
+            return ends, "truncated_record"
         length, crc = struct.unpack("<QI", head)
         if crc != _masked_crc32c(head[:8]):
-            return n, "corrupt_record"
+            return ends, "corrupt_record"
         if length > MAX_RECORD_BYTES:
-            return n, "oversized_record"
+            return ends, "oversized_record"
         pos += 12 + length + 4
         if end is not None and pos > end:
-            return n, "truncated_record"
+            return ends, "truncated_record"
         f.seek(length + 4, 1)
-        n += 1
+        ends.append(pos)
+
+
+def _example_parts(ex) -> dict:
+    """feature name -> first value of a tf.train.Example's non-empty features."""
+    parts = {}
+    for name, feat in ex.features.feature.items():
+        kind = feat.WhichOneof("kind")
+        vals = getattr(feat, kind).value if kind else []
+        if len(vals):
+            parts[name] = vals[0]
+    return parts
+
+
+def _tfrecord_items(path: str, src: Source) -> Iterator[tuple[Raw, bytes | None, int]]:
+    """(Raw, the record's bytes, its offset in the file) per record of a TFRecord shard; when the
+    rest of the file cannot be read, a last flagged Raw with None and the offset where it starts."""
+    tf = xla_utils.import_tensorflow()
+    from google.protobuf.message import DecodeError
+    try:
+        with _open(path) as f:
+            ends, tail = _scan_tfrecord(f)
+        ds = tf.data.TFRecordDataset(path)
+        it = iter((ds.take(len(ends)) if tail else ds).as_numpy_iterator())
+    except (tf.errors.OpError, OSError) as e:
+        log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0] if str(e) else e)
+        yield Raw(path, None, None, "unreadable_shard"), None, 0
+        return
+    i = 0
+    while True:
+        at = ends[i - 1] if i else 0
+        try:
+            rec = next(it)
+        except StopIteration:
+            if tail:
+                log.warning("%s: %s after record %d, the rest of the shard skipped", path, tail, i)
+                yield Raw(f"{path}#{i}", None, None, tail), None, at
+            return
+        except tf.errors.DataLossError as e:     # bad length/crc: the rest of the file is lost
+            yield Raw(f"{path}#{i}", None, None,
+                      "truncated_record" if "truncated" in str(e).lower() else "corrupt_record"), None, at
+            return
+        except (tf.errors.OpError, OSError) as e:
+            log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0])
+            yield Raw(path, None, None, "unreadable_shard"), None, at
+            return
+        key = f"{os.path.basename(path)}#{i}"
+        i += 1
+        try:
+            parts = _example_parts(tf.train.Example.FromString(rec))
+        except DecodeError:
+            yield Raw(key, None, None, "corrupt_record"), rec, at
+            continue
+        if "key" in parts and isinstance(parts["key"], bytes):
+            key = parts["key"].decode("utf-8", "replace")
+        yield _make_raw(key, parts, src), rec, at
 
 
 def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
@@ -473,51 +541,315 @@ def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
     The framing is checked first (_scan_tfrecord): tf.data reads only the soundly framed
     records, and what ends the file early (truncated_record, corrupt_record, oversized_record)
     is one skip for the rest of the shard, like a record whose data fails its CRC."""
-    tf = xla_utils.import_tensorflow()
-    from google.protobuf.message import DecodeError
-    try:
-        with _open(path) as f:
-            sound, tail = _scan_tfrecord(f)
-        ds = tf.data.TFRecordDataset(path)
-        it = iter((ds.take(sound) if tail else ds).as_numpy_iterator())
-    except (tf.errors.OpError, OSError) as e:
-        log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0] if str(e) else e)
-        yield Raw(path, None, None, "unreadable_shard")
-        return
-    i = 0
-    while True:
-        try:
-            rec = next(it)
-        except StopIteration:
-            if tail:
-                log.warning("%s: %s after record %d, the rest of the shard skipped", path, tail, i)
-                yield Raw(f"{path}#{i}", None, None, tail)
-            return
-        except tf.errors.DataLossError as e:     # bad length/crc: the rest of the file is lost
-            yield Raw(f"{path}#{i}", None, None,
-                      "truncated_record" if "truncated" in str(e).lower() else "corrupt_record")
-            return
-        except (tf.errors.OpError, OSError) as e:
-            log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0])
-            yield Raw(path, None, None, "unreadable_shard")
-            return
-        key = f"{os.path.basename(path)}#{i}"
-        i += 1
-        try:
-            ex = tf.train.Example.FromString(rec)
-        except DecodeError:
-            yield Raw(key, None, None, "corrupt_record")
-            continue
-        parts = {}
-        for name, feat in ex.features.feature.items():
-            kind = feat.WhichOneof("kind")
-            vals = getattr(feat, kind).value if kind else []
-            if len(vals):
-                parts[name] = vals[0]
-        if "key" in parts and isinstance(parts["key"], bytes):
-            key = parts["key"].decode("utf-8", "replace")
-        yield _make_raw(key, parts, src)
+    return (raw for raw, _, _ in _tfrecord_items(path, src))
 
 
 def read_shard(path: str, src: Source) -> Iterator[Raw]:
     return read_wds(path, src) if src.fmt == "wds" else read_tfrecord(path, src)
+
+
+# ----------------------------------------------------------------------------- resharding
+# `python data.py reshard SRC DST --max-side N`: every shard rewritten in its own format under its
+# own name, each good sample's image re-encoded to a bounded side and everything else copied: a tar
+# member by member (headers, other fields, bad samples, a truncated or corrupt tail: the same
+# bytes), a TFRecord record by record (a changed record is its Example re-serialized with the new
+# image: every other feature's value is the same bytes). So the loader reads the same samples and
+# skips the same bad ones. Each shard is written atomically and verified before it is renamed into
+# place; a rerun skips the shards already there.
+
+RESHARD_QUALITY = 95        # img2dataset's default: the re-encode adds little beyond the resize
+RESHARD_SETTINGS = ".reshard.json"
+RESHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")     # re-encoded in their own format; others kept
+
+
+def bound_image(data: bytes, max_side: int, quality: int = RESHARD_QUALITY,
+                max_pixels: int | None = None) -> tuple[bytes | None, str]:
+    """(the image re-encoded with its longest side max_side, 'resized') or (None, 'within' | 'kept')
+    when the bytes stay: already within max_side, or not a JPEG/PNG/WebP that decodes (the loader
+    treats it as it did), or over max_pixels. Antialiased bicubic downscale of the whole image,
+    aspect kept, in its own format; L stays L, other modes become RGB as the loader converts them
+    (before resizing, so alpha is dropped as the loader drops it); EXIF and ICC are not kept (the
+    loader reads neither). A JPEG is decoded at a DCT scale that keeps >= 3x the target size."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        W, H = img.size
+    except Exception:  # noqa: BLE001 - any image the loader cannot open is kept as it is
+        return None, "kept"
+    if max(W, H) <= max_side:
+        return None, "within"
+    if img.format not in RESHARD_IMAGE_FORMATS or (max_pixels is not None and W * H > max_pixels):
+        return None, "kept"
+    s = max_side / max(W, H)
+    size = (max(1, round(W * s)), max(1, round(H * s)))
+    fmt, out = img.format, io.BytesIO()
+    kw = {"JPEG": dict(quality=quality, optimize=True, subsampling="4:2:0"), "PNG": {},
+          "WEBP": dict(quality=quality)}[fmt]      # baseline JPEG with libjpeg's 4:2:0 chroma
+    try:
+        if fmt == "JPEG":
+            img.draft(None, (3 * size[0], 3 * size[1]))
+        img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.BICUBIC).save(out, fmt, **kw)
+    except Exception:  # noqa: BLE001 - a corrupt image: the loader skips it as bad_image, so keep it
+        return None, "kept"
+    return out.getvalue(), "resized"
+
+
+def _copy_bytes(src_file, dst_file, n: int | None):
+    """n bytes (None: all that is left) from one open file to another, 1 MiB at a time."""
+    while n is None or n > 0:
+        chunk = src_file.read(1 << 20 if n is None else min(n, 1 << 20))
+        if not chunk:
+            if n:
+                raise OSError(f"the file ended {n} bytes early while it was being copied")
+            return
+        dst_file.write(chunk)
+        n = None if n is None else n - len(chunk)
+
+
+def _rewrite_wds(path: str, out, src: Source, fix):
+    """Tar shard `path` into the open file `out`: the same bytes, except that each good sample's
+    image member gets fix(image) (None: unchanged) as its data, with its header's size and
+    checksum. Members are copied from a second handle, in order; where reading stops (the
+    end-of-archive marker, a truncated or corrupt tail) the rest of the file is copied as it is."""
+    with _open(path) as f, _open(path) as g:
+        copied = 0              # bytes of g written to out
+
+        def flush(key, parts, members):
+            nonlocal copied
+            raw, new = _make_raw(key, parts, src), None
+            if raw.reason is None:
+                ext = next(k for k in src.image_keys if k in parts)
+                target = max(i for i, m in enumerate(members) if m[0] == ext)   # the last one is read
+                new = fix(raw.image)
+            for i, (_, hdr_at, end) in enumerate(members):
+                if new is None or i != target or hdr_at - copied > 1 << 20:
+                    _copy_bytes(g, out, end - copied)
+                    copied = end
+                    continue
+                prefix = g.read(hdr_at - copied)        # other entries, long-name / pax headers
+                hdr = bytearray(g.read(512))
+                if b" size=" in prefix or len(hdr) < 512:    # a pax size would override ours
+                    out.write(prefix + hdr)
+                    _copy_bytes(g, out, end - hdr_at - 512)
+                else:
+                    g.seek(end - hdr_at - 512, 1)
+                    hdr[124:136] = b"%011o\0" % len(new)
+                    hdr[148:156] = b" " * 8
+                    hdr[148:156] = b"%06o\0 " % sum(hdr)
+                    out.write(prefix + bytes(hdr) + new + b"\0" * (-len(new) % 512))
+                copied = end
+
+        key, parts, members = None, {}, []
+        for m in _members_or_stop(f):
+            if m is None:       # the current sample on is copied as it is: the loader loses it again
+                key = None
+                break
+            k, ext = _split_key(m[0])
+            if k != key:
+                if key is not None:
+                    flush(key, parts, members)
+                key, parts, members = k, {}, []
+            parts[ext] = m[1]
+            members.append((ext, m[2], m[3]))
+        if key is not None:
+            flush(key, parts, members)
+        _copy_bytes(g, out, None)
+
+
+def _members_or_stop(f):
+    """_tar_members, then None when reading stops early (a truncated or corrupt tail)."""
+    try:
+        yield from _tar_members(f)
+    except (_Truncated, _Unreadable, ValueError):
+        yield None
+
+
+def _rewrite_tfrecord(path: str, tmp: str, src: Source, fix):
+    """TFRecord shard `path` into file `tmp`: each good record's image feature replaced by
+    fix(image) (None: the record's bytes unchanged); a tail that cannot be read is copied as it is."""
+    tf = xla_utils.import_tensorflow()
+    tail = None
+    with tf.io.TFRecordWriter(tmp) as w:
+        for raw, rec, at in _tfrecord_items(path, src):
+            if rec is None:
+                if raw.reason == "unreadable_shard":
+                    raise OSError(f"cannot read {path}")
+                tail = at
+                break
+            new = fix(raw.image) if raw.reason is None else None
+            if new is not None:
+                ex = tf.train.Example.FromString(rec)
+                parts = _example_parts(ex)
+                ex.features.feature[next(k for k in src.image_keys if k in parts)].bytes_list.value[0] = new
+                rec = ex.SerializeToString()
+            w.write(rec)
+    if tail is not None:
+        with _open(path) as g, open(tmp, "ab") as out:
+            g.seek(tail)
+            _copy_bytes(g, out, None)
+
+
+def _image_side(data: bytes) -> int | None:
+    try:
+        return max(Image.open(io.BytesIO(data)).size)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def verify_reshard(path: str, out: str, src: Source, max_side: int) -> Counter:
+    """Read source shard `path` and its resharded copy `out` as the loader does: the same records
+    (keys, captions, skip reasons) in the same order, and each image that changed decodes with
+    its longest side <= max_side. Returns counts (samples, bad_samples, images_resized / _within
+    / _kept); raises RuntimeError at the first difference."""
+    c: Counter = Counter()
+    name = lambda k: k.replace(out, path).replace(os.path.basename(out), os.path.basename(path))  # noqa: E731
+    quiet, log.disabled = log.disabled, True      # the reader's warnings were given when copying
+    try:
+        for a, b in itertools.zip_longest(read_shard(path, src), read_shard(out, src)):
+            if a is None or b is None:
+                raise RuntimeError(f"{out}: {'more' if a is None else 'fewer'} records than {path} "
+                                   f"after {c['samples']}")
+            if (name(b.key), b.reason, b.text) != (a.key, a.reason, a.text):
+                raise RuntimeError(f"{out}: record {c['samples']} is {(b.key, b.reason, b.text)!r}, "
+                                   f"in {path} {(a.key, a.reason, a.text)!r}")
+            c["samples"] += 1
+            if a.reason is not None:
+                c["bad_samples"] += 1
+            elif b.image == a.image:
+                side = _image_side(a.image)
+                c["images_within" if side is not None and side <= max_side else "images_kept"] += 1
+            else:
+                img = Image.open(io.BytesIO(b.image))
+                img.load()
+                if max(img.size) > max_side:
+                    raise RuntimeError(f"{out}: {b.key} is {img.size[0]}x{img.size[1]}, over {max_side}")
+                c["images_resized"] += 1
+    finally:
+        log.disabled = quiet
+    return c
+
+
+def _file_bytes(path: str) -> int:
+    return xla_utils.import_tensorflow().io.gfile.stat(path).length if is_remote(path) else os.path.getsize(path)
+
+
+def _reshard_shard(job) -> dict:
+    """One shard (a process-pool task): rewrite, verify, rename into place; its counts and bytes,
+    or {"shard", "error"} when the source cannot be read or the copy cannot be written."""
+    path, dst, src, max_side, quality, max_pixels = job
+    fix = lambda image: bound_image(image, max_side, quality, max_pixels)[0]  # noqa: E731
+    counts: Counter = Counter()
+
+    def write(tmp):
+        if src.fmt == "wds":
+            with open(tmp, "wb") as out:
+                _rewrite_wds(path, out, src, fix)
+        else:
+            _rewrite_tfrecord(path, tmp, src, fix)
+        counts.update(verify_reshard(path, tmp, src, max_side))
+
+    try:
+        before = _file_bytes(path)
+        xla_utils.atomic_write(dst, write)
+    except _read_errors(path) as e:
+        return {"shard": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}"}
+    return {"shard": path, **counts, "bytes_before": before, "bytes_after": os.path.getsize(dst)}
+
+
+@dataclass
+class ReshardPlan:
+    src: Source
+    dst: str
+    max_side: int
+    quality: int
+    workers: int
+    max_pixels: int | None
+    todo: list[str]             # source shards to write
+    done: int                   # shards already in dst
+    lock: object
+
+
+def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QUALITY,
+                 workers: int = 1, max_pixels: int | None = None) -> ReshardPlan:
+    """Check a reshard before any work (ValueError / OSError: one line for the user), take DST's
+    lock (one reshard per DST), remove temporary files a killed run left, record the settings."""
+    if src.fmt == "tfds":
+        raise ValueError("reshard reads webdataset tar or TFRecord shards, not a TFDS directory")
+    if is_remote(dst):
+        raise ValueError(f"DST must be a local directory, got {dst!r} (copy the result with gsutil)")
+    if max_side < 1 or not 1 <= quality <= 100 or workers < 1:
+        raise ValueError(f"--max-side and --workers must be >= 1 and --quality in 1..100, got "
+                         f"{max_side}, {workers}, {quality}")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"DST {dst!r} is a file, not a directory")
+    names = [os.path.basename(p) for p in src.shards]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise ValueError(f"two source shards are named {twice!r}; DST keeps the shard names")
+    if any(not is_remote(p) and os.path.realpath(os.path.dirname(p)) == os.path.realpath(dst)
+           for p in src.shards):
+        raise ValueError(f"DST {dst!r} is the source directory: write the resharded shards elsewhere")
+    settings = {"format": src.fmt, "max_side": max_side, "quality": quality}
+    record = os.path.join(dst, RESHARD_SETTINGS)
+    done = [n for n in names if os.path.exists(os.path.join(dst, n))]
+    if os.path.exists(record):
+        with open(record) as f:
+            old = json.load(f)
+        if old != settings:
+            raise ValueError(f"{dst} was resharded with {json.dumps(old)}, not {json.dumps(settings)}: "
+                             f"resume with those settings or write to another DST")
+    elif done:
+        raise ValueError(f"{dst} already holds {done[0]} but no {RESHARD_SETTINGS}: not a reshard output")
+    os.makedirs(dst, exist_ok=True)
+    try:
+        lock = xla_utils.RunLock(dst).acquire()
+    except ValueError:
+        raise ValueError(f"another reshard is writing {dst}") from None
+    xla_utils.remove_temporaries(dst)
+    xla_utils.atomic_write_text(json.dumps(settings) + "\n", record)
+    return ReshardPlan(src, dst, max_side, quality, workers, max_pixels,
+                       [p for p, n in zip(src.shards, names) if n not in done], len(done), lock)
+
+
+def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
+    """Write plan.todo, plan.workers processes over shards (a tqdm bar on stderr); the summary
+    (counts and bytes of the shards written now; a failed shard is listed and stays missing, so
+    that a rerun retries it)."""
+    from tqdm import tqdm
+    t0, rows = time.time(), []
+    jobs = [(p, os.path.join(plan.dst, os.path.basename(p)), plan.src, plan.max_side, plan.quality,
+             plan.max_pixels) for p in plan.todo]
+    bar = tqdm(total=len(plan.src.shards), initial=plan.done, unit="shard", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    pool = None
+    try:
+        if plan.workers > 1 and len(jobs) > 1:
+            if plan.src.fmt == "tfrecord":
+                xla_utils.import_tensorflow()   # once, before forking (as the loader does)
+            pool = ProcessPoolExecutor(min(plan.workers, len(jobs)), mp_context=multiprocessing.get_context("fork"))
+            results = (fut.result() for fut in as_completed([pool.submit(_reshard_shard, j) for j in jobs]))
+        else:
+            results = map(_reshard_shard, jobs)
+        for r in results:
+            rows.append(r)
+            before, after = sum(x.get("bytes_before", 0) for x in rows), sum(x.get("bytes_after", 0) for x in rows)
+            bar.set_postfix_str(f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", refresh=False)
+            bar.update(1)
+            if "error" in r:
+                log.warning("%s not resharded: %s", r["shard"], r["error"])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        plan.lock.release()
+    total = Counter()
+    for r in rows:
+        total.update({k: v for k, v in r.items() if isinstance(v, int)})
+    failed = [r for r in rows if "error" in r]
+    log.info("%d shards written (%d already there, %d failed): %.1f MB -> %.1f MB", len(rows) - len(failed),
+             plan.done, len(failed), total["bytes_before"] / 1e6, total["bytes_after"] / 1e6)
+    keys = ("samples", "bad_samples", "images_resized", "images_within", "images_kept", "bytes_before", "bytes_after")
+    return {"format": plan.src.fmt, "dst": plan.dst, "max_side": plan.max_side, "quality": plan.quality,
+            "shards": len(plan.src.shards), "written": len(rows) - len(failed), "already_done": plan.done,
+            "failed": len(failed), **{k: total[k] for k in keys},
+            "size_ratio": round(total["bytes_after"] / max(total["bytes_before"], 1), 4),
+            "seconds": round(time.time() - t0, 1), "failed_shards": [f"{r['shard']}: {r['error']}" for r in failed]}
