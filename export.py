@@ -57,7 +57,8 @@ def openclip_model_cfg(cfg: model.CLIPConfig) -> dict:
                 pool_type="argmax" if t.pool == "eot" else "last", **act)
     if t.tokenizer == "wordpiece":
         text.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
-    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text}
+    bias = {"init_logit_bias": -10.0} if cfg.loss == "sigmoid" else {}   # OpenCLIP's logit_bias key
+    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text, **bias}
 
 
 def preprocess_cfg(cfg: model.CLIPConfig) -> dict:

@@ -79,6 +79,7 @@ class CLIPConfig:
     text: TextConfig
     gelu: str = "exact"         # "exact" | "tanh"
     family: str = "v1"          # "v1" (OpenCLIP layout, OpenAI mean/std) | "v2" (BigVision)
+    loss: str = "softmax"       # "softmax" (CLIP) | "sigmoid" (SigLIP: a learnable logit_bias too)
 
     # evaluation preprocessing defaults of the family (CLIPA_SPEC section 3)
     @property
@@ -215,7 +216,7 @@ def count_parameters(cfg: CLIPConfig) -> int:
               + v.width * e)
     text = (t.vocab_size * t.width + t.context_length * t.width + blocks(t.width, t.layers, t.mlp_ratio)
             + 2 * t.width + t.width * e)
-    return vision + text + 1
+    return vision + text + 1 + (cfg.loss == "sigmoid")    # logit_scale (and logit_bias)
 
 
 def _check_numbers(cfg: CLIPConfig) -> None:
@@ -256,8 +257,8 @@ def check_config(cfg: CLIPConfig) -> CLIPConfig:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {v.width}")
     if t.context_length < 1 or t.pool not in ("eot", "last"):
         raise ValueError(f"bad text config: context length {t.context_length}, pool {t.pool!r}")
-    if cfg.gelu not in ("exact", "tanh"):
-        raise ValueError(f"unknown GELU flavour {cfg.gelu!r}")
+    if cfg.gelu not in ("exact", "tanh") or cfg.loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown GELU flavour {cfg.gelu!r} or loss {cfg.loss!r}")
     if max(v.layers, t.layers) > MAX_LAYERS:      # before the count: building 10^5 blocks takes minutes
         raise ValueError(f"model config asks for {v.layers} image and {t.layers} text layers (limit "
                          f"{MAX_LAYERS}): refused")
@@ -511,7 +512,10 @@ class CLIP(nn.Module):
         self.cfg = check_config(cfg)
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.gelu)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.gelu)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # SigLIP's initialisation for the sigmoid loss: t' = log 10, b = -10
+        sigmoid = cfg.loss == "sigmoid"
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10 if sigmoid else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if sigmoid else None
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False, mask: bool | None = None):
         """images: NORMALISED float [B, 3, H, W]. mask None -> mask iff training and the config asks."""
@@ -710,8 +714,13 @@ def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tu
     if "text.positional_embedding" in sd:
         sd["text.positional_embedding"] = resize_text_pos_embed(sd["text.positional_embedding"],
                                                                 model.cfg.text.context_length)
-    if "logit_scale" in sd and sd["logit_scale"].numel() == 1:
-        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
+    for k in ("logit_scale", "logit_bias"):
+        if k in sd and sd[k].numel() == 1 and k in own:
+            sd[k] = sd[k].reshape(own[k].shape)
+    if "logit_bias" not in own:             # a sigmoid-loss checkpoint into a softmax model
+        sd.pop("logit_bias", None)
+    elif "logit_bias" not in sd:            # ... and the reverse: SigLIP's initial bias
+        sd["logit_bias"] = torch.tensor(-10.0)
     missing = [k for k in own if k not in sd]                    # in model order: most telling first
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(sd))

@@ -31,7 +31,9 @@ from safetensors import safe_open
 
 import data
 import eval_zeroshot
+import losses
 import model as model_lib
+import plan
 import tokenizer as tokenizer_lib
 import xla_utils
 
@@ -70,6 +72,7 @@ class Stage:
     train_format: str | None = opt(None, "shard format (None: detected from the bytes)",
                                    choices=(None, *data.FORMATS))
     init: str = opt("scratch", "start from scratch or the previous stage / --pretrained", choices=INITS)
+    loss: str = opt("softmax", "contrastive loss: softmax (CLIP) or sigmoid (SigLIP)", choices=losses.LOSSES)
 
     @property
     def resolved_lr(self) -> float:
@@ -80,9 +83,9 @@ class Stage:
         return self.train_num_samples // self.batch_size
 
     def model_config(self) -> model_lib.CLIPConfig:
-        return model_lib.get_model_config(self.model, image_size=self.image_size,
-                                          context_length=self.context_length, pos_embed=self.pos_embed,
-                                          mask=self.mask, mask_ratio=self.mask_ratio)
+        return replace(model_lib.get_model_config(self.model, image_size=self.image_size,
+                                                  context_length=self.context_length, pos_embed=self.pos_embed,
+                                                  mask=self.mask, mask_ratio=self.mask_ratio), loss=self.loss)
 
 
 @dataclass(frozen=True)
@@ -291,22 +294,14 @@ class RunConfig:
     max_steps: int | None = opt(None, "stop (resumably) after this global step", min=0)
     nonfinite: str = opt("stop", "on a non-finite loss: stop (the last good checkpoint stays) or skip "
                          "the step's update", choices=NONFINITE)
+    plan: bool = opt(False, "print each stage's per-device memory and a batch / accumulation / sharding plan")
+    gpu_mem: float = opt(80.0, "--plan: memory per device in GB", min=1)
+    devices: int = opt(8, "--plan: number of devices", min=1)
     force_resume: bool = opt(False, "resume although stage settings, seed, workers, accumulation or "
                              "world size differ from the checkpoint's (the continuation is not exact)")
 
 
 # ----------------------------------------------------------------------------- the step
-
-
-def clip_loss(image_features, text_features, logit_scale, rt: xla_utils.Runtime):
-    """Local loss with gather-with-grad: this rank's rows against the features of the global batch,
-    labels offset by the rank; the mean of the image->text and text->image cross-entropies."""
-    all_image, offset = rt.all_gather_with_grad(image_features)
-    all_text, _ = rt.all_gather_with_grad(text_features)
-    logits_per_image = logit_scale * image_features @ all_text.T
-    logits_per_text = logit_scale * text_features @ all_image.T
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -336,18 +331,24 @@ def unwrap(model):
 
 
 def features(model, images, tokens, rt: xla_utils.Runtime, precision: str):
-    """uint8 images [B,3,H,W] and tokens [B,T] on the device -> fp32 (image, text) features and the
-    logit scale. The unit torch.compile sees (static shapes: one graph per stage)."""
+    """uint8 images [B,3,H,W] and tokens [B,T] on the device -> fp32 (image, text) features, the
+    logit scale and (sigmoid loss) bias. The unit torch.compile sees (static shapes: one graph)."""
     raw = unwrap(model)
     x = data.normalize(images, raw.cfg.image_mean, raw.cfg.image_std)
     with rt.autocast(precision):
         img_f, txt_f, scale = model(x, tokens)
-    return img_f.float(), txt_f.float(), scale.float()
+    return img_f.float(), txt_f.float(), scale.float(), raw.logit_bias
+
+
+def loss_of(model, rt: xla_utils.Runtime):
+    """The model's contrastive loss (losses.py): softmax, or sigmoid passed around the ring of ranks."""
+    return losses.contrastive_loss(unwrap(model).cfg.loss, True, rt)
 
 
 def batch_loss(model, images, tokens, rt: xla_utils.Runtime, precision: str):
     """Forward and contrastive loss of one batch: compiled as one graph with --compile."""
-    return clip_loss(*features(model, images, tokens, rt, precision), rt)
+    img, txt, scale, bias = features(model, images, tokens, rt, precision)
+    return loss_of(model, rt)(img, txt, scale, rt, bias)
 
 
 @dataclass
@@ -404,10 +405,12 @@ def accumulate(rt, model, images, tokens, k: int, precision: str, features_fn):
         rt.set_rng_state(rng[j])
         last = j == k - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            img_j, txt_j, scale = features_fn(model, x, t, rt, precision)
+            img_j, txt_j, scale, bias = features_fn(model, x, t, rt, precision)
             img = torch.cat([img_j if i == j else c[0] for i, c in enumerate(cache)])
             txt = torch.cat([txt_j if i == j else c[1] for i, c in enumerate(cache)])
-            loss = clip_loss(img, txt, scale if last else scale.detach(), rt)
+            if not last:        # the scale's (and bias's) own gradient: once
+                scale, bias = scale.detach(), None if bias is None else bias.detach()
+            loss = loss_of(model, rt)(img, txt, scale, rt, bias)
             loss.backward()
     rt.set_rng_state(after)
     return loss
@@ -438,9 +441,8 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
     path = None
     try:
         if rt.is_master:
-            train_state = dict(state, optimizer=optimizer_state,
-                               rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank],
-                               world_size=rt.world_size)
+            train_state = dict(state, optimizer=optimizer_state, world_size=rt.world_size,
+                               rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank])
             meta = {k: v for k, v in state.items() if k != "config"}
             meta.update(model=stage.model, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
             path = xla_utils.write_checkpoint(
@@ -627,15 +629,13 @@ class StageRun:
 def build_stage(rt, run: RunConfig, si: int, stage: Stage, *, init: str | None,
                 state: dict | None, resume_path: str | None) -> StageRun:
     """Model (from scratch, from `init`, or from the resumed checkpoint), optimizer, data."""
-    # same seed for a stage whether the run got here directly or by resuming at the boundary
-    rt.seed(run.seed + 1000 * si + rt.rank)
+    rt.seed(run.seed + 1000 * si + rt.rank)      # the same whether started here or resumed at the boundary
     model = model_lib.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
     model.set_grad_checkpointing(run.grad_checkpointing)
     wmodel = rt.wrap_model(model.to(rt.device).train(), run.shard, rt.precision(run.precision))  # before AdamW
     optimizer = build_optimizer(model, stage, rt)
     tok = model_lib.get_tokenizer(stage.model, context_length=stage.context_length,
                                   reduction=stage.text_reduction)
-    # every rank's loader state is saved (another world size resumes at shard granularity)
     loader = data.make_train_loader(
         stage.train_data, tok, stage.image_size, stage.batch_size // rt.world_size, fmt=stage.train_format,
         num_workers=run.workers, seed=run.seed + si, rank=rt.rank, world_size=rt.world_size,
@@ -866,8 +866,9 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
     run keeps its traceback."""
     try:
         run, stages, a = parse_args(sys.argv[1:] if argv is None else argv, prog, finetune)
-        if a.dry_run or a.flops:
-            print(describe_stages(run, stages) if a.dry_run else flops_table(stages))
+        if a.dry_run or a.flops or run.plan:
+            print(describe_stages(run, stages) if a.dry_run else flops_table(stages) if a.flops else
+                  plan.report(stages, gpu_mem=run.gpu_mem, devices=run.devices))
             return 0
         inputs = check_inputs(run, stages)
         rt = xla_utils.init_runtime(run.device)

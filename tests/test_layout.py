@@ -13,11 +13,12 @@ ALLOWED = {
     "xla_utils": set(),
     "tokenizer": set(),
     "shards": {"xla_utils"},
+    "losses": {"xla_utils"},
     "data": {"xla_utils", "shards"},
     "model": {"xla_utils", "data", "tokenizer"},
     "eval_zeroshot": {"xla_utils", "data", "model", "tokenizer"},
     "export": {"xla_utils", "data", "model", "tokenizer"},
-    "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot"},
+    "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses"},
     "finetune": {"train"},
 }
 CORE = list(ALLOWED)

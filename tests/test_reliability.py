@@ -22,10 +22,10 @@ from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 # fail as on a full disk, FAULT=nan_loss:N makes the N-th contrastive loss NaN.
 FAULTY = r'''
 import os, signal, sys, torch
-import train
+import losses, train
 kind, n = os.environ["FAULT"].split(":")
 n, calls = int(n), {"save": 0, "loss": 0}
-real_save, real_loss = torch.save, train.clip_loss
+real_save, real_loss = torch.save, losses.clip_loss
 def save(obj, f, *a, **k):
     calls["save"] += 1
     if calls["save"] == n and kind == "kill_save":
@@ -39,7 +39,7 @@ def loss(*a, **k):
     calls["loss"] += 1
     out = real_loss(*a, **k)
     return out * float("nan") if calls["loss"] == n and kind == "nan_loss" else out
-torch.save, train.clip_loss = save, loss
+torch.save, losses.clip_loss = save, loss
 sys.exit(train.main(sys.argv[1:]))
 '''
 

@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "launch"))
 
 import data  # noqa: E402
+import losses  # noqa: E402
 import demo_data  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import model  # noqa: E402
@@ -151,7 +152,7 @@ def test_loss_matches_open_clip_and_schedule():
     img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
     scale = torch.tensor(14.3)
-    assert train.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
+    assert losses.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
 
     stage = train.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=512, base_lr=8e-6, warmup=5,
                         train_num_samples=512 * 40)
@@ -182,7 +183,7 @@ def test_weight_decay_groups():
 STEP_SCRIPT = r'''
 import argparse, json, sys, torch
 from open_clip.loss import ClipLoss
-import data, model, train, xla_utils
+import data, losses, model, train, xla_utils
 ap = argparse.ArgumentParser()
 ap.add_argument("out"); ap.add_argument("steps", type=int); ap.add_argument("--device", default="auto")
 ap.add_argument("--accum", type=int, default=1); ap.add_argument("--compile", action="store_true")
@@ -209,7 +210,7 @@ if rt.kind == "cpu":
     fi, ft, s = m(x, tokens[mine])
     fi2, ft2 = fi.detach().requires_grad_(), ft.detach().requires_grad_()
     fi3, ft3 = fi.detach().requires_grad_(), ft.detach().requires_grad_()
-    ours = train.clip_loss(fi2, ft2, s.detach(), rt)
+    ours = losses.clip_loss(fi2, ft2, s.detach(), rt)
     ref = ClipLoss(local_loss=True, gather_with_grad=True, rank=rt.rank, world_size=rt.world_size)(fi3, ft3, s.detach())
     ours.backward(); ref.backward()
     rec["vs_open_clip"] = [abs(ours.item() - ref.item()), (fi2.grad - fi3.grad).abs().max().item(),
@@ -461,7 +462,7 @@ def test_accumulation_replays_the_image_masks():
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     torch.manual_seed(7)
     feats = [train.features(m, images[i:i + 4], tokens[i:i + 4], rt, "fp32") for i in (0, 4)]
-    ref = train.clip_loss(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[1][2], rt)
+    ref = losses.clip_loss(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[1][2], rt)
     ref.backward()
     assert loss == pytest.approx(ref.item(), abs=1e-6)
     for n, p in m.named_parameters():
