@@ -18,7 +18,8 @@ ALLOWED = {
     "model": {"xla_utils", "data", "tokenizer"},
     "eval_zeroshot": {"xla_utils", "data", "model", "tokenizer"},
     "export": {"xla_utils", "data", "model", "tokenizer"},
-    "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses"},
+    "plan": {"xla_utils", "data", "tokenizer", "model"},
+    "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses", "plan"},
     "finetune": {"train"},
 }
 CORE = list(ALLOWED)
