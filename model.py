@@ -592,6 +592,22 @@ def read_metadata(path) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
+def check_weights_fit(path, cfg: CLIPConfig) -> None:
+    """Our weights file at `path` holds exactly the tensors of `cfg`, names and shapes (from the
+    safetensors header: nothing is read or allocated). Resuming needs this: no conversion, no resize."""
+    header = _safetensors_header(_weights_file(path))
+    try:
+        got = {k: tuple(v["shape"]) for k, v in (header or {}).items() if k != "__metadata__"}
+    except (TypeError, KeyError):
+        got = {}
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in CLIP(cfg).state_dict().items()}
+    bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and want[k] != got[k]]
+    if bad:
+        raise ValueError(f"{os.fspath(path)} does not hold weights of this model at these settings "
+                         f"({len(bad)} tensors differ, e.g. {bad[0]})")
+
+
 def read_weights(path) -> dict[str, torch.Tensor]:
     """The state dict of our checkpoint dir / .safetensors file / a torch state-dict file.
 

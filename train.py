@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 import data
 import eval_zeroshot
@@ -283,6 +282,8 @@ class RunConfig:
                                  "OpenCLIP file")
     eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)", min=0)
     eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")
+    eval_retrieval: str | None = opt(None, "captioned set for image-text retrieval eval (CLIP_benchmark "
+                                     "wds / flickr30k / mscoco_captions root, or caption shards)")
     eval_batch_size: int = opt(64, "zero-shot eval batch per process", min=1)
     eval_classnames: str | None = opt(None, "class names file (default: ImageNet-1K)")
     eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
@@ -496,24 +497,8 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
         raise ValueError(f"{path} was trained with other settings ({'; '.join(changed)}): resuming would "
                          f"not continue it exactly; pass --force-resume to continue anyway")
     if idx in now:
-        _check_weights_fit(path, now[idx])
+        model_lib.check_weights_fit(path, now[idx].model_config())
     return path, state
-
-
-def _check_weights_fit(path: str, stage: Stage) -> None:
-    """The checkpoint's tensors (read from the safetensors header only) are the stage's model's."""
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in model_lib.CLIP(stage.model_config()).state_dict().items()}
-    try:
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
-            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # missing, truncated or hostile file: safetensors' own error types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{path}/model.safetensors is not readable ({first})") from None
-    bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and want[k] != got[k]]
-    if bad:
-        raise ValueError(f"{path} does not hold weights of {stage.model} at the stage's settings "
-                         f"({len(bad)} tensors differ, e.g. {bad[0]})")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -556,9 +541,10 @@ class Logger(xla_utils.RunLog):
 
 @dataclass
 class EvalSet:
-    data: str
+    data: str | None                      # zero-shot classification set
     classnames: list[str]
     templates: list[str]
+    retrieval: str | None = None          # captioned set for retrieval
 
 
 @dataclass
@@ -580,12 +566,16 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
                              f"SPEC (webdataset tars, TFRecords or a TFDS dir)")
         data.resolve(s.train_data, s.train_format)
     inputs = Inputs()
+    if run.eval_data or run.eval_retrieval:
+        inputs.eval = EvalSet(run.eval_data, [], [], run.eval_retrieval)
+        if run.eval_retrieval:
+            eval_zeroshot.load_caption_set(run.eval_retrieval)       # a readable captioned set
     if run.eval_data:
         if not os.path.exists(run.eval_data):
             raise FileNotFoundError(f"--eval-data: no such directory: {run.eval_data}")
-        classnames = eval_zeroshot.load_classnames(run.eval_classnames)
-        eval_zeroshot.check_eval_set(run.eval_data, classnames)
-        inputs.eval = EvalSet(run.eval_data, classnames, eval_zeroshot.load_templates(run.eval_templates))
+        inputs.eval.classnames = eval_zeroshot.load_classnames(run.eval_classnames)
+        eval_zeroshot.check_eval_set(run.eval_data, inputs.eval.classnames)
+        inputs.eval.templates = eval_zeroshot.load_templates(run.eval_templates)
     if run.resume:
         inputs.resume_path, inputs.resume_state = load_resume_state(run.resume, run, stages)
     elif run.pretrained:   # the first stage starts from it: its weights must fit that model
@@ -788,12 +778,20 @@ def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, preci
 
 
 def run_eval(rt, log: Logger, sr: StageRun, ev: EvalSet, step: int, precision: str, run: RunConfig) -> dict:
-    """Zero-shot accuracy with the trainer's runtime (ranks, SPMD mesh) and precision."""
-    res = eval_zeroshot.evaluate(sr.model, sr.model.cfg, ev.data, runtime=rt, precision=precision,
-                                 classnames=ev.classnames, templates=ev.templates,
-                                 batch_size=run.eval_batch_size, num_workers=run.workers)
+    """Zero-shot classification and/or retrieval with the trainer's runtime (ranks, SPMD mesh) and
+    precision (every rank calls it)."""
+    kw = dict(runtime=rt, precision=precision, batch_size=run.eval_batch_size, num_workers=run.workers)
+    res = {}
+    if ev.data:
+        res = eval_zeroshot.evaluate(sr.model, sr.model.cfg, ev.data, classnames=ev.classnames,
+                                     templates=ev.templates, **kw)
+        log.info(f"step {step} zero-shot: top1 {res['top1']:.4f} top5 {res['top5']:.4f} (n={res['n']})")
+    if ev.retrieval:
+        r = eval_zeroshot.evaluate_retrieval(sr.model, sr.model.cfg, ev.retrieval, **kw)
+        res.update({f"retrieval_{k}": v for k, v in r.items()})
+        log.info(f"step {step} retrieval R@1: image->text {r['image_to_text_R@1']:.4f} text->image "
+                 f"{r['text_to_image_R@1']:.4f} ({r['images']} images, {r['texts']} captions)")
     log.record({"step": step, "stage": sr.stage.name, **{f"eval_{k}": v for k, v in res.items()}})
-    log.info(f"step {step} zero-shot: top1 {res['top1']:.4f} top5 {res['top5']:.4f} (n={res['n']})")
     return res
 
 

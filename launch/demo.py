@@ -7,12 +7,15 @@
    ImageFolder zero-shot set of 36 "<colour> <shape>" classes).
 2. The real scripts train each variant below on the same shards (train.py, which runs the preset's
    pre-train and fine-tune stages one after the other), then eval_zeroshot.py scores it.
-3. A table (variant, image/text tokens, training GFLOPs, wall time, zero-shot top-1/top-5) is printed
+3. A table (variant, image/text tokens, training GFLOPs, wall time, zero-shot top-1/top-5, image->text
+   and text->image retrieval R@1 on the held-out images' captions) is printed
    and saved as JSON, with a PNG of loss curves and accuracy against compute.
 
 Variants (the `demo` preset of train.py, changed only by command-line overrides):
 - CLIPA: pre-train at 32 px (16 patches + CLS = I17) with 8 syntax-masked text tokens (T8), then a
   short fine-tune at 64 px / 32 tokens with 30% random image masking.
+- CLIPA with the sigmoid (SigLIP) loss: the same schedule and compute, sigmoid instead of softmax
+  contrastive loss in both stages (SigLIP's initial temperature and bias, the same lr).
 - CLIPA with truncation: the same, but the 8 text tokens are the caption's first ones. Demo captions
   start with content-free lead-ins ("if you look very closely you will see ..."), so this shows why
   syntax masking matters at T8.
@@ -68,6 +71,8 @@ def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Var
 
     vs = [
         Variant("clipa_syntax", "CLIPA: I17/T8 syntax -> I65(30% mask)/T32", common),
+        Variant("clipa_sigmoid", "CLIPA, sigmoid loss: I17/T8 -> I65(30%)/T32",
+                common + ["--set", "pretrain.loss=sigmoid", "--set", "finetune.loss=sigmoid"]),
         Variant("clipa_trunc", "CLIPA: I17/T8 truncate -> I65(30% mask)/T32",
                 common + ["--set", "pretrain.text_reduction=truncate"]),
         Variant("baseline", "Baseline: I65/T32, same samples", baseline(pre_samples + ft_samples)),
@@ -218,23 +223,25 @@ def main(argv=None) -> int:
         train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
                        "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
         eval_json = os.path.join(out, "zeroshot.json")
-        run([sys.executable, "eval_zeroshot.py", "--ckpt", xla_utils.resolve_checkpoint(out), "--data", ds.val_dir,
+        run([sys.executable, "eval_zeroshot.py", "--ckpt", xla_utils.resolve_checkpoint(out), "--data", ds.val_dir, "--retrieval", ds.val_captions,
              "--classnames", names, "--templates", tmpl, "--device", "cpu", "--out", eval_json,
              "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
         with open(eval_json) as f:
             ev = json.load(f)
         r = {"key": v.key, "label": v.label, "tokens": " -> ".join(toks), "train_gflops": gflops,
              "samples": samples, "wall_s": train_s, "top1": 100 * ev["top1"], "top5": 100 * ev["top5"],
+             "i2t_r1": 100 * ev["retrieval"]["image_to_text_R@1"], "t2i_r1": 100 * ev["retrieval"]["text_to_image_R@1"],
              "argv": v.argv, "fingerprint": key, "curve": loss_curve(out)}
         with open(done, "w") as f:
             json.dump(r, f, indent=1)
         results.append(r)
 
-    head = f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} {'top-5':>6s}"
+    head = (f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} "
+            f"{'top-5':>6s} {'I->T R@1':>8s} {'T->I R@1':>8s}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} "
-                     f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f}")
+                     f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f} {r['i2t_r1']:8.1f} {r['t2i_r1']:8.1f}")
     table = "\n".join(lines)
     print("[demo] 3/3 results: zero-shot on the held-out set "
           f"({ds.n_val} images, {len(ds.classnames)} classes, chance {100 / len(ds.classnames):.1f}%)\n")

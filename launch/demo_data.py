@@ -36,7 +36,7 @@ import xla_utils  # noqa: E402
 
 log = logging.getLogger("clipa.demo_data")
 
-STAMP_VERSION = 1
+STAMP_VERSION = 2       # 2: the held-out images' captions as a retrieval shard
 
 # Classes of the zero-shot set: "<colour> <shape>" (6 x 6 = 36). Colour alone or shape alone
 # gets 1/6 of the way, so accuracy separates models that bind both words to the image.
@@ -66,6 +66,7 @@ class DemoDataset:
     train_wds: str          # brace spec of the webdataset tar shards
     train_tfrecord: str     # brace spec of the TFRecord shards (same samples)
     val_dir: str            # ImageFolder tree: val/<NN_colour_shape>/*.jpg
+    val_captions: str       # the same held-out images with their captions (retrieval): one tar
     classnames: list[str]
     templates: list[str]
     n_train: int
@@ -174,8 +175,8 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
     """Write the demo dataset (idempotent: a stamp matching the parameters and file sizes means
     the files are reused). out_dir/train/wds/NNNNN.tar (webdataset TarWriter, img2dataset layout),
     out_dir/train/tfrecord/NNNNN.tfrecord (TFRecordWriter, features jpg/txt/key/json),
-    out_dir/val/<NN_class>/ (ImageFolder, n_val/36 per class), classnames.txt, templates.txt,
-    demo_stamp.json."""
+    out_dir/val/<NN_class>/ (ImageFolder, n_val/36 per class), out_dir/val_captions/00000.tar (the
+    same images with their captions, for retrieval), classnames.txt, templates.txt, demo_stamp.json."""
     params = {"version": STAMP_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
               "image_size": image_size, "shard_size": shard_size}
     out_dir = os.path.abspath(out_dir)
@@ -184,14 +185,15 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
     last = f"{n_shards - 1:05d}"
     ds = DemoDataset(out_dir, os.path.join(out_dir, "train", "wds", f"{{00000..{last}}}.tar"),
                      os.path.join(out_dir, "train", "tfrecord", f"{{00000..{last}}}.tfrecord"),
-                     os.path.join(out_dir, "val"), names, list(TEMPLATES), n_train, n_val)
+                     os.path.join(out_dir, "val"), os.path.join(out_dir, "val_captions", "00000.tar"),
+                     names, list(TEMPLATES), n_train, n_val)
     stamp_path = os.path.join(out_dir, "demo_stamp.json")
     if _stamp_ok(stamp_path, out_dir, params):
         log.info("demo dataset in %s is up to date (stamp matches)", out_dir)
         return ds
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    for sub in ("train", "val", "classnames.txt", "templates.txt", "demo_stamp.json"):
+    for sub in ("train", "val", "val_captions", "classnames.txt", "templates.txt", "demo_stamp.json"):
         p = os.path.join(out_dir, sub)
         if os.path.isdir(p):
             shutil.rmtree(p)
@@ -207,12 +209,16 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
     else:
         drawn = [draw_sample(*j) for j in jobs]
     _write_train_shards(out_dir, drawn[:n_train], shard_size)
-    for i in range(n_val):
-        label = i % len(names)
-        d = os.path.join(out_dir, "val", f"{label:02d}_{names[label].replace(' ', '_')}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{i:06d}.jpg"), "wb") as f:
-            f.write(drawn[n_train + i][0])
+    os.makedirs(os.path.dirname(ds.val_captions))
+    with wds.TarWriter(ds.val_captions, mtime=0) as captions:
+        for i in range(n_val):
+            label = i % len(names)
+            d = os.path.join(out_dir, "val", f"{label:02d}_{names[label].replace(' ', '_')}")
+            os.makedirs(d, exist_ok=True)
+            jpg, cap, _ = drawn[n_train + i]
+            with open(os.path.join(d, f"{i:06d}.jpg"), "wb") as f:
+                f.write(jpg)
+            captions.write({"__key__": f"{i:06d}", "jpg": jpg, "txt": cap})
     with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
     with open(os.path.join(out_dir, "templates.txt"), "w") as f:

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _demo(out, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "launch", "demo.py"), "--out", str(out),
            "--n-train", "640", "--n-val", "72", "--pretrain-samples", "64", "--finetune-samples", "32",
-           "--only", "clipa_syntax,baseline_same_compute", *extra]
+           "--only", "clipa_syntax,clipa_sigmoid,baseline_same_compute", *extra]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -21,7 +21,7 @@ def test_demo_end_to_end_table_json_png_and_reuse(tmp_path):
     assert "[demo] 3/3 results" in r.stdout
     res = json.load(open(tmp_path / "results.json"))
     rows = {row["key"]: row for row in res["results"]}
-    assert set(rows) == {"clipa_syntax", "baseline_same_compute"}
+    assert set(rows) == {"clipa_syntax", "clipa_sigmoid", "baseline_same_compute"}
     clipa, base = rows["clipa_syntax"], rows["baseline_same_compute"]
     # token counts come from the resolved stages: I17/T8 pre-train, then 64 px with 30% masking
     assert clipa["tokens"] == "I17/T8 -> I45/T32" and base["tokens"] == "I65/T32"
@@ -30,11 +30,12 @@ def test_demo_end_to_end_table_json_png_and_reuse(tmp_path):
     assert base["train_gflops"] <= clipa["train_gflops"] or base["samples"] == 32
     for row in rows.values():
         assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
+        assert 0.0 <= row["i2t_r1"] <= 100.0 and 0.0 <= row["t2i_r1"] <= 100.0     # retrieval column
         assert row["curve"] and all(p["loss"] > 0 for p in row["curve"])
         assert row["label"] in res["table"]
     assert (tmp_path / "results.png").stat().st_size > 10_000
     # a second run reuses the data and the finished variants instead of training again
     r2 = _demo(tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stdout.count("reusing the finished run") == 2
+    assert r2.stdout.count("reusing the finished run") == 3
     assert "stage pretrain" not in r2.stdout

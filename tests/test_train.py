@@ -588,3 +588,16 @@ def test_compiled_step_has_no_graph_break_and_compiles_once(name, mask, ckpt):
     eager, _ = run(train.StepFns())
     if mask == "none":
         assert compiled == pytest.approx(eager, abs=1e-5)
+
+
+def test_training_time_retrieval_eval(demo_small, tmp_path):
+    """--eval-retrieval: image<->text recall at the end of the stage, in the log and metrics.jsonl."""
+    out = tmp_path / "run"
+    stdout = _train(_tiny_demo_args(demo_small, out, "--stage", "pretrain", "--set", "pretrain.train_num_samples=32",
+                                    "--eval-retrieval", demo_small.val_captions))
+    assert "retrieval R@1: image->text" in stdout and "(72 images, 72 captions)" in stdout
+    _, recs = _losses(out)
+    ev = [r for r in recs if "eval_retrieval_image_to_text_R@1" in r]
+    assert len(ev) == 1 and 0 <= ev[0]["eval_retrieval_text_to_image_R@10"] <= 1
+    assert train.main(["--cfg", "demo", "--train-data", demo_small.train_wds, "--eval-retrieval",
+                       str(tmp_path / "nothing")]) == 2
