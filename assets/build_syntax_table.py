@@ -45,16 +45,9 @@ SUFFIX_MIN_COUNT, SUFFIX_MIN_SHARE = 30, 0.75
 LETTERS = re.compile(r"[^\W\d_]+")
 PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")   # ~ CLIP's pre-tokenizer
 
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag",
-    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
-    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
-    "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+# the 80 COCO class names, one per line (shared with tests/test_tokenizer.py)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_classnames.txt")) as _f:
+    COCO_CLASSES = [line.strip() for line in _f if line.strip()]
 
 
 # Young-animal nouns, common in photo captions, that are also verbs (to kitten, to calve, to foal,
