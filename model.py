@@ -822,8 +822,8 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
     the patch embedding (all patches), the transformer blocks (kept patches + CLS), the projections.
     Norms, softmax, GELU and additions are not counted."""
     v, t = cfg.vision, cfg.text
-    size = image_size or v.image_size
-    ctx = context_length or t.context_length
+    size = v.image_size if image_size is None else image_size
+    ctx = t.context_length if context_length is None else context_length
     if size % v.patch_size or size <= 0:
         raise ValueError(f"image size {size} is not a positive multiple of the patch size {v.patch_size}")
     if not 0.0 <= mask_ratio < 1.0:

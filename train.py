@@ -560,6 +560,8 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
     one-line error now, not a crash at the end of a stage. Raises ValueError / FileNotFoundError."""
     if run.pretrained and not os.path.exists(run.pretrained):
         raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
+    if os.path.exists(run.out) and not os.path.isdir(run.out):
+        raise ValueError(f"--out {run.out} is a file, not a directory")
     for _, s in stages:
         if not s.train_data:
             raise ValueError(f"stage {s.name} of preset {run.cfg}: no training data; give --train-data "

@@ -71,6 +71,7 @@ def _cases(tmp):
         (train.main, ["--cfg", "b16_i50_t16", "--stage", "pretrain"], "no training data"),
         (train.main, ["--cfg", "demo", "--train-data", empty, "--out", os.path.join(tmp, "o")], "no .tar/.tfrecord"),
         (train.main, ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
+        (train.main, ["--cfg", "demo", "--train-data", folder, "--out", afile], "is a file, not a directory"),
         (_finetune, ["--cfg", "demo"], "--pretrained"),
         (_finetune, ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
         # eval_zeroshot.py
