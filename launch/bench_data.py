@@ -109,13 +109,22 @@ def bench(spec, image_size: int = 96, n: int = 512, batch_size: int = 64, fmt: s
     return out
 
 
+def _decodes(image: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(image)).load()
+        return True
+    except Exception:  # noqa: BLE001 - what the loader would skip as a bad image
+        return False
+
+
 def _records(spec, n: int, fmt: str | None = None) -> list[tuple[str, bytes]]:
-    """(key, image bytes) of the first n good records; a shard is read only as far as needed."""
+    """(key, image bytes) of the first n good records whose image decodes; a shard is read only
+    as far as needed."""
     src = shards.resolve(spec, fmt)
     recs = []
     for path in src.shards:
-        recs += itertools.islice(((r.key, r.image) for r in shards.read_shard(path, src) if r.reason is None),
-                                 n - len(recs))
+        good = ((r.key, r.image) for r in shards.read_shard(path, src) if r.reason is None and _decodes(r.image))
+        recs += itertools.islice(good, n - len(recs))
         if len(recs) >= n:
             break
     if not recs:
@@ -165,7 +174,7 @@ def compare(spec, other, sizes=(64, 84, 96, 112), n: int = 512, batch_size: int 
 
 
 def crop_difference(spec, other, sizes=(64, 96, 112), n: int = 512, seed: int = 0,
-                    fmt: str | None = None) -> list[dict]:
+                    fmt: str | None = None, scale_min: float = 0.4) -> list[dict]:
     """Per training size: the mean absolute pixel difference between the loader's crop of each
     original image (TrainTransform, draft decode, RNG seeded per image) and the same crop box
     scaled to the resharded image, resampled with the same filter (Pillow's antialiased bicubic,
@@ -175,7 +184,7 @@ def crop_difference(spec, other, sizes=(64, 96, 112), n: int = 512, seed: int = 
     pairs = _pairs(spec, other, n, fmt)
     out = []
     for size in sizes:
-        t = data.train_transform(size)
+        t = data.train_transform(size, scale=(scale_min, 1.0))
         diff = {"resharded": 0.0, "full_decode": 0.0}
         for i, (a, b) in enumerate(pairs):
             ours = t(a, random.Random(data.mix(seed, i))).float()
@@ -273,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=shards.FORMATS, default=None)
     p.add_argument("--sizes", default="64,96,112", help="training image sizes")
     p.add_argument("--n", type=int, default=512, help="images compared")
+    p.add_argument("--scale-min", type=float, default=0.4, help="RandomResizedCrop scale=(MIN, 1)")
     args = ap.parse_args(argv)
     xla_utils.TF_AFTER_XLA = False      # a benchmark never uses XLA: skip the torch_xla import
     if args.cmd == "synth":
@@ -289,12 +299,15 @@ def main(argv=None) -> int:
     except ValueError:
         return xla_utils.usage_error(f"--sizes must look like 64,96,112, got {args.sizes!r}")
     if args.cmd == "crops" or args.compare:
-        if min(sizes + [args.n]) < 1:
-            return xla_utils.usage_error("--sizes and --n must be >= 1")
+        if min(sizes + [args.n, getattr(args, "batch_size", 1), getattr(args, "repeats", 1)]) < 1 or \
+                not 0 < getattr(args, "scale_min", 1) <= 1:
+            return xla_utils.usage_error("--sizes, --n, --batch-size and --repeats must be >= 1, "
+                                         "--scale-min in (0, 1]")
         try:
             other = args.other if args.cmd == "crops" else args.compare
             run = crop_difference if args.cmd == "crops" else compare
-            kw = {} if args.cmd == "crops" else {"batch_size": args.batch_size, "rounds": args.repeats}
+            kw = {"scale_min": args.scale_min} if args.cmd == "crops" else \
+                {"batch_size": args.batch_size, "rounds": args.repeats}
             spec = args.spec[0] if len(args.spec) == 1 else args.spec
             _pairs(spec, other, 1, args.format)       # both specs checked before the long run
         except (ValueError, OSError) as e:

@@ -285,3 +285,17 @@ def test_bad_invocations_are_one_line(sources, tmp_path, capsys, args, msg):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_bench_compares_original_and_resharded_shards(sources, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import bench_data
+    assert _reshard(capsys, sources / "wds", tmp_path / "o", "--max-side", N, "--workers", 1)[0] == 0
+    rows = bench_data.compare(str(sources / "wds"), str(tmp_path / "o"), sizes=(32, 48), n=8, rounds=1)
+    assert [r["image_size"] for r in rows] == [32, 48] and rows[0]["images"] == 8
+    assert max(rows[0]["resharded_size"]) <= N < max(rows[0]["source_size"])
+    assert all(r["original_images_per_s_per_core"] > 0 and r["resharded_images_per_s_per_core"] > 0 for r in rows)
+    diff = bench_data.crop_difference(str(sources / "wds"), str(tmp_path / "o"), sizes=(32,), n=8)
+    assert 0 < diff[0]["mean_abs_diff_resharded"] < 8 and diff[0]["mean_abs_diff_full_decode"] < 8
+    assert bench_data.main(["crops", str(sources / "wds" / "00000.tar"), str(sources / "wds" / "00001.tar")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
