@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import fcntl
 import glob
+import io
 import json
 import os
 import random
@@ -183,9 +184,10 @@ class Runtime:
     def barrier(self):
         if self.distributed:
             dist.barrier()
-        elif self.kind == "xla" and self.world_size > 1:
-            import torch_xla.core.xla_model as xm
-            xm.rendezvous("clipa_barrier")
+        elif self.spmd and self.world_size > 1:
+            # a cross-host reduction returns once every host joined; under SPMD xm.rendezvous sees
+            # one replica (it returns this host's payload alone), so it need not wait for the others
+            self._sum_over_hosts(torch.zeros(1, dtype=torch.int32))
 
     def all_gather_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Features of the whole global batch, autograd flowing back to every rank; also returns
@@ -214,11 +216,49 @@ class Runtime:
         return value
 
     def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every process. torch.distributed: its
+        all_gather_object. Multi-host XLA (one process per host, SPMD): obj's torch.save bytes go
+        through the mesh (_gather_over_mesh), so obj holds what torch.load(weights_only=True) reads:
+        plain types and tensors (RNG and loader states). One process, or one host: [obj]."""
         if self.distributed and self.world_size > 1:
             out = [None] * self.world_size
             dist.all_gather_object(out, obj)
             return out
+        if self.spmd and self.world_size > 1:
+            return self._gather_over_mesh(obj)
         return [obj]
+
+    def _gather_over_mesh(self, obj) -> list:
+        """all_gather_object over the SPMD mesh: every host's byte count, then every host's bytes
+        (as int32 words, in its own row), each through one _sum_over_hosts."""
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+
+        def slot(x):                                      # x in this host's row, zeros in the others
+            rows = torch.zeros(self.world_size, *x.shape, dtype=torch.int32)
+            rows[self.rank] = x
+            return rows
+
+        sizes = self._sum_over_hosts(slot(torch.tensor(len(data))))
+        words = 1 << (-(-int(sizes.max()) // 4) - 1).bit_length()   # a power of two: few graphs
+        mine = np.frombuffer(data.ljust(4 * words, b"\0"), dtype=np.int32)
+        rows = self._sum_over_hosts(slot(torch.from_numpy(mine.copy())))
+        # weights_only: the bytes are data, never unpickled as code
+        return [torch.load(io.BytesIO(r.numpy().tobytes()[:n]), weights_only=True)
+                for r, n in zip(rows, sizes.tolist())]
+
+    def _sum_over_hosts(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-host SPMD: the sum over hosts of each host's int32 host tensor x, read back on
+        every host; one collective. Each host passes x on its first device and zeros on its others
+        as its rows of a batch-sharded [num_devices, *x.shape] tensor (to_device); the sum over
+        dimension 0, marked replicated, is an all-reduce whose result every host can read."""
+        import torch_xla.distributed.spmd as xs
+        local = torch.zeros(self.num_devices // self.world_size, *x.shape, dtype=torch.int32)
+        local[0] = x
+        total = self.to_device(local)[0].sum(0, dtype=torch.int32)
+        xs.mark_sharding(total, self.mesh, (None,) * total.dim())
+        return total.cpu()
 
     def agree(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any of them (see agree_each)."""
@@ -228,16 +268,16 @@ class Runtime:
         """Element-wise any() of `flags` over all processes, in one collective. Decisions that gate
         a collective (a time-based save, a stop on a signal or a non-finite loss) must go through
         here: processes that disagree would deadlock. torch.distributed: an all-reduce(max).
-        Multi-host XLA (one process per host, SPMD): each host contributes its flags as its rows of
-        a batch-sharded tensor, whose max every host reads."""
+        Multi-host XLA (one process per host, SPMD): the sum over hosts of the flags
+        (_sum_over_hosts: one reduction over the mesh, the same result on every host)."""
         values = [1.0 if f else 0.0 for f in flags]
         if self.distributed and self.world_size > 1:
             t = torch.tensor(values, device=self.device if self.kind == "cuda" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return [bool(v > 0) for v in t.tolist()]
         if self.spmd and self.world_size > 1:
-            local = torch.tensor(values).repeat(self.num_devices // self.world_size, 1)
-            return [bool(v > 0) for v in self.to_device(local)[0].amax(0).tolist()]
+            counts = self._sum_over_hosts(torch.tensor(values, dtype=torch.int32))
+            return [v > 0 for v in counts.tolist()]
         return [bool(f) for f in flags]
 
     # -- model and data placement
@@ -276,16 +316,31 @@ class Runtime:
         """(weights, optimizer state) as full host tensors on the master, ({}, {}) on the other
         ranks. Collective for an FSDP model (every rank calls it): the shards are gathered with
         torch.distributed.checkpoint's get_model_state_dict / get_optimizer_state_dict
-        (full_state_dict, cpu_offload); the optimizer state is then keyed by parameter name."""
+        (full_state_dict, cpu_offload); the optimizer state is then keyed by parameter name.
+        Collective on multi-host XLA SPMD too: --shard fsdp leaves shards on other hosts' devices,
+        unreadable here, so every host copies each tensor in turn into a replicated one (the same
+        graphs on every host; never a second full model on the devices), which the master reads."""
         if isinstance(model, FSDPModule):
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(model, options=opts),
                     get_optimizer_state_dict(model, optimizer, options=opts))
-        if not self.is_master:
+        pod = self.spmd and self.world_size > 1
+        if not (self.is_master or pod):
             return {}, {}
         model = getattr(model, "module", model)
-        return ({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
-                to_cpu(optimizer.state_dict()))
+        fetch = self._replicated_copy if pod else None
+        weights = {k: to_cpu(v, fetch).contiguous().clone() for k, v in model.state_dict().items()}
+        optimizer_state = to_cpu(optimizer.state_dict(), fetch)
+        return (weights, optimizer_state) if self.is_master else ({}, {})
+
+    def _replicated_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A replicated copy of an SPMD tensor (an all-gather when t is sharded). t * 1, not clone:
+        a clone shares t's device data, whose sharding cannot change in place; exact, signed
+        zeros included (t + 0 would turn -0.0 into 0.0)."""
+        import torch_xla.distributed.spmd as xs
+        copy = t.detach() * 1
+        xs.mark_sharding(copy, self.mesh, (None,) * copy.dim())
+        return copy
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict):
         """The inverse of full_state's optimizer state (every rank passes the full state; an FSDP
@@ -538,14 +593,15 @@ def atomic_dir(final_dir: str, fill_fn) -> str:
     return final_dir
 
 
-def to_cpu(obj):
-    """A nest of dicts / lists / tensors with every tensor on the host (for torch.save)."""
+def to_cpu(obj, fetch=None):
+    """A nest of dicts / lists / tensors with every tensor on the host (for torch.save); each
+    tensor passes through fetch(tensor) first when given."""
     if torch.is_tensor(obj):
-        return obj.detach().cpu()
+        return (fetch(obj) if fetch else obj).detach().cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v, fetch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, fetch) for v in obj)
     return obj
 
 
