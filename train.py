@@ -332,8 +332,7 @@ def unwrap(model):
 
 
 def features(model, images, tokens, rt: xla_utils.Runtime, precision: str):
-    """uint8 images [B,3,H,W] and tokens [B,T] on the device -> fp32 (image, text) features, the
-    logit scale and (sigmoid loss) bias. The unit torch.compile sees (static shapes: one graph)."""
+    """uint8 images [B,3,H,W], tokens [B,T] on the device -> fp32 features, logit scale, bias."""
     raw = unwrap(model)
     x = data.normalize(images, raw.cfg.image_mean, raw.cfg.image_std)
     with rt.autocast(precision):
@@ -354,33 +353,35 @@ def batch_loss(model, images, tokens, rt: xla_utils.Runtime, precision: str):
 
 @dataclass
 class StepFns:
-    """The step's compilable pieces: eager by default, torch.compile'd with --compile."""
+    """The step's compilable pieces: eager by default, torch.compile'd with --compile, then run in
+    rt.deterministic() (compiled scatter-adds would make resumed runs differ)."""
     loss: object = batch_loss
     features: object = features
+    context: object = contextlib.nullcontext
 
     @classmethod
     def compiled(cls, rt: xla_utils.Runtime) -> "StepFns":
-        return cls(rt.compile(batch_loss), rt.compile(features))
+        return cls(rt.compile(batch_loss), rt.compile(features), rt.deterministic)
 
 
 def train_step(rt: xla_utils.Runtime, model, optimizer, images, tokens, lr: float, *,
                precision: str = "fp32", accum_steps: int = 1, skip_nonfinite: bool = False,
                fns: StepFns = StepFns()):
-    """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]).
-    Returns the loss of the whole global batch (a device tensor). The caller marks the step boundary
-    (rt.step_boundary) after it. accum_steps K > 1: the exact full-batch gradient in K chunks
-    (memory of one chunk; see accumulate). skip_nonfinite: when any rank's loss is not finite, drop
-    the update (costs a host read of the loss before the optimizer step)."""
+    """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]);
+    returns the global batch's loss (on the device); the caller marks rt.step_boundary after it.
+    accum_steps K > 1: the exact full-batch gradient in K chunks (see accumulate). skip_nonfinite:
+    drop the update when any rank's loss is not finite (a host read before the optimizer step)."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     if images.shape[0] % accum_steps:
         raise ValueError(f"per-rank batch {images.shape[0]} is not divisible by --accum-steps {accum_steps}")
     images, tokens = rt.to_device(images, tokens)
-    if accum_steps == 1:
-        loss = fns.loss(model, images, tokens, rt, precision)
-        loss.backward()
-    else:
-        loss = accumulate(rt, model, images, tokens, accum_steps, precision, fns.features)
+    with fns.context():         # the backward too: compiled lazily, on its first call
+        if accum_steps == 1:
+            loss = fns.loss(model, images, tokens, rt, precision)
+            loss.backward()
+        else:
+            loss = accumulate(rt, model, images, tokens, accum_steps, precision, fns.features)
     if not (skip_nonfinite and rt.agree(not math.isfinite(loss.item()))):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -425,8 +426,7 @@ def checkpoint_root(out: str) -> str:
 
 
 class RunStopped(Exception):
-    """The run cannot go on (non-finite loss or weights, a checkpoint that could not be written):
-    reported in one line, exit status 1, the newest good checkpoint left in place."""
+    """The run cannot go on (non-finite loss or weights, checkpoint not written): one line, exit 1."""
 
 
 def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: Stage) -> str | None:

@@ -1,20 +1,17 @@
 """One small runtime API over CUDA (torchrun/DDP), XLA (PJRT, SPMD data parallel) and CPU.
 
 Everything that differs between CUDA, XLA and CPU lives here, so that no other module branches on
-the device: device and precision choice, autocast, the step boundary, synchronisation, optimizer
-flags, gradient checkpointing, pinned host memory, the TensorFlow-after-torch_xla import order, and
-the collectives (all-gather with gradient, all-reduce, decisions every host agrees on). Also here,
-because every script needs them and this module imports no other project module: atomic files, the
-checkpoint path resolver and the one-line-error argument parser.
+the device (precision, autocast, step boundary, optimizer flags, checkpointing, pinned memory, the
+TensorFlow-after-torch_xla import order, collectives, decisions every host agrees on), with what
+every script needs: atomic files, the checkpoint resolver, the one-line-error argument parser.
 
 Device choice (CLIPA_SPEC section 8): from what the user asked (--device auto|cuda|xla|cpu) and what
 the machine has. "torch_xla imports" is NOT a reason to use XLA: auto picks CUDA when a GPU is
 visible, XLA only when a TPU is attached (or PJRT_DEVICE=TPU), else the CPU.
 
-Multi-device XLA uses SPMD (one process per host, the global batch sharded over a 1-D 'data' mesh,
-parameters replicated): the compiler inserts the all-reduces and all-gathers. Multi-process PJRT
-collectives abort on the CPU client (CLIPA_SPEC section 9), SPMD runs there, so the path users take
-on a TPU is the path the tests exercise with 2 CPU devices.
+Multi-device XLA uses SPMD (one process per host, the global batch sharded over a 1-D 'data' mesh):
+the compiler inserts the collectives. Multi-process PJRT collectives abort on the CPU client
+(CLIPA_SPEC section 9), SPMD runs there: the TPU path is the one tested on 2 CPU devices.
 
 CLI:  python xla_utils.py launch [--nproc N] [--device ...] SCRIPT ARGS...
       python xla_utils.py info
@@ -153,10 +150,10 @@ class Runtime:
         return requested
 
     def optimizer_kwargs(self) -> dict:
-        """Flags for torch.optim.AdamW. XLA: capturable keeps the step count and bias corrections
-        on the device (no per-step host scalars that would change the graph). CUDA: the fused
-        kernel. CPU: foreach (2x the per-parameter loop)."""
-        return {"xla": dict(capturable=True), "cuda": dict(fused=True), "cpu": dict(foreach=True)}[self.kind]
+        """Flags for torch.optim.AdamW. XLA: capturable (step count and bias corrections stay on the
+        device: no per-step host scalars in the graph). CUDA and CPU: the fused kernel (CPU: 5x
+        foreach's speed on B/16, launch/bench_step.py --optimizers)."""
+        return {"xla": dict(capturable=True), "cuda": dict(fused=True), "cpu": dict(fused=True)}[self.kind]
 
     @property
     def count_dtype(self) -> torch.dtype:
@@ -314,12 +311,9 @@ class Runtime:
 
     def full_state(self, model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
         """(weights, optimizer state) as full host tensors on the master, ({}, {}) on the other
-        ranks. Collective for an FSDP model (every rank calls it): the shards are gathered with
-        torch.distributed.checkpoint's get_model_state_dict / get_optimizer_state_dict
-        (full_state_dict, cpu_offload); the optimizer state is then keyed by parameter name.
-        Collective on multi-host XLA SPMD too: --shard fsdp leaves shards on other hosts' devices,
-        unreadable here, so every host copies each tensor in turn into a replicated one (the same
-        graphs on every host; never a second full model on the devices), which the master reads."""
+        ranks. Collective (every rank calls it) for an FSDP model: torch.distributed.checkpoint's
+        full state dicts, the optimizer's keyed by parameter name; and on multi-host SPMD, where
+        shards on other hosts are unreadable: each tensor in turn is copied replicated."""
         if isinstance(model, FSDPModule):
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(model, options=opts),
@@ -334,9 +328,8 @@ class Runtime:
         return (weights, optimizer_state) if self.is_master else ({}, {})
 
     def _replicated_copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A replicated copy of an SPMD tensor (an all-gather when t is sharded). t * 1, not clone:
-        a clone shares t's device data, whose sharding cannot change in place; exact, signed
-        zeros included (t + 0 would turn -0.0 into 0.0)."""
+        """A replicated copy of an SPMD tensor (all-gathered when sharded). t * 1: a clone shares t's
+        device data, whose sharding cannot change; t + 0 would turn -0.0 into 0.0."""
         import torch_xla.distributed.spmd as xs
         copy = t.detach() * 1
         xs.mark_sharding(copy, self.mesh, (None,) * copy.dim())
@@ -392,6 +385,22 @@ class Runtime:
         import torch_xla.debug.metrics as met
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
+
+    @contextlib.contextmanager
+    def deterministic(self):
+        """Deterministic kernels inside (torch.use_deterministic_algorithms) on the CPU, where a
+        compiled step's parallel scatter-adds otherwise sum in a varying order. Not on CUDA (cuBLAS
+        would then need CUBLAS_WORKSPACE_CONFIG) nor XLA (its own compiler)."""
+        det = torch.utils.deterministic
+        before = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+        if self.kind == "cpu":
+            det.fill_uninitialized_memory = False           # no NaN-filling of every empty()
+            torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before[0])
+            det.fill_uninitialized_memory = before[1]
 
     def autocast(self, precision: str):
         """Context manager for the forward pass: bf16 autocast or nothing (fp32)."""
@@ -682,8 +691,7 @@ class RunLock:
 def resolve_checkpoint(path: str) -> str:
     """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
     holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
-    checkpoints/latest pointer file itself -> the checkpoint that pointer names. The pointer must name a directory inside checkpoints/
-    (a pointer such as ../../x is refused)."""
+    checkpoints/latest pointer file itself -> the checkpoint it names, a directory beside it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")

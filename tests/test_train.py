@@ -592,6 +592,39 @@ def test_compiled_step_has_no_graph_break_and_compiles_once(name, mask, ckpt):
         assert compiled == pytest.approx(eager, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_train_py_resumes_bit_exact(demo_small, tmp_path):
+    """--compile keeps train.py's promise: a run stopped at step 5 and resumed (a new process,
+    compiling again) repeats the uninterrupted compiled run bit for bit, through the stage change
+    into the masked fine-tune (masks drawn inside the compiled graph): the same losses and weights."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(_tiny_demo_args(demo_small, full, "--compile"))
+    _train(_tiny_demo_args(demo_small, part, "--compile", "--max-steps", "5"))
+    stdout = _train(_tiny_demo_args(demo_small, part, "--compile", "--resume", "latest"))
+    assert "resuming from" in stdout and stdout.count("compiled the step in") == 2   # once per stage
+    want, _ = _losses(full)
+    got, _ = _losses(part)
+    assert sorted(want) == list(range(1, 13)) and got == want
+    final = "checkpoints/step_00000012/model.safetensors"
+    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+@pytest.mark.slow
+def test_two_compiled_processes_match_one(step_script, cpu_baseline, tmp_path):
+    """--compile under DDP (2 gloo processes, gather-with-grad through functional collectives):
+    the same losses and first-step gradients as one eager process within 1e-5 (the weights are not
+    compared: AdamW turns the float noise of near-zero gradients into +-lr steps)."""
+    one, _ = cpu_baseline
+    out = tmp_path / "compiled2.pt"
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(step_script),
+              str(out), "4", "--compile"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    two = torch.load(out, weights_only=True)
+    assert two["rec"]["losses"] == pytest.approx(one["rec"]["losses"], abs=1e-5)
+    for k, g in one["rec"]["grads"].items():
+        assert torch.allclose(two["rec"]["grads"][k], g, atol=1e-5, rtol=0), k
+
 def test_training_time_retrieval_eval(demo_small, tmp_path):
     """--eval-retrieval: image<->text recall at the end of the stage, in the log and metrics.jsonl."""
     out = tmp_path / "run"
