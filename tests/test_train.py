@@ -617,7 +617,7 @@ def test_two_compiled_processes_match_one(step_script, cpu_baseline, tmp_path):
     compared: AdamW turns the float noise of near-zero gradients into +-lr steps)."""
     one, _ = cpu_baseline
     out = tmp_path / "compiled2.pt"
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(step_script),
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29681", str(step_script),
               str(out), "4", "--compile"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two = torch.load(out, weights_only=True)
