@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The step benchmark on one GPU, as ONE prepared command (about 7 minutes on an H100/H200): B/16 at
 # I50/T16 and L/16 at I37/T8 (per-GPU batch 1024, checkpointing for L/16) against their full-length
-# rows, eager vs torch.compile, this project vs OpenCLIP 3.3. Prints the tables, writes JSON to $OUT.
+# rows, eager vs torch.compile, this project vs OpenCLIP 3.3, and AdamW's step alone (fused vs
+# compiled). Prints the tables, writes JSON to $OUT.
 #
 #   bash launch/bench_gpu.sh                 # on the GPU machine, with the machine's own torch (>= 2.9)
 #   DEVICE=cpu bash launch/bench_gpu.sh      # the same script's CPU path (small: 4 blocks, batch 16)
@@ -23,11 +24,11 @@ fi
 export PYTHONUNBUFFERED=1
 if [ "$DEVICE" = "cpu" ]; then
   "$PYTHON" launch/bench_step.py --device cpu --model ViT-B-16-CL16 --layers 4 --settings 224/77,112/16 \
-    --batch 16 --steps 3 --rounds 5 --json "$OUT/b16_cpu.json"
+    --batch 16 --steps 2 --rounds 5 --optimizers foreach,fused,compiled --json "$OUT/b16_cpu.json"
   exit
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PYTHON" launch/bench_step.py --device cuda --model ViT-B-16-CL16 --settings 224/77,112/16 \
-  --batch 1024 --steps 5 --rounds 3 --sequential --json "$OUT/b16.json"
+  --batch 1024 --steps 5 --rounds 3 --sequential --optimizers fused,compiled --json "$OUT/b16.json"
 "$PYTHON" launch/bench_step.py --device cuda --model ViT-L-16-CL8-Syntax-GAP --settings 224/32,96/8 \
   --batch 1024 --grad-checkpointing --steps 5 --rounds 3 --sequential --json "$OUT/l16.json"

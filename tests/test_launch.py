@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "launch", "gpu", "*.sh")) +
                   glob.glob(os.path.join(ROOT, "launch", "tpu", "*.sh")))
@@ -92,7 +94,8 @@ def test_bench_step_prints_rows_for_every_setting(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_step.py"), "--device", "cpu",
                         "--model", "ViT-Test-8-CL16", "--batch", "4", "--settings", "32/16,16/8,32/16/0.5",
-                        "--mode", "eager", "--steps", "1", "--rounds", "1", "--json", str(out)],
+                        "--mode", "eager", "--steps", "1", "--rounds", "1", "--optimizers", "foreach,fused",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     res = json.load(open(out))
@@ -104,6 +107,33 @@ def test_bench_step_prints_rows_for_every_setting(tmp_path):
     assert rows[2]["flops_ratio"] > 1.0 and all(x["samples_per_s"] > 0 and 0 < x["mfu"] for x in rows)
     assert res["peak_matmul_tflops"] > 0 and len(res["summary"]) == 3
     assert "ours-best (eager) / OpenCLIP-best (eager)" in r.stdout
+    # AdamW alone, both kernels over the model's parameters; the token-reduction goal beside the rows
+    assert [o["optimizer"] for o in res["optimizers"]] == ["foreach", "fused"]
+    assert res["optimizers"][0]["params"] == sum(p.numel() for p in model.create_model("ViT-Test-8-CL16").parameters())
+    assert all(o["step_ms"] > 0 for o in res["optimizers"]) and res["optimizers"][0]["vs_first"] == 1.0
+    assert [g["goal"].split(" (")[0] for g in res["goals"]] == ["token reduction realised 16px/T8",
+                                                                "token reduction realised 32px/T16"]
+    assert "# goal token reduction realised 16px/T8" in r.stdout and "AdamW step alone" in r.stdout
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_step.py"), "--settings", "32"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
+    """launch/bench_e2e.py: the real train.py (its logged samples/s after the skipped start-up) and
+    the step alone at the stage's settings, their ratio and the goal; bad arguments are one line."""
+    out = tmp_path / "e2e.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_e2e.py"), "--train-data",
+                        demo_small.train_wds, "--batch-size", "16", "--workers", "1", "--steps", "4", "--skip", "2",
+                        "--log-every", "1", "--rounds", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    assert (res["cfg"], res["stage"], res["batch"], res["workers"]) == ("demo", "pretrain", 16, 1)
+    assert len(res["train_py"]) == len(res["step_alone"]) == 1 and min(res["train_py"] + res["step_alone"]) > 0
+    assert res["ratio"] == pytest.approx(res["train_py"][0] / res["step_alone"][0])
+    assert "ViT-Tiny-8-CL16-Syntax-GAP 32px T16 batch 16" in r.stdout and "# goal train.py >= 0.9" in r.stdout
+    for args, needle in ((["--stage", "nope"], "unknown stage"), (["--steps", "1000"], "fewer than")):
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_e2e.py"), "--train-data",
+                              demo_small.train_wds, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert bad.returncode == 2 and bad.stderr.startswith("error:") and needle in bad.stderr, bad.stderr

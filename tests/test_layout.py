@@ -23,7 +23,7 @@ ALLOWED = {
     "finetune": {"train"},
 }
 CORE = list(ALLOWED)
-LAUNCH_MODULES = {"demo_data", "bench_data", "bench_tokenizer"}   # importable from launch/ scripts
+LAUNCH_MODULES = {"demo_data", "bench_data", "bench_tokenizer", "bench_step"}   # importable from launch/ scripts
 MAX_LINES = 900
 
 
