@@ -2,7 +2,11 @@
 # The step benchmark on one GPU, as ONE prepared command (about 7 minutes on an H100/H200): B/16 at
 # I50/T16 and L/16 at I37/T8 (per-GPU batch 1024, checkpointing for L/16) against their full-length
 # rows, eager vs torch.compile, this project vs OpenCLIP 3.3, and AdamW's step alone (fused vs
-# compiled). Prints the tables, writes JSON to $OUT.
+# compiled). Then (PART=memory, or all) issue 12's rows: the largest per-GPU batch of H/14 at I36/T8
+# and bigG/14 at 70 px / T8 with checkpointing, its samples/s and MFU, the planner's estimate beside
+# the measured peak (launch/bench_memory.py; not yet timed on a GPU). Prints the tables, writes JSON to $OUT.
+#
+#   PART=step|memory|all (default all)
 #
 #   bash launch/bench_gpu.sh                 # on the GPU machine, with the machine's own torch (>= 2.9)
 #   DEVICE=cpu bash launch/bench_gpu.sh      # the same script's CPU path (small: 4 blocks, batch 16)
@@ -27,8 +31,17 @@ if [ "$DEVICE" = "cpu" ]; then
     --batch 16 --steps 2 --rounds 5 --optimizers foreach,fused,compiled --json "$OUT/b16_cpu.json"
   exit
 fi
+PART="${PART:-all}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-"$PYTHON" launch/bench_step.py --device cuda --model ViT-B-16-CL16 --settings 224/77,112/16 \
-  --batch 1024 --steps 5 --rounds 3 --sequential --optimizers fused,compiled --json "$OUT/b16.json"
-"$PYTHON" launch/bench_step.py --device cuda --model ViT-L-16-CL8-Syntax-GAP --settings 224/32,96/8 \
-  --batch 1024 --grad-checkpointing --steps 5 --rounds 3 --sequential --json "$OUT/l16.json"
+if [ "$PART" != "memory" ]; then
+  "$PYTHON" launch/bench_step.py --device cuda --model ViT-B-16-CL16 --settings 224/77,112/16 \
+    --batch 1024 --steps 5 --rounds 3 --sequential --optimizers fused,compiled --json "$OUT/b16.json"
+  "$PYTHON" launch/bench_step.py --device cuda --model ViT-L-16-CL8-Syntax-GAP --settings 224/32,96/8 \
+    --batch 1024 --grad-checkpointing --steps 5 --rounds 3 --sequential --json "$OUT/l16.json"
+fi
+if [ "$PART" != "step" ]; then
+  "$PYTHON" launch/bench_memory.py --device cuda --model ViT-H-14-CL8-Syntax-GAP --setting 84/8 \
+    --grad-checkpointing --start 256 --json "$OUT/h14_memory.json"
+  "$PYTHON" launch/bench_memory.py --device cuda --model ViT-bigG-14-CL32-GAP-BigVision --setting 70/8 \
+    --grad-checkpointing --start 256 --json "$OUT/bigg_memory.json"
+fi

@@ -137,3 +137,31 @@ def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
         bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_e2e.py"), "--train-data",
                               demo_small.train_wds, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert bad.returncode == 2 and bad.stderr.startswith("error:") and needle in bad.stderr, bad.stderr
+
+
+def test_bench_memory_finds_the_largest_batch_that_fits(tmp_path):
+    """launch/bench_memory.py: doubling then bisecting to the largest batch whose step does not run
+    out of memory (within an eighth, multiples of 8); the CLI reports it with the planner's estimate."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import bench_memory
+    tried = []
+
+    def probe_below(n):
+        def probe(b):
+            tried.append(b)
+            return {"b": b} if b <= n else None
+        return probe
+
+    batch, res = bench_memory.largest(probe_below(300), 64, 65536)
+    assert res == {"b": batch} and batch % 8 == 0 and 300 - 300 // 8 <= batch <= 300
+    assert tried[:4] == [64, 128, 256, 512] and len(tried) <= 8
+    assert bench_memory.largest(probe_below(10), 64, 1024) == (0, None)
+    assert bench_memory.largest(probe_below(10 ** 9), 64, 1000)[0] == 512      # --limit reached
+    out = tmp_path / "mem.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_memory.py"), "--device", "cpu",
+                        "--model", "ViT-Test-8-CL16", "--setting", "32/16", "--start", "2", "--limit", "8",
+                        "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    assert res["max_batch"] == 8 and res["samples_per_s"] > 0 and res["planned_gb"] > 0
+    assert res["peak_gb"] is None and "planner" in r.stdout        # the CPU has no allocator peak
