@@ -9,7 +9,8 @@ per-step agreed checks) for --skip + --steps steps in a subprocess and takes the
 logged samples/s after the first --skip steps (loader start-up, compilation); then it times the
 step alone on one fixed random batch of the same shapes in this process (launch/bench_step.py's
 timing). Rounds alternate the two, so machine noise hits both; medians over rounds are reported.
-The goal (issue 11): train.py within 10% of the step alone.
+The goal (issue 11): train.py within 10% of the step alone. The step-alone model stays on the
+device while train.py runs: on one GPU, both must fit.
 """
 from __future__ import annotations
 
