@@ -306,8 +306,7 @@ class RunConfig:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: biases, norms, the class token and logit_scale all
-    have fewer than 2 dimensions."""
+    """Weight decay on weight matrices only (biases, norms, class token, logit_scale: ndim < 2)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay}]
@@ -327,7 +326,7 @@ def lr_at(step: int, stage: Stage) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * peak
 
 
-def unwrap(model):
+def unwrap(model):      # the model inside a DDP wrapper
     return getattr(model, "module", model)
 
 
@@ -509,19 +508,19 @@ class Logger(xla_utils.RunLog):
 
     def __init__(self, rt, out: str):
         super().__init__(rt, out)
-        self._t, self._step = time.time(), 0
+        self.start_stage(0)
 
     def start_stage(self, stage_step: int):
-        self._t, self._step = time.time(), stage_step
+        self._t, self._step, self.data_wait = time.time(), stage_step, 0.0   # data_wait: s in next(batch)
 
     def step(self, stage: Stage, loss, scale, lr: float, step: int, stage_step: int, samples: int,
              skipped: int):
-        """One progress record. A step closure: runs once the step's values exist on the host
-        (XLA: after the graph ran), and touches host values only (a device op here would be one
-        more XLA graph)."""
+        """One progress record. A step closure: runs once the step's values exist on the host (XLA:
+        after the graph ran); host values only (a device op here would be one more XLA graph)."""
         now = time.time()
-        dt, dsteps = now - self._t, stage_step - self._step
-        self._t, self._step = now, stage_step
+        dt, dsteps, wait = now - self._t, stage_step - self._step, self.data_wait
+        self.start_stage(stage_step)
+        wait = wait / dt if dt > 0 else 0.0          # the interval's share spent waiting for a batch
         loss_v = self.rt.mean_over_ranks(loss.item())
         scale_v = math.exp(scale.item())
         sps = dsteps * stage.batch_size / dt if dt > 0 else 0.0
@@ -529,10 +528,11 @@ class Logger(xla_utils.RunLog):
         compiles = self.rt.compile_count()
         self.record({"step": step, "stage": stage.name, "stage_step": stage_step, "loss": loss_v, "lr": lr,
                      "logit_scale": scale_v, "samples_per_s": sps, "samples": samples,
-                     "skipped_samples": skipped, "time": now,
+                     "skipped_samples": skipped, "data_wait": wait, "time": now,
                      **({"compiles": compiles} if compiles is not None else {})})
         self.info(f"step {step} [{stage.name} {stage_step}/{stage.steps}] {sps:.1f} samples/s | loss "
-                  f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | skipped {skipped} | ETA {eta}"
+                  f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | skipped {skipped} | data wait "
+                  f"{100 * wait:.0f}% | ETA {eta}"
                   + (f" | compiles {compiles}" if compiles is not None else ""))
 
 
@@ -586,8 +586,8 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
 
 
 def check_layout(rt: xla_utils.Runtime, run: RunConfig, stages, inputs: Inputs) -> None:
-    """Batches must split evenly over the ranks, the accumulation steps and (XLA) the devices; a
-    resumed run continues exactly only on as many ranks as it was saved from."""
+    """Batches split evenly over ranks, accumulation steps and (XLA) devices; exact resume needs the
+    saved rank count."""
     saved = inputs.resume_state["world_size"] if inputs.resume_state else rt.world_size
     if saved != rt.world_size and not run.force_resume:
         raise ValueError(f"{inputs.resume_path} was saved by {saved} ranks, this run has {rt.world_size}: "
@@ -728,9 +728,10 @@ def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, preci
         if run.max_steps is not None and step >= run.max_steps:
             finished = False
             break
-        images, tokens = next(sr.batches)
-        lr = lr_at(sr.stage_step, stage)
         t0 = time.time()
+        images, tokens = next(sr.batches)
+        log.data_wait += time.time() - t0
+        lr, t0 = lr_at(sr.stage_step, stage), time.time()
         loss = train_step(rt, sr.wmodel, sr.optimizer, images, tokens, lr, precision=precision,
                           accum_steps=run.accum_steps, skip_nonfinite=run.nonfinite == "skip", fns=sr.fns)
         step, sr.stage_step, sr.samples = step + 1, sr.stage_step + 1, sr.samples + stage.batch_size
@@ -780,8 +781,7 @@ def run_stage(rt, run: RunConfig, log: Logger, sr: StageRun, step: int, *, preci
 
 
 def run_eval(rt, log: Logger, sr: StageRun, ev: EvalSet, step: int, precision: str, run: RunConfig) -> dict:
-    """Zero-shot classification and/or retrieval with the trainer's runtime (ranks, SPMD mesh) and
-    precision (every rank calls it)."""
+    """Zero-shot classification / retrieval with the trainer's runtime and precision (every rank)."""
     kw = dict(runtime=rt, precision=precision, batch_size=run.eval_batch_size, num_workers=run.workers)
     res = {}
     if ev.data:

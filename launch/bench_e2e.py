@@ -34,8 +34,9 @@ import xla_utils  # noqa: E402
 GOAL = 0.9      # train.py's samples/s over the step alone's
 
 
-def train_py_rate(argv: list[str], skip: int, steps: int, log_every: int) -> float:
-    """Run train.py once; the median of its logged samples/s after `skip` steps."""
+def train_py_rate(argv: list[str], skip: int, steps: int, log_every: int) -> tuple[float, float]:
+    """Run train.py once: the medians of its logged samples/s and data wait (the share of the time
+    its loop waited for the next batch) after `skip` steps."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out", out, "--max-steps",
                str(skip + steps), "--log-every", str(log_every), "--save-every", str(10 ** 9),
@@ -45,10 +46,10 @@ def train_py_rate(argv: list[str], skip: int, steps: int, log_every: int) -> flo
             raise RuntimeError(f"train.py failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             recs = [json.loads(line) for line in f]
-    rates = [r["samples_per_s"] for r in recs if "samples_per_s" in r and r["stage_step"] > skip]
-    if not rates:
+    recs = [r for r in recs if "samples_per_s" in r and r["stage_step"] > skip]
+    if not recs:
         raise RuntimeError(f"train.py logged no step after step {skip}")
-    return statistics.median(rates)
+    return (statistics.median(r["samples_per_s"] for r in recs), statistics.median(r["data_wait"] for r in recs))
 
 
 def main(argv=None) -> int:
@@ -94,12 +95,14 @@ def main(argv=None) -> int:
     bench_step.timed(rt, bare, 2, precision)          # warm-up (and compilation)
     print(f"# {rt.describe()} | {a.cfg} {stage.name}: {stage.model} {stage.image_size}px T{ctx} batch "
           f"{stage.batch_size} | {a.workers} loader workers | {'compiled' if a.compile else 'eager'}", flush=True)
-    e2e, alone = [], []
+    e2e, waits, alone = [], [], []
     for i in range(a.rounds):
-        e2e.append(train_py_rate(args, a.skip, a.steps, a.log_every))
+        rate, wait = train_py_rate(args, a.skip, a.steps, a.log_every)
+        e2e.append(rate)
+        waits.append(wait)
         alone.append(stage.batch_size / bench_step.timed(rt, bare, a.steps, precision))
-        print(f"round {i + 1}: train.py {e2e[-1]:.1f} samples/s, step alone {alone[-1]:.1f} samples/s",
-              flush=True)
+        print(f"round {i + 1}: train.py {rate:.1f} samples/s (waiting for data {100 * wait:.1f}% of the "
+              f"time), step alone {alone[-1]:.1f} samples/s", flush=True)
     ratio = statistics.median(e2e) / statistics.median(alone)
     print(f"# median: train.py {statistics.median(e2e):.1f} samples/s, step alone "
           f"{statistics.median(alone):.1f} samples/s: {ratio:.2f}")
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": rt.describe(), "cfg": a.cfg, "stage": stage.name, "batch": stage.batch_size,
-                       "workers": a.workers, "compile": a.compile, "train_py": e2e, "step_alone": alone,
+                       "workers": a.workers, "compile": a.compile, "train_py": e2e, "data_wait": waits,
+                       "step_alone": alone,
                        "ratio": ratio}, fh, indent=1)
     return 0
 

@@ -132,6 +132,7 @@ def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
     assert (res["cfg"], res["stage"], res["batch"], res["workers"]) == ("demo", "pretrain", 16, 1)
     assert len(res["train_py"]) == len(res["step_alone"]) == 1 and min(res["train_py"] + res["step_alone"]) > 0
     assert res["ratio"] == pytest.approx(res["train_py"][0] / res["step_alone"][0])
+    assert 0 <= res["data_wait"][0] < 1 and "waiting for data" in r.stdout    # train.py's logged share
     assert "ViT-Tiny-8-CL16-Syntax-GAP 32px T16 batch 16" in r.stdout and "# goal train.py >= 0.9" in r.stdout
     for args, needle in ((["--stage", "nope"], "unknown stage"), (["--steps", "1000"], "fewer than")):
         bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_e2e.py"), "--train-data",
