@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -361,10 +363,6 @@ def mask_indices(batch: int, grid: int, strategy: str, mask_ratio: float, device
     return score.topk(k, dim=1).indices
 
 
-def _gelu(flavour: str) -> nn.Module:
-    return nn.GELU(approximate="tanh" if flavour == "tanh" else "none")
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with OpenCLIP's parameter names (in_proj_weight/bias, out_proj),
     computed by F.scaled_dot_product_attention on batch-first tensors."""
@@ -380,12 +378,18 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, d))
+    def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
+        """pick (see Block): queries from that one row per sample only; keys and values from all."""
+        (b, n, d), w, bias, mask = x.shape, self.in_proj_weight, self.in_proj_bias, None
+        if pick is None:
+            q, k, v = F.linear(x, w, bias).chunk(3, dim=-1)
+        else:
+            q, (k, v) = F.linear(_rows(x, pick), w[:d], bias[:d]), F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
+            if causal:      # the picked row sees the positions up to its own
+                mask = torch.arange(n, device=x.device) <= torch.as_tensor(pick, device=x.device).reshape(-1, 1, 1, 1)
+        q, k, v = (t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pick is None)
+        return self.out_proj(x.transpose(1, 2).reshape(b, -1, d))
 
 
 class Block(nn.Module):
@@ -397,13 +401,12 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=LN_EPS)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
-        self.mlp.add_module("gelu", _gelu(gelu))
-        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(
+            approximate="tanh" if gelu == "tanh" else "none"), c_proj=nn.Linear(hidden, width)))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
+        """pick: None, or the row the tower reads out (an int, or [B] indices): that row alone, [B, 1, W]."""
+        x = (x if pick is None else _rows(x, pick)) + self.attn(self.ln_1(x), causal=causal, pick=pick)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -413,13 +416,19 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio, gelu) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = xla_utils.grad_checkpoint(lambda y, blk=block: blk(y, causal=causal), x)
-            else:
-                x = block(x, causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
+        """pick: the row the tower pools (CLS, EOT), or None for all rows (GAP). With a pick the last
+        block computes that row alone: the others feed nothing downstream (up to 1/layers of a tower)."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.resblocks):
+            run = functools.partial(block, causal=causal, pick=pick if i == len(self.resblocks) - 1 else None)
+            x = xla_utils.grad_checkpoint(run, x) if ckpt else run(x)
         return x
+
+
+def _rows(x: torch.Tensor, pick) -> torch.Tensor:
+    """[B, N, W] -> [B, 1, W]: row `pick` (an int, or [B] indices) of each sample."""
+    return x[:, pick:pick + 1] if isinstance(pick, int) else x[torch.arange(len(x), device=x.device), pick][:, None]
 
 
 class VisionTransformer(nn.Module):
@@ -433,8 +442,7 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         if cfg.pos_embed == "sincos":
-            # fixed: a buffer (not trained), saved so exported files carry the table, and
-            # recomputed for whatever grid the model is built at
+            # fixed: a buffer (not trained), saved so exported files carry it, recomputed for any grid
             self.register_buffer("positional_embedding", sincos_2d(w, cfg.grid))
         else:
             self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, w))
@@ -449,18 +457,16 @@ class VisionTransformer(nn.Module):
         if gh * gw + 1 != self.positional_embedding.shape[0]:
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px do not fit this model "
                              f"(built for {self.cfg.image_size} px)")
-        x = x.flatten(2).transpose(1, 2)                         # [B, N, W]
         pos = self.positional_embedding.to(x.dtype)
-        x = x + pos[1:]
-        if mask:
-            # token reduction: keep a static number of patch tokens, after the position embedding
+        x = x.flatten(2).transpose(1, 2) + pos[1:]               # [B, N, W]
+        if mask:    # token reduction: keep a static number of patch tokens, after the position embedding
             keep = mask_indices(b, gh, self.cfg.mask, self.cfg.mask_ratio, x.device)
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, w))
         cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(b, 1, w)
         x = torch.cat([cls, x], dim=1)                           # CLS always kept
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        x = self.transformer(x)
+        x = self.transformer(x, pick=0 if self.cfg.pool == "cls" else None)
         if self.cfg.pool == "cls":
             pooled = x[:, 0]
         elif self.cfg.pool == "gap_cls":
@@ -498,12 +504,9 @@ class TextTransformer(nn.Module):
         if n > self.cfg.context_length:
             raise ValueError(f"{n} text tokens exceed the context length {self.cfg.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:n]
-        x = self.ln_final(self.transformer(x, causal=self.cfg.causal))
-        if self.cfg.pool == "eot":
-            x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT = largest id
-        else:
-            x = x[:, -1]                                          # v2: last position
-        return x @ self.text_projection
+        pick = tokens.argmax(dim=-1) if self.cfg.pool == "eot" else n - 1   # EOT = largest id; v2: last
+        x = self.ln_final(self.transformer(x, causal=self.cfg.causal, pick=pick))
+        return x[:, 0] @ self.text_projection
 
 
 class CLIP(nn.Module):
@@ -783,11 +786,9 @@ def get_tokenizer(name_or_cfg: str | CLIPConfig, context_length: int | None = No
     """The tokenizer a model (registry name, alias or CLIPConfig) implies. reduction None -> the
     model's training reduction ("syntax" for -Syntax- models); evaluation passes reduction="truncate".
     context_length None -> the model's own."""
-    cfg = name_or_cfg if isinstance(name_or_cfg, CLIPConfig) else get_model_config(name_or_cfg)
-    text = cfg.text
-    return tokenizer.Tokenizer(text.tokenizer,
-                               text.context_length if context_length is None else context_length,
-                               text.reduction if reduction is None else reduction)
+    t = (name_or_cfg if isinstance(name_or_cfg, CLIPConfig) else get_model_config(name_or_cfg)).text
+    return tokenizer.Tokenizer(t.tokenizer, t.context_length if context_length is None else context_length,
+                               t.reduction if reduction is None else reduction)
 
 
 def create_model_and_transforms(name, pretrained=None, force_image_size=None, image_mean=None,
@@ -811,16 +812,18 @@ def create_model_and_transforms(name, pretrained=None, force_image_size=None, im
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def _block_macs(tokens: int, width: int, mlp_ratio: float) -> int:
-    # qkv + out projections 4*L*D^2, MLP 2*L*D*H, attention scores and weighted sum 2*L^2*D
-    return 4 * tokens * width ** 2 + 2 * tokens * width * int(width * mlp_ratio) + 2 * tokens ** 2 * width
+def _block_macs(tokens: int, width: int, mlp_ratio: float, rows: int | None = None) -> int:
+    # qkv + out projections 4*L*D^2, MLP 2*L*D*H, attention 2*L^2*D; rows=1: k, v of L tokens, the rest of 1
+    r = tokens if rows is None else rows
+    return (2 * tokens + 2 * r) * width ** 2 + 2 * r * width * int(width * mlp_ratio) + 2 * r * tokens * width
 
 
 def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: int | None = None,
                 mask_ratio: float = 0.0) -> dict:
     """Forward GFLOPs per sample in the CLIPA papers' convention (1 multiply-add = 1 FLOP): matmuls of
     the patch embedding (all patches), the transformer blocks (kept patches + CLS), the projections.
-    Norms, softmax, GELU and additions are not counted."""
+    Norms, softmax, GELU and additions are not counted. executed_gflops: what runs here, where a tower
+    that reads one row (CLS, EOT) runs its last block for that row alone."""
     v, t = cfg.vision, cfg.text
     size = v.image_size if image_size is None else image_size
     ctx = t.context_length if context_length is None else context_length
@@ -835,7 +838,10 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
     image = (n * 3 * v.patch_size ** 2 * v.width + v.layers * _block_macs(kept + 1, v.width, v.mlp_ratio)
              + v.width * cfg.embed_dim)
     text = t.layers * _block_macs(ctx, t.width, t.mlp_ratio) + t.width * cfg.embed_dim
+    saved = sum(_block_macs(n, w, r) - _block_macs(n, w, r, rows=1) for n, w, r, picked in (
+        (kept + 1, v.width, v.mlp_ratio, v.pool == "cls"), (ctx, t.width, t.mlp_ratio, True)) if picked)
     return {"image_gflops": image / 1e9, "text_gflops": text / 1e9, "total_gflops": (image + text) / 1e9,
+            "executed_gflops": (image + text - saved) / 1e9,
             "image_size": size, "context_length": ctx, "mask_ratio": mask_ratio, "patches": n,
             "patches_kept": kept}
 

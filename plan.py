@@ -10,7 +10,8 @@ The estimate counts bytes, from the model's configuration (nothing is allocated)
   input and both LayerNorm in/outputs, q, k, v, the attention output and its re-laid-out copy
   (9 x tokens x width), the MLP's hidden pre- and post-GELU (2 x tokens x hidden); attention runs as
   scaled_dot_product_attention (flash / memory-efficient kernels: no tokens^2 term). With gradient
-  checkpointing only each block's input is kept, plus one block recomputed during the backward;
+  checkpointing only each block's input is kept, plus one block recomputed during the backward. A
+  tower that reads one row (CLS, EOT) keeps less in its last block, which computes that row alone;
 - the contrastive loss: logits of this device's rows against the global batch (both directions,
   with their gradients); the input pixels (uint8 and normalised).
 Elements are 4 B in fp32 and ~2 B under bf16 autocast (LayerNorm outputs stay fp32).
@@ -38,6 +39,7 @@ class Tower:
     width: int
     hidden: int
     layers: int
+    picked: bool = False    # the tower reads one row (CLS, EOT): its last block runs that row alone
 
 
 def towers(cfg: model_lib.CLIPConfig, mask_ratio: float = 0.0) -> list[Tower]:
@@ -45,8 +47,8 @@ def towers(cfg: model_lib.CLIPConfig, mask_ratio: float = 0.0) -> list[Tower]:
     v, t = cfg.vision, cfg.text
     n = (v.image_size // v.patch_size) ** 2
     kept = model_lib.keep_count(n, mask_ratio) if mask_ratio > 0 else n
-    return [Tower(kept + 1, v.width, int(v.width * v.mlp_ratio), v.layers),
-            Tower(t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers)]
+    return [Tower(kept + 1, v.width, int(v.width * v.mlp_ratio), v.layers, v.pool == "cls"),
+            Tower(t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers, True)]
 
 
 def count_params(cfg: model_lib.CLIPConfig) -> tuple[int, int]:
@@ -67,7 +69,9 @@ def activation_bytes(cfg: model_lib.CLIPConfig, *, mask_ratio: float = 0.0, chec
     for tw in towers(cfg, mask_ratio):
         ld, lf = tw.tokens * tw.width, tw.tokens * tw.hidden
         block = 4 * ld * 4 + (5 * ld + 2 * lf) * e     # LayerNorm in/outputs fp32, the rest autocast
-        total += (tw.layers * ld * e if checkpointing else tw.layers * block) + ld * 4   # + ln_pre/ln_final in
+        # a picked last block: ln_1 in/out, k and v of every token; the rest of one row
+        last = 2 * ld * 4 + 2 * ld * e + 2 * tw.width * 4 + (3 * tw.width + 2 * tw.hidden) * e if tw.picked else block
+        total += (tw.layers * ld * e if checkpointing else (tw.layers - 1) * block + last) + ld * 4  # + ln_pre/final
         recompute = max(recompute, block)              # the towers' backward passes run one at a time
     total += recompute if checkpointing else 0.0
     total += 3 * v.image_size ** 2 * (1 + 4)            # uint8 batch + normalised fp32 pixels

@@ -11,7 +11,8 @@ backward -> AdamW with the same flags) on random data. Rows are interleaved over
 median round is reported, so machine noise hits all rows alike. MFU = training FLOPs per sample
 (model.py's forward count x 2 for multiply-adds x 3 for forward + backward) x samples/s over the
 peak matmul rate measured in the same run (a large GEMM at the step's precision); HFU counts the
-recomputed forward too (x 4) when checkpointing. OpenCLIP (open_clip_torch, a test requirement)
+FLOPs the step executes: the recomputed forward too (x 4) when checkpointing, and fewer where a
+tower reads one row (CLS, EOT pooling: its last block runs that row alone, model.count_flops). OpenCLIP (open_clip_torch, a test requirement)
 builds the same architecture from export.openclip_model_cfg.
 """
 from __future__ import annotations
@@ -234,8 +235,8 @@ def main(argv=None) -> int:
                      "mask_ratio": mask, "image_tokens": f["patches_kept"] + 1, "samples_per_s": sps,
                      "step_ms": 1000 * step, "first_step_s": r["compile_s"], "peak_mem_gb":
                      r["peak_mem"] / 2 ** 30 if r["peak_mem"] else None, "gflops_fwd": f["total_gflops"],
-                     "mfu": flops * sps / (peak * 1e12),
-                     "hfu": (flops * 4 / 3 if a.grad_checkpointing else flops) * sps / (peak * 1e12)})
+                     "mfu": flops * sps / (peak * 1e12), "hfu": 2 * (4 if a.grad_checkpointing else 3)
+                     * f["executed_gflops"] * 1e9 * sps / (peak * 1e12)})
     ref = {(r["impl"], r["mode"]): r for r in rows if (r["image_size"], r["context_length"], r["mask_ratio"])
            == settings[0]}
     for r in rows:

@@ -275,21 +275,54 @@ def test_flops_reproduce_the_v2_paper():
     assert r["patches_kept"] == 179 and r["total_gflops"] == pytest.approx(125.8, abs=0.05)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5])
-def test_flops_match_torch_flop_counter(ratio):
-    """Our formula (1 MAC = 1 FLOP) against torch's FlopCounterMode (which counts 2 per MAC)."""
+@pytest.mark.parametrize("ratio,pool", [(0.0, "gap_cls"), (0.5, "gap_cls"), (0.5, "cls")])
+def test_flops_match_torch_flop_counter(ratio, pool):
+    """Our formula (1 MAC = 1 FLOP) against torch's FlopCounterMode (which counts 2 per MAC): the
+    papers' count where every row is computed (GAP), and the executed count where a tower reads one
+    row (CLS, EOT): its last block runs k, v over all tokens and the rest over that row alone."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = tiny(mask="random", ratio=ratio, width=64)
+    cfg = tiny(mask="random", ratio=ratio, width=64, pool=pool)
     m = M.CLIP(cfg).train()
+    measured = {}
     # the math backend spells attention as bmm's, which the counter sees (fused CPU kernels it does not)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m.encode_image(torch.randn(1, 3, 64, 64))
+    for tower, run in (("image", lambda: m.encode_image(torch.randn(1, 3, 64, 64))),
+                       ("text", lambda: m.encode_text(tokens(1, 16)))):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            run()
+        measured[tower] = fc.get_total_flops() / 2 / 1e9
     ours = M.count_flops(cfg, mask_ratio=ratio)
-    assert fc.get_total_flops() / 2 / 1e9 == pytest.approx(ours["image_gflops"], rel=1e-9)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m.encode_text(tokens(1, 16))
-    assert fc.get_total_flops() / 2 / 1e9 == pytest.approx(ours["text_gflops"], rel=1e-9)
+    assert measured["image"] + measured["text"] == pytest.approx(ours["executed_gflops"], rel=1e-9)
+    assert measured["text"] < 0.9 * ours["text_gflops"]         # T16, 2 blocks: the last one mostly saved
+    if pool == "gap_cls":
+        assert measured["image"] == pytest.approx(ours["image_gflops"], rel=1e-9)
+    else:
+        assert measured["image"] < 0.9 * ours["image_gflops"]
+
+
+def test_a_picked_last_block_gives_the_full_blocks_row_and_gradients():
+    """CLS / EOT pooling computes the last block for the read-out row only; features and every
+    gradient equal those of the same model computing all rows (each EOT position, causal text)."""
+    torch.manual_seed(0)
+    m = M.CLIP(tiny(pool="cls", width=64)).train().double()     # float64: sums in another order agree
+    img, txt = torch.randn(4, 3, 64, 64, dtype=torch.float64), tokens(4, 16)
+    txt[0, -1], txt[1, 0] = 49407, 49407                      # EOT at the last and the first position
+
+    def run(full: bool):
+        for tower in (m.visual, m.text):
+            last = tower.transformer.resblocks[-1]
+            last.forward = (lambda x, causal=False, pick=None, b=last: M._rows(M.Block.forward(b, x, causal),
+                                                                                pick)) if full else \
+                M.Block.forward.__get__(last)
+        m.zero_grad()
+        fi, ft, s = m(img, txt)
+        (s * fi @ ft.T).logsumexp(1).sum().backward()
+        return [fi, ft] + [p.grad.clone() for p in m.parameters()]
+
+    full, picked = run(full=True), run(full=False)
+    assert len(full) == len(picked) == len(list(m.parameters())) + 2
+    for a, b in zip(full, picked):
+        torch.testing.assert_close(a, b)
 
 
 def _cli(*args):

@@ -442,7 +442,8 @@ def test_exact_accumulation_gives_the_full_batch_gradient():
         loss, got, _ = _accum_step(k)
         assert loss == pytest.approx(want_loss, abs=1e-6), k
         for n in want:
-            assert torch.allclose(got[n], want[n], atol=1e-5, rtol=0), (k, n)
+            # fp32 sums in another order: weights of up to ~6 differ by ~2 ulp (float64: 7e-15)
+            assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-5), (k, n)
     rt = xla_utils.init_runtime("cpu")
     _, _, (m, images, tokens) = _accum_step(1)
     with pytest.raises(ValueError, match="not divisible by --accum-steps 3"):
