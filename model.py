@@ -876,7 +876,7 @@ def main(argv=None) -> int:
         except ValueError as err:
             return xla_utils.usage_error(err)
         if args.json:
-            print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops")}))
+            print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops", "executed_gflops")}))
         else:
             print(f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
                   f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "

@@ -343,8 +343,9 @@ def test_flops_cli_json_and_errors(capsys):
     r = _cli("flops", "ViT-H-14-CL32-GAP-BigVision", "--image-size", "336", "--mask-ratio", "0.4", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert set(d) == {"image_gflops", "text_gflops", "total_gflops"}
+    assert set(d) == {"image_gflops", "text_gflops", "total_gflops", "executed_gflops"}
     assert d["total_gflops"] == pytest.approx(237.8, rel=0.01)
+    assert d["total_gflops"] - 1.5 < d["executed_gflops"] < d["total_gflops"]   # GAP image; EOT: text's last block
     rc, out, _ = _main(capsys, "flops", "ViT-H-14-CLIPA")
     assert rc == 0 and "total 177.01 GFLOPs" in out
     for bad in (["flops", "ViT-H-14-CL32"], ["flops", "ViT-B-16-CL16", "--mask-ratio", "1.5"],
