@@ -42,6 +42,7 @@ DEFAULT_SHUFFLE = 1000      # samples per loader worker (raw JPEG bytes, ~10-50 
 # "image_too_large", refused from its header before any pixel is decoded.
 MAX_IMAGE_PIXELS = 89_478_485
 END = 1 << 62               # "past the last shard" position
+PIPE_BYTES = 1 << 22        # a worker's batch tensors up to this size travel through its pipe (_pipe)
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
            "lanczos": Image.LANCZOS, "box": Image.BOX}
@@ -202,9 +203,7 @@ class TrainTransform:
                  color_jitter: bool = False, draft: bool = True, use_simplejpeg: bool = True):
         self.size = int(image_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.color_jitter = color_jitter
-        self.draft = draft
-        self.use_simplejpeg = use_simplejpeg
+        self.color_jitter, self.draft, self.use_simplejpeg = color_jitter, draft, use_simplejpeg
 
     def _crop_turbo(self, src: bytes, rng) -> torch.Tensor | None:
         """simplejpeg path; None (before drawing from rng) when it cannot read the header."""
@@ -263,9 +262,7 @@ class EvalTransform:
     def __init__(self, image_size: int, interpolation: str = "bicubic", square_resize_only: bool = False):
         if interpolation not in _INTERP:
             raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERP)}")
-        self.size = int(image_size)
-        self.resample = _INTERP[interpolation]
-        self.square = square_resize_only
+        self.size, self.resample, self.square = int(image_size), _INTERP[interpolation], square_resize_only
 
     def __call__(self, src, rng=None) -> torch.Tensor:
         img = _open_image(src)
@@ -298,8 +295,7 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float3
     The one device-side preprocessing step of training and evaluation (uint8 transfer)."""
     if images.dtype != torch.uint8:
         raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=images.device).view(3, 1, 1) for v in (mean, std))
     # one fused multiply-add: x * (1/(255 std)) - mean/std
     return (images.float() * (1.0 / (255.0 * std_t)) - mean_t / std_t).to(dtype)
 
@@ -391,6 +387,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
     k = snap["k"] if snap else 0
     B = max(1, cfg.shuffle_buffer)
     buf: list[_Entry] = []
+    keys: list[tuple[int, int]] = []    # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
     resume_at = tuple(snap["next"]) if snap else (0, 0)
     records = _reader_records(cfg, g, 0)
     if snap:   # rebuild the shuffle buffer exactly: re-read (no decode) from its oldest shard
@@ -406,6 +403,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
             if (pos, rec) in need:
                 slots[need[(pos, rec)]] = e
         buf = [e for e in slots if e is not None]
+        keys = [(e.pos, e.rec) for e in buf]
         if len(buf) < len(slots):
             log.warning("resume: %d buffered records not found again (shards changed?)",
                         len(slots) - len(buf))
@@ -430,17 +428,19 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
                 yield e
             elif len(buf) < B:
                 buf.append(e)
+                keys.append((pos, rec))
             else:
                 i = mix(base, k) % B
-                out, buf[i] = buf[i], e
+                out, buf[i], keys[i] = buf[i], e, (pos, rec)
                 k += 1
                 yield out
         state["next"] = [END, 0]
         while buf:
             i = mix(base, k) % len(buf)
             out = buf[i]
-            buf[i] = buf[-1]
+            buf[i], keys[i] = buf[-1], keys[-1]
             buf.pop()
+            keys.pop()
             k += 1
             yield out
 
@@ -467,7 +467,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
             tokens = cfg.tokenizer(texts, rng=rng) if cfg.tokenizer is not None else texts
             batches += 1
             meta = {"wid": wid, "next": list(state["next"]), "k": k, "batches": batches,
-                    "buf": [[b.pos, b.rec] for b in buf], "stats": dict(stats)}
+                    "buf": list(keys), "stats": dict(stats)}
             yield torch.stack(images), tokens, meta
             images, texts = [], []
     if images:      # static shapes: a worker's last partial batch of the epoch is dropped
@@ -483,13 +483,22 @@ def _chain(first, rest):
 
 
 class _TrainDataset(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: _StreamCfg):
-        self.cfg = cfg
+    def __init__(self, cfg: _StreamCfg, pipe: bool):
+        self.cfg, self.pipe = cfg, pipe
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
-        return _worker_batches(self.cfg, wid)
+        batches = _worker_batches(self.cfg, info.id if info is not None else 0)
+        return ((_pipe(x), _pipe(t), m) for x, t, m in batches) if info is not None and self.pipe else batches
+
+
+def _pipe(x):    # a tensor goes by shared memory: the main process fetches its file descriptor from
+    # the worker over a socket, a round trip that waits for the worker to run (~1 ms a batch, busy CPU)
+    return x.numpy() if isinstance(x, torch.Tensor) and x.nbytes <= PIPE_BYTES else x
+
+
+def _unpipe(x):
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 def _identity(x):
@@ -507,13 +516,10 @@ def _worker_init(_):
 
 
 def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not an integer") from None
+    v = os.environ.get(name) or str(default)
+    if not v.strip().lstrip("+-").isdigit():
+        raise ValueError(f"{name}={v!r} is not an integer")
+    return int(v)
 
 
 class TrainLoader:
@@ -556,7 +562,7 @@ class TrainLoader:
     def state_dict(self) -> dict:
         return {"version": 1, "epoch": self.epoch, "batches": self._batches, "turn": self._turn,
                 "exclude": list(self._exclude), **self._topology(),
-                "workers": {str(w): s for w, s in self._workers.items()},
+                "workers": {str(w): {**s, "buf": [list(p) for p in s["buf"]]} for w, s in self._workers.items()},
                 "past_stats": dict(self._past)}
 
     def _load_state(self, state):
@@ -618,7 +624,8 @@ class TrainLoader:
                       worker_init_fn=_worker_init, persistent_workers=False)
         # pin_memory rebuilds each (images, tokens, meta) item as a list with meta copied: _ordered
         # only unpacks and indexes it, so batches and loader state are the same either way
-        return torch.utils.data.DataLoader(_TrainDataset(cfg), batch_size=None, collate_fn=_identity,
+        return torch.utils.data.DataLoader(_TrainDataset(cfg, pipe=not self.pin_memory), batch_size=None,
+                                           collate_fn=_identity,
                                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
 
     def _ordered(self, dl):
@@ -646,7 +653,7 @@ class TrainLoader:
                 self._turn = active[i % len(active)] if active else 0
                 continue
             self._turn = active[(i + 1) % len(active)]
-            yield images, tokens, meta
+            yield _unpipe(images), _unpipe(tokens), meta
         for _ in it:                    # let the DataLoader shut its workers down cleanly
             pass
 
@@ -735,10 +742,8 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 def _collate_eval(batch):
     good = [(x, y) for x, y in batch if x is not None]
-    bad = len(batch) - len(good)
-    if not good:
-        return None, None, bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+    return (torch.stack([x for x, _ in good]) if good else None,
+            torch.tensor([y for _, y in good]) if good else None, len(batch) - len(good))
 
 
 class _ShardEvalDataset(torch.utils.data.IterableDataset):
@@ -832,8 +837,7 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
     src = resolve(spec, fmt, split)
     check = train_transform(16)
     reasons: Counter = Counter()
-    samples = empty = 0
-    chars = 0
+    samples = empty = chars = 0
     for path in src.shards:
         if not is_remote(path) and not os.path.exists(path):
             reasons["unreadable_shard"] += 1

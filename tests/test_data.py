@@ -376,6 +376,30 @@ def test_pinned_loader_gives_the_same_batches_and_resumes(tiny_shards, workers):
     assert all(x.is_pinned() == torch.accelerator.is_available() for b in got for x in b)
 
 
+def test_small_batches_through_the_pipe_equal_those_through_shared_memory(tiny_shards, monkeypatch):
+    """Workers hand small batches over as numpy through their pipe (no file-descriptor round trip),
+    bigger ones as shared-memory tensors: the trainer gets the same tensors and state either way."""
+    d, _ = tiny_shards
+    spec = str(d / "{00000..00004}.tar")
+    tok = tokenizer.Tokenizer("clip_bpe", 16)
+
+    arrived, unpipe = [], data._unpipe
+    monkeypatch.setattr(data, "_unpipe", lambda x: arrived.append(type(x).__name__) or unpipe(x))
+
+    def run():
+        arrived.clear()
+        loader = data.make_train_loader(spec, tok, 32, 4, num_workers=2, shuffle_buffer=10, seed=3)
+        return [b for _, b in zip(range(9), loader)], json.dumps(loader.state_dict()), set(arrived)
+    piped, piped_state, piped_types = run()
+    monkeypatch.setattr(data, "PIPE_BYTES", 0)      # forked workers see it: every tensor by shared memory
+    shared, shared_state, shared_types = run()
+    assert piped_types == {"ndarray"} and shared_types == {"Tensor"}
+    assert all(type(x) is torch.Tensor and x.is_contiguous() for b in piped for x in b)
+    assert [b[0].dtype for b in piped] == [torch.uint8] * 9 and piped[0][1].dtype == torch.long
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(piped, shared))
+    assert piped_state == shared_state
+
+
 def test_real_tokenizer_in_loader(tiny_shards):
     tok = tokenizer.Tokenizer("clip_bpe", 16)
     d, _ = tiny_shards
