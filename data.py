@@ -20,8 +20,10 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
@@ -408,7 +410,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
             log.warning("resume: %d buffered records not found again (shards changed?)",
                         len(slots) - len(buf))
         if first is not None:
-            records = _chain([first], records)
+            records = chain([first], records)
     logged = set()
     state = {"next": list(resume_at)}
 
@@ -437,10 +439,8 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         state["next"] = [END, 0]
         while buf:
             i = mix(base, k) % len(buf)
-            out = buf[i]
-            buf[i], keys[i] = buf[-1], keys[-1]
-            buf.pop()
-            keys.pop()
+            out, buf[i], keys[i] = buf[i], buf[-1], keys[-1]
+            del buf[-1], keys[-1]
             k += 1
             yield out
 
@@ -477,11 +477,6 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
     yield None, None, meta
 
 
-def _chain(first, rest):
-    yield from first
-    yield from rest
-
-
 class _TrainDataset(torch.utils.data.IterableDataset):
     def __init__(self, cfg: _StreamCfg, pipe: bool):
         self.cfg, self.pipe = cfg, pipe
@@ -513,6 +508,15 @@ def _generator(*xs: int) -> torch.Generator:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # A worker whose main process was killed would live on when a batch waits in the full pipe (its
+    # queue's writer thread is joined at exit, and the worker itself holds the read end): leave then
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -543,8 +547,7 @@ class TrainLoader:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.prefetch, self.repeat = shuffle_buffer, prefetch, repeat
-        self.pin_memory = pin_memory
-        self.epoch = epoch
+        self.pin_memory, self.epoch = pin_memory, epoch
         self._exclude: list[int] = []
         self._workers: dict[int, dict] = {}
         self._batches = 0
@@ -600,9 +603,7 @@ class TrainLoader:
     # -- stats
     @property
     def skipped(self) -> dict:
-        c = Counter(self._past)
-        for s in self._workers.values():
-            c.update(s["stats"])
+        c = sum((Counter(s["stats"]) for s in self._workers.values()), Counter(self._past))
         c.pop("samples", None)
         return {k: v for k, v in sorted(c.items()) if v}
 
@@ -664,9 +665,7 @@ class TrainLoader:
             for images, tokens, meta in self._ordered(self._dataloader()):
                 self._batches += 1
                 yield images, tokens
-            stats = Counter()
-            for s in self._workers.values():
-                stats.update(s["stats"])
+            stats = sum((Counter(s["stats"]) for s in self._workers.values()), Counter())
             log.info("epoch %d done (rank %d): %d batches, %d samples read, skipped %s",
                      self.epoch, self.rank, self._batches, stats.get("samples", 0),
                      json.dumps({k: v for k, v in stats.items() if k != "samples"}))

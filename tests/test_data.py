@@ -5,8 +5,10 @@ import io
 import json
 import os
 import random
+import select
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -398,6 +400,39 @@ def test_small_batches_through_the_pipe_equal_those_through_shared_memory(tiny_s
     assert [b[0].dtype for b in piped] == [torch.uint8] * 9 and piped[0][1].dtype == torch.long
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(piped, shared))
     assert piped_state == shared_state
+
+
+KILLED_MID_EPOCH = r'''
+import os, signal, sys, time
+import data, tokenizer
+loader = data.make_train_loader(sys.argv[1], tokenizer.Tokenizer("clip_bpe", 16), 64, 8, num_workers=2,
+                                shuffle_buffer=1)
+batches = iter(loader)
+next(batches)
+time.sleep(2)          # the workers fill their pipes with batches nobody will read
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_killed_trainer_leaves_no_loader_worker_behind(tiny_shards):
+    """SIGKILL (OOM killer, preemption) of the main process: its loader workers go too, even with
+    batches stuck in a full pipe, instead of living on and holding its stdout open (a shell pipe or a
+    supervisor waiting for the output to end would wait forever)."""
+    d, _ = tiny_shards
+    p = subprocess.Popen([sys.executable, "-c", KILLED_MID_EPOCH, str(d / "{00000..00004}.tar")], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        assert p.wait(timeout=120) == -9
+        deadline, eof = time.time() + 20, False
+        while not eof and time.time() < deadline:     # EOF once the last holder of the write end exits
+            eof = bool(select.select([p.stdout], [], [], 0.5)[0]) and os.read(p.stdout.fileno(), 1 << 16) == b""
+        assert eof, "a loader worker outlived its killed main process by 20 s"
+    finally:
+        try:
+            os.killpg(p.pid, 9)      # the workers share the killed process's group
+        except ProcessLookupError:
+            pass
 
 
 def test_real_tokenizer_in_loader(tiny_shards):
