@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
