@@ -140,12 +140,13 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
 def test_a_cpu_runtime_reuses_freed_memory_instead_of_faulting_it_in_again():
     """glibc returns a freed 100 MB block (B/16's token-embedding gradient) to the OS, and the next
     step page-faults all of it in again; a CPU runtime keeps it for reuse (counted in minor page
-    faults, in fresh processes: the setting is process-wide)."""
+    faults, in fresh processes: the setting is process-wide). The heap may still grow once or twice
+    where its layout happens to block reuse (seen in 1 run of 10): a bound, not zero, per 10 steps."""
     code = ("import resource, sys, torch, xla_utils\n"
             "if sys.argv[1] == 'runtime': xla_utils.init_runtime('cpu')\n"
             "for _ in range(2): torch.zeros(49408, 512)\n"          # the heap settles
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(5): torch.zeros(49408, 512)\n"
+            "for _ in range(10): torch.zeros(49408, 512)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
     faults = {}
     for how in ("plain", "runtime"):
@@ -153,5 +154,5 @@ def test_a_cpu_runtime_reuses_freed_memory_instead_of_faulting_it_in_again():
                            timeout=120)
         assert r.returncode == 0, r.stderr
         faults[how] = int(r.stdout.split()[-1])
-    assert faults["plain"] >= 5 * 49408 * 512 * 4 // 2 ** 21      # afresh: at least a fault per 2 MB page
-    assert faults["runtime"] < faults["plain"] // 10, faults
+    assert faults["plain"] >= 10 * 49408 * 512 * 4 // 2 ** 21     # afresh: at least a fault per 2 MB page
+    assert faults["runtime"] < faults["plain"] // 4, faults       # plain: a refill every step
