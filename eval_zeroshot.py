@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import xla_utils
 from model import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
@@ -577,7 +578,7 @@ def _inputs(args):
         raise FileNotFoundError(f"dataset not found: {dataset}")
     captions = load_caption_set(args.retrieval) if args.retrieval else None
     if args.ckpt:
-        xla_utils.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
+        checkpoints.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
     templates = load_templates(args.templates)
     classnames = None
     if dataset is not None and (args.classnames or args.imagenet_val):

@@ -22,10 +22,10 @@ import sys
 import warnings
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+import checkpoints
 import model
 import tokenizer
 import xla_utils
@@ -132,7 +132,7 @@ def training_record(ckpt) -> dict:
     """What a checkpoint of train.py records about its training: {} for other files. Keys: preset,
     stages (dicts: the stage fields + samples_seen + train_eflops), samples_seen, train_eflops, step,
     pretrained, evals (the run's metrics.jsonl evaluation records up to this step)."""
-    path = xla_utils.resolve_checkpoint(ckpt)
+    path = checkpoints.resolve_checkpoint(ckpt)
     ckpt_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     state_file = os.path.join(ckpt_dir, "train_state.pt")
     if not os.path.isfile(state_file):
@@ -174,7 +174,7 @@ def training_record(ckpt) -> dict:
 
 def result_files(ckpt) -> list[str]:
     """eval_zeroshot.py's default result files of a checkpoint (next to it)."""
-    path = xla_utils.resolve_checkpoint(ckpt)
+    path = checkpoints.resolve_checkpoint(ckpt)
     if os.path.isdir(path):
         return sorted(glob.glob(os.path.join(path, "zeroshot_*.json")) + glob.glob(os.path.join(path, "retrieval_*.json")))
     stem = os.path.splitext(path)[0]
@@ -280,10 +280,8 @@ def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
             files += write_wordpiece_tokenizer(out, cfg.text.context_length)
     else:
         weights = out
-    if weights.endswith(".safetensors"):
-        save_file(sd, weights)
-    else:
-        torch.save(sd, weights)
+    save = checkpoints.save_weights if weights.endswith(".safetensors") else checkpoints.save_state
+    checkpoints.atomic_write(weights, lambda tmp: save(sd, tmp))     # never half a file under its name
     name, kwargs, notes = openclip_target(cfg)
     if as_dir:
         with open(os.path.join(out, CARD), "w", encoding="utf-8") as f:
@@ -323,7 +321,11 @@ def main(argv=None) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     _, _, notes = openclip_target(net.cfg)
     card = model_card(net, name, args.ckpt, args.results, notes)
-    info = export_open_clip(net, args.out, card=card)
+    try:
+        info = export_open_clip(net, args.out, card=card)
+    except OSError as err:                          # a full disk, a read-only directory
+        print(f"error: the export could not be written ({err})", file=sys.stderr)
+        return 1
     print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
     if info["openclip_name"]:
         kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())

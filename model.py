@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+import checkpoints
 import data
 import tokenizer
 import xla_utils
@@ -566,7 +567,7 @@ def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
 
 def _weights_file(path) -> str:
     """The weights file of a checkpoint path (file, checkpoint dir, run dir, checkpoints dir)."""
-    path = xla_utils.resolve_checkpoint(path)
+    path = checkpoints.resolve_checkpoint(path)
     return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
 
 
@@ -586,8 +587,7 @@ def _safetensors_header(file: str) -> dict | None:
 def read_metadata(path) -> dict[str, str]:
     """A checkpoint's metadata without reading its weights: the safetensors header's __metadata__
     (weights_metadata for ours); {} for a torch file, which records none."""
-    file = _weights_file(path)
-    header = _safetensors_header(file)
+    header = _safetensors_header(file := _weights_file(path))
     if header is None:
         if file.endswith(".safetensors"):
             raise ValueError(f"{file} is not a readable safetensors file (no JSON header)")

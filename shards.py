@@ -33,6 +33,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 from PIL import Image
 
+import checkpoints
 import xla_utils
 
 log = logging.getLogger("clipa.shards")
@@ -749,7 +750,7 @@ def _reshard_shard(job) -> dict:
 
     try:
         before = _file_bytes(path)
-        xla_utils.atomic_write(dst, write)
+        checkpoints.atomic_write(dst, write)
     except _read_errors(path) as e:
         return {"shard": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}"}
     return {"shard": path, **counts, "bytes_before": before, "bytes_after": os.path.getsize(dst)}
@@ -801,11 +802,11 @@ def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QU
         raise ValueError(f"{dst} already holds {done[0]} but no {RESHARD_SETTINGS}: not a reshard output")
     os.makedirs(dst, exist_ok=True)
     try:
-        lock = xla_utils.RunLock(dst).acquire()
+        lock = checkpoints.RunLock(dst).acquire()
     except ValueError:
         raise ValueError(f"another reshard is writing {dst}") from None
-    xla_utils.remove_temporaries(dst)
-    xla_utils.atomic_write_text(json.dumps(settings) + "\n", record)
+    checkpoints.remove_temporaries(dst)
+    checkpoints.atomic_write_text(json.dumps(settings) + "\n", record)
     return ReshardPlan(src, dst, max_side, quality, workers, max_pixels,
                        [p for p, n in zip(src.shards, names) if n not in done], len(done), lock)
 

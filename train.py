@@ -26,8 +26,8 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
+import checkpoints
 import data
 import eval_zeroshot
 import losses
@@ -430,7 +430,7 @@ class RunStopped(Exception):
 
 def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: Stage) -> str | None:
     """OUT/checkpoints/step_XXXXXXXX/{model.safetensors, train_state.pt, meta.json} (written by
-    xla_utils.write_checkpoint: atomic, `latest` always complete, pruned to --keep). Collective:
+    checkpoints.write_checkpoint: atomic, `latest` always complete, pruned to --keep). Collective:
     every rank calls it (each rank's loader and RNG state are gathered). Returns the path, or None
     when the write failed (disk full...): the previous checkpoint stays, the caller decides."""
     weights, optimizer_state = rt.full_state(model, optimizer)   # gathered from the shards under FSDP
@@ -445,7 +445,7 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
                                rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank])
             meta = {k: v for k, v in state.items() if k != "config"}
             meta.update(model=stage.model, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
-            path = xla_utils.write_checkpoint(
+            path = checkpoints.write_checkpoint(
                 checkpoint_root(run.out), f"step_{state['step']:08d}", weights,
                 model_lib.weights_metadata(stage.model, unwrap(model).cfg), train_state, meta,
                 keep=run.keep, protected=state["stage_ends"])
@@ -467,7 +467,7 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
     root = checkpoint_root(run.out)
     if spec == "latest" and not os.path.isfile(os.path.join(root, "latest")):
         raise FileNotFoundError(f"--resume latest: no checkpoint in {root}")
-    path = xla_utils.resolve_checkpoint(root if spec == "latest" else spec)
+    path = checkpoints.resolve_checkpoint(root if spec == "latest" else spec)
     file = os.path.join(path, "train_state.pt")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"not a training checkpoint directory (no train_state.pt): {path}")
@@ -874,7 +874,7 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
         rt = xla_utils.init_runtime(run.device)
     except (ValueError, FileNotFoundError) as e:
         return xla_utils.usage_error(e)
-    lock = xla_utils.RunLock(run.out)
+    lock = checkpoints.RunLock(run.out)
     try:
         try:
             check_layout(rt, run, stages, inputs)
@@ -886,7 +886,7 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
             print(f"taking over the lock of a run that ended without releasing it ({lock.previous})",
                   flush=True)
         if rt.is_master:
-            xla_utils.remove_temporaries(checkpoint_root(run.out))   # left by a kill mid-save
+            checkpoints.remove_temporaries(checkpoint_root(run.out))   # left by a kill mid-save
         summary = run_training(rt, run, stages, inputs, xla_utils.StopSignals().install())
     except RunStopped as e:
         return xla_utils.usage_error(e, status=1)

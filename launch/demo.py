@@ -40,13 +40,15 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import demo_data  # noqa: E402  (launch/, beside this file)
 import model as M  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
 
 # A finished variant is reused only if it was trained by the same command with the same code.
-CODE = ("train.py", "model.py", "data.py", "tokenizer.py", "eval_zeroshot.py", "xla_utils.py")
+CODE = ("train.py", "model.py", "data.py", "shards.py", "tokenizer.py", "losses.py", "eval_zeroshot.py",
+        "xla_utils.py", "checkpoints.py")
 
 
 @dataclass
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
         train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
                        "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
         eval_json = os.path.join(out, "zeroshot.json")
-        run([sys.executable, "eval_zeroshot.py", "--ckpt", xla_utils.resolve_checkpoint(out), "--data", ds.val_dir, "--retrieval", ds.val_captions,
+        run([sys.executable, "eval_zeroshot.py", "--ckpt", checkpoints.resolve_checkpoint(out), "--data", ds.val_dir, "--retrieval", ds.val_captions,
              "--classnames", names, "--templates", tmpl, "--device", "cpu", "--out", eval_json,
              "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
         with open(eval_json) as f:

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import xla_utils  # noqa: E402
 
@@ -230,7 +231,7 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
                 p = os.path.join(root, fn)
                 files[os.path.relpath(p, out_dir)] = os.path.getsize(p)
     # the stamp is written last and atomically: an interrupted run leaves no valid stamp
-    xla_utils.atomic_write_text(json.dumps({"params": params, "files": files}), stamp_path)
+    checkpoints.atomic_write_text(json.dumps({"params": params, "files": files}), stamp_path)
     log.info("wrote demo dataset (%d train, %d val) to %s in %.1fs", n_train, n_val, out_dir,
              time.time() - t0)
     return ds

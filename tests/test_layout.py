@@ -11,15 +11,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # eval -> train)
 ALLOWED = {
     "xla_utils": set(),
+    "checkpoints": set(),
     "tokenizer": set(),
-    "shards": {"xla_utils"},
+    "shards": {"xla_utils", "checkpoints"},
     "losses": {"xla_utils"},
     "data": {"xla_utils", "shards"},
-    "model": {"xla_utils", "data", "tokenizer"},
-    "eval_zeroshot": {"xla_utils", "data", "model", "tokenizer"},
-    "export": {"xla_utils", "data", "model", "tokenizer"},
+    "model": {"xla_utils", "checkpoints", "data", "tokenizer"},
+    "eval_zeroshot": {"xla_utils", "checkpoints", "data", "model", "tokenizer"},
+    "export": {"xla_utils", "checkpoints", "data", "model", "tokenizer"},
     "plan": {"xla_utils", "data", "tokenizer", "model"},
-    "train": {"xla_utils", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses", "plan"},
+    "train": {"xla_utils", "checkpoints", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses",
+              "plan"},
     "finetune": {"train"},
 }
 CORE = list(ALLOWED)

@@ -18,28 +18,31 @@ from safetensors.torch import save_file
 from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 
 # A wrapper around train.main with a fault planted in it: FAULT=kill_save:N SIGKILLs the process
-# halfway through its N-th torch.save (a torn file on disk), FAULT=enospc_save:N makes that save
-# fail as on a full disk, FAULT=nan_loss:N makes the N-th contrastive loss NaN.
+# halfway through its N-th torch.save (a torn file on disk); FAULT=enospc_state:N / enospc_weights:N
+# point the N-th train_state.pt / model.safetensors write at /dev/full, so the real libraries meet the
+# kernel's ENOSPC as on a full disk; FAULT=nan_loss:N makes the N-th contrastive loss NaN.
 FAULTY = r'''
 import os, signal, sys, torch
-import losses, train
+import checkpoints, losses, train
 kind, n = os.environ["FAULT"].split(":")
-n, calls = int(n), {"save": 0, "loss": 0}
-real_save, real_loss = torch.save, losses.clip_loss
+n, calls = int(n), {"save": 0, "weights": 0, "loss": 0}
+real_save, real_weights, real_loss = torch.save, checkpoints.save_file, losses.clip_loss
 def save(obj, f, *a, **k):
     calls["save"] += 1
     if calls["save"] == n and kind == "kill_save":
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
-    if calls["save"] == n and kind == "enospc_save":
-        raise OSError(28, "No space left on device")
+    if calls["save"] == n and kind == "enospc_state":
+        os.dup2(os.open("/dev/full", os.O_WRONLY), f.fileno())
     return real_save(obj, f, *a, **k)
+def save_weights(tensors, path, **k):
+    calls["weights"] += 1
+    return real_weights(tensors, "/dev/full" if calls["weights"] == n and kind == "enospc_weights" else path, **k)
 def loss(*a, **k):
     calls["loss"] += 1
     out = real_loss(*a, **k)
     return out * float("nan") if calls["loss"] == n and kind == "nan_loss" else out
-torch.save, losses.clip_loss = save, loss
+torch.save, checkpoints.save_file, losses.clip_loss = save, save_weights, loss
 sys.exit(train.main(sys.argv[1:]))
 '''
 
@@ -180,10 +183,11 @@ def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupted, faulty, tmp_path):
-    """The 2nd checkpoint hits a full disk: one warning line, training goes on, the previous checkpoint
-    stays loadable and the run ends with the same losses; a final save that fails is exit 1."""
+    """The 2nd checkpoint's train_state.pt hits a full disk: one warning line, training goes on, the
+    previous checkpoint stays loadable and the run ends with the same losses; a final save whose
+    weights hit a full disk is exit 1 with one line."""
     out = tmp_path / "run"
-    p = run([PY, faulty, *tiny_demo_args(demo_small, out, "--keep", "5")], FAULT="enospc_save:2")
+    p = run([PY, faulty, *tiny_demo_args(demo_small, out, "--keep", "5")], FAULT="enospc_state:2")
     assert p.returncode == 0, p.stderr[-2000:]
     warn = [x for x in p.stderr.splitlines() if x.startswith("warning: checkpoint")]
     assert warn == ["warning: checkpoint of step 6 not written ([Errno 28] No space left on device); "
@@ -194,7 +198,7 @@ def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupte
     assert losses(out)[0] == want
     # the save at the end of the run (the 5th: steps 3, 6, 8, 11, 12) fails: nothing to continue from
     out2 = tmp_path / "run2"
-    p = run([PY, faulty, *tiny_demo_args(demo_small, out2, "--keep", "5")], FAULT="enospc_save:5")
+    p = run([PY, faulty, *tiny_demo_args(demo_small, out2, "--keep", "5")], FAULT="enospc_weights:5")
     assert p.returncode == 1
     assert p.stderr.splitlines()[-1].startswith("error: the checkpoint of step 12 could not be written")
     assert os.path.basename(_latest(out2)) == "step_00000011"

@@ -1,4 +1,4 @@
-"""xla_utils.py: device choice, launcher commands, atomic files, RNG state round trips."""
+"""xla_utils.py: device choice, launcher commands, RNG state round trips, host memory reuse."""
 import os
 import random
 import shlex
@@ -12,6 +12,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import checkpoints  # noqa: E402
 import xla_utils  # noqa: E402
 
 
@@ -78,58 +79,11 @@ def test_precision_and_device_flags_come_from_the_runtime():
     assert cpu.agree(True) and not cpu.agree(False)          # one process: its own decision
 
 
-def test_resolve_checkpoint_follows_latest_and_stays_inside(tmp_path):
-    ck = tmp_path / "run" / "checkpoints"
-    (ck / "step_00000010").mkdir(parents=True)
-    (ck / "step_00000010" / "model.safetensors").write_bytes(b"x")
-    (ck / "latest").write_text("step_00000010\n")
-    want = str(ck / "step_00000010")
-    for path in (tmp_path / "run", ck, ck / "latest", ck / "step_00000010"):
-        assert xla_utils.resolve_checkpoint(str(path)) == want, path
-    weights = ck / "step_00000010" / "model.safetensors"
-    assert xla_utils.resolve_checkpoint(str(weights)) == str(weights)
-    (ck / "latest").write_text("../../elsewhere\n")
-    with pytest.raises(ValueError, match="not a checkpoint directory beside it"):
-        xla_utils.resolve_checkpoint(str(tmp_path / "run"))
-    (ck / "latest").write_text("step_00000099\n")
-    with pytest.raises(FileNotFoundError, match="names step_00000099, which does not exist"):
-        xla_utils.resolve_checkpoint(str(ck))
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        xla_utils.resolve_checkpoint(str(tmp_path / "nothing"))
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "state.pt"
-    xla_utils.atomic_save({"step": 1, "w": torch.ones(3)}, str(path))
-
-    def boom(p):
-        with open(p, "wb") as f:
-            f.write(b"half a file")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        xla_utils.atomic_write(str(path), boom)
-    assert torch.load(path, weights_only=True)["step"] == 1        # the old file, intact
-    assert os.listdir(tmp_path) == ["state.pt"]                      # no temporary left behind
-
-    def fill_then_die(tmp_dir):
-        with open(os.path.join(tmp_dir, "a"), "w") as f:
-            f.write("x")
-        raise RuntimeError("killed while writing")
-
-    d = tmp_path / "ckpt"
-    with pytest.raises(RuntimeError, match="killed"):
-        xla_utils.atomic_dir(str(d), fill_then_die)
-    assert not d.exists() and sorted(os.listdir(tmp_path)) == ["state.pt"]
-    xla_utils.atomic_dir(str(d), lambda t: open(os.path.join(t, "a"), "w").write("x"))
-    assert (d / "a").read_text() == "x"
-
-
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     rt = xla_utils.init_runtime("cpu")
     rt.seed(7)
     state = rt.rng_state()
-    xla_utils.atomic_save(state, str(tmp_path / "rng.pt"))
+    checkpoints.save_state(state, str(tmp_path / "rng.pt"))
     want = (random.random(), np.random.rand(), torch.rand(3))
     rt.seed(99)
     rt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))

@@ -1,0 +1,229 @@
+"""What a run leaves on disk, written so that a kill or a full disk at any moment loses nothing.
+
+Atomic files and directories (write a temporary, fsync, rename), checkpoint directories (`latest`
+always names a complete one; pruned to --keep), the run lock (one run per output directory), and
+the one resolver of checkpoint paths. Host-only: the runtime (xla_utils) brings tensors to the host
+first. Write failures surface as OSError, whatever library wrote, so that the trainer can tell a
+full disk (warn, keep the previous checkpoint, go on) from a bug (traceback).
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import time
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def _fsync_dir(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn) -> str:
+    """Write a file atomically: write_fn(tmp_path) writes it, then fsync and rename over `path`.
+    A reader (or a resumed run after a kill) sees the old file or the new one, never half of one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(d)
+    return path
+
+
+def atomic_write_text(text: str, path: str) -> str:
+    return atomic_write(path, lambda p: pathlib.Path(p).write_text(text))
+
+
+def atomic_dir(final_dir: str, fill_fn) -> str:
+    """Create a directory atomically: fill_fn(tmp_dir) writes the files (each fsync'ed), then
+    the directory is renamed into place. An existing final_dir is replaced."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final_dir)}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        fill_fn(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final_dir):
+            shutil.rmtree(final_dir)
+        os.rename(tmp, final_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(parent)
+    return final_dir
+
+
+# ----------------------------------------------------------------------------- checkpoint directories
+
+class RawFile(io.RawIOBase):
+    """An unbuffered file that torch.save writes through, so a full disk raises OSError(ENOSPC):
+    given a path, torch.save reports it as a RuntimeError ("unexpected pos ..."), a buffered file
+    only when it is closed. Writes all of every buffer (a write may be short)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        return done
+
+    def close(self):
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def save_state(obj, path: str):
+    """torch.save(obj, path), a full disk raised as OSError (obj: weights_only-loadable types)."""
+    with RawFile(path) as f:
+        torch.save(obj, f)
+
+
+def save_weights(weights: dict, path: str, metadata: dict | None = None):
+    """safetensors.save_file, its I/O errors raised as the OSError they are (it reports a full disk
+    as SafetensorError "... I/O error: No space left on device (os error 28)")."""
+    try:
+        save_file(weights, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+
+def write_checkpoint(root: str, name: str, weights: dict, weights_metadata: dict, train_state: dict,
+                     meta: dict, *, keep: int, protected=()) -> str:
+    """ROOT/NAME/{model.safetensors, train_state.pt, meta.json} (host tensors) as one atomic directory, then
+    ROOT/latest names it, then the step directories beyond the newest `keep` are deleted (except
+    `protected` ones). `latest` always names a complete checkpoint, even when NAME is re-saved."""
+    pointer = os.path.join(root, "latest")
+    steps = lambda: sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))  # noqa: E731
+    if os.path.isdir(os.path.join(root, name)):
+        # re-saving what `latest` may name (after --resume of an older one): point it at an older
+        # complete checkpoint first, so that a kill in between never leaves it dangling
+        older = [d for d in steps() if d < name]
+        if older:
+            atomic_write_text(older[-1] + "\n", pointer)
+        elif os.path.exists(pointer):
+            os.remove(pointer)
+
+    def fill(d):
+        save_weights(weights, os.path.join(d, "model.safetensors"), weights_metadata)
+        save_state(train_state, os.path.join(d, "train_state.pt"))
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    path = atomic_dir(os.path.join(root, name), fill)
+    atomic_write_text(name + "\n", pointer)
+    for d in steps()[:-keep]:
+        if d not in protected:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return path
+
+
+def remove_temporaries(parent: str) -> list[str]:
+    """Delete what atomic_write / atomic_dir leave behind when a process is killed mid-write
+    (.NAME.tmpPID). Call only while holding the run lock: then no other writer is active."""
+    gone = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if re.fullmatch(r"\..+\.tmp\d+", name):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            gone.append(name)
+    return gone
+
+
+# ----------------------------------------------------------------------------- the run lock, the resolver
+
+class RunLock:
+    """OUT/.lock: one run per output directory. A POSIX record lock (fcntl.lockf) on the file, so
+    the kernel drops it when the holder dies however it dies (a SIGKILL'd run leaves a stale file,
+    never a stale lock), and forked data-loader workers do not inherit it."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, ".lock")
+        self.fd = None
+        self.previous = ""          # holder recorded in a stale lock file that was taken over
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
+                             "stop it, or train into another --out") from None
+        self.previous = holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)        # closing drops the lock; the file stays (harmless)
+            self.fd = None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
+    holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
+    checkpoints/latest pointer file itself -> the checkpoint it names, a directory beside it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
+        path = os.path.dirname(os.path.abspath(path))          # the pointer file itself
+    elif not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        pointer = os.path.join(root, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+                raise ValueError(f"{pointer} names {name!r}, not a checkpoint directory beside it")
+            target = os.path.join(root, name)
+            if not os.path.isdir(target):
+                raise FileNotFoundError(f"{pointer} names {name}, which does not exist")
+            return target
+    raise FileNotFoundError(f"no model.safetensors (or checkpoints/latest) in directory {path}")

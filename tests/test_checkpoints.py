@@ -1,0 +1,100 @@
+"""checkpoints.py: atomic files and directories, checkpoint directories, the path resolver, and
+write failures that surface as OSError whichever library writes (a full disk is the kernel's
+ENOSPC from /dev/full here, not a raised stand-in)."""
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import checkpoints  # noqa: E402
+
+
+def test_resolve_checkpoint_follows_latest_and_stays_inside(tmp_path):
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / "step_00000010").mkdir(parents=True)
+    (ck / "step_00000010" / "model.safetensors").write_bytes(b"x")
+    (ck / "latest").write_text("step_00000010\n")
+    want = str(ck / "step_00000010")
+    for path in (tmp_path / "run", ck, ck / "latest", ck / "step_00000010"):
+        assert checkpoints.resolve_checkpoint(str(path)) == want, path
+    weights = ck / "step_00000010" / "model.safetensors"
+    assert checkpoints.resolve_checkpoint(str(weights)) == str(weights)
+    (ck / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(ValueError, match="not a checkpoint directory beside it"):
+        checkpoints.resolve_checkpoint(str(tmp_path / "run"))
+    (ck / "latest").write_text("step_00000099\n")
+    with pytest.raises(FileNotFoundError, match="names step_00000099, which does not exist"):
+        checkpoints.resolve_checkpoint(str(ck))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoints.resolve_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "state.pt"
+    checkpoints.atomic_write(str(path), lambda p: checkpoints.save_state({"step": 1, "w": torch.ones(3)}, p))
+
+    def boom(p):
+        with open(p, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.atomic_write(str(path), boom)
+    assert torch.load(path, weights_only=True)["step"] == 1        # the old file, intact
+    assert os.listdir(tmp_path) == ["state.pt"]                      # no temporary left behind
+
+    def fill_then_die(tmp_dir):
+        with open(os.path.join(tmp_dir, "a"), "w") as f:
+            f.write("x")
+        raise RuntimeError("killed while writing")
+
+    d = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        checkpoints.atomic_dir(str(d), fill_then_die)
+    assert not d.exists() and sorted(os.listdir(tmp_path)) == ["state.pt"]
+    checkpoints.atomic_dir(str(d), lambda t: open(os.path.join(t, "a"), "w").write("x"))
+    assert (d / "a").read_text() == "x"
+
+
+def test_a_state_written_in_short_writes_loads_whole(tmp_path, monkeypatch):
+    """The kernel may write part of a buffer: every byte still lands (torch.save checks nothing)."""
+    state = {"step": 3, "m": torch.randn(300, 7), "rng": [torch.arange(5)]}
+    real_write = os.write
+    monkeypatch.setattr(checkpoints.os, "write", lambda fd, b: real_write(fd, bytes(memoryview(b)[:777])))
+    checkpoints.save_state(state, str(tmp_path / "s.pt"))
+    got = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert got["step"] == 3 and torch.equal(got["m"], state["m"]) and torch.equal(got["rng"][0], state["rng"][0])
+
+
+@pytest.mark.parametrize("writer", ["save_state", "save_weights"])
+def test_a_full_disk_is_an_oserror_whichever_library_writes(writer):
+    """/dev/full answers every write with ENOSPC: torch.save and safetensors, writing to it, must
+    raise OSError(28) (given a path, torch says RuntimeError "unexpected pos", safetensors says
+    SafetensorError), the error the trainer turns into "checkpoint not written; training goes on"."""
+    with pytest.raises(OSError) as e:
+        getattr(checkpoints, writer)({"w": torch.randn(256, 256)}, "/dev/full")
+    assert e.value.errno == 28
+
+
+def test_a_checkpoint_that_meets_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
+    root = str(tmp_path / "checkpoints")
+    w = {"w": torch.ones(2, 3)}
+
+    def save(name):
+        return checkpoints.write_checkpoint(root, name, w, {"k": "v"}, {"step": 1}, {"step": 1}, keep=1)
+
+    save("step_00000001")
+    real_open = checkpoints.os.open
+    monkeypatch.setattr(checkpoints.os, "open", lambda path, *a, **k: real_open(
+        "/dev/full" if str(path).endswith("train_state.pt") else path, *a, **k))
+    with pytest.raises(OSError) as e:
+        save("step_00000002")
+    assert e.value.errno == 28
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001"]       # no temporary, no torn step 2
+    assert checkpoints.resolve_checkpoint(root).endswith("step_00000001")
+    assert torch.equal(load_file(os.path.join(root, "step_00000001", "model.safetensors"))["w"], w["w"])
