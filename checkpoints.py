@@ -6,6 +6,7 @@ the one resolver of checkpoint paths. Host-only: the runtime (xla_utils) brings 
 first. Write failures surface as OSError, whatever library wrote, so that the trainer can tell a
 full disk (warn, keep the previous checkpoint, go on) from a bug (traceback).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -22,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-
 # ----------------------------------------------------------------------------- atomic files
+
 
 def _fsync_dir(path: str):
     try:
@@ -83,6 +84,7 @@ def atomic_dir(final_dir: str, fill_fn) -> str:
 
 # ----------------------------------------------------------------------------- checkpoint directories
 
+
 class RawFile(io.RawIOBase):
     """An unbuffered file that torch.save writes through, so a full disk raises OSError(ENOSPC):
     given a path, torch.save reports it as a RuntimeError ("unexpected pos ..."), a buffered file
@@ -128,8 +130,17 @@ def save_weights(weights: dict, path: str, metadata: dict | None = None):
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 
-def write_checkpoint(root: str, name: str, weights: dict, weights_metadata: dict, train_state: dict,
-                     meta: dict, *, keep: int, protected=()) -> str:
+def write_checkpoint(
+    root: str,
+    name: str,
+    weights: dict,
+    weights_metadata: dict,
+    train_state: dict,
+    meta: dict,
+    *,
+    keep: int,
+    protected=(),
+) -> str:
     """ROOT/NAME/{model.safetensors, train_state.pt, meta.json} (host tensors) as one atomic directory, then
     ROOT/latest names it, then the step directories beyond the newest `keep` are deleted (except
     `protected` ones). `latest` always names a complete checkpoint, even when NAME is re-saved."""
@@ -172,6 +183,7 @@ def remove_temporaries(parent: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the run lock, the resolver
 
+
 class RunLock:
     """OUT/.lock: one run per output directory. A POSIX record lock (fcntl.lockf) on the file, so
     the kernel drops it when the holder dies however it dies (a SIGKILL'd run leaves a stale file,
@@ -180,7 +192,7 @@ class RunLock:
     def __init__(self, out: str):
         self.path = os.path.join(out, ".lock")
         self.fd = None
-        self.previous = ""          # holder recorded in a stale lock file that was taken over
+        self.previous = ""  # holder recorded in a stale lock file that was taken over
 
     def acquire(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -190,8 +202,10 @@ class RunLock:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ValueError(f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
-                             "stop it, or train into another --out") from None
+            raise ValueError(
+                f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
+                "stop it, or train into another --out"
+            ) from None
         self.previous = holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
@@ -200,7 +214,7 @@ class RunLock:
 
     def release(self):
         if self.fd is not None:
-            os.close(self.fd)        # closing drops the lock; the file stays (harmless)
+            os.close(self.fd)  # closing drops the lock; the file stays (harmless)
             self.fd = None
 
 
@@ -212,7 +226,7 @@ def resolve_checkpoint(path: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
-        path = os.path.dirname(os.path.abspath(path))          # the pointer file itself
+        path = os.path.dirname(os.path.abspath(path))  # the pointer file itself
     elif not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     for root in (path, os.path.join(path, "checkpoints")):

@@ -11,6 +11,7 @@ CLI:  python data.py stats SPEC... [--format F] [--no-decode] [--split S]
       python data.py reshard SRC DST --max-side N [--quality Q] [--workers W]   (shards.py's pass)
 The demo dataset lives in launch/demo_data.py, the loader benchmark in launch/bench_data.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,34 +24,42 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
 
+import cli
 import shards
 import xla_utils
 from shards import FORMATS, Raw, Source, find_tfds_dir, is_remote, read_shard, resolve
 
 log = logging.getLogger("clipa.data")
 
-DEFAULT_SHUFFLE = 1000      # samples per loader worker (raw JPEG bytes, ~10-50 KB each)
+DEFAULT_SHUFFLE = 1000  # samples per loader worker (raw JPEG bytes, ~10-50 KB each)
 # the largest image (width x height) that is decoded: Pillow's decompression-bomb limit (0.25 GiB as
 # RGB). One cap for the train and eval transforms and `stats`; a larger image is the counted skip
 # "image_too_large", refused from its header before any pixel is decoded.
 MAX_IMAGE_PIXELS = 89_478_485
-END = 1 << 62               # "past the last shard" position
-PIPE_BYTES = 1 << 22        # a worker's batch tensors up to this size travel through its pipe (_pipe)
+END = 1 << 62  # "past the last shard" position
+PIPE_BYTES = 1 << 22  # a worker's batch tensors up to this size travel through its pipe (_pipe)
 
-_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-           "lanczos": Image.LANCZOS, "box": Image.BOX}
+_INTERP = {
+    "bicubic": Image.BICUBIC,
+    "bilinear": Image.BILINEAR,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+}
 
 
 # ----------------------------------------------------------------------------- small helpers
+
 
 def mix(*xs: int) -> int:
     """Stateless 64-bit hash (splitmix64 chain): per-sample seeds that do not depend on worker
@@ -66,6 +75,7 @@ def mix(*xs: int) -> int:
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 class ImageTooLarge(ValueError):
     """An encoded image over MAX_IMAGE_PIXELS: refused before decoding."""
@@ -111,7 +121,7 @@ def random_resized_crop_params(width: int, height: int, scale, ratio, rng: rando
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height        # fallback: central crop at the nearest allowed ratio
+    in_ratio = width / height  # fallback: central crop at the nearest allowed ratio
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
@@ -121,8 +131,9 @@ def random_resized_crop_params(width: int, height: int, scale, ratio, rng: rando
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter(img: Image.Image, rng: random.Random, brightness=0.32, contrast=0.32,
-                 saturation=0.32, hue=0.08) -> Image.Image:
+def color_jitter(
+    img: Image.Image, rng: random.Random, brightness=0.32, contrast=0.32, saturation=0.32, hue=0.08
+) -> Image.Image:
     """torchvision ColorJitter semantics on PIL (same enhancers, random order, HSV hue shift)."""
     ops = [0, 1, 2, 3]
     rng.shuffle(ops)
@@ -176,16 +187,18 @@ def _resize_box(img, box, size: int) -> torch.Tensor:
     (x0, x1, fx), (y0, y1, fy) = cx, cy
     if arr:
         hwc = torch.from_numpy(img)[y0:y1, x0:x1]
-    else:   # bytearray: a writable buffer torch can share (Pillow's bytes are read-only)
-        hwc = torch.frombuffer(bytearray(img.crop((x0, y0, x1, y1)).tobytes()),
-                               dtype=torch.uint8).view(y1 - y0, x1 - x0, 3)
-    x = hwc.permute(2, 0, 1).unsqueeze(0)      # HWC memory read as channels-last CHW: no copy
+    else:  # bytearray: a writable buffer torch can share (Pillow's bytes are read-only)
+        hwc = torch.frombuffer(bytearray(img.crop((x0, y0, x1, y1)).tobytes()), dtype=torch.uint8).view(
+            y1 - y0, x1 - x0, 3
+        )
+    x = hwc.permute(2, 0, 1).unsqueeze(0)  # HWC memory read as channels-last CHW: no copy
     flips = [d for d, f in ((2, fy), (3, fx)) if f]
     if flips:
         x = x.flip(flips)
     # explicit scales: the output grid is the box's, even where the crop runs past its far edge
-    out = torch.ops.aten._upsample_bicubic2d_aa(x, [size, size], False, size / (box[3] - box[1]),
-                                                size / (box[2] - box[0]))
+    out = torch.ops.aten._upsample_bicubic2d_aa(
+        x, [size, size], False, size / (box[3] - box[1]), size / (box[2] - box[0])
+    )
     if flips:
         out = out.flip(flips)
     return out[0].contiguous()
@@ -201,8 +214,15 @@ class TrainTransform:
     pixels); use_simplejpeg=False takes Pillow's decoder for everything (its fallback otherwise).
     Raises ImageTooLarge for an image over MAX_IMAGE_PIXELS, another exception for a bad one."""
 
-    def __init__(self, image_size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3),
-                 color_jitter: bool = False, draft: bool = True, use_simplejpeg: bool = True):
+    def __init__(
+        self,
+        image_size: int,
+        scale=(0.4, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        color_jitter: bool = False,
+        draft: bool = True,
+        use_simplejpeg: bool = True,
+    ):
         self.size = int(image_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.color_jitter, self.draft, self.use_simplejpeg = color_jitter, draft, use_simplejpeg
@@ -220,9 +240,9 @@ class TrainTransform:
         s = _dct_scale(W, H, box, (self.size, self.size)) if self.draft else 1
         try:
             arr = simplejpeg.decode_jpeg(src, "RGB", min_height=-(-H // s), min_width=-(-W // s))
-        except ValueError:      # CMYK, corrupt or truncated data: Pillow decides
+        except ValueError:  # CMYK, corrupt or truncated data: Pillow decides
             return self._crop_pillow(src, rng, params)
-        if arr.shape[:2] != (-(-H // s), -(-W // s)):    # tiny image: libjpeg chose an M/8 scale
+        if arr.shape[:2] != (-(-H // s), -(-W // s)):  # tiny image: libjpeg chose an M/8 scale
             return self._crop_pillow(src, rng, params)
         return _resize_box(arr, tuple(v / s for v in box), self.size)
 
@@ -272,7 +292,7 @@ class EvalTransform:
         s = self.size
         if self.square:
             box = (0.0, 0.0, float(W), float(H))
-        else:   # the crop of the resized image, mapped back to source pixels: one resampling
+        else:  # the crop of the resized image, mapped back to source pixels: one resampling
             ow, oh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
             top, left = int(round((oh - s) / 2.0)), int(round((ow - s) / 2.0))
             box = (left * W / ow, top * H / oh, (left + s) * W / ow, (top + s) * H / oh)
@@ -286,8 +306,7 @@ def train_transform(image_size: int, scale=(0.4, 1.0), color_jitter: bool = Fals
     return TrainTransform(image_size, scale=scale, color_jitter=color_jitter)
 
 
-def eval_transform(image_size: int, interpolation: str = "bicubic",
-                   square_resize_only: bool = False) -> EvalTransform:
+def eval_transform(image_size: int, interpolation: str = "bicubic", square_resize_only: bool = False) -> EvalTransform:
     """The evaluation preprocessing, full-resolution decode (see EvalTransform)."""
     return EvalTransform(image_size, interpolation, square_resize_only)
 
@@ -317,6 +336,7 @@ class Normalized:
 
 # ----------------------------------------------------------------------------- training loader
 
+
 @dataclass
 class _Plan:
     """Which shards each of the W = world_size * num_workers readers reads in one epoch.
@@ -324,13 +344,14 @@ class _Plan:
     shards g, g+W, ... (shard-level sharding). With fewer shards than readers, every reader reads
     every shard and keeps record r of shard position p when (p + r) % W == g (sample-level
     striding): no reader idles, and still no record is read by two readers."""
-    shards: list[str]       # all shards of the spec, in spec order (ids index this)
-    order: list[int]        # shard ids in this epoch's order (excluded ones removed)
-    readers: int            # W
+
+    shards: list[str]  # all shards of the spec, in spec order (ids index this)
+    order: list[int]  # shard ids in this epoch's order (excluded ones removed)
+    readers: int  # W
 
     def assign(self, g: int) -> tuple[list[int], int]:
         if len(self.order) >= self.readers:
-            return self.order[g::self.readers], 1
+            return self.order[g :: self.readers], 1
         return list(self.order), self.readers
 
 
@@ -342,9 +363,9 @@ def _epoch_order(n: int, seed: int, epoch: int, exclude=()) -> list[int]:
 
 
 class _Entry(NamedTuple):
-    pos: int        # position of the shard in this reader's list
-    rec: int        # record index in the shard (counting bad records too)
-    sid: int        # shard id (stable across epochs/topologies: seeds the augmentation)
+    pos: int  # position of the shard in this reader's list
+    rec: int  # record index in the shard (counting bad records too)
+    sid: int  # shard id (stable across epochs/topologies: seeds the augmentation)
     raw: Raw
 
 
@@ -360,7 +381,7 @@ class _StreamCfg:
     shuffle_buffer: int
     transform: Callable
     tokenizer: Callable | None
-    snapshots: dict = field(default_factory=dict)     # local worker id -> snapshot to resume
+    snapshots: dict = field(default_factory=dict)  # local worker id -> snapshot to resume
 
 
 def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[int, int, _Entry]]:
@@ -381,7 +402,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
     g = cfg.rank * cfg.num_workers + wid
     base = mix(cfg.seed, cfg.epoch, g, 0xB0F)
     snap = cfg.snapshots.get(wid)
-    if snap and snap.get("final"):      # this worker had finished its epoch before the save
+    if snap and snap.get("final"):  # this worker had finished its epoch before the save
         yield None, None, {"wid": wid, **snap}
         return
     stats: Counter = Counter(snap["stats"]) if snap else Counter()
@@ -389,10 +410,10 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
     k = snap["k"] if snap else 0
     B = max(1, cfg.shuffle_buffer)
     buf: list[_Entry] = []
-    keys: list[tuple[int, int]] = []    # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
+    keys: list[tuple[int, int]] = []  # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
     resume_at = tuple(snap["next"]) if snap else (0, 0)
     records = _reader_records(cfg, g, 0)
-    if snap:   # rebuild the shuffle buffer exactly: re-read (no decode) from its oldest shard
+    if snap:  # rebuild the shuffle buffer exactly: re-read (no decode) from its oldest shard
         need = {tuple(p): i for i, p in enumerate(snap["buf"])}
         start = min([resume_at[0]] + [p[0] for p in snap["buf"]])
         records = _reader_records(cfg, g, start)
@@ -407,8 +428,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         buf = [e for e in slots if e is not None]
         keys = [(e.pos, e.rec) for e in buf]
         if len(buf) < len(slots):
-            log.warning("resume: %d buffered records not found again (shards changed?)",
-                        len(slots) - len(buf))
+            log.warning("resume: %d buffered records not found again (shards changed?)", len(slots) - len(buf))
         if first is not None:
             records = chain([first], records)
     logged = set()
@@ -422,8 +442,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
                 stats[e.raw.reason] += 1
                 if e.raw.reason not in logged:
                     logged.add(e.raw.reason)
-                    log.warning("skipping bad sample (%s): %s in %s", e.raw.reason, e.raw.key,
-                                cfg.plan.shards[e.sid])
+                    log.warning("skipping bad sample (%s): %s in %s", e.raw.reason, e.raw.key, cfg.plan.shards[e.sid])
                 continue
             if B <= 1:
                 k += 1
@@ -451,13 +470,13 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
             reason = _skip_reason(ex)
             stats[reason] += 1
-            if stats["bad_image"] >= 50 and not stats["samples"]:   # a bug, not bad data
-                raise RuntimeError(f"the first {stats['bad_image']} images all failed to decode; "
-                                   f"last error: {type(ex).__name__}: {ex}") from ex
+            if stats["bad_image"] >= 50 and not stats["samples"]:  # a bug, not bad data
+                raise RuntimeError(
+                    f"the first {stats['bad_image']} images all failed to decode; last error: {type(ex).__name__}: {ex}"
+                ) from ex
             if reason not in logged:
                 logged.add(reason)
-                log.warning("skipping bad image (%s) %s in %s: %s", reason, e.raw.key,
-                            cfg.plan.shards[e.sid], ex)
+                log.warning("skipping bad image (%s) %s in %s: %s", reason, e.raw.key, cfg.plan.shards[e.sid], ex)
             continue
         stats["samples"] += 1
         images.append(x)
@@ -466,14 +485,19 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
             rng = random.Random(mix(cfg.seed, cfg.epoch, g, batches, 0x70C))
             tokens = cfg.tokenizer(texts, rng=rng) if cfg.tokenizer is not None else texts
             batches += 1
-            meta = {"wid": wid, "next": list(state["next"]), "k": k, "batches": batches,
-                    "buf": list(keys), "stats": dict(stats)}
+            meta = {
+                "wid": wid,
+                "next": list(state["next"]),
+                "k": k,
+                "batches": batches,
+                "buf": list(keys),
+                "stats": dict(stats),
+            }
             yield torch.stack(images), tokens, meta
             images, texts = [], []
-    if images:      # static shapes: a worker's last partial batch of the epoch is dropped
+    if images:  # static shapes: a worker's last partial batch of the epoch is dropped
         log.debug("reader %d: %d samples left over at the end of epoch %d", g, len(images), cfg.epoch)
-    meta = {"wid": wid, "next": [END, 0], "k": k, "batches": batches, "buf": [],
-            "stats": dict(stats), "final": True}
+    meta = {"wid": wid, "next": [END, 0], "k": k, "batches": batches, "buf": [], "stats": dict(stats), "final": True}
     yield None, None, meta
 
 
@@ -487,7 +511,7 @@ class _TrainDataset(torch.utils.data.IterableDataset):
         return ((_pipe(x), _pipe(t), m) for x, t, m in batches) if info is not None and self.pipe else batches
 
 
-def _pipe(x):    # a tensor goes by shared memory: the main process fetches its file descriptor from
+def _pipe(x):  # a tensor goes by shared memory: the main process fetches its file descriptor from
     # the worker over a socket, a round trip that waits for the worker to run (~1 ms a batch, busy CPU)
     return x.numpy() if isinstance(x, torch.Tensor) and x.nbytes <= PIPE_BYTES else x
 
@@ -536,9 +560,24 @@ class TrainLoader:
     has its own state (`state` may also be the list of all ranks' states: ours is picked).
     .samples / .skipped: good samples read and bad ones skipped by reason, all epochs so far."""
 
-    def __init__(self, src: Source, tokenizer, transform, batch_size: int, *, num_workers: int,
-                 seed: int, epoch: int, rank: int, world_size: int, shuffle_buffer: int,
-                 prefetch: int, repeat: bool, state: dict | list | None, pin_memory: bool):
+    def __init__(
+        self,
+        src: Source,
+        tokenizer,
+        transform,
+        batch_size: int,
+        *,
+        num_workers: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int,
+        prefetch: int,
+        repeat: bool,
+        state: dict | list | None,
+        pin_memory: bool,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -551,25 +590,37 @@ class TrainLoader:
         self._exclude: list[int] = []
         self._workers: dict[int, dict] = {}
         self._batches = 0
-        self._turn = 0              # worker whose batch comes next (round-robin)
-        self._past = Counter()      # stats of finished epochs
+        self._turn = 0  # worker whose batch comes next (round-robin)
+        self._past = Counter()  # stats of finished epochs
         if state is not None:
             self._load_state(state)
 
     # -- state
     def _topology(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "num_shards": len(self.src.shards),
-                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer}
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "num_shards": len(self.src.shards),
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
 
     def state_dict(self) -> dict:
-        return {"version": 1, "epoch": self.epoch, "batches": self._batches, "turn": self._turn,
-                "exclude": list(self._exclude), **self._topology(),
-                "workers": {str(w): {**s, "buf": [list(p) for p in s["buf"]]} for w, s in self._workers.items()},
-                "past_stats": dict(self._past)}
+        return {
+            "version": 1,
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "turn": self._turn,
+            "exclude": list(self._exclude),
+            **self._topology(),
+            "workers": {str(w): {**s, "buf": [list(p) for p in s["buf"]]} for w, s in self._workers.items()},
+            "past_stats": dict(self._past),
+        }
 
     def _load_state(self, state):
-        if isinstance(state, (list, tuple)):   # states of all ranks: take ours
+        if isinstance(state, (list, tuple)):  # states of all ranks: take ours
             mine = [s for s in state if s.get("rank") == self.rank]
             state = mine[0] if mine else state[0]
         if state.get("version") != 1:
@@ -593,11 +644,13 @@ class TrainLoader:
             for w, s in state.get("workers", {}).items():
                 ids, _ = plan.assign(state["rank"] * snw + int(w))
                 oldest = min([s["next"][0]] + [p[0] for p in s["buf"]])
-                done.update(ids[:min(oldest, len(ids))])
-        log.warning("loader state from a different layout (%s); resuming epoch %d at shard "
-                    "granularity, %d shards already done",
-                    ", ".join(f"{k}={state.get(k)}" for k, v in self._topology().items()
-                              if state.get(k) != v), self.epoch, len(done))
+                done.update(ids[: min(oldest, len(ids))])
+        log.warning(
+            "loader state from a different layout (%s); resuming epoch %d at shard granularity, %d shards already done",
+            ", ".join(f"{k}={state.get(k)}" for k, v in self._topology().items() if state.get(k) != v),
+            self.epoch,
+            len(done),
+        )
         self._exclude = sorted(done) if state["num_shards"] == len(self.src.shards) else []
 
     # -- stats
@@ -614,20 +667,37 @@ class TrainLoader:
     # -- iteration
     def _dataloader(self):
         readers = self.world_size * max(1, self.num_workers)
-        plan = _Plan(self.src.shards, _epoch_order(len(self.src.shards), self.seed, self.epoch,
-                                                   self._exclude), readers)
-        cfg = _StreamCfg(self.src, plan, self.seed, self.epoch, self.rank, max(1, self.num_workers),
-                         self.batch_size, self.shuffle_buffer, self.transform, self.tokenizer,
-                         dict(self._workers))
+        plan = _Plan(self.src.shards, _epoch_order(len(self.src.shards), self.seed, self.epoch, self._exclude), readers)
+        cfg = _StreamCfg(
+            self.src,
+            plan,
+            self.seed,
+            self.epoch,
+            self.rank,
+            max(1, self.num_workers),
+            self.batch_size,
+            self.shuffle_buffer,
+            self.transform,
+            self.tokenizer,
+            dict(self._workers),
+        )
         kw = {"generator": _generator(self.seed, self.epoch, self.rank)}
         if self.num_workers > 0:
-            kw.update(prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
-                      worker_init_fn=_worker_init, persistent_workers=False)
+            kw.update(
+                prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
+                worker_init_fn=_worker_init,
+                persistent_workers=False,
+            )
         # pin_memory rebuilds each (images, tokens, meta) item as a list with meta copied: _ordered
         # only unpacks and indexes it, so batches and loader state are the same either way
-        return torch.utils.data.DataLoader(_TrainDataset(cfg, pipe=not self.pin_memory), batch_size=None,
-                                           collate_fn=_identity,
-                                           num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        return torch.utils.data.DataLoader(
+            _TrainDataset(cfg, pipe=not self.pin_memory),
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **kw,
+        )
 
     def _ordered(self, dl):
         """Batches in a fixed round-robin over workers (skipping finished ones), starting at the
@@ -642,37 +712,44 @@ class TrainLoader:
             while not queues[w]:
                 try:
                     item = next(it)
-                except StopIteration:       # cannot happen before every worker said "final"
+                except StopIteration:  # cannot happen before every worker said "final"
                     raise RuntimeError("loader workers ended without a final marker") from None
                 queues[item[2]["wid"]].append(item)
             images, tokens, meta = queues[w].pop(0)
             del meta["wid"]
             self._workers[w] = meta
             i = active.index(w)
-            if images is None:          # worker w finished its part of the epoch
+            if images is None:  # worker w finished its part of the epoch
                 active.remove(w)
                 self._turn = active[i % len(active)] if active else 0
                 continue
             self._turn = active[(i + 1) % len(active)]
             yield _unpipe(images), _unpipe(tokens), meta
-        for _ in it:                    # let the DataLoader shut its workers down cleanly
+        for _ in it:  # let the DataLoader shut its workers down cleanly
             pass
 
     def __iter__(self):
         if self.src.fmt in ("tfrecord", "tfds"):
-            xla_utils.import_tensorflow()   # in the parent, before forking workers (CLIPA_SPEC section 9)
+            xla_utils.import_tensorflow()  # in the parent, before forking workers (docs/platforms.md)
         while True:
-            for images, tokens, meta in self._ordered(self._dataloader()):
+            for images, tokens, _meta in self._ordered(self._dataloader()):
                 self._batches += 1
                 yield images, tokens
             stats = sum((Counter(s["stats"]) for s in self._workers.values()), Counter())
-            log.info("epoch %d done (rank %d): %d batches, %d samples read, skipped %s",
-                     self.epoch, self.rank, self._batches, stats.get("samples", 0),
-                     json.dumps({k: v for k, v in stats.items() if k != "samples"}))
-            if self._batches == 0:      # repeating would spin forever without a batch
-                raise ValueError(f"no training batch of {self.batch_size} from {len(self.src.shards)} "
-                                 f"shard(s) on rank {self.rank}: {stats.get('samples', 0)} good samples, "
-                                 f"skipped {dict(self.skipped)}")
+            log.info(
+                "epoch %d done (rank %d): %d batches, %d samples read, skipped %s",
+                self.epoch,
+                self.rank,
+                self._batches,
+                stats.get("samples", 0),
+                json.dumps({k: v for k, v in stats.items() if k != "samples"}),
+            )
+            if self._batches == 0:  # repeating would spin forever without a batch
+                raise ValueError(
+                    f"no training batch of {self.batch_size} from {len(self.src.shards)} "
+                    f"shard(s) on rank {self.rank}: {stats.get('samples', 0)} good samples, "
+                    f"skipped {dict(self.skipped)}"
+                )
             self._past.update(stats)
             self.epoch += 1
             self._workers, self._batches, self._exclude, self._turn = {}, 0, [], 0
@@ -680,12 +757,27 @@ class TrainLoader:
                 return
 
 
-def make_train_loader(spec, tokenizer, image_size: int, batch_size: int, *, fmt: str | None = None,
-                      num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0,
-                      world_size: int = 1, shuffle_buffer: int | None = None,
-                      prefetch: int | None = None, scale=(0.4, 1.0), color_jitter: bool = False,
-                      state: dict | list | None = None, repeat: bool = True,
-                      split: str = "train", pin_memory: bool = False) -> TrainLoader:
+def make_train_loader(
+    spec,
+    tokenizer,
+    image_size: int,
+    batch_size: int,
+    *,
+    fmt: str | None = None,
+    num_workers: int = 2,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int | None = None,
+    prefetch: int | None = None,
+    scale=(0.4, 1.0),
+    color_jitter: bool = False,
+    state: dict | list | None = None,
+    repeat: bool = True,
+    split: str = "train",
+    pin_memory: bool = False,
+) -> TrainLoader:
     """Training loader over webdataset / TFRecord / TFDS shards (see TrainLoader).
     shuffle_buffer: samples per worker (default $TFDS_SHUFFLE_SIZE or 1000); prefetch: samples
     per worker decoded ahead (default $TFDS_PREFETCH_SIZE or 2 batches). Host memory is about
@@ -696,10 +788,22 @@ def make_train_loader(spec, tokenizer, image_size: int, batch_size: int, *, fmt:
     src = resolve(spec, fmt, split)
     shuffle_buffer = _env_int("TFDS_SHUFFLE_SIZE", DEFAULT_SHUFFLE) if shuffle_buffer is None else shuffle_buffer
     prefetch = _env_int("TFDS_PREFETCH_SIZE", 2 * batch_size) if prefetch is None else prefetch
-    return TrainLoader(src, tokenizer, train_transform(image_size, scale, color_jitter), batch_size,
-                       num_workers=num_workers, seed=seed, epoch=epoch, rank=rank,
-                       world_size=world_size, shuffle_buffer=shuffle_buffer, prefetch=prefetch,
-                       repeat=repeat, state=state, pin_memory=pin_memory)
+    return TrainLoader(
+        src,
+        tokenizer,
+        train_transform(image_size, scale, color_jitter),
+        batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+        prefetch=prefetch,
+        repeat=repeat,
+        state=state,
+        pin_memory=pin_memory,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluation loaders
@@ -710,13 +814,11 @@ _IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
 def _image_folder(path: str) -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(d.name for d in os.scandir(path) if d.is_dir())
     if not classes:
-        raise ValueError(f"{path}: no class sub-directories (expected an ImageFolder tree "
-                         f"val/<class>/<image>)")
+        raise ValueError(f"{path}: no class sub-directories (expected an ImageFolder tree val/<class>/<image>)")
     items = []
     for label, c in enumerate(classes):
         for root, _, files in sorted(os.walk(os.path.join(path, c))):
-            items += [(os.path.join(root, f), label) for f in sorted(files)
-                      if f.lower().endswith(_IMG_EXTS)]
+            items += [(os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(_IMG_EXTS)]
     if not items:
         raise ValueError(f"{path}: no images under the class directories")
     return items, classes
@@ -741,8 +843,11 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 def _collate_eval(batch):
     good = [(x, y) for x, y in batch if x is not None]
-    return (torch.stack([x for x, _ in good]) if good else None,
-            torch.tensor([y for _, y in good]) if good else None, len(batch) - len(good))
+    return (
+        torch.stack([x for x, _ in good]) if good else None,
+        torch.tensor([y for _, y in good]) if good else None,
+        len(batch) - len(good),
+    )
 
 
 class _ShardEvalDataset(torch.utils.data.IterableDataset):
@@ -795,9 +900,17 @@ class EvalLoader:
         return len(self.dl)
 
 
-def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None,
-                     num_workers: int = 2, rank: int = 0, world_size: int = 1,
-                     split: str = "validation") -> tuple[EvalLoader, list[str]]:
+def make_eval_loader(
+    path,
+    transform,
+    batch_size: int,
+    *,
+    fmt: str | None = None,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "validation",
+) -> tuple[EvalLoader, list[str]]:
     """ImageNet-style evaluation data: an ImageFolder tree (labels = sorted folder names) or a TFDS
     directory (e.g. imagenet2012, split 'validation', labels from its ClassLabel feature).
     Each rank reads a disjoint part. Returns (loader, class folder / label names in label order)."""
@@ -812,21 +925,28 @@ def make_eval_loader(path, transform, batch_size: int, *, fmt: str | None = None
             raise ValueError(f"{path}: TFDS dataset has no ClassLabel feature")
         ds = _ShardEvalDataset(src, transform, batch_size, rank, world_size)
         xla_utils.import_tensorflow()
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_identity,
-                                         num_workers=num_workers, generator=_generator(rank))
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, collate_fn=_identity, num_workers=num_workers, generator=_generator(rank)
+        )
         return EvalLoader(dl, None), list(src.classes)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: not a directory (expected an ImageFolder tree or TFDS dir)")
     items, classes = _image_folder(path)
     n = len(items)
-    part = items[rank * n // world_size:(rank + 1) * n // world_size]
-    dl = torch.utils.data.DataLoader(_FolderDataset(part, transform), batch_size=batch_size,
-                                     shuffle=False, num_workers=num_workers,
-                                     collate_fn=_collate_eval, generator=_generator(rank))
+    part = items[rank * n // world_size : (rank + 1) * n // world_size]
+    dl = torch.utils.data.DataLoader(
+        _FolderDataset(part, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_eval,
+        generator=_generator(rank),
+    )
     return EvalLoader(dl, len(part)), classes
 
 
 # ----------------------------------------------------------------------------- stats
+
 
 def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str = "train") -> dict:
     """Read every record (and decode every image as the train loader does, its transform at 16 px:
@@ -855,18 +975,24 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
                 chars += len(raw.text) if isinstance(raw.text, str) else 0
             else:
                 reasons[raw.reason] += 1
-        empty += n == 0     # img2dataset: a shard whose downloads all failed (0 bytes / no members)
-    return {"format": src.fmt, "shards": len(src.shards), "empty_shards": empty,
-            "samples": samples, "skipped": sum(reasons.values()),
-            "skipped_by_reason": dict(sorted(reasons.items())),
-            "mean_caption_chars": round(chars / max(samples, 1), 1),
-            "seconds": round(time.time() - t0, 2)}
+        empty += n == 0  # img2dataset: a shard whose downloads all failed (0 bytes / no members)
+    return {
+        "format": src.fmt,
+        "shards": len(src.shards),
+        "empty_shards": empty,
+        "samples": samples,
+        "skipped": sum(reasons.values()),
+        "skipped_by_reason": dict(sorted(reasons.items())),
+        "mean_caption_chars": round(chars / max(samples, 1), 1),
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("stats", help="read a dataset end to end; print one JSON object")
     p.add_argument("spec", nargs="+", help="shards: brace pattern, glob, directory or files")
@@ -881,15 +1007,16 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes")
     p.add_argument("--format", choices=FORMATS, default=None)
     args = ap.parse_args(argv)
-    xla_utils.TF_AFTER_XLA = False      # this process never uses XLA: skip the torch_xla import
+    xla_utils.TF_AFTER_XLA = False  # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
-    try:    # a spec that does not resolve is the user's error; anything later is a bug or bad data
+    try:  # a spec that does not resolve is the user's error; anything later is a bug or bad data
         spec = args.src if args.cmd == "reshard" else args.spec[0] if len(args.spec) == 1 else args.spec
         src = resolve(spec, args.format, getattr(args, "split", "train"))
-        plan = args.cmd == "reshard" and shards.reshard_plan(src, args.dst, args.max_side, args.quality,
-                                                             args.workers, MAX_IMAGE_PIXELS)
+        plan = args.cmd == "reshard" and shards.reshard_plan(
+            src, args.dst, args.max_side, args.quality, args.workers, MAX_IMAGE_PIXELS
+        )
     except (ValueError, OSError) as e:
-        return xla_utils.usage_error(e)
+        return cli.usage_error(e)
     out = shards.reshard(plan) if plan else dataset_stats(src, decode=not args.no_decode)
     print(json.dumps(out))
     return 1 if plan and out["failed"] else 0

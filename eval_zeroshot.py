@@ -14,6 +14,7 @@ Images travel as uint8 and are normalised on the device (data.normalize).
     python eval_zeroshot.py --ckpt w.pt --model ViT-B-16-CL16 --data pets/val --classnames pets.txt
     python eval_zeroshot.py --ckpt out/checkpoints/latest --retrieval /data/clip_benchmark/flickr30k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import cli
 import data
 import xla_utils
 from model import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
@@ -38,6 +40,7 @@ TEMPLATE_SETS = {"openai": "openai_templates.txt", "short": "short_templates.txt
 
 
 # ----------------------------------------------------------------------------- class names / templates
+
 
 def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
@@ -83,11 +86,14 @@ def check_eval_set(data_path, classnames: list[str], fmt: str | None = None) -> 
 
 def _check_class_count(data_path, classes: list[str], classnames: list[str]):
     if len(classes) != len(classnames):
-        raise ValueError(f"{data_path} has {len(classes)} classes but {len(classnames)} class names "
-                         "were given (pass --classnames with one name per class, in sorted folder order)")
+        raise ValueError(
+            f"{data_path} has {len(classes)} classes but {len(classnames)} class names "
+            "were given (pass --classnames with one name per class, in sorted folder order)"
+        )
 
 
 # ----------------------------------------------------------------------------- classifier
+
 
 def _unwrap(model):
     # DDP / FSDP-style wrappers keep the CLIP in .module
@@ -95,8 +101,17 @@ def _unwrap(model):
 
 
 @torch.no_grad()
-def build_classifier(model, tokenizer, classnames, templates, *, runtime: xla_utils.Runtime,
-                     precision: str = "auto", batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+def build_classifier(
+    model,
+    tokenizer,
+    classnames,
+    templates,
+    *,
+    runtime: xla_utils.Runtime,
+    precision: str = "auto",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
     """Zero-shot weights W [E, C] on runtime.device: per class, mean of the normalised prompt
     embeddings, renormalised. precision: 'auto' | 'fp32' | 'bf16' (runtime.precision decides auto).
 
@@ -110,7 +125,7 @@ def build_classifier(model, tokenizer, classnames, templates, *, runtime: xla_ut
     bs = min(batch_size, n)
     chunks = []
     for start in _progress(range(0, n, bs), progress, "text", total=math.ceil(n / bs)):
-        chunk = tokens[start:start + bs]
+        chunk = tokens[start : start + bs]
         if chunk.shape[0] < bs:  # static shape: pad with copies of the first row
             chunk = torch.cat([chunk, chunk[:1].expand(bs - chunk.shape[0], -1)])
         with runtime.autocast(precision):
@@ -125,9 +140,11 @@ def build_classifier(model, tokenizer, classnames, templates, *, runtime: xla_ut
 
 # ----------------------------------------------------------------------------- evaluation
 
+
 @dataclass
 class Preprocess:
-    """Evaluation preprocessing (defaults: the model family's, CLIPA_SPEC section 3)."""
+    """Evaluation preprocessing (defaults: the model family's, docs/models.md)."""
+
     image_size: int
     image_mean: tuple
     image_std: tuple
@@ -135,14 +152,17 @@ class Preprocess:
     square_resize_only: bool
 
     @classmethod
-    def for_model(cls, cfg, force_image_size=None, image_mean=None, image_std=None,
-                  interpolation=None, square_resize_only=None) -> "Preprocess":
+    def for_model(
+        cls, cfg, force_image_size=None, image_mean=None, image_std=None, interpolation=None, square_resize_only=None
+    ) -> Preprocess:
         pick = lambda v, d: d if v is None else v  # noqa: E731
-        p = cls(image_size=int(pick(force_image_size, cfg.vision.image_size)),
-                image_mean=tuple(float(x) for x in pick(image_mean, cfg.image_mean)),
-                image_std=tuple(float(x) for x in pick(image_std, cfg.image_std)),
-                interpolation=pick(interpolation, cfg.interpolation),
-                square_resize_only=bool(pick(square_resize_only, cfg.square_resize_only)))
+        p = cls(
+            image_size=int(pick(force_image_size, cfg.vision.image_size)),
+            image_mean=tuple(float(x) for x in pick(image_mean, cfg.image_mean)),
+            image_std=tuple(float(x) for x in pick(image_std, cfg.image_std)),
+            interpolation=pick(interpolation, cfg.interpolation),
+            square_resize_only=bool(pick(square_resize_only, cfg.square_resize_only)),
+        )
         if len(p.image_mean) != 3 or len(p.image_std) != 3:
             raise ValueError("image mean and std need 3 values (R, G, B)")
         if any(s <= 0 for s in p.image_std):
@@ -156,10 +176,24 @@ class Preprocess:
         return data.eval_transform(self.image_size, self.interpolation, self.square_resize_only)
 
 
-def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precision: str = "auto",
-             classnames=None, templates=None, batch_size: int = 64, num_workers: int = 2,
-             fmt: str | None = None, preprocess: Preprocess | None = None, tokenizer=None,
-             text_batch_size: int = 256, progress: bool = False, limit: int | None = None) -> dict:
+def evaluate(
+    model,
+    model_cfg,
+    data_path,
+    *,
+    runtime: xla_utils.Runtime,
+    precision: str = "auto",
+    classnames=None,
+    templates=None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    fmt: str | None = None,
+    preprocess: Preprocess | None = None,
+    tokenizer=None,
+    text_batch_size: int = 256,
+    progress: bool = False,
+    limit: int | None = None,
+) -> dict:
     """Zero-shot accuracy of `model` (on runtime.device) on the classification set at `data_path`.
 
     runtime: the xla_utils.Runtime the model runs under (train.py passes its own). With several
@@ -175,8 +209,9 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
     clip = _unwrap(model)
     precision = runtime.precision(precision)
     if runtime.spmd and batch_size % runtime.num_devices:
-        raise ValueError(f"batch size {batch_size} must be a multiple of the {runtime.num_devices} "
-                         "XLA devices it is sharded over")
+        raise ValueError(
+            f"batch size {batch_size} must be a multiple of the {runtime.num_devices} XLA devices it is sharded over"
+        )
     if isinstance(classnames, str) or classnames is None:
         classnames = load_classnames(classnames)
     if templates is None or isinstance(templates, str):
@@ -184,9 +219,15 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
     if tokenizer is None:
         tokenizer = get_tokenizer(model_cfg, reduction="truncate")
     pre = preprocess or Preprocess.for_model(model_cfg)
-    loader, classes = data.make_eval_loader(data_path, pre.transform(), batch_size, fmt=fmt,
-                                            num_workers=num_workers, rank=runtime.rank,
-                                            world_size=runtime.world_size)
+    loader, classes = data.make_eval_loader(
+        data_path,
+        pre.transform(),
+        batch_size,
+        fmt=fmt,
+        num_workers=num_workers,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     _check_class_count(data_path, classes, classnames)
 
     was_training = clip.training
@@ -194,12 +235,19 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
     progress = progress and runtime.is_master
     t0 = time.time()
     try:
-        weights = build_classifier(clip, tokenizer, classnames, templates, runtime=runtime,
-                                   precision=precision, batch_size=text_batch_size, progress=progress)
+        weights = build_classifier(
+            clip,
+            tokenizer,
+            classnames,
+            templates,
+            runtime=runtime,
+            precision=precision,
+            batch_size=text_batch_size,
+            progress=progress,
+        )
         runtime.synchronize()
         t1 = time.time()
-        counts = _classify(clip, weights, loader, pre, runtime, precision, batch_size, len(classnames),
-                           progress, limit)
+        counts = _classify(clip, weights, loader, pre, runtime, precision, batch_size, len(classnames), progress, limit)
         runtime.synchronize()
         t2 = time.time()
     finally:
@@ -209,22 +257,35 @@ def evaluate(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precisi
     skipped = sum(runtime.all_gather_object(int(getattr(loader, "skipped", 0))))
     counts = counts.cpu().double()
     correct1, correct5, per_class_correct, per_class_total = (
-        counts[0, 0].item(), counts[0, 1].item(), counts[1], counts[2])
+        counts[0, 0].item(),
+        counts[0, 1].item(),
+        counts[1],
+        counts[2],
+    )
     n = int(per_class_total.sum().item())
     if n == 0:
         raise ValueError(f"no readable images in {data_path}")
     seen = per_class_total > 0
     recall = (per_class_correct[seen] / per_class_total[seen]).mean().item()
-    return dict(top1=correct1 / n, top5=correct5 / n, mean_per_class_recall=recall, n=n, skipped=skipped,
-                num_classes=len(classnames), num_templates=len(templates), precision=precision,
-                context_length=int(tokenizer.context_length), classifier_seconds=round(t1 - t0, 2),
-                image_seconds=round(t2 - t1, 2), images_per_second=round(n / max(t2 - t1, 1e-9), 1),
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()})
+    return dict(
+        top1=correct1 / n,
+        top5=correct5 / n,
+        mean_per_class_recall=recall,
+        n=n,
+        skipped=skipped,
+        num_classes=len(classnames),
+        num_templates=len(templates),
+        precision=precision,
+        context_length=int(tokenizer.context_length),
+        classifier_seconds=round(t1 - t0, 2),
+        image_seconds=round(t2 - t1, 2),
+        images_per_second=round(n / max(t2 - t1, 1e-9), 1),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()},
+    )
 
 
 @torch.no_grad()
-def _classify(clip, weights, loader, pre: Preprocess, runtime, precision, batch_size, num_classes,
-              progress, limit):
+def _classify(clip, weights, loader, pre: Preprocess, runtime, precision, batch_size, num_classes, progress, limit):
     """Hit counts as one integer tensor [3, C]: row 0 = (top-1 hits, top-5 hits, 0...), row 1 =
     per-class top-1 hits, row 2 = per-class totals (mean per-class recall uses the classes present).
     Batches are padded to batch_size (labels -1) so that XLA compiles once; counts stay on the
@@ -270,9 +331,10 @@ _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 class CaptionSet:
     """A retrieval set: (image file, captions) items, or shards whose records carry an image and
     a text (captions one per line). layout names where it came from."""
+
     layout: str
     items: list | None = None
-    source: object = None       # a data.Source for shard layouts
+    source: object = None  # a data.Source for shard layouts
 
 
 def _flickr_items(ann: str, image_dir: str) -> list:
@@ -312,12 +374,12 @@ def _coco_items(ann: str, image_dir: str) -> list:
 
 def load_caption_set(path: str) -> CaptionSet:
     """Resolve --retrieval DATA. Layouts (the first that matches):
-      DIR/test/nshards.txt              CLIP_benchmark webdataset (clip_benchmark_export_wds): DIR/test/0.tar ...
-      DIR/coco_test_karpathy.json       CLIP_benchmark mscoco_captions root (images in DIR/val2014/)
-      DIR/flickr30k_test_karpathy.txt   CLIP_benchmark flickr30k root (images in DIR/)
-      FILE.json / FILE.txt              one of those annotation files (images beside it, or in val2014/)
-      anything else                     shards (webdataset tars or TFRecords, as for training) whose
-                                        records hold an image and a text: one caption per line"""
+    DIR/test/nshards.txt              CLIP_benchmark webdataset (clip_benchmark_export_wds): DIR/test/0.tar ...
+    DIR/coco_test_karpathy.json       CLIP_benchmark mscoco_captions root (images in DIR/val2014/)
+    DIR/flickr30k_test_karpathy.txt   CLIP_benchmark flickr30k root (images in DIR/)
+    FILE.json / FILE.txt              one of those annotation files (images beside it, or in val2014/)
+    anything else                     shards (webdataset tars or TFRecords, as for training) whose
+                                      records hold an image and a text: one caption per line"""
     path = os.fspath(path)
     if os.path.isdir(path):
         nshards = os.path.join(path, "test", "nshards.txt")
@@ -333,8 +395,9 @@ def load_caption_set(path: str) -> CaptionSet:
                 return load_caption_set(os.path.join(path, name))
     elif os.path.isfile(path) and path.endswith(".json"):
         d = os.path.dirname(path)
-        return CaptionSet("coco", _coco_items(path, os.path.join(d, "val2014") if
-                                              os.path.isdir(os.path.join(d, "val2014")) else d))
+        return CaptionSet(
+            "coco", _coco_items(path, os.path.join(d, "val2014") if os.path.isdir(os.path.join(d, "val2014")) else d)
+        )
     elif os.path.isfile(path) and path.endswith(".txt"):
         return CaptionSet("flickr", _flickr_items(path, os.path.dirname(path)))
     return CaptionSet("shards", source=data.resolve(path))
@@ -361,7 +424,7 @@ class _CaptionedDataset(torch.utils.data.IterableDataset):
             return
         shards = self.cs.source.shards
         by_shard = len(shards) >= n
-        for s in (range(g, len(shards), n) if by_shard else range(len(shards))):
+        for s in range(g, len(shards), n) if by_shard else range(len(shards)):
             for r, raw in enumerate(data.read_shard(shards[s], self.cs.source)):
                 if by_shard or r % n == g:
                     caps = [c.strip() for c in raw.text.splitlines() if c.strip()] if raw.reason is None else None
@@ -394,7 +457,7 @@ def _encode_texts(clip, tokens, runtime, precision, bs):
     n = tokens.shape[0]
     out = []
     for start in range(0, n, bs):
-        chunk = tokens[start:start + bs]
+        chunk = tokens[start : start + bs]
         if chunk.shape[0] < bs:
             chunk = torch.cat([chunk, chunk[:1].expand(bs - chunk.shape[0], -1)])
         with runtime.autocast(precision):
@@ -413,25 +476,36 @@ def recall_at_k(image_feats, text_feats, text_image, ks=RECALL_K, chunk: int = 1
     kmax = max(ks)
     hit_i2t = {k: torch.zeros(n, dtype=torch.bool) for k in ks}
     for s in range(0, n, chunk):
-        top = (image_feats[s:s + chunk] @ text_feats.T).topk(min(kmax, t), dim=1).indices   # [c, k]
+        top = (image_feats[s : s + chunk] @ text_feats.T).topk(min(kmax, t), dim=1).indices  # [c, k]
         own = text_image[top] == torch.arange(s, min(s + chunk, n))[:, None]
         for k in ks:
-            hit_i2t[k][s:s + chunk] = own[:, :k].any(dim=1)
+            hit_i2t[k][s : s + chunk] = own[:, :k].any(dim=1)
     hit_t2i = {k: torch.zeros(t, dtype=torch.bool) for k in ks}
     for s in range(0, t, chunk):
-        top = (text_feats[s:s + chunk] @ image_feats.T).topk(min(kmax, n), dim=1).indices
-        own = top == text_image[s:s + chunk, None]
+        top = (text_feats[s : s + chunk] @ image_feats.T).topk(min(kmax, n), dim=1).indices
+        own = top == text_image[s : s + chunk, None]
         for k in ks:
-            hit_t2i[k][s:s + chunk] = own[:, :k].any(dim=1)
+            hit_t2i[k][s : s + chunk] = own[:, :k].any(dim=1)
     out = {f"image_to_text_R@{k}": hit_i2t[k].double().mean().item() for k in ks}
     out.update({f"text_to_image_R@{k}": hit_t2i[k].double().mean().item() for k in ks})
     return out
 
 
-def evaluate_retrieval(model, model_cfg, data_path, *, runtime: xla_utils.Runtime, precision: str = "auto",
-                       batch_size: int = 64, num_workers: int = 2, preprocess: Preprocess | None = None,
-                       tokenizer=None, text_batch_size: int = 256, progress: bool = False,
-                       limit: int | None = None) -> dict:
+def evaluate_retrieval(
+    model,
+    model_cfg,
+    data_path,
+    *,
+    runtime: xla_utils.Runtime,
+    precision: str = "auto",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    preprocess: Preprocess | None = None,
+    tokenizer=None,
+    text_batch_size: int = 256,
+    progress: bool = False,
+    limit: int | None = None,
+) -> dict:
     """Image<->text retrieval recall@1/5/10 of `model` (on runtime.device) on a captioned set
     (load_caption_set's layouts). Same runtime, precision, preprocessing and static batch shapes as
     evaluate(); captions are tokenized at the model's context length, truncated, never masked.
@@ -440,8 +514,10 @@ def evaluate_retrieval(model, model_cfg, data_path, *, runtime: xla_utils.Runtim
     clip = _unwrap(model)
     precision = runtime.precision(precision)
     if runtime.spmd and (batch_size % runtime.num_devices or runtime.world_size > 1):
-        raise ValueError("retrieval under SPMD needs one host and a batch size that is a multiple of "
-                         f"the {runtime.num_devices} devices")
+        raise ValueError(
+            "retrieval under SPMD needs one host and a batch size that is a multiple of "
+            f"the {runtime.num_devices} devices"
+        )
     cs = data_path if isinstance(data_path, CaptionSet) else load_caption_set(data_path)
     tok = tokenizer or get_tokenizer(model_cfg, reduction="truncate")
     pre = preprocess or Preprocess.for_model(model_cfg)
@@ -458,7 +534,7 @@ def evaluate_retrieval(model, model_cfg, data_path, *, runtime: xla_utils.Runtim
             if images is None or (limit is not None and len(caps) >= limit):
                 continue
             valid = images.shape[0]
-            if valid < batch_size:   # static shape: zero images pad the last batch
+            if valid < batch_size:  # static shape: zero images pad the last batch
                 images = torch.cat([images, images.new_zeros((batch_size - valid, *images.shape[1:]))])
             (x,) = runtime.to_device(images)
             x = data.normalize(x, pre.image_mean, pre.image_std)
@@ -483,52 +559,77 @@ def evaluate_retrieval(model, model_cfg, data_path, *, runtime: xla_utils.Runtim
     bad = sum(p[4] for p in parts)
     if image_feats.shape[0] == 0:
         raise ValueError(f"no readable captioned images in {data_path}")
-    order = image_ids.argsort()                       # a fixed image order whatever the ranks did
+    order = image_ids.argsort()  # a fixed image order whatever the ranks did
     text_image = torch.searchsorted(image_ids[order], text_ids)
     text_order = text_image.argsort(stable=True)
     res = recall_at_k(image_feats[order], text_feats[text_order], text_image[text_order])
-    return dict(res, images=int(image_feats.shape[0]), texts=int(text_feats.shape[0]), skipped=int(bad),
-                layout=cs.layout, precision=precision, context_length=int(tok.context_length),
-                image_seconds=round(t1 - t0, 2), text_seconds=round(t2 - t1, 2),
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()})
+    return dict(
+        res,
+        images=int(image_feats.shape[0]),
+        texts=int(text_feats.shape[0]),
+        skipped=int(bad),
+        layout=cs.layout,
+        precision=precision,
+        context_length=int(tok.context_length),
+        image_seconds=round(t1 - t0, 2),
+        text_seconds=round(t2 - t1, 2),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(pre).items()},
+    )
 
 
 def _progress(it, enabled, unit, total=None):
     if not enabled:
         return it
     from tqdm import tqdm
+
     return tqdm(it, total=total, unit=f" {unit} batch", file=sys.stderr, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def _default_out(ckpt: str, dataset: str, task: str = "zeroshot") -> str:
     tag = os.path.basename(os.path.normpath(dataset)) or "data"
     ckpt = os.path.normpath(ckpt)
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or "."
-    name = f"{task}_{tag}.json" if os.path.isdir(ckpt) else \
-        f"{os.path.splitext(os.path.basename(ckpt))[0]}.{task}_{tag}.json"
+    name = (
+        f"{task}_{tag}.json"
+        if os.path.isdir(ckpt)
+        else f"{os.path.splitext(os.path.basename(ckpt))[0]}.{task}_{tag}.json"
+    )
     return os.path.join(folder if os.access(folder, os.W_OK) else os.getcwd(), name)
 
 
 def _parse_args(argv=None):
-    p = xla_utils.ArgumentParser(prog="eval_zeroshot.py",
-                                 description="Zero-shot classification accuracy and image-text retrieval "
-                                 "recall of a CLIPA checkpoint.")
+    p = cli.ArgumentParser(
+        prog="eval_zeroshot.py",
+        description="Zero-shot classification accuracy and image-text retrieval recall of a CLIPA checkpoint.",
+    )
     w = p.add_mutually_exclusive_group(required=True)
-    w.add_argument("--ckpt", help="run dir, checkpoint dir, .safetensors or torch state dict "
-                   "(ours, OpenCLIP or converted CLIPA-v2)")
-    w.add_argument("--random-init", action="store_true",
-                   help="no weights: time the evaluation of a randomly initialised --model")
+    w.add_argument(
+        "--ckpt",
+        help="run dir, checkpoint dir, .safetensors or torch state dict (ours, OpenCLIP or converted CLIPA-v2)",
+    )
+    w.add_argument(
+        "--random-init", action="store_true", help="no weights: time the evaluation of a randomly initialised --model"
+    )
     p.add_argument("--model", help="model name (default: read from the checkpoint's metadata)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--imagenet-val", metavar="DIR", help="ImageNet-1K val: ImageFolder val/ or TFDS dir")
     src.add_argument("--data", metavar="DIR", help="any ImageFolder (or TFDS) classification set")
-    p.add_argument("--retrieval", metavar="DATA", help="image<->text retrieval recall@1/5/10 on a captioned "
-                   "set: CLIP_benchmark's wds / mscoco_captions / flickr30k roots, or shards with captions")
+    p.add_argument(
+        "--retrieval",
+        metavar="DATA",
+        help="image<->text retrieval recall@1/5/10 on a captioned "
+        "set: CLIP_benchmark's wds / mscoco_captions / flickr30k roots, or shards with captions",
+    )
     p.add_argument("--format", choices=["imagefolder", "tfds"], default=None, help="default: detect")
-    p.add_argument("--classnames", metavar="FILE", help="one class name per line, class-index order "
-                   "(default: ImageNet-1K for --imagenet-val, folder names for --data)")
+    p.add_argument(
+        "--classnames",
+        metavar="FILE",
+        help="one class name per line, class-index order "
+        "(default: ImageNet-1K for --imagenet-val, folder names for --data)",
+    )
     p.add_argument("--templates", default="openai", help="openai (80), short (7) or FILE ('{}' = name)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -536,12 +637,21 @@ def _parse_args(argv=None):
     p.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"))
     p.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"))
     p.add_argument("--interpolation", choices=["bicubic", "bilinear"])
-    p.add_argument("--square-resize-only", action=argparse.BooleanOptionalAction, default=None,
-                   help="resize to a square without cropping (v2 default) vs short side + center crop")
-    p.add_argument("--device", default="auto", choices=xla_utils.DEVICES,
-                   help="auto: cuda if a GPU is visible, xla if a TPU is attached, else cpu")
-    p.add_argument("--precision", choices=xla_utils.PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p.add_argument(
+        "--square-resize-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="resize to a square without cropping (v2 default) vs short side + center crop",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=xla_utils.DEVICES,
+        help="auto: cuda if a GPU is visible, xla if a TPU is attached, else cpu",
+    )
+    p.add_argument(
+        "--precision", choices=xla_utils.PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere"
+    )
     p.add_argument("--limit", type=int, help="stop after about this many images per process (quick check)")
     p.add_argument("--out", metavar="FILE", help="JSON result (default: next to the checkpoint, else cwd)")
     p.add_argument("--no-progress", action="store_true")
@@ -557,16 +667,21 @@ def load_checkpoint_model(ckpt: str, model_name: str | None = None, image_size: 
     meta = read_metadata(ckpt)
     cfg = config_from_metadata(meta)
     if cfg is None:
-        raise ValueError(f"{ckpt} records no model config (not a checkpoint of this project): pass "
-                         "--model NAME (python model.py list)")
+        raise ValueError(
+            f"{ckpt} records no model config (not a checkpoint of this project): pass "
+            "--model NAME (python model.py list)"
+        )
     return create_model(cfg, image_size=image_size, pretrained=ckpt), meta.get("model_name", "checkpoint")
 
 
 def _inputs(args):
     """Everything the run needs from the user, checked before the device starts: (dataset path,
     class names, templates, preprocessing, model on the host, model name)."""
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                               ("--limit", args.limit, 1)):
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--workers", args.workers, 0),
+        ("--limit", args.limit, 1),
+    ):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.random_init and args.model is None:
@@ -586,7 +701,7 @@ def _inputs(args):
         check_eval_set(dataset, classnames, args.format)
     elif dataset is not None:  # --data without --classnames: the folder (synset) names
         classnames = [c.replace("_", " ") for c in eval_classes(dataset, args.format)]
-    with warnings.catch_warnings(record=True) as caught:   # non-finite weights: one line each
+    with warnings.catch_warnings(record=True) as caught:  # non-finite weights: one line each
         warnings.simplefilter("always", NonFiniteWeightsWarning)
         if args.random_init:
             net, name = create_model(args.model, image_size=args.force_image_size), args.model
@@ -594,8 +709,13 @@ def _inputs(args):
             net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    pre = Preprocess.for_model(net.cfg, image_mean=args.image_mean, image_std=args.image_std,
-                               interpolation=args.interpolation, square_resize_only=args.square_resize_only)
+    pre = Preprocess.for_model(
+        net.cfg,
+        image_mean=args.image_mean,
+        image_std=args.image_std,
+        interpolation=args.interpolation,
+        square_resize_only=args.square_resize_only,
+    )
     return dataset, classnames, templates, pre, net, name, captions
 
 
@@ -605,7 +725,7 @@ def main(argv=None) -> int:
         dataset, classnames, templates, pre, net, name, captions = _inputs(args)
         runtime = xla_utils.init_runtime(args.device)
     except (ValueError, OSError) as err:  # user input: missing / unreadable files, unknown names
-        return xla_utils.usage_error(err)
+        return cli.usage_error(err)
     res = {}
     try:
         cfg = net.cfg
@@ -613,37 +733,61 @@ def main(argv=None) -> int:
         if runtime.is_master:
             what = [f"{len(classnames)} classes x {len(templates)} templates"] if dataset else []
             what += [f"retrieval on {args.retrieval} ({captions.layout})"] if captions else []
-            print(f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts and captions "
-                  f"tokenized at context length {cfg.text.context_length} (truncation, no masking); "
-                  + "; ".join(what), file=sys.stderr)
-        common = dict(runtime=runtime, precision=args.precision, batch_size=args.batch_size,
-                      num_workers=args.workers, preprocess=pre, progress=not args.no_progress, limit=args.limit)
+            print(
+                f"{runtime.describe()}; model {name} at {cfg.vision.image_size}px; prompts and captions "
+                f"tokenized at context length {cfg.text.context_length} (truncation, no masking); " + "; ".join(what),
+                file=sys.stderr,
+            )
+        common = dict(
+            runtime=runtime,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            preprocess=pre,
+            progress=not args.no_progress,
+            limit=args.limit,
+        )
         if dataset:
-            res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates, fmt=args.format,
-                           **common)
+            res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates, fmt=args.format, **common)
         if captions:
-            res["retrieval"] = dict(evaluate_retrieval(net, cfg, captions, **common),
-                                    dataset=os.path.abspath(args.retrieval))
+            res["retrieval"] = dict(
+                evaluate_retrieval(net, cfg, captions, **common), dataset=os.path.abspath(args.retrieval)
+            )
     finally:
         runtime.shutdown()
     if not runtime.is_master:
         return 0
     ckpt = os.path.abspath(args.ckpt) if args.ckpt else "random-init"
-    res = dict(model=name, checkpoint=ckpt, **({"dataset": os.path.abspath(dataset)} if dataset else {}),
-               device=runtime.kind, nonfinite_weights=len(getattr(net, "nonfinite_weights", [])), **res)
+    res = dict(
+        model=name,
+        checkpoint=ckpt,
+        **({"dataset": os.path.abspath(dataset)} if dataset else {}),
+        device=runtime.kind,
+        nonfinite_weights=len(getattr(net, "nonfinite_weights", [])),
+        **res,
+    )
     if dataset:
-        print(f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-              f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
-              f"{res['num_classes']} classes, context length {res['context_length']}"
-              + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else "") + ")")
+        print(
+            f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+            f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%  ({res['n']} images, "
+            f"{res['num_classes']} classes, context length {res['context_length']}"
+            + (f", {res['skipped']} unreadable images skipped" if res["skipped"] else "")
+            + ")"
+        )
     if captions:
         r = res["retrieval"]
-        print("retrieval: image->text " + " ".join(f"R@{k} {100 * r[f'image_to_text_R@{k}']:.2f}%" for k in RECALL_K)
-              + " | text->image " + " ".join(f"R@{k} {100 * r[f'text_to_image_R@{k}']:.2f}%" for k in RECALL_K)
-              + f"  ({r['images']} images, {r['texts']} captions"
-              + (f", {r['skipped']} unreadable skipped" if r["skipped"] else "") + ")")
-    out = args.out or _default_out(args.ckpt or os.path.join(os.getcwd(), name), dataset or args.retrieval,
-                                   "zeroshot" if dataset else "retrieval")
+        print(
+            "retrieval: image->text "
+            + " ".join(f"R@{k} {100 * r[f'image_to_text_R@{k}']:.2f}%" for k in RECALL_K)
+            + " | text->image "
+            + " ".join(f"R@{k} {100 * r[f'text_to_image_R@{k}']:.2f}%" for k in RECALL_K)
+            + f"  ({r['images']} images, {r['texts']} captions"
+            + (f", {r['skipped']} unreadable skipped" if r["skipped"] else "")
+            + ")"
+        )
+    out = args.out or _default_out(
+        args.ckpt or os.path.join(os.getcwd(), name), dataset or args.retrieval, "zeroshot" if dataset else "retrieval"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)

@@ -12,6 +12,7 @@ unchanged, it is what 'hf-hub:ORG/NAME' serves:
 
     huggingface-cli upload ORG/NAME OUT_DIR .         # then open_clip.create_model_and_transforms('hf-hub:ORG/NAME')
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,9 +27,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 import checkpoints
+import cli
 import model
 import tokenizer
-import xla_utils
 
 # OpenCLIP 3.3.0 configs with the same weights layout, keyed by (family, vision width, layers, patch,
 # text width, layers, embed dim). Their context length (v1: 77) and image size (224) may differ from
@@ -49,23 +50,44 @@ def openclip_model_cfg(cfg: model.CLIPConfig) -> dict:
     Exact except v1 GAP (mean incl. CLS), which OpenCLIP cannot express (its 'avg' drops CLS)."""
     v, t = cfg.vision, cfg.text
     act = {"act_kwargs": {"approximate": "tanh"}} if cfg.gelu == "tanh" else {}
-    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
-                  mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, no_ln_pre=not v.pre_norm,
-                  pool_type="tok" if v.pool == "cls" else "avg", final_ln_after_pool=v.pool != "cls", **act)
-    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=not t.causal,
-                pool_type="argmax" if t.pool == "eot" else "last", **act)
+    vision = dict(
+        image_size=v.image_size,
+        layers=v.layers,
+        width=v.width,
+        head_width=v.width // v.heads,
+        mlp_ratio=v.mlp_ratio,
+        patch_size=v.patch_size,
+        no_ln_pre=not v.pre_norm,
+        pool_type="tok" if v.pool == "cls" else "avg",
+        final_ln_after_pool=v.pool != "cls",
+        **act,
+    )
+    text = dict(
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        width=t.width,
+        heads=t.heads,
+        layers=t.layers,
+        mlp_ratio=t.mlp_ratio,
+        no_causal_mask=not t.causal,
+        pool_type="argmax" if t.pool == "eot" else "last",
+        **act,
+    )
     if t.tokenizer == "wordpiece":
         text.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
-    bias = {"init_logit_bias": -10.0} if cfg.loss == "sigmoid" else {}   # OpenCLIP's logit_bias key
+    bias = {"init_logit_bias": -10.0} if cfg.loss == "sigmoid" else {}  # OpenCLIP's logit_bias key
     return {"embed_dim": cfg.embed_dim, "vision_cfg": vision, "text_cfg": text, **bias}
 
 
 def preprocess_cfg(cfg: model.CLIPConfig) -> dict:
     """open_clip_config.json's "preprocess_cfg": eval_zeroshot's preprocessing defaults."""
-    return {"size": cfg.vision.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-            "interpolation": cfg.interpolation,
-            "resize_mode": "squash" if cfg.square_resize_only else "shortest"}
+    return {
+        "size": cfg.vision.image_size,
+        "mean": list(cfg.image_mean),
+        "std": list(cfg.image_std),
+        "interpolation": cfg.interpolation,
+        "resize_mode": "squash" if cfg.square_resize_only else "shortest",
+    }
 
 
 def openclip_target(cfg: model.CLIPConfig) -> tuple[str | None, dict, list[str]]:
@@ -74,11 +96,15 @@ def openclip_target(cfg: model.CLIPConfig) -> tuple[str | None, dict, list[str]]
     name = OPENCLIP_NAMES.get((cfg.family, v.width, v.layers, v.patch_size, t.width, t.layers, cfg.embed_dim))
     kwargs, notes = {}, []
     if v.pool == "gap_cls":
-        notes.append("v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent: OpenCLIP's "
-                     "'avg' pool (used in the local-dir config) drops CLS, so image features differ")
+        notes.append(
+            "v1 GAP (mean over all tokens incl. CLS) has no OpenCLIP 3.3 equivalent: OpenCLIP's "
+            "'avg' pool (used in the local-dir config) drops CLS, so image features differ"
+        )
     if name is None:
-        notes.append("no built-in OpenCLIP config has this architecture: export to a directory and load "
-                     "it with open_clip.create_model('local-dir:DIR')")
+        notes.append(
+            "no built-in OpenCLIP config has this architecture: export to a directory and load "
+            "it with open_clip.create_model('local-dir:DIR')"
+        )
         return None, kwargs, notes
     if cfg.family == "v2" and v.image_size == 336:
         name += "-336"
@@ -87,15 +113,20 @@ def openclip_target(cfg: model.CLIPConfig) -> tuple[str | None, dict, list[str]]
     if t.context_length != (77 if cfg.family == "v1" else 32):
         kwargs["force_context_length"] = t.context_length
     if cfg.gelu == "tanh":
-        notes.append(f"{name} uses exact GELU where these weights were trained with tanh GELU: features "
-                     "differ slightly; load the exported directory with 'local-dir:' for the exact model")
+        notes.append(
+            f"{name} uses exact GELU where these weights were trained with tanh GELU: features "
+            "differ slightly; load the exported directory with 'local-dir:' for the exact model"
+        )
     if v.pool != "cls" and cfg.family == "v1":
-        notes.append(f"{name} pools the CLS token, not GAP: its image features differ from ours; "
-                     "export to a directory ('local-dir:') for OpenCLIP's GAP")
+        notes.append(
+            f"{name} pools the CLS token, not GAP: its image features differ from ours; "
+            "export to a directory ('local-dir:') for OpenCLIP's GAP"
+        )
     return name, kwargs, notes
 
 
 # ----------------------------------------------------------------------------- tokenizer files
+
 
 def write_wordpiece_tokenizer(out_dir: str, context_length: int) -> list[str]:
     """tokenizer.json (a Hugging Face `tokenizers` BERT WordPiece pipeline over the shipped
@@ -106,18 +137,32 @@ def write_wordpiece_tokenizer(out_dir: str, context_length: int) -> list[str]:
     with open(tokenizer.BERT_VOCAB, encoding="utf-8") as f:
         vocab = {w: i for i, w in enumerate(f.read().split("\n")[:-1])}
     tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     tok.decoder = decoders.WordPiece(prefix="##")
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                "mask_token": "[MASK]"}
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
-              "strip_accents": None, "model_max_length": context_length,
-              "clean_up_tokenization_spaces": True, **specials}
+    specials = {
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "tokenize_chinese_chars": True,
+        "strip_accents": None,
+        "model_max_length": context_length,
+        "clean_up_tokenization_spaces": True,
+        **specials,
+    }
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
         with open(os.path.join(out_dir, name), "w") as f:
@@ -128,6 +173,7 @@ def write_wordpiece_tokenizer(out_dir: str, context_length: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- model card
 
+
 def training_record(ckpt) -> dict:
     """What a checkpoint of train.py records about its training: {} for other files. Keys: preset,
     stages (dicts: the stage fields + samples_seen + train_eflops), samples_seen, train_eflops, step,
@@ -137,25 +183,39 @@ def training_record(ckpt) -> dict:
     state_file = os.path.join(ckpt_dir, "train_state.pt")
     if not os.path.isfile(state_file):
         return {}
-    try:   # weights_only: never unpickle code; mmap: the optimizer tensors are not read
+    try:  # weights_only: never unpickle code; mmap: the optimizer tensors are not read
         state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
         config = json.loads(state["config"])
         stages, run = config["stages"], config["run"]
         current = [s["name"] for s in stages].index(state["stage_name"])
     except Exception as e:  # noqa: BLE001 - an unreadable train state: a card without the recipe
-        warnings.warn(f"{state_file} is not a readable train state ({type(e).__name__}); the model card "
-                      "omits the training recipe")
+        warnings.warn(
+            f"{state_file} is not a readable train state ({type(e).__name__}); the model card omits the training recipe",
+            stacklevel=2,
+        )
         return {}
     rec = {"preset": run.get("cfg"), "pretrained": run.get("pretrained"), "step": state.get("step"), "stages": []}
     for i, s in enumerate(stages):
         steps = s["train_num_samples"] // s["batch_size"]
         seen = steps * s["batch_size"] if i < current else state["samples"] if i == current else 0
-        cfg = model.get_model_config(s["model"], image_size=s["image_size"], context_length=s["context_length"],
-                                     pos_embed=s["pos_embed"], mask=s["mask"], mask_ratio=s["mask_ratio"])
+        cfg = model.get_model_config(
+            s["model"],
+            image_size=s["image_size"],
+            context_length=s["context_length"],
+            pos_embed=s["pos_embed"],
+            mask=s["mask"],
+            mask_ratio=s["mask_ratio"],
+        )
         gflops = model.count_flops(cfg, mask_ratio=s["mask_ratio"])["total_gflops"]
-        rec["stages"].append(dict(s, samples_seen=seen, context_length=cfg.text.context_length,
-                                  text_reduction=s["text_reduction"] or cfg.text.reduction,
-                                  train_eflops=3 * gflops * seen / 1e9))   # forward + backward = 3x
+        rec["stages"].append(
+            dict(
+                s,
+                samples_seen=seen,
+                context_length=cfg.text.context_length,
+                text_reduction=s["text_reduction"] or cfg.text.reduction,
+                train_eflops=3 * gflops * seen / 1e9,
+            )
+        )  # forward + backward = 3x
     rec["samples_seen"] = sum(s["samples_seen"] for s in rec["stages"])
     rec["train_eflops"] = sum(s["train_eflops"] for s in rec["stages"])
     metrics = os.path.join(os.path.dirname(ckpt_dir.rstrip(os.sep)), os.pardir, "metrics.jsonl")
@@ -176,7 +236,9 @@ def result_files(ckpt) -> list[str]:
     """eval_zeroshot.py's default result files of a checkpoint (next to it)."""
     path = checkpoints.resolve_checkpoint(ckpt)
     if os.path.isdir(path):
-        return sorted(glob.glob(os.path.join(path, "zeroshot_*.json")) + glob.glob(os.path.join(path, "retrieval_*.json")))
+        return sorted(
+            glob.glob(os.path.join(path, "zeroshot_*.json")) + glob.glob(os.path.join(path, "retrieval_*.json"))
+        )
     stem = os.path.splitext(path)[0]
     return sorted(glob.glob(stem + ".zeroshot_*.json") + glob.glob(stem + ".retrieval_*.json"))
 
@@ -188,14 +250,22 @@ def _results_rows(files: list[str]) -> list[str]:
             r = json.load(f)
         name = os.path.basename(str(r.get("dataset") or file).rstrip("/")) or file
         if "top1" in r:
-            rows.append(f"| {name} | zero-shot classification ({r.get('num_classes')} classes, "
-                        f"{r.get('n')} images) | top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% |")
+            rows.append(
+                f"| {name} | zero-shot classification ({r.get('num_classes')} classes, "
+                f"{r.get('n')} images) | top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}% |"
+            )
         ret = r.get("retrieval") or {}
         if "image_to_text_R@1" in ret:
-            rows.append(f"| {os.path.basename(str(ret.get('dataset', name)).rstrip('/'))} | retrieval "
-                        f"({ret.get('images')} images, {ret.get('texts')} captions) | "
-                        + ", ".join(f"{d} R@{k} {100 * ret[f'{d}_R@{k}']:.2f}%"
-                                    for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)) + " |")
+            rows.append(
+                f"| {os.path.basename(str(ret.get('dataset', name)).rstrip('/'))} | retrieval "
+                f"({ret.get('images')} images, {ret.get('texts')} captions) | "
+                + ", ".join(
+                    f"{d} R@{k} {100 * ret[f'{d}_R@{k}']:.2f}%"
+                    for d in ("image_to_text", "text_to_image")
+                    for k in (1, 5, 10)
+                )
+                + " |"
+            )
     return rows
 
 
@@ -206,42 +276,63 @@ def model_card(net: model.CLIP, name: str, ckpt=None, results: list[str] = (), n
     results = list(results) + [f for f in (result_files(ckpt) if ckpt else []) if f not in results]
     flops = model.count_flops(cfg)
     pools = {"cls": "CLS token", "gap_cls": "mean of all tokens incl. CLS (v1 GAP)", "gap": "mean of patch tokens"}
-    lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
-             "tags: [clip, clipa, zero-shot-image-classification]", "---", "",
-             f"# {name} (CLIPA-{cfg.family})", "",
-             "A CLIP trained with the CLIPA recipe (pre-training on few image and text tokens, then a short "
-             "fine-tune at full length), exported for OpenCLIP by this project's export.py.", "",
-             "```python", "import open_clip",
-             "model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:ORG/NAME')  # or 'local-dir:DIR'",
-             "tokenizer = open_clip.get_tokenizer('hf-hub:ORG/NAME')", "```", "",
-             "## Architecture", "",
-             "| | |", "|---|---|",
-             f"| family | {cfg.family} ({'OpenCLIP layout, exact GELU' if cfg.family == 'v1' else 'BigVision: tanh GELU, no pre-norm'}) |",
-             f"| image tower | ViT, patch {v.patch_size}, width {v.width}, {v.layers} layers, {v.heads} heads, "
-             f"{v.image_size} px, pooling: {pools[v.pool]} |",
-             f"| text tower | {t.tokenizer} (vocab {t.vocab_size}), {t.context_length} tokens, width {t.width}, "
-             f"{t.layers} layers, {t.heads} heads, {'causal, pooled at EOT' if t.causal else 'bidirectional, pooled at the last position'} |",
-             f"| embedding | {cfg.embed_dim} |",
-             f"| parameters | {model.count_parameters(cfg) / 1e6:.1f} M |",
-             f"| forward GFLOPs / sample | {flops['total_gflops']:.2f} (image {flops['image_gflops']:.2f}, text "
-             f"{flops['text_gflops']:.2f}; 1 multiply-add = 1 FLOP) |",
-             f"| preprocessing | {v.image_size} px, {cfg.interpolation}, "
-             f"{'square resize' if cfg.square_resize_only else 'resize + center crop'}, mean {list(cfg.image_mean)}, "
-             f"std {list(cfg.image_std)} |", ""]
+    lines = [
+        "---",
+        "library_name: open_clip",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags: [clip, clipa, zero-shot-image-classification]",
+        "---",
+        "",
+        f"# {name} (CLIPA-{cfg.family})",
+        "",
+        "A CLIP trained with the CLIPA recipe (pre-training on few image and text tokens, then a short "
+        "fine-tune at full length), exported for OpenCLIP by this project's export.py.",
+        "",
+        "```python",
+        "import open_clip",
+        "model, _, preprocess = open_clip.create_model_and_transforms('hf-hub:ORG/NAME')  # or 'local-dir:DIR'",
+        "tokenizer = open_clip.get_tokenizer('hf-hub:ORG/NAME')",
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| family | {cfg.family} ({'OpenCLIP layout, exact GELU' if cfg.family == 'v1' else 'BigVision: tanh GELU, no pre-norm'}) |",
+        f"| image tower | ViT, patch {v.patch_size}, width {v.width}, {v.layers} layers, {v.heads} heads, "
+        f"{v.image_size} px, pooling: {pools[v.pool]} |",
+        f"| text tower | {t.tokenizer} (vocab {t.vocab_size}), {t.context_length} tokens, width {t.width}, "
+        f"{t.layers} layers, {t.heads} heads, {'causal, pooled at EOT' if t.causal else 'bidirectional, pooled at the last position'} |",
+        f"| embedding | {cfg.embed_dim} |",
+        f"| parameters | {model.count_parameters(cfg) / 1e6:.1f} M |",
+        f"| forward GFLOPs / sample | {flops['total_gflops']:.2f} (image {flops['image_gflops']:.2f}, text "
+        f"{flops['text_gflops']:.2f}; 1 multiply-add = 1 FLOP) |",
+        f"| preprocessing | {v.image_size} px, {cfg.interpolation}, "
+        f"{'square resize' if cfg.square_resize_only else 'resize + center crop'}, mean {list(cfg.image_mean)}, "
+        f"std {list(cfg.image_std)} |",
+        "",
+    ]
     if notes:
         lines += ["Notes: " + " ".join(f"{n}." for n in notes), ""]
     lines += ["## Training", ""]
     if rec:
-        lines += [f"Preset `{rec['preset']}`" + (f", initialised from `{rec['pretrained']}`" if rec["pretrained"] else "")
-                  + f"; checkpoint of step {rec['step']}: **{rec['samples_seen']:,} samples seen, "
-                  f"{rec['train_eflops']:.4g} training EFLOPs** (3 x forward FLOPs x samples).", "",
-                  "| stage | model | image px | text tokens (reduction) | image mask | batch | samples planned | "
-                  "samples seen | EFLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Preset `{rec['preset']}`"
+            + (f", initialised from `{rec['pretrained']}`" if rec["pretrained"] else "")
+            + f"; checkpoint of step {rec['step']}: **{rec['samples_seen']:,} samples seen, "
+            f"{rec['train_eflops']:.4g} training EFLOPs** (3 x forward FLOPs x samples).",
+            "",
+            "| stage | model | image px | text tokens (reduction) | image mask | batch | samples planned | "
+            "samples seen | EFLOPs |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in rec["stages"]:
             mask = f"{s['mask']} {s['mask_ratio']:.0%}" if s["mask"] != "none" else "-"
-            lines.append(f"| {s['name']} | {s['model']} | {s['image_size']} | {s['context_length']} "
-                         f"({s['text_reduction']}) | {mask} | {s['batch_size']} | {s['train_num_samples']:,} | "
-                         f"{s['samples_seen']:,} | {s['train_eflops']:.4g} |")
+            lines.append(
+                f"| {s['name']} | {s['model']} | {s['image_size']} | {s['context_length']} "
+                f"({s['text_reduction']}) | {mask} | {s['batch_size']} | {s['train_num_samples']:,} | "
+                f"{s['samples_seen']:,} | {s['train_eflops']:.4g} |"
+            )
         lines.append("")
     else:
         lines += ["Not recorded (the checkpoint carries no train state of this project).", ""]
@@ -250,15 +341,18 @@ def model_card(net: model.CLIP, name: str, ckpt=None, results: list[str] = (), n
     if rows or rec.get("evals"):
         lines += ["| data | task | result |", "|---|---|---|", *rows]
         for r in rec.get("evals", [])[-3:]:
-            lines.append(f"| training-time eval, step {r['step']} ({r.get('stage')}) | zero-shot "
-                         f"classification ({r.get('eval_n')} images) | top-1 {100 * r['eval_top1']:.2f}%, "
-                         f"top-5 {100 * r.get('eval_top5', 0):.2f}% |")
+            lines.append(
+                f"| training-time eval, step {r['step']} ({r.get('stage')}) | zero-shot "
+                f"classification ({r.get('eval_n')} images) | top-1 {100 * r['eval_top1']:.2f}%, "
+                f"top-5 {100 * r.get('eval_top5', 0):.2f}% |"
+            )
     else:
         lines.append("No evaluation recorded (run eval_zeroshot.py on the checkpoint, then export again).")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- export
+
 
 def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
     """Write `net` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
@@ -281,28 +375,42 @@ def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
     else:
         weights = out
     save = checkpoints.save_weights if weights.endswith(".safetensors") else checkpoints.save_state
-    checkpoints.atomic_write(weights, lambda tmp: save(sd, tmp))     # never half a file under its name
+    checkpoints.atomic_write(weights, lambda tmp: save(sd, tmp))  # never half a file under its name
     name, kwargs, notes = openclip_target(cfg)
     if as_dir:
         with open(os.path.join(out, CARD), "w", encoding="utf-8") as f:
             f.write(card or model_card(net, "CLIPA model", notes=notes))
         files += [WEIGHTS, CARD]
-    return {"path": weights, "dir": out if as_dir else None, "files": files, "openclip_name": name,
-            "kwargs": kwargs, "notes": notes, "tensors": len(sd)}
+    return {
+        "path": weights,
+        "dir": out if as_dir else None,
+        "files": files,
+        "openclip_name": name,
+        "kwargs": kwargs,
+        "notes": notes,
+        "tensors": len(sd),
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None) -> int:
-    p = xla_utils.ArgumentParser(prog="export.py", description="Export a checkpoint for OpenCLIP / "
-                                 "CLIP_benchmark / the Hugging Face Hub.")
+    p = cli.ArgumentParser(
+        prog="export.py", description="Export a checkpoint for OpenCLIP / CLIP_benchmark / the Hugging Face Hub."
+    )
     p.add_argument("ckpt", help="run dir, checkpoint dir, weights file (ours, OpenCLIP, converted CLIPA-v2)")
     p.add_argument("--to", choices=["open_clip"], required=True)
     p.add_argument("out", help="DIR/ (local-dir / hub layout, with model card) or FILE.pt / FILE.safetensors")
     p.add_argument("--model", help="registry name (needed when the checkpoint records no config)")
     p.add_argument("--name", help="model name in the card (default: the checkpoint's model name)")
-    p.add_argument("--results", nargs="+", default=[], metavar="JSON",
-                   help="eval_zeroshot.py result files for the card (those next to the checkpoint are found)")
+    p.add_argument(
+        "--results",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="eval_zeroshot.py result files for the card (those next to the checkpoint are found)",
+    )
     args = p.parse_args(argv)
     parent = os.path.dirname(os.path.abspath(args.out))
     try:
@@ -316,30 +424,36 @@ def main(argv=None) -> int:
             net = model.create_model(args.model, pretrained=args.ckpt)
         name = args.name or args.model or model.read_metadata(args.ckpt).get("model_name") or "CLIPA model"
     except (ValueError, FileNotFoundError) as err:  # unknown model, missing or unreadable checkpoint
-        return xla_utils.usage_error(err)
+        return cli.usage_error(err)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     _, _, notes = openclip_target(net.cfg)
     card = model_card(net, name, args.ckpt, args.results, notes)
     try:
         info = export_open_clip(net, args.out, card=card)
-    except OSError as err:                          # a full disk, a read-only directory
+    except OSError as err:  # a full disk, a read-only directory
         print(f"error: the export could not be written ({err})", file=sys.stderr)
         return 1
     print(f"wrote {info['path']} ({info['tensors']} tensors, OpenCLIP CLIP state dict)")
     if info["openclip_name"]:
         kw = "".join(f", {k}={v}" for k, v in info["kwargs"].items())
-        print(f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
-              f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})")
+        print(
+            f"OpenCLIP model: {info['openclip_name']}\n  open_clip.create_model("
+            f"'{info['openclip_name']}', pretrained='{info['path']}'{kw})"
+        )
     if info["dir"]:
         d = info["dir"].rstrip("/")
-        print(f"wrote {d}/: {', '.join(info['files'])}\n"
-              f"exact architecture: open_clip.create_model_and_transforms('local-dir:{d}'), "
-              f"open_clip.get_tokenizer('local-dir:{d}')  (CLIP_benchmark: --model local-dir:{d})\n"
-              f"to the Hugging Face Hub: huggingface-cli upload ORG/NAME {d} .  (then 'hf-hub:ORG/NAME')")
+        print(
+            f"wrote {d}/: {', '.join(info['files'])}\n"
+            f"exact architecture: open_clip.create_model_and_transforms('local-dir:{d}'), "
+            f"open_clip.get_tokenizer('local-dir:{d}')  (CLIP_benchmark: --model local-dir:{d})\n"
+            f"to the Hugging Face Hub: huggingface-cli upload ORG/NAME {d} .  (then 'hf-hub:ORG/NAME')"
+        )
     else:
-        print("for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
-              "python export.py CKPT --to open_clip DIR/")
+        print(
+            "for OpenCLIP's exact architecture config (and CLIP_benchmark), export to a directory: "
+            "python export.py CKPT --to open_clip DIR/"
+        )
     for note in info["notes"]:
         print(f"note: {note}")
     return 0

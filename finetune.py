@@ -11,6 +11,7 @@ masking (v2: 30% / 40% random) applies in training. Everything else (the step, c
 logging) is train.py's: this file only selects the stages that start from a previous one and makes
 --pretrained required.
 """
+
 import sys
 
 import train

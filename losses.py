@@ -13,6 +13,7 @@ divided by this rank's images. Two implementations with the same value and gradi
   there are no ranks to pass blocks between: the compiler sees the global batch and inserts its own
   collectives, so the gather form is used there.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,7 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
     """Send x to the next rank, receive the previous rank's block (point-to-point, no autograd)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out = torch.empty_like(x)
-    ops = [dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world),
-           dist.P2POp(dist.irecv, out, (rank - 1) % world)]
+    ops = [dist.P2POp(dist.isend, x.contiguous(), (rank + 1) % world), dist.P2POp(dist.irecv, out, (rank - 1) % world)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return out
@@ -102,7 +102,7 @@ class _RingSigmoid(torch.autograd.Function):
             d_blk = d_blk + scale * d_logits.T @ img
             d_scale += (d_logits * dots).sum()
             d_bias += d_logits.sum()
-        d_txt = _shift(d_blk) if ctx.world > 1 else d_blk     # the last hop brings each block home
+        d_txt = _shift(d_blk) if ctx.world > 1 else d_blk  # the last hop brings each block home
         return d_img, d_txt, d_scale, d_bias, None
 
 

@@ -6,6 +6,7 @@ OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors'
 CLI: python model.py {list, flops NAME, tokenize [--model NAME] TEXT...}; the OpenCLIP export is
 export.py (python export.py CKPT --to open_clip OUT).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import checkpoints
+import cli
 import data
 import tokenizer
 import xla_utils
@@ -46,11 +48,11 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    pool: str = "cls"           # "cls" | "gap_cls" (v1 GAP: mean incl. CLS) | "gap" (v2: patches only)
-    pre_norm: bool = True       # ln_pre before the blocks (v1 yes, v2 no)
+    pool: str = "cls"  # "cls" | "gap_cls" (v1 GAP: mean incl. CLS) | "gap" (v2: patches only)
+    pre_norm: bool = True  # ln_pre before the blocks (v1 yes, v2 no)
     pos_embed: str = "learnable"  # "learnable" | "sincos" (fixed 2-D, used in pre-training)
-    mask: str = "none"          # image token reduction by masking: "none" | "random" | "grid" | "block"
-    mask_ratio: float = 0.0     # fraction of patch tokens dropped when masking
+    mask: str = "none"  # image token reduction by masking: "none" | "random" | "grid" | "block"
+    mask_ratio: float = 0.0  # fraction of patch tokens dropped when masking
 
     @property
     def grid(self) -> int:
@@ -69,10 +71,10 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
-    causal: bool = True         # v1: causal mask; v2: bidirectional
-    pool: str = "eot"           # "eot" (position of the largest id, v1) | "last" (index -1, v2)
-    tokenizer: str = "clip_bpe"   # "clip_bpe" (v1) | "wordpiece" (v2, bert-base-uncased)
-    reduction: str = "truncate"   # training-time text reduction: truncate | random | block | syntax
+    causal: bool = True  # v1: causal mask; v2: bidirectional
+    pool: str = "eot"  # "eot" (position of the largest id, v1) | "last" (index -1, v2)
+    tokenizer: str = "clip_bpe"  # "clip_bpe" (v1) | "wordpiece" (v2, bert-base-uncased)
+    reduction: str = "truncate"  # training-time text reduction: truncate | random | block | syntax
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,11 @@ class CLIPConfig:
     embed_dim: int
     vision: VisionConfig
     text: TextConfig
-    gelu: str = "exact"         # "exact" | "tanh"
-    family: str = "v1"          # "v1" (OpenCLIP layout, OpenAI mean/std) | "v2" (BigVision)
-    loss: str = "softmax"       # "softmax" (CLIP) | "sigmoid" (SigLIP: a learnable logit_bias too)
+    gelu: str = "exact"  # "exact" | "tanh"
+    family: str = "v1"  # "v1" (OpenCLIP layout, OpenAI mean/std) | "v2" (BigVision)
+    loss: str = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP: a learnable logit_bias too)
 
-    # evaluation preprocessing defaults of the family (CLIPA_SPEC section 3)
+    # evaluation preprocessing defaults of the family (docs/models.md)
     @property
     def image_mean(self):
         return OPENAI_MEAN if self.family == "v1" else IMAGENET_MEAN
@@ -108,60 +110,89 @@ _V2_TEXT = dict(context_length=32, vocab_size=32000, causal=False, pool="last", 
 
 
 def _v2(embed_dim: int, vision: dict, text: dict) -> CLIPConfig:
-    return CLIPConfig(embed_dim=embed_dim, vision=VisionConfig(**{**_V2_VISION, **vision}),
-                      text=TextConfig(**{**_V2_TEXT, **text}), gelu="tanh", family="v2")
+    return CLIPConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(**{**_V2_VISION, **vision}),
+        text=TextConfig(**{**_V2_TEXT, **text}),
+        gelu="tanh",
+        family="v2",
+    )
 
 
 MODEL_CONFIGS: dict[str, CLIPConfig] = {
-    # v1 (CLIPA_SPEC section 3)
+    # v1 (docs/models.md)
     "ViT-B-16-CL16": CLIPConfig(
-        embed_dim=512, vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12, pool="cls"),
-        text=TextConfig(context_length=16, width=512, layers=12, heads=8)),
+        embed_dim=512,
+        vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12, pool="cls"),
+        text=TextConfig(context_length=16, width=512, layers=12, heads=8),
+    ),
     "ViT-L-16-CL16-Syntax-GAP": CLIPConfig(
-        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=16, width=768, layers=12, heads=12, reduction="syntax")),
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=16, width=768, layers=12, heads=12, reduction="syntax"),
+    ),
     "ViT-L-16-CL8-Syntax-GAP": CLIPConfig(
-        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=8, width=768, layers=12, heads=12, reduction="syntax")),
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=8, width=768, layers=12, heads=12, reduction="syntax"),
+    ),
     "ViT-L-16-CL16-GAP": CLIPConfig(
-        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=16, width=768, layers=12, heads=12)),
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=16, width=768, layers=12, heads=12),
+    ),
     "ViT-L-16-CL32-GAP": CLIPConfig(
-        embed_dim=768, vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=32, width=768, layers=12, heads=12)),
+        embed_dim=768,
+        vision=VisionConfig(patch_size=16, width=1024, layers=24, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=32, width=768, layers=12, heads=12),
+    ),
     "ViT-H-14-CL8-Syntax-GAP": CLIPConfig(
-        embed_dim=1024, vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=8, width=1024, layers=24, heads=16, reduction="syntax")),
+        embed_dim=1024,
+        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=8, width=1024, layers=24, heads=16, reduction="syntax"),
+    ),
     "ViT-H-14-CL32-GAP": CLIPConfig(
-        embed_dim=1024, vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
-        text=TextConfig(context_length=32, width=1024, layers=24, heads=16)),
+        embed_dim=1024,
+        vision=VisionConfig(patch_size=14, width=1280, layers=32, heads=16, pool="gap_cls"),
+        text=TextConfig(context_length=32, width=1024, layers=24, heads=16),
+    ),
     # v2 "BigVision" (converted from JAX; OpenCLIP's ViT-{L,H,bigG}-14-CLIPA)
-    "ViT-L-14-CL32-GAP-BigVision": _v2(embed_dim=768, vision=dict(width=1024, layers=24, heads=16),
-                                       text=dict(width=768, layers=12, heads=12)),
-    "ViT-H-14-CL32-GAP-BigVision": _v2(embed_dim=1024, vision=dict(width=1280, layers=32, heads=16),
-                                       text=dict(width=1024, layers=24, heads=16)),
+    "ViT-L-14-CL32-GAP-BigVision": _v2(
+        embed_dim=768, vision=dict(width=1024, layers=24, heads=16), text=dict(width=768, layers=12, heads=12)
+    ),
+    "ViT-H-14-CL32-GAP-BigVision": _v2(
+        embed_dim=1024, vision=dict(width=1280, layers=32, heads=16), text=dict(width=1024, layers=24, heads=16)
+    ),
     "ViT-bigG-14-CL32-GAP-BigVision": _v2(
-        embed_dim=1280, vision=dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231),
-        text=dict(width=1280, layers=32, heads=20)),
+        embed_dim=1280,
+        vision=dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231),
+        text=dict(width=1280, layers=32, heads=20),
+    ),
     # tiny models for tests and the CPU demo (same code paths, few parameters)
     "ViT-Tiny-8-CL16-Syntax-GAP": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, pool="gap_cls"),
-        text=TextConfig(context_length=16, width=128, layers=4, heads=4, reduction="syntax")),
+        text=TextConfig(context_length=16, width=128, layers=4, heads=4, reduction="syntax"),
+    ),
     "ViT-Tiny-8-CL32-GAP": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, pool="gap_cls"),
-        text=TextConfig(context_length=32, width=128, layers=4, heads=4)),
+        text=TextConfig(context_length=32, width=128, layers=4, heads=4),
+    ),
     "ViT-Test-8-CL16": CLIPConfig(
-        embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
-        text=TextConfig(context_length=16, width=32, layers=2, heads=2)),
+        embed_dim=32,
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        text=TextConfig(context_length=16, width=32, layers=2, heads=2),
+    ),
     "ViT-Test-8-CL32-GAP-BigVision": _v2(
-        embed_dim=32, vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2),
-        text=dict(width=32, layers=2, heads=2)),
+        embed_dim=32,
+        vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        text=dict(width=32, layers=2, heads=2),
+    ),
 }
 
 # Names used elsewhere for the same architectures: the reference scripts' misspellings
-# (CLIPA_SPEC section 8) and OpenCLIP's names for the converted v2 models.
+# (docs/models.md) and OpenCLIP's names for the converted v2 models.
 MODEL_ALIASES: dict[str, tuple[str, dict]] = {
     "ViT-L-16-CL8-SyntaxMask-GAP": ("ViT-L-16-CL8-Syntax-GAP", {}),
     "ViT-L-16-CL16-SyntaxMask-GAP": ("ViT-L-16-CL16-Syntax-GAP", {}),
@@ -179,9 +210,14 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
-def get_model_config(name: str, image_size: int | None = None, context_length: int | None = None,
-                     pos_embed: str | None = None, mask: str | None = None,
-                     mask_ratio: float | None = None) -> CLIPConfig:
+def get_model_config(
+    name: str,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    pos_embed: str | None = None,
+    mask: str | None = None,
+    mask_ratio: float | None = None,
+) -> CLIPConfig:
     """Resolve a model name (or alias) to its config, with optional build-time overrides.
 
     image_size is CLIPA's "resize" image token reduction (force_image_size)."""
@@ -194,8 +230,7 @@ def get_model_config(name: str, image_size: int | None = None, context_length: i
         close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(MODEL_ALIASES), n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(list_models())}"
         raise ValueError(f"unknown model {name!r}{hint}")
-    return _override(cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask,
-                     mask_ratio=mask_ratio)
+    return _override(cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask, mask_ratio=mask_ratio)
 
 
 def _override(cfg: CLIPConfig, context_length: int | None, **vision) -> CLIPConfig:
@@ -214,21 +249,34 @@ def count_parameters(cfg: CLIPConfig) -> int:
         h = int(w * ratio)  # 2 LayerNorms, qkv, out projection, MLP
         return layers * (4 * w + 3 * w * w + 3 * w + w * w + w + 2 * w * h + h + w)
 
-    vision = (3 * v.patch_size ** 2 * v.width + v.width + (v.grid ** 2 + 1) * v.width
-              + 2 * v.width * bool(v.pre_norm) + blocks(v.width, v.layers, v.mlp_ratio) + 2 * v.width
-              + v.width * e)
-    text = (t.vocab_size * t.width + t.context_length * t.width + blocks(t.width, t.layers, t.mlp_ratio)
-            + 2 * t.width + t.width * e)
-    return vision + text + 1 + (cfg.loss == "sigmoid")    # logit_scale (and logit_bias)
+    vision = (
+        3 * v.patch_size**2 * v.width
+        + v.width
+        + (v.grid**2 + 1) * v.width
+        + 2 * v.width * bool(v.pre_norm)
+        + blocks(v.width, v.layers, v.mlp_ratio)
+        + 2 * v.width
+        + v.width * e
+    )
+    text = (
+        t.vocab_size * t.width
+        + t.context_length * t.width
+        + blocks(t.width, t.layers, t.mlp_ratio)
+        + 2 * t.width
+        + t.width * e
+    )
+    return vision + text + 1 + (cfg.loss == "sigmoid")  # logit_scale (and logit_bias)
 
 
 def _check_numbers(cfg: CLIPConfig) -> None:
     """Sizes are positive integers and MLP ratios sane numbers: a config read from a file may hold
     anything (1e12, -3, "12", [])."""
     v, t = cfg.vision, cfg.text
-    for where, obj, names in (("", cfg, ("embed_dim",)),
-                              ("vision.", v, ("image_size", "patch_size", "width", "layers", "heads")),
-                              ("text.", t, ("context_length", "vocab_size", "width", "layers", "heads"))):
+    for where, obj, names in (
+        ("", cfg, ("embed_dim",)),
+        ("vision.", v, ("image_size", "patch_size", "width", "layers", "heads")),
+        ("text.", t, ("context_length", "vocab_size", "width", "layers", "heads")),
+    ):
         for name in names:
             x = getattr(obj, name)
             if not isinstance(x, int) or isinstance(x, bool) or x < 1:
@@ -262,16 +310,21 @@ def check_config(cfg: CLIPConfig) -> CLIPConfig:
         raise ValueError(f"bad text config: context length {t.context_length}, pool {t.pool!r}")
     if cfg.gelu not in ("exact", "tanh") or cfg.loss not in ("softmax", "sigmoid"):
         raise ValueError(f"unknown GELU flavour {cfg.gelu!r} or loss {cfg.loss!r}")
-    if max(v.layers, t.layers) > MAX_LAYERS:      # before the count: building 10^5 blocks takes minutes
-        raise ValueError(f"model config asks for {v.layers} image and {t.layers} text layers (limit "
-                         f"{MAX_LAYERS}): refused")
+    if max(v.layers, t.layers) > MAX_LAYERS:  # before the count: building 10^5 blocks takes minutes
+        raise ValueError(
+            f"model config asks for {v.layers} image and {t.layers} text layers (limit {MAX_LAYERS}): refused"
+        )
     if v.num_patches > MAX_PATCHES or t.context_length > MAX_CONTEXT:
-        raise ValueError(f"model config asks for {v.num_patches} image patches and {t.context_length} text "
-                         f"tokens (limits {MAX_PATCHES} and {MAX_CONTEXT}): refused")
+        raise ValueError(
+            f"model config asks for {v.num_patches} image patches and {t.context_length} text "
+            f"tokens (limits {MAX_PATCHES} and {MAX_CONTEXT}): refused"
+        )
     n = count_parameters(cfg)
     if n > MAX_PARAMETERS:
-        raise ValueError(f"model config asks for {n / 1e9:.3g}B parameters, over the limit of "
-                         f"{MAX_PARAMETERS / 1e9:.3g}B (4x the largest registered model): refused")
+        raise ValueError(
+            f"model config asks for {n / 1e9:.3g}B parameters, over the limit of "
+            f"{MAX_PARAMETERS / 1e9:.3g}B (4x the largest registered model): refused"
+        )
     return cfg
 
 
@@ -337,13 +390,13 @@ def mask_indices(batch: int, grid: int, strategy: str, mask_ratio: float, device
         score = torch.rand(batch, n, device=device)
     elif strategy == "grid":
         tile = 8
-        pattern = _bayer(tile).to(device)                                   # [8, 8]
+        pattern = _bayer(tile).to(device)  # [8, 8]
         offset = torch.randint(0, tile, (batch, 2), device=device)
         r = torch.arange(grid, device=device)
-        rows = (r[None, :, None] + offset[:, 0, None, None]) % tile        # [B, g, 1]
-        cols = (r[None, None, :] + offset[:, 1, None, None]) % tile        # [B, 1, g]
-        rank = pattern[rows, cols].reshape(batch, n)                         # lower = kept first
-        score = -(rank * n + torch.arange(n, device=device)).float()        # ties: raster order
+        rows = (r[None, :, None] + offset[:, 0, None, None]) % tile  # [B, g, 1]
+        cols = (r[None, None, :] + offset[:, 1, None, None]) % tile  # [B, 1, g]
+        rank = pattern[rows, cols].reshape(batch, n)  # lower = kept first
+        score = -(rank * n + torch.arange(n, device=device)).float()  # ties: raster order
     elif strategy == "block":
         drop = n - k
         max_side = max(1, grid // 2)
@@ -356,7 +409,7 @@ def mask_indices(batch: int, grid: int, strategy: str, mask_ratio: float, device
         py, px = (pos // grid)[None, None], (pos % grid)[None, None]
         inside = (py >= top) & (py < top + side) & (px >= left) & (px < left + side)  # [B, M, N]
         order = torch.arange(blocks, device=device, dtype=torch.float32)[None, :, None]
-        first = torch.where(inside, order, float(blocks)).amin(dim=1)       # first block covering it
+        first = torch.where(inside, order, float(blocks)).amin(dim=1)  # first block covering it
         # dropped first: patches of earlier blocks; random order inside a block and among the rest
         score = first + torch.rand(batch, n, device=device)
     else:
@@ -386,7 +439,7 @@ class Attention(nn.Module):
             q, k, v = F.linear(x, w, bias).chunk(3, dim=-1)
         else:
             q, (k, v) = F.linear(_rows(x, pick), w[:d], bias[:d]), F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
-            if causal:      # the picked row sees the positions up to its own
+            if causal:  # the picked row sees the positions up to its own
                 mask = torch.arange(n, device=x.device) <= torch.as_tensor(pick, device=x.device).reshape(-1, 1, 1, 1)
         q, k, v = (t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pick is None)
@@ -402,8 +455,13 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=LN_EPS)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(
-            approximate="tanh" if gelu == "tanh" else "none"), c_proj=nn.Linear(hidden, width)))
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, hidden),
+                gelu=nn.GELU(approximate="tanh" if gelu == "tanh" else "none"),
+                c_proj=nn.Linear(hidden, width),
+            )
+        )
 
     def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
         """pick: None, or the row the tower reads out (an int, or [B] indices): that row alone, [B, 1, W]."""
@@ -429,7 +487,7 @@ class Transformer(nn.Module):
 
 def _rows(x: torch.Tensor, pick) -> torch.Tensor:
     """[B, N, W] -> [B, 1, W]: row `pick` (an int, or [B] indices) of each sample."""
-    return x[:, pick:pick + 1] if isinstance(pick, int) else x[torch.arange(len(x), device=x.device), pick][:, None]
+    return x[:, pick : pick + 1] if isinstance(pick, int) else x[torch.arange(len(x), device=x.device), pick][:, None]
 
 
 class VisionTransformer(nn.Module):
@@ -439,7 +497,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, gelu: str):
         super().__init__()
         self.cfg = cfg
-        w, scale = cfg.width, cfg.width ** -0.5
+        w, scale = cfg.width, cfg.width**-0.5
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         if cfg.pos_embed == "sincos":
@@ -453,27 +511,29 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
 
     def forward(self, images: torch.Tensor, mask: bool = False) -> torch.Tensor:
-        x = self.conv1(images)                                   # [B, W, g, g]
+        x = self.conv1(images)  # [B, W, g, g]
         b, w, gh, gw = x.shape
         if gh * gw + 1 != self.positional_embedding.shape[0]:
-            raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px do not fit this model "
-                             f"(built for {self.cfg.image_size} px)")
+            raise ValueError(
+                f"images of {images.shape[-2]}x{images.shape[-1]} px do not fit this model "
+                f"(built for {self.cfg.image_size} px)"
+            )
         pos = self.positional_embedding.to(x.dtype)
-        x = x.flatten(2).transpose(1, 2) + pos[1:]               # [B, N, W]
-        if mask:    # token reduction: keep a static number of patch tokens, after the position embedding
+        x = x.flatten(2).transpose(1, 2) + pos[1:]  # [B, N, W]
+        if mask:  # token reduction: keep a static number of patch tokens, after the position embedding
             keep = mask_indices(b, gh, self.cfg.mask, self.cfg.mask_ratio, x.device)
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, w))
         cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(b, 1, w)
-        x = torch.cat([cls, x], dim=1)                           # CLS always kept
+        x = torch.cat([cls, x], dim=1)  # CLS always kept
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         x = self.transformer(x, pick=0 if self.cfg.pool == "cls" else None)
         if self.cfg.pool == "cls":
             pooled = x[:, 0]
         elif self.cfg.pool == "gap_cls":
-            pooled = x.mean(dim=1)                               # v1 GAP: all tokens, CLS included
+            pooled = x.mean(dim=1)  # v1 GAP: all tokens, CLS included
         else:
-            pooled = x[:, 1:].mean(dim=1)                        # v2 GAP: patch tokens only
+            pooled = x[:, 1:].mean(dim=1)  # v2 GAP: patch tokens only
         return self.ln_post(pooled) @ self.proj
 
 
@@ -492,20 +552,20 @@ class TextTransformer(nn.Module):
         # OpenCLIP's text init (std scaled by width and depth)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std = w ** -0.5 * (2 * cfg.layers) ** -0.5
+        proj_std = w**-0.5 * (2 * cfg.layers) ** -0.5
         for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=w ** -0.5)
+            nn.init.normal_(block.attn.in_proj_weight, std=w**-0.5)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=w ** -0.5)
+        nn.init.normal_(self.text_projection, std=w**-0.5)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
         if n > self.cfg.context_length:
             raise ValueError(f"{n} text tokens exceed the context length {self.cfg.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:n]
-        pick = tokens.argmax(dim=-1) if self.cfg.pool == "eot" else n - 1   # EOT = largest id; v2: last
+        pick = tokens.argmax(dim=-1) if self.cfg.pool == "eot" else n - 1  # EOT = largest id; v2: last
         x = self.ln_final(self.transformer(x, causal=self.cfg.causal, pick=pick))
         return x[:, 0] @ self.text_projection
 
@@ -534,8 +594,11 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
-                self.logit_scale.exp())
+        return (
+            self.encode_image(images, normalize=True),
+            self.encode_text(tokens, normalize=True),
+            self.logit_scale.exp(),
+        )
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable
@@ -544,10 +607,10 @@ class CLIP(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def weights_metadata(model_name: str, cfg: CLIPConfig) -> dict[str, str]:
     """safetensors header metadata of our weights files (all values str)."""
-    return {"format": "clipa", "model_name": str(model_name),
-            "model_config": json.dumps(dataclasses.asdict(cfg))}
+    return {"format": "clipa", "model_name": str(model_name), "model_config": json.dumps(dataclasses.asdict(cfg))}
 
 
 def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
@@ -560,7 +623,7 @@ def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"weights metadata holds an unreadable model config ({e})") from None
     try:
-        return check_config(cfg)        # bounded before anything is built: the header may be crafted
+        return check_config(cfg)  # bounded before anything is built: the header may be crafted
     except ValueError as e:
         raise ValueError(f"the checkpoint's model config is refused: {e}") from None
 
@@ -576,7 +639,7 @@ def _safetensors_header(file: str) -> dict | None:
     without touching the tensor bytes; None when the file is not a safetensors file."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n) if 0 < n <= 100 * 2**20 else b""   # safetensors caps headers at 100 MB
+        raw = f.read(n) if 0 < n <= 100 * 2**20 else b""  # safetensors caps headers at 100 MB
     try:
         header = json.loads(raw) if raw.startswith(b"{") else None
     except ValueError:
@@ -607,8 +670,10 @@ def check_weights_fit(path, cfg: CLIPConfig) -> None:
         want = {k: tuple(v.shape) for k, v in CLIP(cfg).state_dict().items()}
     bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and want[k] != got[k]]
     if bad:
-        raise ValueError(f"{os.fspath(path)} does not hold weights of this model at these settings "
-                         f"({len(bad)} tensors differ, e.g. {bad[0]})")
+        raise ValueError(
+            f"{os.fspath(path)} does not hold weights of this model at these settings "
+            f"({len(bad)} tensors differ, e.g. {bad[0]})"
+        )
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
@@ -649,8 +714,7 @@ def detect_layout(sd: dict) -> str:
         return "clipa"
     if "token_embedding.weight" in sd:
         return "openclip-v1" if "visual.ln_pre.weight" in sd else "openclip-v2"
-    raise ValueError("not a CLIP state dict: no text token embedding "
-                     f"(first keys: {', '.join(list(sd)[:4])})")
+    raise ValueError(f"not a CLIP state dict: no text token embedding (first keys: {', '.join(list(sd)[:4])})")
 
 
 def to_clipa_keys(sd: dict) -> dict:
@@ -661,7 +725,7 @@ def to_clipa_keys(sd: dict) -> dict:
 
 def to_openclip_keys(sd: dict) -> dict:
     """Our names -> OpenCLIP CLIP names (the inverse key map)."""
-    return {(k[len("text."):] if k.startswith("text.") else k): v for k, v in sd.items()}
+    return {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in sd.items()}
 
 
 def resize_image_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -673,8 +737,7 @@ def resize_image_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
     if old == grid:
         return table
     patches = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", antialias=True,
-                            align_corners=False)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
     return torch.cat([table[:1], patches])
 
@@ -715,8 +778,12 @@ def _check_finite(model: CLIP, sd: dict, source: str) -> None:
     bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     model.nonfinite_weights = bad
     if bad:
-        warnings.warn(f"{source} holds non-finite weights (NaN/Inf) in {len(bad)} tensors: {_few(bad, 3)}; "
-                      "its outputs are meaningless", NonFiniteWeightsWarning, stacklevel=3)
+        warnings.warn(
+            f"{source} holds non-finite weights (NaN/Inf) in {len(bad)} tensors: {_few(bad, 3)}; "
+            "its outputs are meaningless",
+            NonFiniteWeightsWarning,
+            stacklevel=3,
+        )
 
 
 def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tuple[dict, str]:
@@ -727,34 +794,49 @@ def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tu
     own = model.state_dict()
     v = model.cfg.vision
     if v.pos_embed == "sincos":
-        sd["visual.positional_embedding"] = sincos_2d(v.width, v.grid)       # exact, never interpolated
+        sd["visual.positional_embedding"] = sincos_2d(v.width, v.grid)  # exact, never interpolated
     elif "visual.positional_embedding" in sd:
         sd["visual.positional_embedding"] = resize_image_pos_embed(sd["visual.positional_embedding"], v.grid)
     if "text.positional_embedding" in sd:
-        sd["text.positional_embedding"] = resize_text_pos_embed(sd["text.positional_embedding"],
-                                                                model.cfg.text.context_length)
+        sd["text.positional_embedding"] = resize_text_pos_embed(
+            sd["text.positional_embedding"], model.cfg.text.context_length
+        )
     for k in ("logit_scale", "logit_bias"):
         if k in sd and sd[k].numel() == 1 and k in own:
             sd[k] = sd[k].reshape(own[k].shape)
-    if "logit_bias" not in own:             # a sigmoid-loss checkpoint into a softmax model
+    if "logit_bias" not in own:  # a sigmoid-loss checkpoint into a softmax model
         sd.pop("logit_bias", None)
-    elif "logit_bias" not in sd:            # ... and the reverse: SigLIP's initial bias
+    elif "logit_bias" not in sd:  # ... and the reverse: SigLIP's initial bias
         sd["logit_bias"] = torch.tensor(-10.0)
-    missing = [k for k in own if k not in sd]                    # in model order: most telling first
+    missing = [k for k in own if k not in sd]  # in model order: most telling first
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(sd))
-              if sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if sd[k].shape != own[k].shape
+    ]
     if strict and (missing or unexpected or shapes):
-        parts = [f"{what} {_few(keys, n)}" for what, keys, n in
-                 (("missing", missing, 4), ("unexpected", unexpected, 4), ("shape mismatch", shapes, 2)) if keys]
-        raise ValueError(f"{source} ({layout} layout) does not fit this {model.cfg.family} "
-                         f"architecture: {'; '.join(parts)}")
+        parts = [
+            f"{what} {_few(keys, n)}"
+            for what, keys, n in (("missing", missing, 4), ("unexpected", unexpected, 4), ("shape mismatch", shapes, 2))
+            if keys
+        ]
+        raise ValueError(
+            f"{source} ({layout} layout) does not fit this {model.cfg.family} architecture: {'; '.join(parts)}"
+        )
     return sd, layout
 
 
-def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None = None,
-                 context_length: int | None = None, pos_embed: str | None = None, mask: str | None = None,
-                 mask_ratio: float | None = None, pretrained=None) -> CLIP:
+def create_model(
+    name_or_cfg: str | CLIPConfig | None,
+    *,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    pos_embed: str | None = None,
+    mask: str | None = None,
+    mask_ratio: float | None = None,
+    pretrained=None,
+) -> CLIP:
     """Build a CLIP by registry name (or alias, or a CLIPConfig); name None takes the config stored in
     the `pretrained` weights file. Overrides apply on top (image_size is CLIPA's resize reduction)."""
     if name_or_cfg is None:
@@ -762,12 +844,17 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
             raise ValueError("give a model name or a pretrained checkpoint that records its config")
         name_or_cfg = config_from_metadata(read_metadata(pretrained))
         if name_or_cfg is None:
-            raise ValueError(f"{os.fspath(pretrained)} records no model config (not a checkpoint of this "
-                             "project): pass its model name (--model NAME)")
+            raise ValueError(
+                f"{os.fspath(pretrained)} records no model config (not a checkpoint of this "
+                "project): pass its model name (--model NAME)"
+            )
     if not isinstance(name_or_cfg, CLIPConfig):
         name_or_cfg = get_model_config(name_or_cfg)
-    cfg = check_config(_override(name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed,
-                                 mask=mask, mask_ratio=mask_ratio))
+    cfg = check_config(
+        _override(
+            name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask, mask_ratio=mask_ratio
+        )
+    )
     if pretrained is None:
         return CLIP(cfg)
     sd = read_weights(pretrained)
@@ -781,19 +868,30 @@ def create_model(name_or_cfg: str | CLIPConfig | None, *, image_size: int | None
     return model
 
 
-def get_tokenizer(name_or_cfg: str | CLIPConfig, context_length: int | None = None,
-                  reduction: str | None = None) -> tokenizer.Tokenizer:
+def get_tokenizer(
+    name_or_cfg: str | CLIPConfig, context_length: int | None = None, reduction: str | None = None
+) -> tokenizer.Tokenizer:
     """The tokenizer a model (registry name, alias or CLIPConfig) implies. reduction None -> the
     model's training reduction ("syntax" for -Syntax- models); evaluation passes reduction="truncate".
     context_length None -> the model's own."""
     t = (name_or_cfg if isinstance(name_or_cfg, CLIPConfig) else get_model_config(name_or_cfg)).text
-    return tokenizer.Tokenizer(t.tokenizer, t.context_length if context_length is None else context_length,
-                               t.reduction if reduction is None else reduction)
+    return tokenizer.Tokenizer(
+        t.tokenizer,
+        t.context_length if context_length is None else context_length,
+        t.reduction if reduction is None else reduction,
+    )
 
 
-def create_model_and_transforms(name, pretrained=None, force_image_size=None, image_mean=None,
-                                image_std=None, interpolation=None, square_resize_only=None,
-                                **create_model_kwargs):
+def create_model_and_transforms(
+    name,
+    pretrained=None,
+    force_image_size=None,
+    image_mean=None,
+    image_std=None,
+    interpolation=None,
+    square_resize_only=None,
+    **create_model_kwargs,
+):
     """(model in eval mode, train_transform, eval_transform) as OpenCLIP offers it: each transform maps
     a PIL image to a NORMALISED float CHW tensor. Defaults come from the model family (CLIPConfig
     properties); the eval transform is eval_zeroshot's preprocessing (data.eval_transform)."""
@@ -805,21 +903,22 @@ def create_model_and_transforms(name, pretrained=None, force_image_size=None, im
     interp = interpolation or cfg.interpolation
     square = cfg.square_resize_only if square_resize_only is None else square_resize_only
     train = data.Normalized(data.train_transform(size), mean, std)
-    evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square),
-                               mean, std)
+    evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square), mean, std)
     return model.eval(), train, evaluate
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
+
 def _block_macs(tokens: int, width: int, mlp_ratio: float, rows: int | None = None) -> int:
     # qkv + out projections 4*L*D^2, MLP 2*L*D*H, attention 2*L^2*D; rows=1: k, v of L tokens, the rest of 1
     r = tokens if rows is None else rows
-    return (2 * tokens + 2 * r) * width ** 2 + 2 * r * width * int(width * mlp_ratio) + 2 * r * tokens * width
+    return (2 * tokens + 2 * r) * width**2 + 2 * r * width * int(width * mlp_ratio) + 2 * r * tokens * width
 
 
-def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: int | None = None,
-                mask_ratio: float = 0.0) -> dict:
+def count_flops(
+    cfg: CLIPConfig, image_size: int | None = None, context_length: int | None = None, mask_ratio: float = 0.0
+) -> dict:
     """Forward GFLOPs per sample in the CLIPA papers' convention (1 multiply-add = 1 FLOP): matmuls of
     the patch embedding (all patches), the transformer blocks (kept patches + CLS), the projections.
     Norms, softmax, GELU and additions are not counted. executed_gflops: what runs here, where a tower
@@ -835,22 +934,37 @@ def count_flops(cfg: CLIPConfig, image_size: int | None = None, context_length: 
         raise ValueError(f"context length must be positive, got {ctx}")
     n = (size // v.patch_size) ** 2
     kept = keep_count(n, mask_ratio) if mask_ratio > 0 else n
-    image = (n * 3 * v.patch_size ** 2 * v.width + v.layers * _block_macs(kept + 1, v.width, v.mlp_ratio)
-             + v.width * cfg.embed_dim)
+    image = (
+        n * 3 * v.patch_size**2 * v.width
+        + v.layers * _block_macs(kept + 1, v.width, v.mlp_ratio)
+        + v.width * cfg.embed_dim
+    )
     text = t.layers * _block_macs(ctx, t.width, t.mlp_ratio) + t.width * cfg.embed_dim
-    saved = sum(_block_macs(n, w, r) - _block_macs(n, w, r, rows=1) for n, w, r, picked in (
-        (kept + 1, v.width, v.mlp_ratio, v.pool == "cls"), (ctx, t.width, t.mlp_ratio, True)) if picked)
-    return {"image_gflops": image / 1e9, "text_gflops": text / 1e9, "total_gflops": (image + text) / 1e9,
-            "executed_gflops": (image + text - saved) / 1e9,
-            "image_size": size, "context_length": ctx, "mask_ratio": mask_ratio, "patches": n,
-            "patches_kept": kept}
+    saved = sum(
+        _block_macs(n, w, r) - _block_macs(n, w, r, rows=1)
+        for n, w, r, picked in ((kept + 1, v.width, v.mlp_ratio, v.pool == "cls"), (ctx, t.width, t.mlp_ratio, True))
+        if picked
+    )
+    return {
+        "image_gflops": image / 1e9,
+        "text_gflops": text / 1e9,
+        "total_gflops": (image + text) / 1e9,
+        "executed_gflops": (image + text - saved) / 1e9,
+        "image_size": size,
+        "context_length": ctx,
+        "mask_ratio": mask_ratio,
+        "patches": n,
+        "patches_kept": kept,
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None) -> int:
-    p = xla_utils.ArgumentParser(prog="model.py", description="CLIPA models: FLOPs counter, tokenizer "
-                                 "(the OpenCLIP export: export.py)")
+    p = cli.ArgumentParser(
+        prog="model.py", description="CLIPA models: FLOPs counter, tokenizer (the OpenCLIP export: export.py)"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flops", help="forward GFLOPs per sample (1 multiply-add = 1 FLOP)")
     f.add_argument("name")
@@ -863,8 +977,9 @@ def main(argv=None) -> int:
     t.add_argument("--context-length", type=int)
     t.add_argument("--reduction", choices=tokenizer.REDUCTIONS, help="default: the model's training one")
     t.add_argument("texts", nargs="+")
-    sub.add_parser("export", help="moved: python export.py CKPT --to open_clip OUT", add_help=False,
-                   prefix_chars="\0").add_argument("rest", nargs="*")
+    sub.add_parser(
+        "export", help="moved: python export.py CKPT --to open_clip OUT", add_help=False, prefix_chars="\0"
+    ).add_argument("rest", nargs="*")
     sub.add_parser("list", help="registry names and aliases")
     args = p.parse_args(argv)
 
@@ -874,25 +989,28 @@ def main(argv=None) -> int:
         try:
             r = count_flops(get_model_config(args.name), args.image_size, args.context_length, args.mask_ratio)
         except ValueError as err:
-            return xla_utils.usage_error(err)
+            return cli.usage_error(err)
         if args.json:
             print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops", "executed_gflops")}))
         else:
-            print(f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
-                  f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
-                  f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
-                  "(forward, per sample, 1 multiply-add = 1 FLOP)")
+            print(
+                f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
+                f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
+                f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
+                "(forward, per sample, 1 multiply-add = 1 FLOP)"
+            )
     elif args.cmd == "tokenize":
         try:
             tok = get_tokenizer(args.model, args.context_length, args.reduction)
         except ValueError as err:
-            return xla_utils.usage_error(err)
+            return cli.usage_error(err)
         print(tok)
         for ids in tok(args.texts).tolist():
             print(ids, repr(tok.decode(ids)))
     else:
-        return xla_utils.usage_error(f"the export moved to export.py: python export.py "
-                                     f"{' '.join(args.rest) or 'CKPT --to open_clip OUT'}")
+        return cli.usage_error(
+            f"the export moved to export.py: python export.py {' '.join(args.rest) or 'CKPT --to open_clip OUT'}"
+        )
     return 0
 
 

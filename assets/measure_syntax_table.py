@@ -10,6 +10,7 @@ place (spaCy, run in its throwaway venv through build_syntax_table.py's `tag` co
 Prints word agreement (all words and letter words), how often syntax masking would keep the same
 words as in-context tags at 4 / 6 / 14 words, and the COCO / ImageNet class words ranked as nouns.
 """
+
 import argparse
 import json
 import os
@@ -21,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import build_syntax_table as builder  # noqa: E402  (numpy only at import; spaCy runs in its venv)
+
 import tokenizer  # noqa: E402  (the project's tokenizer: its pre-tokenizers and run-time lookup)
 
 CAPTIONS = os.path.join(HERE, "syntax_heldout_captions.txt")
@@ -34,8 +36,13 @@ def read_captions(path: str = CAPTIONS) -> list[str]:
 
 
 def contextual(spacy_python: str, tagger: str, word_lists: list[list[str]]) -> list[list[int]]:
-    p = subprocess.run([spacy_python, BUILDER, "tag", "--model", tagger], input=json.dumps(word_lists),
-                       capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [spacy_python, BUILDER, "tag", "--model", tagger],
+        input=json.dumps(word_lists),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(p.stdout)
 
 
@@ -61,17 +68,24 @@ def measure(captions, kind, spacy_python, tagger, table_file=tokenizer.SYNTAX_TA
                     misses[f"{w} ({NAMES[b]}, tagger: {NAMES[a]})"] += 1
         for k in (4, 6, 14):
             kept_same[k] += _kept(groups, k) == _kept(table, k)
-    return {"captions": len(captions), "words": total, "agree_words": same / total,
-            "letter_words": letters, "agree_letter_words": same_letters / letters,
-            **{f"same_kept_{k}": kept_same[k] / len(captions) for k in (4, 6, 14)},
-            "top_disagreements": [m for m, _ in misses.most_common(15)]}
+    return {
+        "captions": len(captions),
+        "words": total,
+        "agree_words": same / total,
+        "letter_words": letters,
+        "agree_letter_words": same_letters / letters,
+        **{f"same_kept_{k}": kept_same[k] / len(captions) for k in (4, 6, 14)},
+        "top_disagreements": [m for m, _ in misses.most_common(15)],
+    }
 
 
 def class_words(table_file=tokenizer.SYNTAX_TABLE) -> dict:
     coco, imagenet = builder.class_head_words()
     out = {}
     for name, words in (("coco", coco), ("imagenet", imagenet)):
-        bad = sorted({w for w in words if tokenizer.word_priority(w, tokenizer.syntax_table(table_file)) != tokenizer.NOUN})
+        bad = sorted(
+            {w for w in words if tokenizer.word_priority(w, tokenizer.syntax_table(table_file)) != tokenizer.NOUN}
+        )
         out[name] = {"head_words": len(words), "not_noun": bad}
     return out
 
@@ -92,14 +106,18 @@ def main() -> int:
         return 0
     for kind in tokenizer.TOKENIZERS:
         r = res[kind]
-        print(f"{kind}: {r['captions']} held-out captions, tagger {a.tagger}: words {r['agree_words']:.1%} "
-              f"of {r['words']}, letter words {r['agree_letter_words']:.1%} of {r['letter_words']}; "
-              f"same kept words at 4 / 6 / 14: {r['same_kept_4']:.0%} / {r['same_kept_6']:.0%} / "
-              f"{r['same_kept_14']:.0%}")
+        print(
+            f"{kind}: {r['captions']} held-out captions, tagger {a.tagger}: words {r['agree_words']:.1%} "
+            f"of {r['words']}, letter words {r['agree_letter_words']:.1%} of {r['letter_words']}; "
+            f"same kept words at 4 / 6 / 14: {r['same_kept_4']:.0%} / {r['same_kept_6']:.0%} / "
+            f"{r['same_kept_14']:.0%}"
+        )
         print("  most frequent disagreements: " + ", ".join(r["top_disagreements"]))
     for name, c in res["class_words"].items():
-        print(f"{name} class head words: {c['head_words'] - len(c['not_noun'])} of {c['head_words']} nouns"
-              + (f"; not: {', '.join(c['not_noun'])}" if c["not_noun"] else ""))
+        print(
+            f"{name} class head words: {c['head_words'] - len(c['not_noun'])} of {c['head_words']} nouns"
+            + (f"; not: {', '.join(c['not_noun'])}" if c["not_noun"] else "")
+        )
     return 0
 
 

@@ -9,9 +9,10 @@ per-step agreed checks) for --skip + --steps steps in a subprocess and takes the
 logged samples/s after the first --skip steps (loader start-up, compilation); then it times the
 step alone on one fixed random batch of the same shapes in this process (launch/bench_step.py's
 timing). Rounds alternate the two, so machine noise hits both; medians over rounds are reported.
-The goal (issue 11): train.py within 10% of the step alone. The step-alone model stays on the
+The goal: train.py within 10% of the step alone. The step-alone model stays on the
 device while train.py runs: on one GPU, both must fit.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,23 +25,36 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bench_step  # noqa: E402
 import torch  # noqa: E402
 
-import bench_step  # noqa: E402
+import cli  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
 
-GOAL = 0.9      # train.py's samples/s over the step alone's
+GOAL = 0.9  # train.py's samples/s over the step alone's
 
 
 def train_py_rate(argv: list[str], skip: int, steps: int, log_every: int) -> tuple[float, float]:
     """Run train.py once: the medians of its logged samples/s and data wait (the share of the time
     its loop waited for the next batch) after `skip` steps."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out", out, "--max-steps",
-               str(skip + steps), "--log-every", str(log_every), "--save-every", str(10 ** 9),
-               "--save-minutes", str(10 ** 6)]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            *argv,
+            "--out",
+            out,
+            "--max-steps",
+            str(skip + steps),
+            "--log-every",
+            str(log_every),
+            "--save-every",
+            str(10**9),
+            "--save-minutes",
+            str(10**6),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"train.py failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
@@ -53,7 +67,7 @@ def train_py_rate(argv: list[str], skip: int, steps: int, log_every: int) -> tup
 
 
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="launch/bench_e2e.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="launch/bench_e2e.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cfg", default="demo", help="preset (train.py --cfg)")
     ap.add_argument("--stage", default="pretrain", help="the preset's stage to run")
     ap.add_argument("--train-data", required=True, help="training shards (train.py --train-data)")
@@ -67,9 +81,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     a = ap.parse_args(argv)
-    args = ["--cfg", a.cfg, "--stage", a.stage, "--train-data", a.train_data, "--workers", str(a.workers),
-            "--device", a.device] + (["--batch-size", str(a.batch_size)] if a.batch_size else []) + \
-        (["--compile"] if a.compile else [])
+    args = (
+        [
+            "--cfg",
+            a.cfg,
+            "--stage",
+            a.stage,
+            "--train-data",
+            a.train_data,
+            "--workers",
+            str(a.workers),
+            "--device",
+            a.device,
+        ]
+        + (["--batch-size", str(a.batch_size)] if a.batch_size else [])
+        + (["--compile"] if a.compile else [])
+    )
     try:
         if min(a.steps, a.rounds, a.log_every) < 1 or a.skip < 0 or a.workers < 0:
             raise ValueError("--steps, --rounds and --log-every must be >= 1, --skip and --workers >= 0")
@@ -82,37 +109,59 @@ def main(argv=None) -> int:
             raise ValueError(f"stage {stage.name} has {stage.steps} steps, fewer than --skip + --steps")
         rt = xla_utils.init_runtime(a.device)
     except (ValueError, FileNotFoundError) as e:
-        return xla_utils.usage_error(e)
+        return cli.usage_error(e)
     precision = rt.precision(run.precision)
     cfg = stage.model_config()
     net = M.create_model(cfg).to(rt.device).train()
     ctx = cfg.text.context_length
-    bare = {"model": net, "opt": train.build_optimizer(net, stage, rt),
-            "fns": train.StepFns.compiled(rt) if a.compile else train.StepFns(),
-            "images": torch.randint(0, 256, (stage.batch_size, 3, stage.image_size, stage.image_size),
-                                    dtype=torch.uint8),
-            "tokens": torch.randint(1, cfg.text.vocab_size - 1, (stage.batch_size, ctx))}
-    bench_step.timed(rt, bare, 2, precision)          # warm-up (and compilation)
-    print(f"# {rt.describe()} | {a.cfg} {stage.name}: {stage.model} {stage.image_size}px T{ctx} batch "
-          f"{stage.batch_size} | {a.workers} loader workers | {'compiled' if a.compile else 'eager'}", flush=True)
+    bare = {
+        "model": net,
+        "opt": train.build_optimizer(net, stage, rt),
+        "fns": train.StepFns.compiled(rt) if a.compile else train.StepFns(),
+        "images": torch.randint(0, 256, (stage.batch_size, 3, stage.image_size, stage.image_size), dtype=torch.uint8),
+        "tokens": torch.randint(1, cfg.text.vocab_size - 1, (stage.batch_size, ctx)),
+    }
+    bench_step.timed(rt, bare, 2, precision)  # warm-up (and compilation)
+    print(
+        f"# {rt.describe()} | {a.cfg} {stage.name}: {stage.model} {stage.image_size}px T{ctx} batch "
+        f"{stage.batch_size} | {a.workers} loader workers | {'compiled' if a.compile else 'eager'}",
+        flush=True,
+    )
     e2e, waits, alone = [], [], []
     for i in range(a.rounds):
         rate, wait = train_py_rate(args, a.skip, a.steps, a.log_every)
         e2e.append(rate)
         waits.append(wait)
         alone.append(stage.batch_size / bench_step.timed(rt, bare, a.steps, precision))
-        print(f"round {i + 1}: train.py {rate:.1f} samples/s (waiting for data {100 * wait:.1f}% of the "
-              f"time), step alone {alone[-1]:.1f} samples/s", flush=True)
+        print(
+            f"round {i + 1}: train.py {rate:.1f} samples/s (waiting for data {100 * wait:.1f}% of the "
+            f"time), step alone {alone[-1]:.1f} samples/s",
+            flush=True,
+        )
     ratio = statistics.median(e2e) / statistics.median(alone)
-    print(f"# median: train.py {statistics.median(e2e):.1f} samples/s, step alone "
-          f"{statistics.median(alone):.1f} samples/s: {ratio:.2f}")
+    print(
+        f"# median: train.py {statistics.median(e2e):.1f} samples/s, step alone "
+        f"{statistics.median(alone):.1f} samples/s: {ratio:.2f}"
+    )
     print(f"# goal train.py >= {GOAL} x the step alone: {ratio:.2f} ({'met' if ratio >= GOAL else 'missed'})")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"device": rt.describe(), "cfg": a.cfg, "stage": stage.name, "batch": stage.batch_size,
-                       "workers": a.workers, "compile": a.compile, "train_py": e2e, "data_wait": waits,
-                       "step_alone": alone,
-                       "ratio": ratio}, fh, indent=1)
+            json.dump(
+                {
+                    "device": rt.describe(),
+                    "cfg": a.cfg,
+                    "stage": stage.name,
+                    "batch": stage.batch_size,
+                    "workers": a.workers,
+                    "compile": a.compile,
+                    "train_py": e2e,
+                    "data_wait": waits,
+                    "step_alone": alone,
+                    "ratio": ratio,
+                },
+                fh,
+                indent=1,
+            )
     return 0
 
 

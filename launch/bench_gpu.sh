@@ -2,7 +2,7 @@
 # The step benchmark on one GPU, as ONE prepared command (about 7 minutes on an H100/H200): B/16 at
 # I50/T16 and L/16 at I37/T8 (per-GPU batch 1024, checkpointing for L/16) against their full-length
 # rows, eager vs torch.compile, this project vs OpenCLIP 3.3, and AdamW's step alone (fused vs
-# compiled). Then (PART=memory, or all) issue 12's rows: the largest per-GPU batch of H/14 at I36/T8
+# compiled). Then (PART=memory, or all) the memory rows: the largest per-GPU batch of H/14 at I36/T8
 # and bigG/14 at 70 px / T8 with checkpointing, its samples/s and MFU, the planner's estimate beside
 # the measured peak (launch/bench_memory.py; not yet timed on a GPU). Prints the tables, writes JSON to $OUT.
 #

@@ -1,5 +1,5 @@
 """The largest per-device batch that fits one device, its speed, and the memory planner's estimate
-beside the measured peak (issue 12: H/14 at I36/T8 and bigG/14 at 70 px / T8 on one GPU).
+beside the measured peak (H/14 at I36/T8 and bigG/14 at 70 px / T8 on one GPU).
 
     python launch/bench_memory.py --device cuda --model ViT-H-14-CL8-Syntax-GAP --setting 84/8 \
         --grad-checkpointing --json h14.json
@@ -11,6 +11,7 @@ then is bisected to within an eighth (in multiples of 8). At the largest batch t
 MFU (as launch/bench_step.py), the allocator's peak, and plan.py's estimate of the same (weights,
 gradients, AdamW states + batch x activations per sample; no CUDA context), with their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bench_step  # noqa: E402
 import torch  # noqa: E402
 
-import bench_step  # noqa: E402
+import cli  # noqa: E402
 import model as M  # noqa: E402
 import plan  # noqa: E402
 import xla_utils  # noqa: E402
@@ -51,7 +53,7 @@ def largest(probe, start: int, limit: int):
 
 
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="launch/bench_memory.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="launch/bench_memory.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-H-14-CL8-Syntax-GAP")
     ap.add_argument("--setting", default="84/8", help="SIZE/CTX[/MASK] of the step")
     ap.add_argument("--layers", type=int, default=0, help="blocks per tower (0: the model's)")
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         M.check_config(M.get_model_config(a.model, image_size=size, context_length=ctx))
         rt = xla_utils.init_runtime(a.device)
     except ValueError as e:
-        return xla_utils.usage_error(e)
+        return cli.usage_error(e)
     precision = rt.precision(a.precision)
     peak = bench_step.peak_matmul_tflops(rt, precision)
     mode = "compiled" if a.compile else "eager"
@@ -80,9 +82,8 @@ def main(argv=None) -> int:
         """The step at this per-device batch (its time and the allocator's peak), None if out of memory."""
         r = None
         try:
-            r = bench_step.build(argparse.Namespace(**{**vars(a), "batch": batch}), rt, "ours", mode,
-                                 size, ctx, mask)
-            bench_step.timed(rt, r, 1, precision)        # AdamW's state (and compilation)
+            r = bench_step.build(argparse.Namespace(**{**vars(a), "batch": batch}), rt, "ours", mode, size, ctx, mask)
+            bench_step.timed(rt, r, 1, precision)  # AdamW's state (and compilation)
             rt.reset_peak_memory()
             sec = bench_step.timed(rt, r, a.steps, precision)
             out = {"step_s": sec, "peak": rt.peak_memory(), "cfg": r["cfg"]}
@@ -96,8 +97,11 @@ def main(argv=None) -> int:
             gc.collect()
             rt.release_memory()
 
-    print(f"# {rt.describe()} | {a.model} {size}px/T{ctx}{f'/{mask}' if mask else ''} | {precision} | "
-          f"{'checkpointing' if a.grad_checkpointing else 'no checkpointing'} | {mode}", flush=True)
+    print(
+        f"# {rt.describe()} | {a.model} {size}px/T{ctx}{f'/{mask}' if mask else ''} | {precision} | "
+        f"{'checkpointing' if a.grad_checkpointing else 'no checkpointing'} | {mode}",
+        flush=True,
+    )
     batch, res = largest(probe, a.start, a.limit)
     if res is None:
         print(f"# not even batch {a.start} fits")
@@ -108,14 +112,26 @@ def main(argv=None) -> int:
     mfu = 2 * 3 * f["total_gflops"] * 1e9 * sps / (peak * 1e12)
     bf16 = precision == "bf16"
     est = plan.state_bytes(cfg, shard="none", devices=1, bf16=bf16) + batch * plan.activation_bytes(
-        cfg, mask_ratio=mask, checkpointing=a.grad_checkpointing, bf16=bf16, global_batch=batch)
-    row = {"model": a.model, "setting": [size, ctx, mask], "max_batch": batch, "samples_per_s": sps,
-           "mfu": mfu, "peak_gb": res["peak"] / plan.GB if res["peak"] else None, "planned_gb": est / plan.GB,
-           "checkpointing": a.grad_checkpointing, "mode": mode, "device": rt.describe()}
+        cfg, mask_ratio=mask, checkpointing=a.grad_checkpointing, bf16=bf16, global_batch=batch
+    )
+    row = {
+        "model": a.model,
+        "setting": [size, ctx, mask],
+        "max_batch": batch,
+        "samples_per_s": sps,
+        "mfu": mfu,
+        "peak_gb": res["peak"] / plan.GB if res["peak"] else None,
+        "planned_gb": est / plan.GB,
+        "checkpointing": a.grad_checkpointing,
+        "mode": mode,
+        "device": rt.describe(),
+    }
     measured = f"{row['peak_gb']:.1f} GB" if row["peak_gb"] else "not measured on this device"
     ratio = f" ({row['planned_gb'] / row['peak_gb']:.2f}x)" if row["peak_gb"] else ""
-    print(f"# largest batch {batch}: {sps:.1f} samples/s, MFU {100 * mfu:.1f}% | peak {measured}, planner "
-          f"{row['planned_gb']:.1f} GB{ratio}")
+    print(
+        f"# largest batch {batch}: {sps:.1f} samples/s, MFU {100 * mfu:.1f}% | peak {measured}, planner "
+        f"{row['planned_gb']:.1f} GB{ratio}"
+    )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(row, fh, indent=1)

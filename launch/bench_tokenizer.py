@@ -7,6 +7,7 @@ The captions are alt-text-like (10-20 words), half with a rare vocabulary word s
 also misses; a "non-ascii" corpus puts one non-ASCII word in each (the ftfy / Unicode path).
 The OpenCLIP rows need open_clip_torch (a test requirement); without it only our rows print.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,35 +22,144 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import tokenizer  # noqa: E402
-import xla_utils  # noqa: E402
 
-_SUBJECTS = ("dog", "cat", "woman", "man", "child", "car", "house", "bird", "horse", "boat", "table",
-             "chair", "street", "mountain", "beach", "kitchen", "flower", "tree", "bicycle", "train",
-             "pizza", "laptop", "girl", "boy", "city", "river", "shirt", "dress", "guitar", "cake")
-_ADJS = ("large", "small", "brown", "green", "red", "old", "young", "beautiful", "white", "black",
-         "wooden", "modern", "vintage", "happy", "blue", "tall", "cozy", "colorful", "empty", "busy")
-_VERBS = ("running", "sitting", "standing", "walking", "holding", "playing", "eating", "looking at",
-          "riding", "lying on", "jumping over", "parked near", "flying above", "reading")
-_PLACES = ("on the grass", "in a park", "near the water", "at night", "in the snow", "on a table",
-           "by the window", "in the city", "under a tree", "on the street", "at the beach")
-_EXTRAS = ("stock photo", "high resolution", "for sale", "free shipping", "hd wallpaper",
-           "with a smile", "during sunset", "in 2019", "size 10", "#travel", "- image 3 of 12")
-_NON_ASCII = ("café", "naïve", "Zürich", "São Paulo", "“quoted”", "it’s", "—", "😀", "🐶", "日本",
-              "crème brûlée", "5 °C", "© 2020", "Ø 30 cm", "niño")
+_SUBJECTS = (
+    "dog",
+    "cat",
+    "woman",
+    "man",
+    "child",
+    "car",
+    "house",
+    "bird",
+    "horse",
+    "boat",
+    "table",
+    "chair",
+    "street",
+    "mountain",
+    "beach",
+    "kitchen",
+    "flower",
+    "tree",
+    "bicycle",
+    "train",
+    "pizza",
+    "laptop",
+    "girl",
+    "boy",
+    "city",
+    "river",
+    "shirt",
+    "dress",
+    "guitar",
+    "cake",
+)
+_ADJS = (
+    "large",
+    "small",
+    "brown",
+    "green",
+    "red",
+    "old",
+    "young",
+    "beautiful",
+    "white",
+    "black",
+    "wooden",
+    "modern",
+    "vintage",
+    "happy",
+    "blue",
+    "tall",
+    "cozy",
+    "colorful",
+    "empty",
+    "busy",
+)
+_VERBS = (
+    "running",
+    "sitting",
+    "standing",
+    "walking",
+    "holding",
+    "playing",
+    "eating",
+    "looking at",
+    "riding",
+    "lying on",
+    "jumping over",
+    "parked near",
+    "flying above",
+    "reading",
+)
+_PLACES = (
+    "on the grass",
+    "in a park",
+    "near the water",
+    "at night",
+    "in the snow",
+    "on a table",
+    "by the window",
+    "in the city",
+    "under a tree",
+    "on the street",
+    "at the beach",
+)
+_EXTRAS = (
+    "stock photo",
+    "high resolution",
+    "for sale",
+    "free shipping",
+    "hd wallpaper",
+    "with a smile",
+    "during sunset",
+    "in 2019",
+    "size 10",
+    "#travel",
+    "- image 3 of 12",
+)
+_NON_ASCII = (
+    "café",
+    "naïve",
+    "Zürich",
+    "São Paulo",
+    "“quoted”",
+    "it’s",
+    "—",
+    "😀",
+    "🐶",
+    "日本",
+    "crème brûlée",
+    "5 °C",
+    "© 2020",
+    "Ø 30 cm",
+    "niño",
+)
 
 
-def synthetic_captions(n: int, seed: int = 0, rare_words: list[str] | None = None,
-                       non_ascii: bool = False) -> list[str]:
+def synthetic_captions(
+    n: int, seed: int = 0, rare_words: list[str] | None = None, non_ascii: bool = False
+) -> list[str]:
     """Caption-like texts of mostly 10-20 words (alt-text style), with a share of rare words so
     the word cache also sees misses; non_ascii=True puts one non-ASCII word in every caption."""
     r = random.Random(seed)
     rare = rare_words or []
     caps = []
     for _ in range(n):
-        parts = [r.choice(("a", "the", "two", "an image of a", "photo of a")), r.choice(_ADJS),
-                 r.choice(_ADJS), r.choice(_SUBJECTS), r.choice(_VERBS), r.choice(("a", "the")),
-                 r.choice(_ADJS), r.choice(_SUBJECTS), r.choice(_PLACES)]
+        parts = [
+            r.choice(("a", "the", "two", "an image of a", "photo of a")),
+            r.choice(_ADJS),
+            r.choice(_ADJS),
+            r.choice(_SUBJECTS),
+            r.choice(_VERBS),
+            r.choice(("a", "the")),
+            r.choice(_ADJS),
+            r.choice(_SUBJECTS),
+            r.choice(_PLACES),
+        ]
         if r.random() < 0.6:
             parts.append(r.choice(_EXTRAS))
         if rare and r.random() < 0.5:
@@ -78,7 +188,7 @@ def _rate(fn, captions, repeat: int = 3, chunk: int = 1024) -> float:
     best = 0.0
     for _ in range(repeat):
         for i in range(0, len(captions), chunk):
-            part = captions[i:i + chunk]
+            part = captions[i : i + chunk]
             t = time.process_time()
             fn(part)
             best = max(best, len(part) / max(time.process_time() - t, 1e-9))
@@ -91,7 +201,7 @@ def _open_clip_references(tmp: str) -> list[tuple[str, str, object]]:
     vocab file because the hub is out of reach."""
     try:
         from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-    except ImportError:     # a test requirement, not a runtime one
+    except ImportError:  # a test requirement, not a runtime one
         print("open_clip not installed: no reference rows", file=sys.stderr)
         return []
     oc = SimpleTokenizer()
@@ -101,7 +211,7 @@ def _open_clip_references(tmp: str) -> list[tuple[str, str, object]]:
         f.write('{"tokenizer_class": "BertTokenizer", "do_lower_case": true, "model_max_length": 512}')
     try:
         hf = HFTokenizer(tmp, context_length=32, strip_sep_token=True)
-    except ImportError as err:      # transformers missing: the CLIP row still stands
+    except ImportError as err:  # transformers missing: the CLIP row still stands
         print(f"no OpenCLIP WordPiece reference row: {err}", file=sys.stderr)
         return refs
     refs.append(("open_clip HFTokenizer, v2 config", "wordpiece", lambda cs, ctx: hf(cs, context_length=ctx)))
@@ -117,8 +227,10 @@ def bench(n: int = 20000, batch: int = 256, seed: int = 0) -> list[dict]:
     torch.set_num_threads(1)
     rare = rare_words()
     warm = synthetic_captions(n, seed=seed + 1000, rare_words=rare[: len(rare) // 2])
-    corpora = {"ascii": synthetic_captions(n, seed=seed, rare_words=rare),
-               "non-ascii": synthetic_captions(n, seed=seed, rare_words=rare, non_ascii=True)}
+    corpora = {
+        "ascii": synthetic_captions(n, seed=seed, rare_words=rare),
+        "non-ascii": synthetic_captions(n, seed=seed, rare_words=rare, non_ascii=True),
+    }
     words = [len(c.split()) for c in corpora["ascii"]]
     rows = []
 
@@ -126,7 +238,7 @@ def bench(n: int = 20000, batch: int = 256, seed: int = 0) -> list[dict]:
         caps = corpora[corpus]
         fn(warm[:batch])
         fn(warm)
-        batched = _rate(lambda cs: [fn(cs[i:i + batch]) for i in range(0, len(cs), batch)], caps)
+        batched = _rate(lambda cs: [fn(cs[i : i + batch]) for i in range(0, len(cs), batch)], caps)
         single = _rate(lambda cs: [fn([c]) for c in cs], caps[: max(1, n // 4)], chunk=256)
         rows.append(dict(name=name, corpus=corpus, batched=batched, single=single))
 
@@ -139,16 +251,18 @@ def bench(n: int = 20000, batch: int = 256, seed: int = 0) -> list[dict]:
             for red in tokenizer.REDUCTIONS:
                 t, rng = tokenizer.Tokenizer(tk, ctx, red), random.Random(seed)
                 add(f"ours {tk} {red} (ctx {ctx})", lambda cs, t=t, rng=rng: t(cs, rng=rng))
-        for name, kind, ref in refs:    # captions that all need ftfy / the Unicode path
+        for name, kind, ref in refs:  # captions that all need ftfy / the Unicode path
             ctx = 16 if kind == "clip_bpe" else 32
             add(f"{name} (ctx {ctx})", lambda cs, ref=ref, ctx=ctx: ref(cs, ctx), "non-ascii")
             t = tokenizer.Tokenizer(kind, ctx, "truncate")
             add(f"ours {kind} truncate (ctx {ctx})", lambda cs, t=t: t(cs), "non-ascii")
     torch.set_num_threads(threads)
-    print(f"{n} synthetic captions of {min(words)}-{max(words)} words (mean {sum(words) / n:.1f}); "
-          f"captions per CPU-second of one process (1 torch thread), best chunk (1024 / 256 "
-          f"captions) of 3 passes; batched: calls of {batch} captions; single: one call per caption "
-          f"({max(1, n // 4)} captions)")
+    print(
+        f"{n} synthetic captions of {min(words)}-{max(words)} words (mean {sum(words) / n:.1f}); "
+        f"captions per CPU-second of one process (1 torch thread), best chunk (1024 / 256 "
+        f"captions) of 3 passes; batched: calls of {batch} captions; single: one call per caption "
+        f"({max(1, n // 4)} captions)"
+    )
     print(f"| {'tokenizer / strategy':46s} | captions  | batched /s | single /s |")
     print(f"|{'-' * 48}|-----------|-----------:|----------:|")
     for r in rows:
@@ -157,12 +271,12 @@ def bench(n: int = 20000, batch: int = 256, seed: int = 0) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="bench_tokenizer.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="bench_tokenizer.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="captions per measurement (default 20000)")
     ap.add_argument("--batch", type=int, default=256, help="captions per batched call")
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch < 1:
-        return xla_utils.usage_error("--n and --batch must be >= 1")
+        return cli.usage_error("--n and --batch must be >= 1")
     bench(args.n, args.batch)
     return 0
 

@@ -26,6 +26,7 @@ Variants (the `demo` preset of train.py, changed only by command-line overrides)
 Training GFLOPs = 3 x forward GFLOPs per sample (model.py's counter, 1 multiply-add = 1 FLOP, so the
 usual fwd+bwd = 3x fwd rule) x samples seen.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,49 +41,94 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoints  # noqa: E402
 import demo_data  # noqa: E402  (launch/, beside this file)
+
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-import xla_utils  # noqa: E402
 
 # A finished variant is reused only if it was trained by the same command with the same code.
-CODE = ("train.py", "model.py", "data.py", "shards.py", "tokenizer.py", "losses.py", "eval_zeroshot.py",
-        "xla_utils.py", "checkpoints.py")
+CODE = (
+    "train.py",
+    "model.py",
+    "data.py",
+    "shards.py",
+    "tokenizer.py",
+    "losses.py",
+    "eval_zeroshot.py",
+    "xla_utils.py",
+    "checkpoints.py",
+)
 
 
 @dataclass
 class Variant:
     key: str
     label: str
-    argv: list[str]          # train.py flags on top of --cfg demo
+    argv: list[str]  # train.py flags on top of --cfg demo
 
 
 def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Variant]:
-    common = ["--cfg", "demo", "--train-data", data, "--train-format", fmt,
-              "--set", f"pretrain.train_num_samples={pre_samples}",
-              "--set", f"finetune.train_num_samples={ft_samples}",
-              "--set", "pretrain.context_length=8"]
+    common = [
+        "--cfg",
+        "demo",
+        "--train-data",
+        data,
+        "--train-format",
+        fmt,
+        "--set",
+        f"pretrain.train_num_samples={pre_samples}",
+        "--set",
+        f"finetune.train_num_samples={ft_samples}",
+        "--set",
+        "pretrain.context_length=8",
+    ]
 
-    def baseline(samples):   # fine-tune model/size/context from scratch, unmasked, pre-train lr
-        return ["--cfg", "demo", "--stage", "finetune", "--train-data", data, "--train-format", fmt,
-                "--set", "finetune.init=scratch", "--set", "finetune.mask=none",
-                "--set", "finetune.mask_ratio=0.0", "--set", "finetune.pos_embed=sincos",
-                "--set", "finetune.base_lr=0.016", "--set", "finetune.warmup=25",
-                "--set", f"finetune.train_num_samples={samples}"]
+    def baseline(samples):  # fine-tune model/size/context from scratch, unmasked, pre-train lr
+        return [
+            "--cfg",
+            "demo",
+            "--stage",
+            "finetune",
+            "--train-data",
+            data,
+            "--train-format",
+            fmt,
+            "--set",
+            "finetune.init=scratch",
+            "--set",
+            "finetune.mask=none",
+            "--set",
+            "finetune.mask_ratio=0.0",
+            "--set",
+            "finetune.pos_embed=sincos",
+            "--set",
+            "finetune.base_lr=0.016",
+            "--set",
+            "finetune.warmup=25",
+            "--set",
+            f"finetune.train_num_samples={samples}",
+        ]
 
     vs = [
         Variant("clipa_syntax", "CLIPA: I17/T8 syntax -> I65(30% mask)/T32", common),
-        Variant("clipa_sigmoid", "CLIPA, sigmoid loss: I17/T8 -> I65(30%)/T32",
-                common + ["--set", "pretrain.loss=sigmoid", "--set", "finetune.loss=sigmoid"]),
-        Variant("clipa_trunc", "CLIPA: I17/T8 truncate -> I65(30% mask)/T32",
-                common + ["--set", "pretrain.text_reduction=truncate"]),
+        Variant(
+            "clipa_sigmoid",
+            "CLIPA, sigmoid loss: I17/T8 -> I65(30%)/T32",
+            common + ["--set", "pretrain.loss=sigmoid", "--set", "finetune.loss=sigmoid"],
+        ),
+        Variant(
+            "clipa_trunc",
+            "CLIPA: I17/T8 truncate -> I65(30% mask)/T32",
+            common + ["--set", "pretrain.text_reduction=truncate"],
+        ),
         Variant("baseline", "Baseline: I65/T32, same samples", baseline(pre_samples + ft_samples)),
     ]
     # the same baseline on CLIPA's compute budget: as many samples as CLIPA's FLOPs buy it
     clipa_gflops = tokens_and_flops(vs[0].argv)[1]
     per_sample = tokens_and_flops(baseline(32))[1] / 32
-    n = max(32, int(clipa_gflops / per_sample) // 32 * 32)   # whole batches of 32
+    n = max(32, int(clipa_gflops / per_sample) // 32 * 32)  # whole batches of 32
     vs.append(Variant("baseline_same_compute", "Baseline: I65/T32, CLIPA's compute", baseline(n)))
     return vs
 
@@ -108,8 +154,7 @@ def run(cmd: list[str], log_path: str) -> float:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("PJRT_DEVICE", "CPU")
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in p.stdout:
             log.write(line)
             if line.strip():
@@ -151,16 +196,19 @@ def loss_curve(out: str) -> list[dict]:
 
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         pts = [(m["samples_total"], m["loss"]) for m in r["curve"]]
         if pts:
             a.plot(*zip(*pts), label=r["label"])
         b.scatter(r["train_gflops"] / 1e3, r["top1"], s=40)
-        b.annotate(r["key"], (r["train_gflops"] / 1e3, r["top1"]), fontsize=8,
-                   xytext=(4, 4), textcoords="offset points")
+        b.annotate(
+            r["key"], (r["train_gflops"] / 1e3, r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
     a.set_xlabel("samples seen")
     a.set_ylabel("contrastive loss")
     a.set_title("training loss")
@@ -173,7 +221,7 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="launch/demo.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="launch/demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
     ap.add_argument("--pretrain-samples", type=int, default=6400)
     ap.add_argument("--finetune-samples", type=int, default=1600)
@@ -184,22 +232,29 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     keys = [v.key for v in variants(32, 32, "", "wds")]
     only = a.only.split(",") if a.only else keys
-    for name, n in (("--pretrain-samples", a.pretrain_samples), ("--finetune-samples", a.finetune_samples),
-                    ("--n-train", a.n_train), ("--n-val", a.n_val)):
+    for name, n in (
+        ("--pretrain-samples", a.pretrain_samples),
+        ("--finetune-samples", a.finetune_samples),
+        ("--n-train", a.n_train),
+        ("--n-val", a.n_val),
+    ):
         if n < 32:
-            return xla_utils.usage_error(f"{name} must be >= 32 (one batch), got {n}")
+            return cli.usage_error(f"{name} must be >= 32 (one batch), got {n}")
     if a.workers < 0 or a.n_val % 36:
-        return xla_utils.usage_error(f"--workers must be >= 0 and --n-val a multiple of 36 (got {a.workers}, {a.n_val})")
+        return cli.usage_error(f"--workers must be >= 0 and --n-val a multiple of 36 (got {a.workers}, {a.n_val})")
     if set(only) - set(keys):
-        return xla_utils.usage_error(f"unknown variant {sorted(set(only) - set(keys))[0]!r}; valid: {', '.join(keys)}")
+        return cli.usage_error(f"unknown variant {sorted(set(only) - set(keys))[0]!r}; valid: {', '.join(keys)}")
     if os.path.isfile(a.out):
-        return xla_utils.usage_error(f"--out {a.out} is a file, not a directory")
+        return cli.usage_error(f"--out {a.out} is a file, not a directory")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     print(f"[demo] 1/3 embedded dataset -> {a.out}/data", flush=True)
     ds = demo_data.make_demo_dataset(os.path.join(a.out, "data"), n_train=a.n_train, n_val=a.n_val)
-    print(f"[demo]     {ds.n_train} training pairs in webdataset + TFRecord shards, {ds.n_val} held-out "
-          f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)", flush=True)
+    print(
+        f"[demo]     {ds.n_train} training pairs in webdataset + TFRecord shards, {ds.n_val} held-out "
+        f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
     tmpl = os.path.join(ds.root, "templates.txt")
     names = os.path.join(ds.root, "classnames.txt")
 
@@ -208,45 +263,99 @@ def main(argv=None) -> int:
     for i, v in enumerate(vs, 1):
         out = os.path.join(a.out, v.key)
         toks, gflops, samples = tokens_and_flops(v.argv)
-        print(f"[demo] 2/3 variant {i}/{len(vs)}: {v.label} ({samples} samples, "
-              f"{gflops / 1e3:.1f} training TFLOPs)", flush=True)
+        print(
+            f"[demo] 2/3 variant {i}/{len(vs)}: {v.label} ({samples} samples, {gflops / 1e3:.1f} training TFLOPs)",
+            flush=True,
+        )
         done = os.path.join(out, "result.json")
         key = fingerprint(v.argv + ["--workers", str(a.workers)], {"n_train": ds.n_train, "n_val": ds.n_val})
-        if os.path.exists(done):   # a second run reuses finished variants of the same command and code
+        if os.path.exists(done):  # a second run reuses finished variants of the same command and code
             with open(done) as f:
                 prev = json.load(f)
             if prev.get("fingerprint") == key:
                 results.append(dict(prev, curve=loss_curve(out)))
                 print("    reusing the finished run in " + out, flush=True)
                 continue
-        if os.path.exists(out):    # unfinished, or another command / code: start again, clean
+        if os.path.exists(out):  # unfinished, or another command / code: start again, clean
             print("    starting again in " + out + " (unfinished, or its command or code changed)", flush=True)
             shutil.rmtree(out)
-        train_s = run([sys.executable, "train.py", *v.argv, "--out", out, "--workers", str(a.workers),
-                       "--log-every", "25", "--save-every", "100000"], os.path.join(a.out, v.key + ".log"))
+        train_s = run(
+            [
+                sys.executable,
+                "train.py",
+                *v.argv,
+                "--out",
+                out,
+                "--workers",
+                str(a.workers),
+                "--log-every",
+                "25",
+                "--save-every",
+                "100000",
+            ],
+            os.path.join(a.out, v.key + ".log"),
+        )
         eval_json = os.path.join(out, "zeroshot.json")
-        run([sys.executable, "eval_zeroshot.py", "--ckpt", checkpoints.resolve_checkpoint(out), "--data", ds.val_dir, "--retrieval", ds.val_captions,
-             "--classnames", names, "--templates", tmpl, "--device", "cpu", "--out", eval_json,
-             "--no-progress", "--workers", str(a.workers)], os.path.join(a.out, v.key + "_eval.log"))
+        run(
+            [
+                sys.executable,
+                "eval_zeroshot.py",
+                "--ckpt",
+                checkpoints.resolve_checkpoint(out),
+                "--data",
+                ds.val_dir,
+                "--retrieval",
+                ds.val_captions,
+                "--classnames",
+                names,
+                "--templates",
+                tmpl,
+                "--device",
+                "cpu",
+                "--out",
+                eval_json,
+                "--no-progress",
+                "--workers",
+                str(a.workers),
+            ],
+            os.path.join(a.out, v.key + "_eval.log"),
+        )
         with open(eval_json) as f:
             ev = json.load(f)
-        r = {"key": v.key, "label": v.label, "tokens": " -> ".join(toks), "train_gflops": gflops,
-             "samples": samples, "wall_s": train_s, "top1": 100 * ev["top1"], "top5": 100 * ev["top5"],
-             "i2t_r1": 100 * ev["retrieval"]["image_to_text_R@1"], "t2i_r1": 100 * ev["retrieval"]["text_to_image_R@1"],
-             "argv": v.argv, "fingerprint": key, "curve": loss_curve(out)}
+        r = {
+            "key": v.key,
+            "label": v.label,
+            "tokens": " -> ".join(toks),
+            "train_gflops": gflops,
+            "samples": samples,
+            "wall_s": train_s,
+            "top1": 100 * ev["top1"],
+            "top5": 100 * ev["top5"],
+            "i2t_r1": 100 * ev["retrieval"]["image_to_text_R@1"],
+            "t2i_r1": 100 * ev["retrieval"]["text_to_image_R@1"],
+            "argv": v.argv,
+            "fingerprint": key,
+            "curve": loss_curve(out),
+        }
         with open(done, "w") as f:
             json.dump(r, f, indent=1)
         results.append(r)
 
-    head = (f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} "
-            f"{'top-5':>6s} {'I->T R@1':>8s} {'T->I R@1':>8s}")
+    head = (
+        f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} "
+        f"{'top-5':>6s} {'I->T R@1':>8s} {'T->I R@1':>8s}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} "
-                     f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f} {r['i2t_r1']:8.1f} {r['t2i_r1']:8.1f}")
+        lines.append(
+            f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} "
+            f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f} {r['i2t_r1']:8.1f} {r['t2i_r1']:8.1f}"
+        )
     table = "\n".join(lines)
-    print("[demo] 3/3 results: zero-shot on the held-out set "
-          f"({ds.n_val} images, {len(ds.classnames)} classes, chance {100 / len(ds.classnames):.1f}%)\n")
+    print(
+        "[demo] 3/3 results: zero-shot on the held-out set "
+        f"({ds.n_val} images, {len(ds.classnames)} classes, chance {100 / len(ds.classnames):.1f}%)\n"
+    )
     print(table)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"results": results, "table": table}, f, indent=1)

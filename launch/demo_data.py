@@ -10,6 +10,7 @@ Everything is a pure function of (seed, split, index): regenerating gives byte-i
 
 Importable as `demo_data` with launch/ on sys.path:  make_demo_dataset(out_dir, ...) -> DemoDataset.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,42 +33,67 @@ import webdataset as wds  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import xla_utils  # noqa: E402
 
 log = logging.getLogger("clipa.demo_data")
 
-STAMP_VERSION = 2       # 2: the held-out images' captions as a retrieval shard
+STAMP_VERSION = 2  # 2: the held-out images' captions as a retrieval shard
 
 # Classes of the zero-shot set: "<colour> <shape>" (6 x 6 = 36). Colour alone or shape alone
 # gets 1/6 of the way, so accuracy separates models that bind both words to the image.
-COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215),
-           "yellow": (235, 205, 35), "purple": (135, 55, 185), "orange": (240, 135, 25)}
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (45, 80, 215),
+    "yellow": (235, 205, 35),
+    "purple": (135, 55, 185),
+    "orange": (240, 135, 25),
+}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
-TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a drawing of a {}.", "a {}.",
-             "a small {}.", "a large {}.", "there is a {}.")
+TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a drawing of a {}.",
+    "a {}.",
+    "a small {}.",
+    "a large {}.",
+    "there is a {}.",
+)
 # Lead-ins with no content words: >= 6 BPE tokens, so truncation to 8 tokens (SOT + 6 + EOT)
 # keeps only them, while syntax masking (nouns > adjectives > verbs > rest) drops them first.
-_LEADS = ("if you look very closely you will see", "as far as i can tell this is",
-          "it is hard to say but there seems to be", "i would say that what you see here is",
-          "when you look at it you can notice", "to be honest with you it looks like",
-          "at first glance you might not notice", "believe it or not this is simply",
-          "so what we have got here is", "you can probably tell that there is")
+_LEADS = (
+    "if you look very closely you will see",
+    "as far as i can tell this is",
+    "it is hard to say but there seems to be",
+    "i would say that what you see here is",
+    "when you look at it you can notice",
+    "to be honest with you it looks like",
+    "at first glance you might not notice",
+    "believe it or not this is simply",
+    "so what we have got here is",
+    "you can probably tell that there is",
+)
 _SHORT_LEADS = ("", "a photo of", "there is", "here is", "this is")
 _SIZES = ("small", "large")
-_ANCHORS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-            "bottom right": (0.75, 0.75), "middle": (0.5, 0.5)}
-_BG_WORDS = {"plain": "plain", "gradient": "faded", "stripes": "striped", "checks": "checkered",
-             "noise": "grainy"}
+_ANCHORS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "middle": (0.5, 0.5),
+}
+_BG_WORDS = {"plain": "plain", "gradient": "faded", "stripes": "striped", "checks": "checkered", "noise": "grainy"}
 
 
 @dataclass
 class DemoDataset:
     root: str
-    train_wds: str          # brace spec of the webdataset tar shards
-    train_tfrecord: str     # brace spec of the TFRecord shards (same samples)
-    val_dir: str            # ImageFolder tree: val/<NN_colour_shape>/*.jpg
-    val_captions: str       # the same held-out images with their captions (retrieval): one tar
+    train_wds: str  # brace spec of the webdataset tar shards
+    train_tfrecord: str  # brace spec of the TFRecord shards (same samples)
+    val_dir: str  # ImageFolder tree: val/<NN_colour_shape>/*.jpg
+    val_captions: str  # the same held-out images with their captions (retrieval): one tar
     classnames: list[str]
     templates: list[str]
     n_train: int
@@ -79,6 +105,7 @@ def classnames() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- one sample
+
 
 def _background(rng: random.Random, S: int) -> tuple[Image.Image, str, tuple, tuple]:
     """A muted SxS background (never a class colour): (image, kind, its tint, its base grey)."""
@@ -96,17 +123,15 @@ def _background(rng: random.Random, S: int) -> tuple[Image.Image, str, tuple, tu
         w = rng.randint(4, 12) if kind == "stripes" else rng.randint(6, 16)
         yy, xx = np.mgrid[0:S, 0:S]
         on = (xx // w) % 2 == 0 if kind == "stripes" else ((xx // w) + (yy // w)) % 2 == 0
-        img = Image.fromarray(np.where(on[:, :, None], np.asarray(other, np.uint8),
-                                       np.asarray(tint, np.uint8)))
+        img = Image.fromarray(np.where(on[:, :, None], np.asarray(other, np.uint8), np.asarray(tint, np.uint8)))
     elif kind == "noise":
         noise = np.random.RandomState(rng.randrange(1 << 31)).randint(-30, 31, (S, S, 1))
         img = Image.fromarray((np.asarray(img, dtype=np.int16) + noise).clip(0, 255).astype(np.uint8))
     return img, kind, tint, tuple(base)
 
 
-def _scene(rng: random.Random, size: int, colour: str, shape: str, big: bool,
-           where: str) -> tuple[Image.Image, str]:
-    S = size * 2                                   # draw at 2x, downsample: anti-aliased edges
+def _scene(rng: random.Random, size: int, colour: str, shape: str, big: bool, where: str) -> tuple[Image.Image, str]:
+    S = size * 2  # draw at 2x, downsample: anti-aliased edges
     img, kind, tint, base = _background(rng, S)
     d = ImageDraw.Draw(img)
     r = S * (rng.uniform(0.28, 0.38) if big else rng.uniform(0.14, 0.2))
@@ -118,8 +143,10 @@ def _scene(rng: random.Random, size: int, colour: str, shape: str, big: bool,
     rot = rng.uniform(-0.3, 0.3)
 
     def poly(points):
-        return [(cx + x * math.cos(rot) - y * math.sin(rot), cy + x * math.sin(rot) + y * math.cos(rot))
-                for x, y in points]
+        return [
+            (cx + x * math.cos(rot) - y * math.sin(rot), cy + x * math.sin(rot) + y * math.cos(rot)) for x, y in points
+        ]
+
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], col)
     elif shape == "ring":
@@ -132,24 +159,59 @@ def _scene(rng: random.Random, size: int, colour: str, shape: str, big: bool,
     elif shape == "triangle":
         d.polygon(poly([(0, -r), (r * 0.95, r * 0.7), (-r * 0.95, r * 0.7)]), col)
     elif shape == "star":
-        pts = [((r if i % 2 == 0 else r * 0.42) * math.sin(i * math.pi / 5),
-                -(r if i % 2 == 0 else r * 0.42) * math.cos(i * math.pi / 5)) for i in range(10)]
+        pts = [
+            (
+                (r if i % 2 == 0 else r * 0.42) * math.sin(i * math.pi / 5),
+                -(r if i % 2 == 0 else r * 0.42) * math.cos(i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
         d.polygon(poly(pts), col)
     elif shape == "cross":
         t = r * 0.33
-        d.polygon(poly([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r),
-                        (-t, t), (-r, t), (-r, -t), (-t, -t)]), col)
-    return img.reduce(2), kind      # 2x2 box filter: anti-aliased edges
+        d.polygon(
+            poly(
+                [
+                    (-t, -r),
+                    (t, -r),
+                    (t, -t),
+                    (r, -t),
+                    (r, t),
+                    (t, t),
+                    (t, r),
+                    (-t, r),
+                    (-t, t),
+                    (-r, t),
+                    (-r, -t),
+                    (-t, -t),
+                ]
+            ),
+            col,
+        )
+    return img.reduce(2), kind  # 2x2 box filter: anti-aliased edges
 
 
 def _caption(rng: random.Random, colour: str, shape: str, big: bool, where: str, bg: str) -> str:
     size = _SIZES[big]
     lead = rng.choice(_LEADS) if rng.random() < 0.8 else rng.choice(_SHORT_LEADS)
-    obj = rng.choice((f"{colour} {shape}", f"{size} {colour} {shape}", f"{shape} that is {colour}",
-                      f"{size} {shape} coloured {colour}"))
+    obj = rng.choice(
+        (
+            f"{colour} {shape}",
+            f"{size} {colour} {shape}",
+            f"{shape} that is {colour}",
+            f"{size} {shape} coloured {colour}",
+        )
+    )
     obj = rng.choice(("an " if obj[0] in "aeiou" else "a ", "one ")) + obj
-    tail = rng.choice(("", "", f" in the {where}", f" on a {_BG_WORDS[bg]} background",
-                       f" near the {where} on a {_BG_WORDS[bg]} background"))
+    tail = rng.choice(
+        (
+            "",
+            "",
+            f" in the {where}",
+            f" on a {_BG_WORDS[bg]} background",
+            f" near the {where} on a {_BG_WORDS[bg]} background",
+        )
+    )
     return " ".join(x for x in (lead, obj + tail) if x)
 
 
@@ -171,23 +233,38 @@ def draw_sample(seed: int, split: int, i: int, size: int, label: int | None = No
 
 # ----------------------------------------------------------------------------- the dataset
 
-def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, seed: int = 0,
-                      image_size: int = 64, shard_size: int = 1000) -> DemoDataset:
+
+def make_demo_dataset(
+    out_dir: str, n_train: int = 10000, n_val: int = 1080, seed: int = 0, image_size: int = 64, shard_size: int = 1000
+) -> DemoDataset:
     """Write the demo dataset (idempotent: a stamp matching the parameters and file sizes means
     the files are reused). out_dir/train/wds/NNNNN.tar (webdataset TarWriter, img2dataset layout),
     out_dir/train/tfrecord/NNNNN.tfrecord (TFRecordWriter, features jpg/txt/key/json),
     out_dir/val/<NN_class>/ (ImageFolder, n_val/36 per class), out_dir/val_captions/00000.tar (the
     same images with their captions, for retrieval), classnames.txt, templates.txt, demo_stamp.json."""
-    params = {"version": STAMP_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
-              "image_size": image_size, "shard_size": shard_size}
+    params = {
+        "version": STAMP_VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "seed": seed,
+        "image_size": image_size,
+        "shard_size": shard_size,
+    }
     out_dir = os.path.abspath(out_dir)
     names = classnames()
     n_shards = max(1, math.ceil(n_train / shard_size))
     last = f"{n_shards - 1:05d}"
-    ds = DemoDataset(out_dir, os.path.join(out_dir, "train", "wds", f"{{00000..{last}}}.tar"),
-                     os.path.join(out_dir, "train", "tfrecord", f"{{00000..{last}}}.tfrecord"),
-                     os.path.join(out_dir, "val"), os.path.join(out_dir, "val_captions", "00000.tar"),
-                     names, list(TEMPLATES), n_train, n_val)
+    ds = DemoDataset(
+        out_dir,
+        os.path.join(out_dir, "train", "wds", f"{{00000..{last}}}.tar"),
+        os.path.join(out_dir, "train", "tfrecord", f"{{00000..{last}}}.tfrecord"),
+        os.path.join(out_dir, "val"),
+        os.path.join(out_dir, "val_captions", "00000.tar"),
+        names,
+        list(TEMPLATES),
+        n_train,
+        n_val,
+    )
     stamp_path = os.path.join(out_dir, "demo_stamp.json")
     if _stamp_ok(stamp_path, out_dir, params):
         log.info("demo dataset in %s is up to date (stamp matches)", out_dir)
@@ -201,8 +278,9 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
         elif os.path.exists(p):
             os.remove(p)
     # every sample is a pure function of seed/split/index: draw them all first, on all cores
-    jobs = [(seed, 0, i, image_size, None) for i in range(n_train)] + \
-           [(seed, 1, i, image_size, i % len(names)) for i in range(n_val)]
+    jobs = [(seed, 0, i, image_size, None) for i in range(n_train)] + [
+        (seed, 1, i, image_size, i % len(names)) for i in range(n_val)
+    ]
     procs = min(os.cpu_count() or 1, 8)
     if procs > 1 and len(jobs) >= 2000:
         with multiprocessing.get_context("fork").Pool(procs) as pool:
@@ -232,8 +310,7 @@ def make_demo_dataset(out_dir: str, n_train: int = 10000, n_val: int = 1080, see
                 files[os.path.relpath(p, out_dir)] = os.path.getsize(p)
     # the stamp is written last and atomically: an interrupted run leaves no valid stamp
     checkpoints.atomic_write_text(json.dumps({"params": params, "files": files}), stamp_path)
-    log.info("wrote demo dataset (%d train, %d val) to %s in %.1fs", n_train, n_val, out_dir,
-             time.time() - t0)
+    log.info("wrote demo dataset (%d train, %d val) to %s in %.1fs", n_train, n_val, out_dir, time.time() - t0)
     return ds
 
 
@@ -244,17 +321,24 @@ def _write_train_shards(out_dir: str, drawn: list, shard_size: int):
     os.makedirs(os.path.join(out_dir, "train", "tfrecord"))
     for s in range(max(1, math.ceil(len(drawn) / shard_size))):
         name = f"{s:05d}"
-        with wds.TarWriter(os.path.join(out_dir, "train", "wds", name + ".tar"), mtime=0) as tw, \
-                tf.io.TFRecordWriter(os.path.join(out_dir, "train", "tfrecord", name + ".tfrecord")) as rw:
+        with (
+            wds.TarWriter(os.path.join(out_dir, "train", "wds", name + ".tar"), mtime=0) as tw,
+            tf.io.TFRecordWriter(os.path.join(out_dir, "train", "tfrecord", name + ".tfrecord")) as rw,
+        ):
             for i in range(s * shard_size, min(len(drawn), (s + 1) * shard_size)):
                 jpg, cap, meta = drawn[i]
                 key = f"{i:09d}"
                 js = json.dumps({"key": key, "caption": cap, **meta})
                 tw.write({"__key__": key, "jpg": jpg, "txt": cap, "json": js})
                 feats = {"jpg": jpg, "txt": cap.encode(), "key": key.encode(), "json": js.encode()}
-                ex = tf.train.Example(features=tf.train.Features(feature={
-                    k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}))
-                rw.write(ex.SerializeToString(deterministic=True))    # map order: sorted keys
+                ex = tf.train.Example(
+                    features=tf.train.Features(
+                        feature={
+                            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()
+                        }
+                    )
+                )
+                rw.write(ex.SerializeToString(deterministic=True))  # map order: sorted keys
 
 
 def _stamp_ok(stamp_path: str, out_dir: str, params: dict) -> bool:
@@ -265,14 +349,17 @@ def _stamp_ok(stamp_path: str, out_dir: str, params: dict) -> bool:
         return False
     if stamp.get("params") != params:
         return False
-    return all(os.path.exists(p := os.path.join(out_dir, rel)) and os.path.getsize(p) == size
-               for rel, size in stamp.get("files", {}).items())
+    return all(
+        os.path.exists(p := os.path.join(out_dir, rel)) and os.path.getsize(p) == size
+        for rel, size in stamp.get("files", {}).items()
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def main(argv=None) -> int:
-    ap = xla_utils.ArgumentParser(prog="demo_data.py", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="demo_data.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--n-val", type=int, default=1080, help="held-out images (a multiple of 36)")
@@ -280,11 +367,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.n_train < 1 or args.n_val < 0 or args.n_val % (len(COLOURS) * len(SHAPES)) or args.image_size < 8:
-        return xla_utils.usage_error(f"need --n-train >= 1, --n-val a multiple of {len(COLOURS) * len(SHAPES)} "
-                                     "(every class equally) and --image-size >= 8")
+        return cli.usage_error(
+            f"need --n-train >= 1, --n-val a multiple of {len(COLOURS) * len(SHAPES)} "
+            "(every class equally) and --image-size >= 8"
+        )
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        return xla_utils.usage_error(f"{args.out_dir} exists and is not a directory")
-    xla_utils.TF_AFTER_XLA = False      # this process never uses XLA: skip the torch_xla import
+        return cli.usage_error(f"{args.out_dir} exists and is not a directory")
+    xla_utils.TF_AFTER_XLA = False  # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[demo_data] %(message)s", stream=sys.stderr)
     ds = make_demo_dataset(args.out_dir, args.n_train, args.n_val, args.seed, args.image_size)
     print(json.dumps(asdict(ds)))

@@ -2,6 +2,7 @@
 CLIP_benchmark read, from the same JPEG bytes: an ImageFolder for classification, CLIP_benchmark's
 webdataset classification and retrieval roots, its flickr30k and mscoco_captions roots, and plain
 webdataset shards with one caption per line (plus one undecodable image)."""
+
 import io
 import json
 import os
@@ -12,7 +13,7 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (225, 205, 40)}
 SHAPES = ("square", "circle", "triangle")
-CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]            # 12 classes, label = index
+CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 12 classes, label = index
 CAPTIONS = ("a {}", "a photo of a {}", "a small {} in the middle", "there is a {} here")
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.")
 
@@ -46,8 +47,10 @@ def make_pairs(n: int, seed: int, size: int | None = None) -> list[tuple[bytes, 
         buf = io.BytesIO()
         draw(label, rng, size).save(buf, "PNG")
         # unique captions (picture number): identical strings would tie and make recall@k arbitrary
-        caps = [CAPTIONS[int(j)].format(CLASSES[label]) + f", picture {i}"
-                for j in rng.choice(len(CAPTIONS), int(rng.integers(1, 4)), replace=False)]
+        caps = [
+            CAPTIONS[int(j)].format(CLASSES[label]) + f", picture {i}"
+            for j in rng.choice(len(CAPTIONS), int(rng.integers(1, 4)), replace=False)
+        ]
         out.append((buf.getvalue(), label, caps))
     return out
 
@@ -80,21 +83,29 @@ def write_layouts(root: str, pairs) -> dict:
     p["templates"] = os.path.join(root, "templates.txt")
     _write(p["templates"], "\n".join(TEMPLATES) + "\n")
     half = (len(pairs) + 1) // 2
-    for kind in ("cls", "ret"):                      # CLIP_benchmark's `wds/NAME` roots, 2 shards each
+    for kind in ("cls", "ret"):  # CLIP_benchmark's `wds/NAME` roots, 2 shards each
         d = os.path.join(p["cb"], kind)
         os.makedirs(os.path.join(d, "test"), exist_ok=True)
         for s, chunk in enumerate((pairs[:half], pairs[half:])):
             members = []
             for i, (jpg, label, caps) in enumerate(chunk):
                 key = f"s{s}_{i:05d}"
-                members += [(f"{key}.png", jpg), ((f"{key}.cls", str(label).encode()) if kind == "cls"
-                                                  else (f"{key}.txt", "\n".join(caps).encode()))]
+                members += [
+                    (f"{key}.png", jpg),
+                    (
+                        (f"{key}.cls", str(label).encode())
+                        if kind == "cls"
+                        else (f"{key}.txt", "\n".join(caps).encode())
+                    ),
+                ]
             _tar(os.path.join(d, "test", f"{s}.tar"), members)
         _write(os.path.join(d, "test", "nshards.txt"), "2\n")
         if kind == "cls":
             _write(os.path.join(d, "classnames.txt"), "\n".join(CLASSES) + "\n")
-            _write(os.path.join(d, "zeroshot_classification_templates.txt"),
-                   "\n".join(t.replace("{}", "{c}") for t in TEMPLATES) + "\n")
+            _write(
+                os.path.join(d, "zeroshot_classification_templates.txt"),
+                "\n".join(t.replace("{}", "{c}") for t in TEMPLATES) + "\n",
+            )
         else:
             _write(os.path.join(d, "dataset_type.txt"), "retrieval\n")
         p[f"cb_{kind}"] = d

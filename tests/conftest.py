@@ -2,18 +2,12 @@
 # LLVM option clash), so import it first, before any test module pulls in the TFRecord / TFDS
 # readers (shards.py).
 import os
-import sys
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(TESTS))
-sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "launch"))
-sys.path.insert(0, TESTS)
 
-import torch_xla  # noqa: E402,F401
+import demo_data  # noqa: E402 - after PJRT_DEVICE is set
 import pytest  # noqa: E402
-
-import demo_data  # noqa: E402
+import torch_xla  # noqa: E402,F401
 from runs import tiny_demo_args, train  # noqa: E402
 
 
@@ -21,8 +15,7 @@ from runs import tiny_demo_args, train  # noqa: E402
 def demo_small(tmp_path_factory):
     """The embedded demo dataset (launch/demo_data.py), small: 512 training pairs in 4 webdataset
     shards, 72 held-out images in 36 classes."""
-    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72,
-                                       shard_size=128)
+    return demo_data.make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=512, n_val=72, shard_size=128)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Helpers for tests that drive the real scripts (train.py, finetune.py, ...) in subprocesses."""
+
 import json
 import os
 import subprocess
@@ -36,6 +37,26 @@ def losses(out_dir):
 
 def tiny_demo_args(demo, out, *extra):
     """Both demo stages at batch 16: 8 pre-train steps at 32 px, 4 masked fine-tune steps at 64 px."""
-    return ["--cfg", "demo", "--workers", "1", "--batch-size", "16", "--train-data", demo.train_wds,
-            "--set", "pretrain.train_num_samples=128", "--set", "finetune.train_num_samples=64",
-            "--log-every", "1", "--save-every", "3", "--keep", "1", "--out", str(out), *extra]
+    return [
+        "--cfg",
+        "demo",
+        "--workers",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-data",
+        demo.train_wds,
+        "--set",
+        "pretrain.train_num_samples=128",
+        "--set",
+        "finetune.train_num_samples=64",
+        "--log-every",
+        "1",
+        "--save-every",
+        "3",
+        "--keep",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]

@@ -1,11 +1,14 @@
 """launch/bench_data.py and launch/bench_tokenizer.py: the synthetic shards are what data.py reads,
 both benchmarks run end to end on tiny inputs and print their tables, bad arguments are one line."""
+
 import io
 import json
 import os
 import subprocess
 import sys
 
+import bench_data
+import bench_tokenizer
 import pytest
 from PIL import Image
 
@@ -13,15 +16,15 @@ import data
 import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-
-import bench_data  # noqa: E402
-import bench_tokenizer  # noqa: E402
 
 
 def _run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +44,31 @@ def test_synth_writes_photo_like_shards(synth):
     img = Image.open(io.BytesIO(recs[0].image))
     assert img.size == (200, 150) and img.format == "JPEG"
     again = bench_data.make_synthetic_shards(os.path.dirname(synth) + "-again", n=12, size=(200, 150))
-    with open(synth.replace("{00000..00000}", "00000"), "rb") as f, \
-            open(again.replace("{00000..00000}", "00000"), "rb") as g:
-        assert f.read() == g.read()         # deterministic: same seed, same bytes
+    with (
+        open(synth.replace("{00000..00000}", "00000"), "rb") as f,
+        open(again.replace("{00000..00000}", "00000"), "rb") as g,
+    ):
+        assert f.read() == g.read()  # deterministic: same seed, same bytes
 
 
 def test_bench_data_cli_prints_its_table(synth):
-    r = _run("bench_data.py", "bench", synth, "--image-size", 32, "--n", 12, "--batch-size", 4,
-             "--repeats", 1, "--workers", 1, "--model", "ViT-Test-8-CL16")
+    r = _run(
+        "bench_data.py",
+        "bench",
+        synth,
+        "--image-size",
+        32,
+        "--n",
+        12,
+        "--batch-size",
+        4,
+        "--repeats",
+        1,
+        "--workers",
+        1,
+        "--model",
+        "ViT-Test-8-CL16",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().split("\n")
     assert lines[0].split() == ["pipeline", "images/s/core"]
@@ -60,10 +80,12 @@ def test_bench_data_cli_prints_its_table(synth):
 
 
 def test_bench_data_bad_arguments_are_one_line(synth, tmp_path, capsys):
-    for args, msg in [(["bench", str(tmp_path / "none-{0..3}.tar")], "no such file"),
-                      (["bench", synth, "--model", "ViT-Nope"], "unknown model"),
-                      (["bench", synth, "--n", "0"], "must be >= 1"),
-                      (["synth", str(tmp_path), "--size", "big"], "--size must look like 400x300")]:
+    for args, msg in [
+        (["bench", str(tmp_path / "none-{0..3}.tar")], "no such file"),
+        (["bench", synth, "--model", "ViT-Nope"], "unknown model"),
+        (["bench", synth, "--n", "0"], "must be >= 1"),
+        (["synth", str(tmp_path), "--size", "big"], "--size must look like 400x300"),
+    ]:
         assert bench_data.main(args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
@@ -77,8 +99,11 @@ def test_bench_tokenizer_cli_prints_a_row_per_tokenizer():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and cells[0] != "tokenizer / strategy":
             rows[tuple(cells[:2])] = tuple(float(c.replace(",", "")) for c in cells[2:])
-    ours = [f"ours {tk} {red} (ctx {ctx})" for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32))
-            for red in ("truncate", "random", "block", "syntax")]
+    ours = [
+        f"ours {tk} {red} (ctx {ctx})"
+        for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32))
+        for red in ("truncate", "random", "block", "syntax")
+    ]
     refs = ["open_clip SimpleTokenizer (ctx 16)", "open_clip HFTokenizer, v2 config (ctx 32)"]
     unicode = ["ours clip_bpe truncate (ctx 16)", "ours wordpiece truncate (ctx 32)"] + refs
     want = [(name, "ascii") for name in ours + refs] + [(name, "non-ascii") for name in unicode]
@@ -98,7 +123,7 @@ def test_synthetic_captions_are_alt_text_like():
     caps = bench_tokenizer.synthetic_captions(300, seed=4, rare_words=rare)
     assert caps == bench_tokenizer.synthetic_captions(300, seed=4, rare_words=rare)
     lengths = [len(c.split()) for c in caps]
-    assert 10 <= min(lengths) and max(lengths) <= 21
+    assert min(lengths) >= 10 and max(lengths) <= 21
     assert 0.3 < sum(any(w in c.split() for w in rare) for c in caps) / len(caps) < 0.7
     assert all(not c.isascii() for c in bench_tokenizer.synthetic_captions(50, non_ascii=True))
     assert all(len(w) > 3 and w.isalpha() for w in rare) and len(set(rare)) == 50

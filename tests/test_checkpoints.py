@@ -1,17 +1,16 @@
 """checkpoints.py: atomic files and directories, checkpoint directories, the path resolver, and
 write failures that surface as OSError whichever library writes (a full disk is the kernel's
 ENOSPC from /dev/full here, not a raised stand-in)."""
+
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import checkpoints
 
-import checkpoints  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_resolve_checkpoint_follows_latest_and_stays_inside(tmp_path):
@@ -45,8 +44,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         checkpoints.atomic_write(str(path), boom)
-    assert torch.load(path, weights_only=True)["step"] == 1        # the old file, intact
-    assert os.listdir(tmp_path) == ["state.pt"]                      # no temporary left behind
+    assert torch.load(path, weights_only=True)["step"] == 1  # the old file, intact
+    assert os.listdir(tmp_path) == ["state.pt"]  # no temporary left behind
 
     def fill_then_die(tmp_dir):
         with open(os.path.join(tmp_dir, "a"), "w") as f:
@@ -90,11 +89,14 @@ def test_a_checkpoint_that_meets_a_full_disk_leaves_the_previous_one(tmp_path, m
 
     save("step_00000001")
     real_open = checkpoints.os.open
-    monkeypatch.setattr(checkpoints.os, "open", lambda path, *a, **k: real_open(
-        "/dev/full" if str(path).endswith("train_state.pt") else path, *a, **k))
+    monkeypatch.setattr(
+        checkpoints.os,
+        "open",
+        lambda path, *a, **k: real_open("/dev/full" if str(path).endswith("train_state.pt") else path, *a, **k),
+    )
     with pytest.raises(OSError) as e:
         save("step_00000002")
     assert e.value.errno == 28
-    assert sorted(os.listdir(root)) == ["latest", "step_00000001"]       # no temporary, no torn step 2
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001"]  # no temporary, no torn step 2
     assert checkpoints.resolve_checkpoint(root).endswith("step_00000001")
     assert torch.equal(load_file(os.path.join(root, "step_00000001", "model.safetensors"))["w"], w["w"])

@@ -1,24 +1,23 @@
 """Wrong invocations of every command-line tool, as users type them: each is refused with exactly one
 line on stderr ("error: ..."), exit status 2, and no traceback, before any work starts. The mains
 run in-process (fast); a few run as real processes to see what a shell sees."""
+
 import os
-import sys
-
-import pytest
-from PIL import Image
-
-from runs import PY, REPO, run
 
 import bench_data  # noqa: E402  (launch/)
-import bench_step  # noqa: E402
-import bench_tokenizer  # noqa: E402
-import data  # noqa: E402
-import demo  # noqa: E402
-import demo_data  # noqa: E402
-import eval_zeroshot  # noqa: E402
-import model  # noqa: E402
-import train  # noqa: E402
-import xla_utils  # noqa: E402
+import bench_step
+import bench_tokenizer
+import demo
+import demo_data
+import pytest
+from PIL import Image
+from runs import PY, run
+
+import data
+import eval_zeroshot
+import model
+import train
+import xla_utils
 
 NOPE = "/nonexistent/path"
 
@@ -34,7 +33,7 @@ def _cases(tmp):
     open(no_braces, "w").write("a photo\n")
     empty = os.path.join(tmp, "empty")
     os.makedirs(empty)
-    folder = os.path.join(tmp, "val")                      # a two-class ImageFolder
+    folder = os.path.join(tmp, "val")  # a two-class ImageFolder
     for c in ("cat", "dog"):
         os.makedirs(os.path.join(folder, c))
         Image.new("RGB", (8, 8)).save(os.path.join(folder, c, "0.png"))
@@ -80,15 +79,31 @@ def _cases(tmp):
         (eval_zeroshot.main, ["--random-init", "--data", tmp], "--random-init needs --model"),
         (eval_zeroshot.main, ["--random-init", "--model", "ViT-Nope", "--data", folder], "unknown model"),
         (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--data", NOPE], "not found"),
-        (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--data", empty], "no class sub-directories"),
-        (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--batch-size", "0"],
-         "--batch-size must be >= 1"),
-        (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--templates",
-                              no_braces], "placeholder"),
-        (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--device", "gpu"],
-         "invalid choice"),
-        (eval_zeroshot.main, ["--random-init", "--model", "ViT-Test-8-CL16", "--imagenet-val", folder],
-         "2 classes but 1000 class names"),
+        (
+            eval_zeroshot.main,
+            ["--random-init", "--model", "ViT-Test-8-CL16", "--data", empty],
+            "no class sub-directories",
+        ),
+        (
+            eval_zeroshot.main,
+            ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--batch-size", "0"],
+            "--batch-size must be >= 1",
+        ),
+        (
+            eval_zeroshot.main,
+            ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--templates", no_braces],
+            "placeholder",
+        ),
+        (
+            eval_zeroshot.main,
+            ["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--device", "gpu"],
+            "invalid choice",
+        ),
+        (
+            eval_zeroshot.main,
+            ["--random-init", "--model", "ViT-Test-8-CL16", "--imagenet-val", folder],
+            "2 classes but 1000 class names",
+        ),
         # model.py
         (model.main, [], "required"),
         (model.main, ["flops", "ViT-Nope"], "unknown model"),
@@ -137,13 +152,17 @@ def test_at_least_sixty_wrong_invocations_are_one_line_errors(tmp_path, capsys):
     assert not bad, "\n".join(map(repr, bad))
 
 
-@pytest.mark.parametrize("cmd", [
-    ["train.py", "--cfg", "demo", "--batch-size", "0"],
-    ["train.py", "--cfg", "demo", "--train-data", NOPE + "/{0..1}.tar"],
-    ["eval_zeroshot.py", "--ckpt", NOPE, "--data", NOPE],
-    ["data.py", "stats", NOPE],
-    ["launch/demo.py", "--only", "mystery"],
-], ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["train.py", "--cfg", "demo", "--batch-size", "0"],
+        ["train.py", "--cfg", "demo", "--train-data", NOPE + "/{0..1}.tar"],
+        ["eval_zeroshot.py", "--ckpt", NOPE, "--data", NOPE],
+        ["data.py", "stats", NOPE],
+        ["launch/demo.py", "--only", "mystery"],
+    ],
+    ids=lambda c: " ".join(c[:2]),
+)
 def test_as_a_shell_sees_it(cmd):
     """One line on stderr even as a process (no TensorFlow start-up noise, no usage block)."""
     p = run([PY, *cmd], timeout=120, TF_CPP_MIN_LOG_LEVEL="0")

@@ -1,6 +1,8 @@
 """The data path, shards.py and data.py: shards written by the real writers (webdataset TarWriter,
 TensorFlow TFRecordWriter, TFDS), corrupted shards with exact skip counts, sharding, determinism,
 exact resume, pinned batches, transforms against torchvision, normalize, and the stats CLI."""
+
+import contextlib
 import io
 import json
 import os
@@ -40,6 +42,7 @@ def _jpeg(i: int, size=(96, 72), quality=90) -> bytes:
 
 def _write_wds(path, samples):
     import webdataset as wds
+
     with wds.TarWriter(str(path)) as w:
         for s in samples:
             w.write(s)
@@ -49,8 +52,11 @@ def _write_tfrecord(path, records):
     tf = xla_utils.import_tensorflow()
     with tf.io.TFRecordWriter(str(path)) as w:
         for feats in records:
-            ex = tf.train.Example(features=tf.train.Features(feature={
-                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}))
+            ex = tf.train.Example(
+                features=tf.train.Features(
+                    feature={k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}
+                )
+            )
             w.write(ex.SerializeToString())
 
 
@@ -81,8 +87,10 @@ def _keys(loader):
 
 # ----------------------------------------------------------------------------- readers
 
+
 def test_wds_reader_matches_webdataset_library(tiny_shards):
     import webdataset as wds
+
     d, truth = tiny_shards
     spec = str(d / "{00000..00004}.tar")
     src = shards.resolve(spec)
@@ -90,8 +98,10 @@ def test_wds_reader_matches_webdataset_library(tiny_shards):
     ours = [r for p in src.shards for r in shards.read_wds(p, src)]
     assert all(r.reason is None for r in ours)
     assert {r.key: (r.image, r.text) for r in ours} == truth
-    theirs = [(s["__key__"], s["jpg"], s["txt"].decode()) for s in
-              wds.WebDataset(src.shards, shardshuffle=False, empty_check=False)]
+    theirs = [
+        (s["__key__"], s["jpg"], s["txt"].decode())
+        for s in wds.WebDataset(src.shards, shardshuffle=False, empty_check=False)
+    ]
     assert [(r.key, r.image, r.text) for r in ours] == theirs
 
 
@@ -107,9 +117,10 @@ def test_tfrecord_reader_and_detection_by_content(tiny_shards, tmp_path):
     assert shards.resolve(str(tmp_path / "laion_imagenet.tar")).fmt == "tfrecord"
     assert shards.resolve(str(tmp_path / "data.tfrecord")).fmt == "wds"
     assert shards.expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
-    assert shards.expand_spec(str(d / "00000.tar") + "::" + str(d / "{00003..00004}.tar")) == \
-        [str(d / f"{i:05d}.tar") for i in (0, 3, 4)]
-    assert len(shards.expand_spec(str(d))) == 2 * N_SHARDS          # a directory: its shard files
+    assert shards.expand_spec(str(d / "00000.tar") + "::" + str(d / "{00003..00004}.tar")) == [
+        str(d / f"{i:05d}.tar") for i in (0, 3, 4)
+    ]
+    assert len(shards.expand_spec(str(d))) == 2 * N_SHARDS  # a directory: its shard files
 
 
 def test_missing_paths_are_one_line_errors(tmp_path):
@@ -122,8 +133,12 @@ def test_missing_paths_are_one_line_errors(tmp_path):
         shards.resolve(str(tmp_path / "x.tar"))
     with pytest.raises(ValueError, match="unknown format"):
         shards.resolve(str(tmp_path / "x.tar"), fmt="parquet")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "stats", str(tmp_path / "none.tar")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "data.py"), "stats", str(tmp_path / "none.tar")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: no such file") and r.stderr.count("\n") == 1
 
 
@@ -139,6 +154,7 @@ def test_stats_cli_reports_a_bad_spec_in_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- bad samples
+
 
 @pytest.fixture(scope="module")
 def corrupt(tmp_path_factory):
@@ -159,15 +175,23 @@ def corrupt(tmp_path_factory):
     # cut inside the last sample's jpg member (img2dataset killed mid-write)
     cut = blob.rfind(b"b_last.jpg") + 512 + 2000
     (d / "a.tar").write_bytes(blob[:cut])
-    (d / "b.tar").write_bytes(b"")                     # img2dataset: all downloads of a shard failed
+    (d / "b.tar").write_bytes(b"")  # img2dataset: all downloads of a shard failed
     _write_wds(d / "c.tar", [{"__key__": "c0", "jpg": _jpeg(50), "txt": "caption c0"}])
     raw = bytearray((d / "c.tar").read_bytes())
-    raw[700:1400] = os.urandom(700)                    # corrupt the second header onwards
+    raw[700:1400] = os.urandom(700)  # corrupt the second header onwards
     (d / "d.tar").write_bytes(bytes(raw[:512]) + b"\x00" * 100 + b"garbage" * 300)
-    expected = {"bad_image": 2, "empty_caption": 1, "bad_caption_encoding": 1, "missing_caption": 1,
-                "missing_image": 1, "truncated_record": 1, "corrupt_shard": 1, "unreadable_shard": 1}
+    expected = {
+        "bad_image": 2,
+        "empty_caption": 1,
+        "bad_caption_encoding": 1,
+        "missing_caption": 1,
+        "missing_image": 1,
+        "truncated_record": 1,
+        "corrupt_shard": 1,
+        "unreadable_shard": 1,
+    }
     spec = [str(d / n) for n in ("a.tar", "b.tar", "c.tar", "d.tar", "missing.tar")]
-    return spec, expected, 10 + 1          # 10 good in a.tar + c0
+    return spec, expected, 10 + 1  # 10 good in a.tar + c0
 
 
 def test_stats_counts_every_bad_sample_exactly(corrupt, capsys):
@@ -196,17 +220,21 @@ def test_corrupt_tfrecord_counts(tmp_path):
     recs[4] = {"jpg": _jpeg(4)}
     _write_tfrecord(tmp_path / "t.tfrecord", recs)
     blob = (tmp_path / "t.tfrecord").read_bytes()
-    (tmp_path / "t.tfrecord").write_bytes(blob[:-50])     # truncated last record
+    (tmp_path / "t.tfrecord").write_bytes(blob[:-50])  # truncated last record
     out = data.dataset_stats(str(tmp_path / "t.tfrecord"))
     assert out["format"] == "tfrecord"
     assert out["samples"] == 2
-    assert out["skipped_by_reason"] == {"bad_image": 1, "bad_caption_encoding": 1, "missing_caption": 1,
-                                        "truncated_record": 1}
+    assert out["skipped_by_reason"] == {
+        "bad_image": 1,
+        "bad_caption_encoding": 1,
+        "missing_caption": 1,
+        "truncated_record": 1,
+    }
     # a flipped byte inside record 2: its CRC fails; tf.data cannot read past it, the shard ends there
     _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": _jpeg(i), "txt": b"caption"} for i in range(5)])
     blob, off = bytearray((tmp_path / "u.tfrecord").read_bytes()), 0
     for _ in range(2):
-        off += 16 + int.from_bytes(blob[off:off + 8], "little")
+        off += 16 + int.from_bytes(blob[off : off + 8], "little")
     blob[off + 12 + 40] ^= 0xFF
     (tmp_path / "u.tfrecord").write_bytes(bytes(blob))
     out = data.dataset_stats(str(tmp_path / "u.tfrecord"))
@@ -215,14 +243,16 @@ def test_corrupt_tfrecord_counts(tmp_path):
 
 # ----------------------------------------------------------------------------- sharding / order / resume
 
-@pytest.mark.parametrize("n_shards", [5, 3])      # 5 >= 4 readers: by shard; 3 < 4: by record
+
+@pytest.mark.parametrize("n_shards", [5, 3])  # 5 >= 4 readers: by shard; 3 < 4: by record
 def test_sharding_over_ranks_and_workers_no_dup_no_gap(tiny_shards, n_shards):
     d, truth = tiny_shards
     spec = [str(d / f"{s:05d}.tar") for s in range(n_shards)]
     seen = []
     for rank in range(2):
-        loader = data.make_train_loader(spec, None, 32, 1, num_workers=2, rank=rank, world_size=2,
-                                        shuffle_buffer=8, repeat=False)
+        loader = data.make_train_loader(
+            spec, None, 32, 1, num_workers=2, rank=rank, world_size=2, shuffle_buffer=8, repeat=False
+        )
         seen.append(_keys(loader))
     allk = seen[0] + seen[1]
     assert len(allk) == len(set(allk)) == n_shards * PER_SHARD
@@ -242,19 +272,22 @@ def test_order_is_deterministic_per_seed_and_epoch(tiny_shards):
     spec = str(d / "{00000..00004}.tar")
 
     def order(seed, epoch):
-        return _keys(data.make_train_loader(spec, None, 32, 4, num_workers=0, seed=seed, epoch=epoch,
-                                            shuffle_buffer=20, repeat=False))
+        return _keys(
+            data.make_train_loader(
+                spec, None, 32, 4, num_workers=0, seed=seed, epoch=epoch, shuffle_buffer=20, repeat=False
+            )
+        )
+
     a = order(0, 0)
     assert a == order(0, 0)
     assert sorted(a) == sorted(order(0, 1)) and a != order(0, 1) and a != order(1, 0)
-    assert a != sorted(a)          # actually shuffled
+    assert a != sorted(a)  # actually shuffled
 
 
 def test_images_are_deterministic_and_uint8(tiny_shards):
     d, _ = tiny_shards
     spec = str(d / "{00000..00001}.tar")
-    runs = [next(iter(data.make_train_loader(spec, None, 48, 6, num_workers=0, shuffle_buffer=8)))
-            for _ in range(2)]
+    runs = [next(iter(data.make_train_loader(spec, None, 48, 6, num_workers=0, shuffle_buffer=8))) for _ in range(2)]
     assert runs[0][0].dtype == torch.uint8 and runs[0][0].shape == (6, 3, 48, 48)
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
@@ -268,11 +301,11 @@ def test_resume_is_exact(tiny_shards, workers, consumed):
     loader = data.make_train_loader(spec, None, 32, 4, **kw)
     it = iter(loader)
     head = [next(it)[1] for _ in range(consumed)]
-    state = json.loads(json.dumps(loader.state_dict()))       # plain JSON
+    state = json.loads(json.dumps(loader.state_dict()))  # plain JSON
     resumed = data.make_train_loader(spec, None, 32, 4, state=state, **kw)
     tail = [b for _, (_, b) in zip(range(30 - consumed), resumed)]
     assert head + tail == full
-    assert resumed.epoch >= 1 and len(set(k for b in full[:15] for k in b)) == 60   # epoch 0 = 60 samples
+    assert resumed.epoch >= 1 and len(set(k for b in full[:15] for k in b)) == 60  # epoch 0 = 60 samples
 
 
 class _SeedProbe:
@@ -315,7 +348,7 @@ def test_resume_keeps_the_mask_stream_exact(tiny_shards):
         masks.append(torch.rand(6))
         if step == 7:
             loader_state, saved = json.loads(json.dumps(loader.state_dict())), torch.get_rng_state()
-    torch.manual_seed(99)       # a new process: whatever state, then the restore
+    torch.manual_seed(99)  # a new process: whatever state, then the restore
     torch.set_rng_state(saved)
     resumed = iter(data.make_train_loader(spec, None, 32, 4, state=loader_state, **kw))
     again = []
@@ -331,15 +364,28 @@ def test_worker_seeds_are_deterministic_per_seed_epoch_and_rank(tiny_shards):
 
     def seeds(seed=0, epoch=0, rank=0, global_seed=0):
         torch.manual_seed(global_seed)
-        loader = data.TrainLoader(src, None, _SeedProbe(), 4, num_workers=2, seed=seed, epoch=epoch,
-                                  rank=rank, world_size=2, shuffle_buffer=1, prefetch=4, repeat=False,
-                                  state=None, pin_memory=False)
+        loader = data.TrainLoader(
+            src,
+            None,
+            _SeedProbe(),
+            4,
+            num_workers=2,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=2,
+            shuffle_buffer=1,
+            prefetch=4,
+            repeat=False,
+            state=None,
+            pin_memory=False,
+        )
         return {int(s) for images, _ in loader for s in images.flatten()}
+
     base = seeds()
-    assert len(base) == 2                                   # one per worker
-    assert seeds(global_seed=5) == base                     # not from torch's global RNG
-    assert len({frozenset(base), frozenset(seeds(seed=1)), frozenset(seeds(epoch=1)),
-                frozenset(seeds(rank=1))}) == 4
+    assert len(base) == 2  # one per worker
+    assert seeds(global_seed=5) == base  # not from torch's global RNG
+    assert len({frozenset(base), frozenset(seeds(seed=1)), frozenset(seeds(epoch=1)), frozenset(seeds(rank=1))}) == 4
 
 
 def test_resume_with_other_layout_skips_finished_shards(tiny_shards):
@@ -347,13 +393,12 @@ def test_resume_with_other_layout_skips_finished_shards(tiny_shards):
     spec = str(d / "{00000..00004}.tar")
     loader = data.make_train_loader(spec, None, 32, 1, num_workers=0, shuffle_buffer=1, repeat=False)
     it = iter(loader)
-    head = [next(it)[1][0].split()[1] for _ in range(30)]     # shards 1, 2 finished, 3rd half
+    head = [next(it)[1][0].split()[1] for _ in range(30)]  # shards 1, 2 finished, 3rd half
     state = loader.state_dict()
-    again = _keys(data.make_train_loader(spec, None, 32, 1, num_workers=2, shuffle_buffer=1,
-                                         repeat=False, state=state))
+    again = _keys(data.make_train_loader(spec, None, 32, 1, num_workers=2, shuffle_buffer=1, repeat=False, state=state))
     assert set(head) | set(again) == set(truth)
     finished = set(head[:24])
-    assert finished.isdisjoint(again)            # shard granularity: finished shards not repeated
+    assert finished.isdisjoint(again)  # shard granularity: finished shards not repeated
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -392,8 +437,9 @@ def test_small_batches_through_the_pipe_equal_those_through_shared_memory(tiny_s
         arrived.clear()
         loader = data.make_train_loader(spec, tok, 32, 4, num_workers=2, shuffle_buffer=10, seed=3)
         return [b for _, b in zip(range(9), loader)], json.dumps(loader.state_dict()), set(arrived)
+
     piped, piped_state, piped_types = run()
-    monkeypatch.setattr(data, "PIPE_BYTES", 0)      # forked workers see it: every tensor by shared memory
+    monkeypatch.setattr(data, "PIPE_BYTES", 0)  # forked workers see it: every tensor by shared memory
     shared, shared_state, shared_types = run()
     assert piped_types == {"ndarray"} and shared_types == {"Tensor"}
     assert all(type(x) is torch.Tensor and x.is_contiguous() for b in piped for x in b)
@@ -402,7 +448,7 @@ def test_small_batches_through_the_pipe_equal_those_through_shared_memory(tiny_s
     assert piped_state == shared_state
 
 
-KILLED_MID_EPOCH = r'''
+KILLED_MID_EPOCH = r"""
 import os, signal, sys, time
 import data, tokenizer
 loader = data.make_train_loader(sys.argv[1], tokenizer.Tokenizer("clip_bpe", 16), 64, 8, num_workers=2,
@@ -411,7 +457,7 @@ batches = iter(loader)
 next(batches)
 time.sleep(2)          # the workers fill their pipes with batches nobody will read
 os.kill(os.getpid(), signal.SIGKILL)
-'''
+"""
 
 
 def test_a_killed_trainer_leaves_no_loader_worker_behind(tiny_shards):
@@ -419,27 +465,30 @@ def test_a_killed_trainer_leaves_no_loader_worker_behind(tiny_shards):
     batches stuck in a full pipe, instead of living on and holding its stdout open (a shell pipe or a
     supervisor waiting for the output to end would wait forever)."""
     d, _ = tiny_shards
-    p = subprocess.Popen([sys.executable, "-c", KILLED_MID_EPOCH, str(d / "{00000..00004}.tar")], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_EPOCH, str(d / "{00000..00004}.tar")],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         assert p.wait(timeout=120) == -9
         deadline, eof = time.time() + 20, False
-        while not eof and time.time() < deadline:     # EOF once the last holder of the write end exits
+        while not eof and time.time() < deadline:  # EOF once the last holder of the write end exits
             eof = bool(select.select([p.stdout], [], [], 0.5)[0]) and os.read(p.stdout.fileno(), 1 << 16) == b""
         assert eof, "a loader worker outlived its killed main process by 20 s"
     finally:
-        try:
-            os.killpg(p.pid, 9)      # the workers share the killed process's group
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, 9)  # the workers share the killed process's group
 
 
 def test_real_tokenizer_in_loader(tiny_shards):
     tok = tokenizer.Tokenizer("clip_bpe", 16)
     d, _ = tiny_shards
-    loader = data.make_train_loader(str(d / "00000.tfrecord"), tok, 32, 4, num_workers=0, shuffle_buffer=1,
-                                    repeat=False)
+    loader = data.make_train_loader(
+        str(d / "00000.tfrecord"), tok, 32, 4, num_workers=0, shuffle_buffer=1, repeat=False
+    )
     images, tokens = next(iter(loader))
     assert tokens.dtype == torch.long and tokens.shape == (4, 16)
     keys = [f"00000{j:04d}" for j in range(4)]
@@ -455,6 +504,7 @@ def test_no_batch_is_a_clear_error(tiny_shards):
 
 # ----------------------------------------------------------------------------- TFDS
 
+
 def _tfds_dir(root, kind):
     import tensorflow_datasets as tfds
 
@@ -463,8 +513,11 @@ def _tfds_dir(root, kind):
 
         def _info(self):
             feats = {"image": tfds.features.Image(encoding_format="jpeg")}
-            feats.update({"text": tfds.features.Text()} if kind == "train" else
-                         {"label": tfds.features.ClassLabel(names=["n02", "n01x", "n03"])})
+            feats.update(
+                {"text": tfds.features.Text()}
+                if kind == "train"
+                else {"label": tfds.features.ClassLabel(names=["n02", "n01x", "n03"])}
+            )
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
 
         def _split_generators(self, dl_manager):
@@ -473,8 +526,10 @@ def _tfds_dir(root, kind):
         def _generate_examples(self):
             for i in range(9):
                 img = np.asarray(Image.open(io.BytesIO(_jpeg(i))).convert("RGB"))
-                yield i, ({"image": img, "text": f"caption t{i}"} if kind == "train" else
-                          {"image": img, "label": i % 3})
+                yield (
+                    i,
+                    ({"image": img, "text": f"caption t{i}"} if kind == "train" else {"image": img, "label": i % 3}),
+                )
 
     Tiny.name = f"tiny_{kind}"
     b = Tiny(data_dir=str(root))
@@ -484,17 +539,18 @@ def _tfds_dir(root, kind):
 
 def test_tfds_train_and_eval(tmp_path):
     train_dir = _tfds_dir(tmp_path, "train")
-    loader = data.make_train_loader(train_dir, None, 32, 3, num_workers=0, repeat=False)   # detected
+    loader = data.make_train_loader(train_dir, None, 32, 3, num_workers=0, repeat=False)  # detected
     assert loader.src.fmt == "tfds"
     assert sorted(c for _, caps in loader for c in caps) == [f"caption t{i}" for i in range(9)]
     val_dir = _tfds_dir(tmp_path, "val")
     ev, classes = data.make_eval_loader(val_dir, data.eval_transform(32), 4, num_workers=0)
-    assert classes == ["n02", "n01x", "n03"]          # the dataset's own label order
+    assert classes == ["n02", "n01x", "n03"]  # the dataset's own label order
     labels = torch.cat([y for _, y in ev]).tolist()
     assert sorted(labels) == sorted(i % 3 for i in range(9))
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 @pytest.fixture(scope="module")
 def photo():
@@ -506,7 +562,9 @@ def photo():
     d = ImageDraw.Draw(img)
     for _ in range(30):
         x, y = rng.randint(0, 380), rng.randint(0, 280)
-        d.rectangle([x, y, x + rng.randint(8, 60), y + rng.randint(8, 60)], tuple(int(v) for v in rng.randint(0, 255, 3)))
+        d.rectangle(
+            [x, y, x + rng.randint(8, 60), y + rng.randint(8, 60)], tuple(int(v) for v in rng.randint(0, 255, 3))
+        )
     b = io.BytesIO()
     img.save(b, "JPEG", quality=95)
     return b.getvalue()
@@ -515,6 +573,7 @@ def photo():
 def test_train_crop_geometry_matches_full_decode(photo):
     import torchvision.transforms.functional as F
     from torchvision.transforms import InterpolationMode
+
     full = Image.open(io.BytesIO(photo)).convert("RGB")
     fast, slow = data.TrainTransform(96), data.TrainTransform(96, draft=False)
     for seed in range(6):
@@ -529,14 +588,14 @@ def test_train_crop_geometry_matches_full_decode(photo):
         err = (x.float() - ref.float()).abs().mean().item()
         shifted = F.pil_to_tensor(F.resized_crop(full, i + 4, j + 4, h, w, [96, 96], InterpolationMode.BICUBIC))
         off = (shifted.float() - ref.float()).abs().mean().item()
-        assert 0 < err < 2 and err < off / 4, (seed, err, off)        # draft ran, geometry kept
+        assert 0 < err < 2 and err < off / 4, (seed, err, off)  # draft ran, geometry kept
 
 
 def test_fast_resampler_keeps_the_fractional_box(photo):
     # torch's uint8 kernel starts its grid at the crop's first pixel edge; a box with one
     # fractional edge is cropped from (or, flipped, to) its integer edge: same pixels as
     # Pillow resampling the fractional box, up to rounding and the crop-edge border
-    arr = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").reduce(2)).copy()    # 200x150
+    arr = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").reduce(2)).copy()  # 200x150
     pil = Image.fromarray(arr)
     for box in [(20, 10, 150.5, 130), (20.5, 10, 150, 130), (20, 10.5, 150, 129.5), (19.5, 9.5, 151, 130)]:
         x = data._resize_box(arr, box, 96)
@@ -544,9 +603,10 @@ def test_fast_resampler_keeps_the_fractional_box(photo):
         d = (x.float() - ref.float()).abs()
         assert x.dtype == torch.uint8 and x.shape == (3, 96, 96)
         assert d[:, 2:-2, 2:-2].max() <= 1 and d.mean() < 0.5, (box, d.max(), d.mean())
-    assert torch.equal(data._resize_box(pil, (20.5, 10, 150, 130), 96),
-                       data._resize_box(arr, (20.5, 10, 150, 130), 96))      # PIL image input
-    both = (20.5, 10.5, 150.5, 130)     # no integer edge on x: Pillow resamples the fractional box
+    assert torch.equal(
+        data._resize_box(pil, (20.5, 10, 150, 130), 96), data._resize_box(arr, (20.5, 10, 150, 130), 96)
+    )  # PIL image input
+    both = (20.5, 10.5, 150.5, 130)  # no integer edge on x: Pillow resamples the fractional box
     ref = torch.from_numpy(np.array(pil.resize((96, 96), Image.BICUBIC, box=both))).permute(2, 0, 1)
     assert torch.equal(data._resize_box(arr, both, 96), ref)
 
@@ -559,19 +619,25 @@ def test_simplejpeg_and_pillow_decoders_agree(photo):
             assert torch.equal(turbo(photo, random.Random(seed)), pillow(photo, random.Random(seed)))
     # a truncated JPEG is still an error (a bad sample), as with Pillow alone
     with pytest.raises(OSError, match="image file is truncated"):
-        data.train_transform(96)(photo[:len(photo) // 2])
+        data.train_transform(96)(photo[: len(photo) // 2])
 
 
 def test_eval_transform_matches_torchvision(photo):
     """The one eval preprocessing decodes at full resolution: torchvision's pixels up to rounding,
     also where a reduced-scale decode would have been allowed (64 px from 400x300)."""
     import torchvision.transforms as T
+
     full = Image.open(io.BytesIO(photo)).convert("RGB")
-    for size, interp, square in [(64, "bicubic", False), (96, "bilinear", True), (224, "bicubic", False),
-                                 (48, "bilinear", True)]:
+    for size, interp, square in [
+        (64, "bicubic", False),
+        (96, "bilinear", True),
+        (224, "bicubic", False),
+        (48, "bilinear", True),
+    ]:
         mode = T.InterpolationMode.BICUBIC if interp == "bicubic" else T.InterpolationMode.BILINEAR
-        ref = T.PILToTensor()((T.Resize((size, size), mode) if square else
-                               T.Compose([T.Resize(size, mode), T.CenterCrop(size)]))(full))
+        ref = T.PILToTensor()(
+            (T.Resize((size, size), mode) if square else T.Compose([T.Resize(size, mode), T.CenterCrop(size)]))(full)
+        )
         x = data.eval_transform(size, interp, square)(photo)
         assert x.dtype == torch.uint8 and x.shape == (3, size, size)
         assert (x.float() - ref.float()).abs().max() <= 1, (size, interp)
@@ -593,6 +659,7 @@ def test_other_image_modes_give_rgb_uint8():
 
 def test_color_jitter_matches_torchvision_ops(photo):
     import torchvision.transforms.functional as F
+
     img = Image.open(io.BytesIO(photo)).convert("RGB").resize((64, 48))
     rng = random.Random(5)
     out = data.color_jitter(img, rng, brightness=0.3, contrast=0, saturation=0, hue=0)
@@ -614,6 +681,7 @@ def test_color_jitter_matches_torchvision_ops(photo):
 
 def test_normalize_matches_torchvision_and_wrapper(photo):
     import torchvision.transforms as T
+
     img = Image.open(io.BytesIO(photo)).convert("RGB").resize((32, 24))
     u8 = T.PILToTensor()(img)
     ref = T.Normalize(MEAN, STD)(T.ToTensor()(img))
@@ -634,6 +702,7 @@ def test_img2dataset_output_when_available(tmp_path):
     import functools
     import http.server
     import threading
+
     exe = os.environ.get("CLIPA_IMG2DATASET")
     if not exe or not os.path.exists(exe):
         pytest.skip("set CLIPA_IMG2DATASET=/path/to/img2dataset to run")
@@ -647,19 +716,45 @@ def test_img2dataset_output_when_available(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     rows = [(f"{url}/{i}.jpg", f"caption {i}") for i in range(8)] + [(f"{url}/bad.jpg", "bad")]
-    rows += [(f"{url}/missing{i}.jpg", "gone") for i in range(3)]      # the last shard fails entirely
+    rows += [(f"{url}/missing{i}.jpg", "gone") for i in range(3)]  # the last shard fails entirely
     with open(tmp_path / "urls.csv", "w", newline="") as f:
         csv.writer(f).writerows([("url", "caption")] + rows)
     try:
-        subprocess.run([exe, "--url_list", str(tmp_path / "urls.csv"), "--input_format", "csv",
-                        "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
-                        "--output_folder", str(tmp_path / "out"), "--processes_count", "1",
-                        "--thread_count", "4", "--image_size", "128", "--number_sample_per_shard", "3",
-                        "--enable_wandb", "False", "--distributor", "multiprocessing"],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                exe,
+                "--url_list",
+                str(tmp_path / "urls.csv"),
+                "--input_format",
+                "csv",
+                "--url_col",
+                "url",
+                "--caption_col",
+                "caption",
+                "--output_format",
+                "webdataset",
+                "--output_folder",
+                str(tmp_path / "out"),
+                "--processes_count",
+                "1",
+                "--thread_count",
+                "4",
+                "--image_size",
+                "128",
+                "--number_sample_per_shard",
+                "3",
+                "--enable_wandb",
+                "False",
+                "--distributor",
+                "multiprocessing",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     finally:
         server.shutdown()
-    out = data.dataset_stats(str(tmp_path / "out"))         # the folder also holds parquet/json files
+    out = data.dataset_stats(str(tmp_path / "out"))  # the folder also holds parquet/json files
     assert (out["format"], out["samples"], out["skipped"]) == ("wds", 8, 0)
     assert out["empty_shards"] == 1
     loader = data.make_train_loader(str(tmp_path / "out"), None, 32, 1, num_workers=0, repeat=False)

@@ -1,4 +1,5 @@
 """The README's first command: launch/demo.py drives the real train.py and eval_zeroshot.py."""
+
 import json
 import os
 import subprocess
@@ -8,9 +9,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo(out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "demo.py"), "--out", str(out),
-           "--n-train", "640", "--n-val", "72", "--pretrain-samples", "64", "--finetune-samples", "32",
-           "--only", "clipa_syntax,clipa_sigmoid,baseline_same_compute", *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "demo.py"),
+        "--out",
+        str(out),
+        "--n-train",
+        "640",
+        "--n-val",
+        "72",
+        "--pretrain-samples",
+        "64",
+        "--finetune-samples",
+        "32",
+        "--only",
+        "clipa_syntax,clipa_sigmoid,baseline_same_compute",
+        *extra,
+    ]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -30,7 +45,7 @@ def test_demo_end_to_end_table_json_png_and_reuse(tmp_path):
     assert base["train_gflops"] <= clipa["train_gflops"] or base["samples"] == 32
     for row in rows.values():
         assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
-        assert 0.0 <= row["i2t_r1"] <= 100.0 and 0.0 <= row["t2i_r1"] <= 100.0     # retrieval column
+        assert 0.0 <= row["i2t_r1"] <= 100.0 and 0.0 <= row["t2i_r1"] <= 100.0  # retrieval column
         assert row["curve"] and all(p["loss"] > 0 for p in row["curve"])
         assert row["label"] in res["table"]
     assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -1,12 +1,14 @@
 """launch/demo_data.py: deterministic, idempotent generation; both shard formats hold the same
 samples and data.py reads them; the zero-shot folder tree; captions that reward syntax masking;
 the CLI."""
+
 import io
 import json
 import os
 import subprocess
 import sys
 
+import demo_data
 import pytest
 import torch
 from PIL import Image
@@ -16,9 +18,6 @@ import shards
 import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-
-import demo_data  # noqa: E402
 
 SMALL = dict(n_train=50, n_val=72, shard_size=20, image_size=48)
 
@@ -87,9 +86,22 @@ def test_captions_reward_syntax_masking():
 
 
 def test_cli_prints_the_dataset_and_rejects_bad_arguments(tmp_path, capsys):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "demo_data.py"), str(tmp_path / "d"),
-                        "--n-train", "12", "--n-val", "36", "--image-size", "32"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "demo_data.py"),
+            str(tmp_path / "d"),
+            "--n-train",
+            "12",
+            "--n-val",
+            "36",
+            "--image-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     ds = json.loads(r.stdout)
     assert (ds["n_train"], ds["n_val"], ds["root"]) == (12, 36, str(tmp_path / "d"))
@@ -100,8 +112,10 @@ def test_cli_prints_the_dataset_and_rejects_bad_arguments(tmp_path, capsys):
         with open(os.path.join(ds["root"], sub), "rb") as f, open(os.path.join(here.root, sub), "rb") as g:
             assert f.read() == g.read(), sub
     (tmp_path / "file").write_text("x")
-    for args, msg in [([str(tmp_path / "e"), "--n-train", "0"], "need --n-train >= 1"),
-                      ([str(tmp_path / "file")], "exists and is not a directory")]:
+    for args, msg in [
+        ([str(tmp_path / "e"), "--n-train", "0"], "need --n-train >= 1"),
+        ([str(tmp_path / "file")], "exists and is not a directory"),
+    ]:
         assert demo_data.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1

@@ -6,19 +6,20 @@ Random weights, so the models are tiny; a seed is picked for which the random mo
 are spread over several classes and its accuracy is strictly between 0 and 1 (so "equal accuracy"
 can't come from a constant predictor), and the per-image predictions are compared too.
 """
+
 import argparse
 import json
 import os
 import subprocess
 import sys
 
+import captioned
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import captioned
 import data
 import eval_zeroshot as Z
 import model as M
@@ -69,10 +70,13 @@ def _perturb(module, seed):
 def _openclip_v1(seed):
     """OpenCLIP CLIP with the architecture of our registry's ViT-Test-8-CL16."""
     import open_clip
+
     torch.manual_seed(seed)
-    oc = open_clip.CLIP(embed_dim=32,
-                        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
-                        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2))
+    oc = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2),
+    )
     return _perturb(oc, seed)
 
 
@@ -81,14 +85,33 @@ def _openclip_v2(seed):
     the final norm, bidirectional text pooled at the last position, tanh GELU) at the size of our
     registry's ViT-Test-8-CL32-GAP-BigVision."""
     import open_clip
+
     torch.manual_seed(seed)
     act = {"approximate": "tanh"}
     oc = open_clip.CLIP(
         embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, no_ln_pre=True,
-                        pool_type="avg", final_ln_after_pool=True, act_kwargs=act),
-        text_cfg=dict(context_length=32, vocab_size=32000, width=32, heads=2, layers=2, pool_type="last",
-                      no_causal_mask=True, act_kwargs=act))
+        vision_cfg=dict(
+            image_size=32,
+            patch_size=8,
+            width=32,
+            layers=2,
+            head_width=16,
+            no_ln_pre=True,
+            pool_type="avg",
+            final_ln_after_pool=True,
+            act_kwargs=act,
+        ),
+        text_cfg=dict(
+            context_length=32,
+            vocab_size=32000,
+            width=32,
+            heads=2,
+            layers=2,
+            pool_type="last",
+            no_causal_mask=True,
+            act_kwargs=act,
+        ),
+    )
     return _perturb(oc, seed)
 
 
@@ -106,8 +129,9 @@ def _openclip_predictions(oc, tokenizer, preprocess, root, templates):
     import open_clip
     import torchvision
 
-    W = open_clip.build_zero_shot_classifier(oc, tokenizer, CLASSNAMES, templates,
-                                             num_classes_per_batch=4, device="cpu")
+    W = open_clip.build_zero_shot_classifier(
+        oc, tokenizer, CLASSNAMES, templates, num_classes_per_batch=4, device="cpu"
+    )
     ds = torchvision.datasets.ImageFolder(root, transform=preprocess)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
@@ -137,8 +161,14 @@ def _pick_seed(build, tokenizer, preprocess, root, templates):
 def _our_predictions(net, cfg, root, templates):
     """Per-image predictions through this module's public pieces (what evaluate() does)."""
     pre = Z.Preprocess.for_model(cfg)
-    W = Z.build_classifier(net, M.get_tokenizer(cfg, reduction="truncate"), CLASSNAMES, templates,
-                           runtime=xla_utils.init_runtime("cpu"), batch_size=7)
+    W = Z.build_classifier(
+        net,
+        M.get_tokenizer(cfg, reduction="truncate"),
+        CLASSNAMES,
+        templates,
+        runtime=xla_utils.init_runtime("cpu"),
+        batch_size=7,
+    )
     loader, classes = data.make_eval_loader(root, pre.transform(), 5, num_workers=0)
     preds, images = [], []
     with torch.no_grad():
@@ -158,21 +188,43 @@ def _run_cli(args):
 
 # ----------------------------------------------------------------------------- vs OpenCLIP
 
+
 def test_v1_zero_shot_equals_openclip(folder, tmp_path):
     import open_clip
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
-    preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
-                                           std=open_clip.OPENAI_DATASET_STD)
+    preprocess = open_clip.image_transform(
+        32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
-    oc, (top1, top5, recall, preds_ref, W_ref) = _pick_seed(_openclip_v1, tok, preprocess, folder,
-                                                            SIMPLE_IMAGENET_TEMPLATES)
+    oc, (top1, top5, recall, preds_ref, W_ref) = _pick_seed(
+        _openclip_v1, tok, preprocess, folder, SIMPLE_IMAGENET_TEMPLATES
+    )
     ckpt = tmp_path / "openclip_v1.pt"
     torch.save(oc.state_dict(), ckpt)  # an OpenCLIP state dict, as OpenCLIP users have them
 
     out = tmp_path / "res.json"
-    assert _run_cli(["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
-                     _names_file(tmp_path), "--templates", "short", "--batch-size", 4, "--out", out]) == 0
+    assert (
+        _run_cli(
+            [
+                "--ckpt",
+                ckpt,
+                "--model",
+                "ViT-Test-8-CL16",
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--templates",
+                "short",
+                "--batch-size",
+                4,
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["top1"] == top1 and res["top5"] == top5  # exactly: same images right / wrong
     assert res["mean_per_class_recall"] == pytest.approx(recall, abs=1e-12)
@@ -183,8 +235,7 @@ def test_v1_zero_shot_equals_openclip(folder, tmp_path):
     # the full picture, not just the counts: same classifier, same pixels, same per-image answers
     net = M.create_model("ViT-Test-8-CL16", pretrained=ckpt).eval()
     preds, images, W = _our_predictions(net, net.cfg, folder, Z.load_templates("short"))
-    ref_images = torch.stack([preprocess(Image.open(p).convert("RGB"))
-                              for p, _ in sorted(_image_paths(folder))])
+    ref_images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in sorted(_image_paths(folder))])
     # uint8 resize may differ by one level on rare pixels: 1/255 of the smallest std
     assert (images - ref_images).abs().max() <= 1.01 / (255 * min(M.OPENAI_STD))
     assert torch.allclose(W, W_ref, atol=1e-5)
@@ -206,8 +257,9 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
     hf_dir = tmp_path / "bert"
     transformers.BertTokenizerFast(vocab_file=T.BERT_VOCAB, do_lower_case=True).save_pretrained(hf_dir)
     tok = open_clip.tokenizer.HFTokenizer(str(hf_dir), context_length=32, strip_sep_token=True)
-    preprocess = open_clip.image_transform(32, is_train=False, mean=M.IMAGENET_MEAN, std=M.IMAGENET_STD,
-                                           resize_mode="squash", interpolation="bilinear")
+    preprocess = open_clip.image_transform(
+        32, is_train=False, mean=M.IMAGENET_MEAN, std=M.IMAGENET_STD, resize_mode="squash", interpolation="bilinear"
+    )
     templates = ["a photo of a {}.", "a blurry picture of the {}!", "{} in the wild"]
     oc, (top1, top5, recall, preds_ref, _) = _pick_seed(_openclip_v2, tok, preprocess, folder, templates)
 
@@ -217,12 +269,28 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
     net.load_state_dict(M.to_clipa_keys(oc.state_dict()))
     run_dir = tmp_path / "run" / "step_00000010"
     run_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, run_dir / "model.safetensors",
-              metadata=M.weights_metadata(name, cfg))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()},
+        run_dir / "model.safetensors",
+        metadata=M.weights_metadata(name, cfg),
+    )
     (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
 
-    assert _run_cli(["--ckpt", run_dir, "--data", folder, "--classnames", _names_file(tmp_path),
-                     "--templates", tmp_path / "templates.txt"]) == 0
+    assert (
+        _run_cli(
+            [
+                "--ckpt",
+                run_dir,
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--templates",
+                tmp_path / "templates.txt",
+            ]
+        )
+        == 0
+    )
     out = run_dir / "zeroshot_val.json"  # default: next to the checkpoint
     res = json.loads(out.read_text())
     assert res["model"] == name and res["context_length"] == 32
@@ -235,6 +303,7 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- evaluate() as train.py uses it
+
 
 def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, cpu):
     """Random image masking (train mode only) must not leak into evaluation; mode is restored."""
@@ -267,10 +336,12 @@ def test_evaluate_needs_a_runtime_and_honours_its_precision(folder, cpu):
         seen.clear()
         res = Z.evaluate(net, net.cfg, folder, runtime=cpu, precision=precision, **kw)
         assert res["precision"] == cpu.precision(precision) and res["n"] == 24
-        assert len(seen) == 1 + 2 and set(seen) == {dtype}, precision    # 1 prompt chunk, 2 image batches
+        assert len(seen) == 1 + 2 and set(seen) == {dtype}, precision  # 1 prompt chunk, 2 image batches
     tok = M.get_tokenizer(net.cfg, reduction="truncate")
-    w32, w16 = (Z.build_classifier(net, tok, CLASSNAMES, ["a photo of a {}."], runtime=cpu, precision=p)
-                for p in ("fp32", "bf16"))
+    w32, w16 = (
+        Z.build_classifier(net, tok, CLASSNAMES, ["a photo of a {}."], runtime=cpu, precision=p)
+        for p in ("fp32", "bf16")
+    )
     assert w32.dtype == w16.dtype == torch.float32 and not torch.equal(w32, w16)
     assert (w32 - w16).abs().max() < 0.05
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
@@ -284,7 +355,7 @@ def test_model_transforms_and_evaluate_see_the_same_pixels(tmp_path):
     import torchvision.transforms as TV
 
     rng = np.random.default_rng(1)
-    fine = rng.normal(128, 60, (240, 320, 3)).clip(0, 255).astype(np.uint8)   # 4-px detail at 1280x960
+    fine = rng.normal(128, 60, (240, 320, 3)).clip(0, 255).astype(np.uint8)  # 4-px detail at 1280x960
     (tmp_path / "val" / "n00").mkdir(parents=True)
     path = tmp_path / "val" / "n00" / "big.JPEG"
     Image.fromarray(fine).resize((1280, 960), Image.BICUBIC).save(path, quality=90)
@@ -292,13 +363,14 @@ def test_model_transforms_and_evaluate_see_the_same_pixels(tmp_path):
         _, _, preprocess = M.create_model_and_transforms(name)
         pre = Z.Preprocess.for_model(M.get_model_config(name))
         loader, _ = data.make_eval_loader(tmp_path / "val", pre.transform(), 1, num_workers=0)
-        (images, _), = list(loader)
+        ((images, _),) = list(loader)
         theirs = data.normalize(images, pre.image_mean, pre.image_std)[0]
         assert torch.equal(preprocess(Image.open(path)), theirs), name
         mode = TV.InterpolationMode(pre.interpolation)
         resize = [TV.Resize((32, 32), mode)] if pre.square_resize_only else [TV.Resize(32, mode), TV.CenterCrop(32)]
         ref = TV.Compose([*resize, TV.ToTensor(), TV.Normalize(pre.image_mean, pre.image_std)])(
-            Image.open(path).convert("RGB"))
+            Image.open(path).convert("RGB")
+        )
         assert (theirs - ref).abs().max() <= 1.01 / (255 * min(pre.image_std)), name
 
 
@@ -347,9 +419,15 @@ def _tfds_copy(folder, root):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=classes)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(names=classes),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"validation": self._generate_examples()}
@@ -359,8 +437,7 @@ def _tfds_copy(folder, root):
                 for f in sorted(os.listdir(os.path.join(folder, c))):
                     yield f"{c}/{f}", {"image": os.path.join(folder, c, f), "label": label}
 
-    ZsVal(data_dir=str(root)).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    ZsVal(data_dir=str(root)).download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return os.path.join(str(root), "zs_val")
 
 
@@ -373,8 +450,24 @@ def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
     results = []
     for src in (["--data", folder], ["--data", tfds_dir, "--format", "tfds"]):
         out = tmp_path / f"r{len(results)}.json"
-        assert _run_cli(["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", *src, "--classnames",
-                         _names_file(tmp_path), "--templates", "short", "--out", out]) == 0
+        assert (
+            _run_cli(
+                [
+                    "--ckpt",
+                    ckpt,
+                    "--model",
+                    "ViT-Test-8-CL16",
+                    *src,
+                    "--classnames",
+                    _names_file(tmp_path),
+                    "--templates",
+                    "short",
+                    "--out",
+                    out,
+                ]
+            )
+            == 0
+        )
         results.append(json.loads(out.read_text()))
     for k in ("top1", "top5", "mean_per_class_recall", "n"):
         assert results[0][k] == results[1][k], k
@@ -383,14 +476,16 @@ def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
 
 def _dist_worker(rank, world, port, folder, sd, out_dir, captions=None):
     # what torchrun sets; the runtime starts the gloo process group from it
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     rt = xla_utils.init_runtime("cpu")
     torch.set_num_threads(1)
     net = M.create_model("ViT-Test-8-CL16")
     net.load_state_dict(sd)
-    res = Z.evaluate(net, net.cfg, folder, runtime=rt, classnames=CLASSNAMES, templates="short",
-                     batch_size=4, num_workers=0)
+    res = Z.evaluate(
+        net, net.cfg, folder, runtime=rt, classnames=CLASSNAMES, templates="short", batch_size=4, num_workers=0
+    )
     if captions:
         res["retrieval"] = Z.evaluate_retrieval(net, net.cfg, captions, runtime=rt, batch_size=4, num_workers=0)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -402,19 +497,20 @@ def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, captioned_sets
     """Two gloo processes (each evaluates its half) report what one process reports for all; the
     same for retrieval (each encodes its part, the features are gathered)."""
     import socket
+
     torch.manual_seed(3)
     net = M.create_model("ViT-Test-8-CL16")
     sd = _perturb(net, 3).state_dict()
-    single = Z.evaluate(net, net.cfg, folder, runtime=cpu, classnames=CLASSNAMES, templates="short",
-                        batch_size=4, num_workers=0)
-    retrieval = Z.evaluate_retrieval(net, net.cfg, captioned_sets["shards"], runtime=cpu, batch_size=4,
-                                     num_workers=0)
+    single = Z.evaluate(
+        net, net.cfg, folder, runtime=cpu, classnames=CLASSNAMES, templates="short", batch_size=4, num_workers=0
+    )
+    retrieval = Z.evaluate_retrieval(net, net.cfg, captioned_sets["shards"], runtime=cpu, batch_size=4, num_workers=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_dist_worker, args=(2, port, folder, sd, str(tmp_path),
-                                                              captioned_sets["shards"]),
-                                          nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(
+        _dist_worker, args=(2, port, folder, sd, str(tmp_path), captioned_sets["shards"]), nprocs=2, start_method="fork"
+    )
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         for k in ("top1", "top5", "n"):
@@ -426,10 +522,12 @@ def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, captioned_sets
 
 # ----------------------------------------------------------------------------- prompts
 
+
 def test_prompts_are_truncated_not_syntax_masked():
     """A syntax-masked T16 model is evaluated with plain 16-token prompts, tokenized like OpenCLIP's
     tokenizer at that length (the reference syntax-masked its prompts: a defect)."""
     import open_clip
+
     name = "ViT-Tiny-8-CL16-Syntax-GAP"
     cfg = M.get_model_config(name)
     tok = M.get_tokenizer(cfg, reduction="truncate")  # evaluate()'s default
@@ -444,9 +542,10 @@ def test_prompts_are_truncated_not_syntax_masked():
 
 # ----------------------------------------------------------------------------- data files
 
+
 def test_classnames_and_templates_are_openclips():
-    from open_clip.zero_shot_metadata import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
-                                              SIMPLE_IMAGENET_TEMPLATES)
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
     names = Z.load_classnames()
     assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
     openai, short = Z.load_templates("openai"), Z.load_templates("short")
@@ -467,26 +566,34 @@ def test_bad_template_file(tmp_path, bad):
 
 # ----------------------------------------------------------------------------- usage example
 
+
 def test_seed_usage_example_small_v2(tmp_path):
     """The README usage, verbatim but for the model name and size: a small v2 (BigVision) config,
     built at a larger image size than its checkpoint (position table resized), with explicit
     mean/std, bilinear, square resize."""
-    from safetensors.torch import save_file
     import torchvision.transforms.functional as TF
+    from safetensors.torch import save_file
+
     from model import create_model_and_transforms, get_tokenizer
 
     name = "ViT-Test-8-CL32-GAP-BigVision"
     torch.manual_seed(0)
     src = _perturb(M.CLIP(M.get_model_config(name)), 0)
     CKPT = str(tmp_path / "v2.safetensors")
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, CKPT,
-              metadata=M.weights_metadata(name, src.cfg))
+    save_file(
+        {k: v.contiguous() for k, v in src.state_dict().items()}, CKPT, metadata=M.weights_metadata(name, src.cfg)
+    )
 
     model, _, preprocess = create_model_and_transforms(
-        'ViT-Test-8-CL32-GAP-BigVision', pretrained=CKPT, force_image_size=48,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], interpolation='bilinear',
-        square_resize_only=True)
-    tokenizer = get_tokenizer('ViT-Test-8-CL32-GAP-BigVision')
+        "ViT-Test-8-CL32-GAP-BigVision",
+        pretrained=CKPT,
+        force_image_size=48,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        interpolation="bilinear",
+        square_resize_only=True,
+    )
+    tokenizer = get_tokenizer("ViT-Test-8-CL32-GAP-BigVision")
     assert not model.training  # returned in eval mode, as OpenCLIP's
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 83, 3), dtype=np.uint8))
@@ -500,8 +607,11 @@ def test_seed_usage_example_small_v2(tmp_path):
         text_probs = (100.0 * image_features @ text_features.T).softmax(dim=-1)
 
     assert model.cfg.vision.image_size == 48 and model.visual.positional_embedding.shape[0] == 1 + 36
-    ref = TF.normalize(TF.to_tensor(TF.resize(img, [48, 48], TF.InterpolationMode.BILINEAR)),
-                       [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ref = TF.normalize(
+        TF.to_tensor(TF.resize(img, [48, 48], TF.InterpolationMode.BILINEAR)),
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+    )
     assert image.shape == (1, 3, 48, 48)
     assert (image[0] - ref).abs().max() <= 1.01 / (255 * 0.224)
     assert text.shape == (3, 32) and (text[:, 0] == 101).all() and not (text == 102).any()
@@ -518,14 +628,20 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
     forward pass gives 1024-d features, and the transform/tokenizer of the same call are real.
     Not exercised: loading a real H/14 checkpoint (none here) and numerics at this size."""
     import open_clip
+
     from model import create_model_and_transforms, get_tokenizer
 
     with torch.device("meta"):
         model, _, preprocess = create_model_and_transforms(
-            'ViT-H-14-CL32-GAP-BigVision', force_image_size=336, image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225], interpolation='bilinear', square_resize_only=True)
-        ref = open_clip.create_model('ViT-H-14-CLIPA-336', device="meta")
-    tokenizer = get_tokenizer('ViT-H-14-CL32-GAP-BigVision')
+            "ViT-H-14-CL32-GAP-BigVision",
+            force_image_size=336,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+            interpolation="bilinear",
+            square_resize_only=True,
+        )
+        ref = open_clip.create_model("ViT-H-14-CLIPA-336", device="meta")
+    tokenizer = get_tokenizer("ViT-H-14-CL32-GAP-BigVision")
     ours = {k: tuple(v.shape) for k, v in M.to_openclip_keys(model.state_dict()).items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours == theirs
@@ -539,6 +655,7 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
 
 # ----------------------------------------------------------------------------- CLI errors
 
+
 @pytest.fixture(scope="module")
 def v1_ckpt(tmp_path_factory):
     p = tmp_path_factory.mktemp("ck") / "v1.pt"
@@ -547,31 +664,48 @@ def v1_ckpt(tmp_path_factory):
 
 
 CLI_ERRORS = {  # case -> (arguments after --ckpt V1 where given, expected message)
-    "missing_ckpt": (["--ckpt", "{tmp}/nope.pt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
-                     "checkpoint not found"),
-    "not_a_ckpt": (["--ckpt", "{tmp}/notes.txt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
-                   "not a torch checkpoint"),
+    "missing_ckpt": (
+        ["--ckpt", "{tmp}/nope.pt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
+        "checkpoint not found",
+    ),
+    "not_a_ckpt": (
+        ["--ckpt", "{tmp}/notes.txt", "--model", "ViT-Test-8-CL16", "--data", "{folder}"],
+        "not a torch checkpoint",
+    ),
     "wrong_arch": (["--ckpt", "{v1}", "--model", "ViT-Tiny-8-CL32-GAP", "--data", "{folder}"], "does not fit"),
     "no_metadata": (["--ckpt", "{v1}", "--data", "{folder}"], "records no model config"),
-    "missing_data": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{tmp}/nodir"],
-                     "dataset not found"),
-    "class_count": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--classnames",
-                     "{tmp}/two.txt"], "has 6 classes but 2 class names"),
+    "missing_data": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{tmp}/nodir"], "dataset not found"),
+    "class_count": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--classnames", "{tmp}/two.txt"],
+        "has 6 classes but 2 class names",
+    ),
     "unknown_model": (["--ckpt", "{v1}", "--model", "ViT-Q-99", "--data", "{folder}"], "unknown model"),
     "random_no_model": (["--random-init", "--data", "{folder}"], "--random-init needs --model"),
-    "bad_templates": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--templates",
-                       "{tmp}/notes.txt"], "exactly one '{}' placeholder"),
-    "batch_size": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--batch-size", "0"],
-                   "--batch-size must be >= 1, got 0"),
-    "bad_std": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--image-std", "1", "0",
-                 "1"], "image std must be positive"),
+    "bad_templates": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--templates", "{tmp}/notes.txt"],
+        "exactly one '{}' placeholder",
+    ),
+    "batch_size": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--batch-size", "0"],
+        "--batch-size must be >= 1, got 0",
+    ),
+    "bad_std": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--image-std", "1", "0", "1"],
+        "image std must be positive",
+    ),
     # argparse's own errors used to print the 12-line usage block first
-    "no_source": (["--ckpt", "{v1}"], "give a classification set (--imagenet-val DIR or --data DIR), "
-                  "--retrieval DATA, or both"),
-    "missing_retrieval": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/nodir"],
-                          "no such file"),
-    "bad_captions": (["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/notes.txt"],
-                     "notes.txt holds no captions"),
+    "no_source": (
+        ["--ckpt", "{v1}"],
+        "give a classification set (--imagenet-val DIR or --data DIR), --retrieval DATA, or both",
+    ),
+    "missing_retrieval": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/nodir"],
+        "no such file",
+    ),
+    "bad_captions": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--retrieval", "{tmp}/notes.txt"],
+        "notes.txt holds no captions",
+    ),
     "bad_precision": (["--ckpt", "{v1}", "--data", "{folder}", "--precision", "fp16"], "invalid choice: 'fp16'"),
 }
 
@@ -590,35 +724,69 @@ def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
 
 def test_cli_random_init_for_timing(folder, tmp_path):
     out = tmp_path / "t.json"
-    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
-                     _names_file(tmp_path), "--templates", "short", "--out", out]) == 0
+    assert (
+        _run_cli(
+            [
+                "--random-init",
+                "--model",
+                "ViT-Test-8-CL16",
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--templates",
+                "short",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["checkpoint"] == "random-init" and res["n"] == 24 and res["images_per_second"] > 0
 
 
 def _process(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "PJRT_DEVICE": "CPU"})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PJRT_DEVICE": "CPU"},
+    )
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
     r = _process("--ckpt", tmp_path / "missing.safetensors", "--imagenet-val", tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.safetensors'}"]
-    r = _process()                                   # argparse printed a 12-line usage block here
+    r = _process()  # argparse printed a 12-line usage block here
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: one of the arguments --ckpt --random-init is required")
 
 
 def test_cli_keeps_the_traceback_of_unexpected_errors(folder, tmp_path, monkeypatch):
     """Only input validation is a one-line error: a failure inside the evaluation is not hidden."""
+
     def broken(*args, **kwargs):
         raise KeyError("visual.proj")
+
     monkeypatch.setattr(Z, "evaluate", broken)
     with pytest.raises(KeyError, match="visual.proj"):
-        _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
-                  _names_file(tmp_path), "--out", tmp_path / "r.json"])
+        _run_cli(
+            [
+                "--random-init",
+                "--model",
+                "ViT-Test-8-CL16",
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--out",
+                tmp_path / "r.json",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -665,7 +833,7 @@ def test_retrieval_recall_by_hand_and_the_same_in_every_layout(captioned_sets, c
         txt = F.normalize(net.encode_text(M.get_tokenizer(net.cfg, reduction="truncate")(caps)), dim=-1)
     text_image = [i for i, (_, _, cs) in enumerate(pairs) for _ in cs]
     expect = _recall_by_hand(img, txt, text_image)
-    assert 0 < expect["text_to_image_R@1"] < expect["text_to_image_R@10"] < 1          # not degenerate
+    assert 0 < expect["text_to_image_R@1"] < expect["text_to_image_R@10"] < 1  # not degenerate
     for layout in ("cb_ret", "flickr", "coco", "shards"):
         res = Z.evaluate_retrieval(net, net.cfg, captioned_sets[layout], runtime=cpu, batch_size=7, num_workers=0)
         for k in RECALLS:
@@ -681,9 +849,28 @@ def test_retrieval_recall_by_hand_and_the_same_in_every_layout(captioned_sets, c
 
 def test_retrieval_cli_writes_both_tasks_to_the_json(folder, captioned_sets, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames",
-                     _names_file(tmp_path), "--templates", "short", "--retrieval", captioned_sets["shards"],
-                     "--batch-size", "8", "--out", out]) == 0
+    assert (
+        _run_cli(
+            [
+                "--random-init",
+                "--model",
+                "ViT-Test-8-CL16",
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--templates",
+                "short",
+                "--retrieval",
+                captioned_sets["shards"],
+                "--batch-size",
+                "8",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["n"] == 24 and res["skipped"] == 0 and res["nonfinite_weights"] == 0
     r = res["retrieval"]
@@ -695,6 +882,7 @@ def test_retrieval_cli_writes_both_tasks_to_the_json(folder, captioned_sets, tmp
     ckpt = tmp_path / "w.safetensors"
     net = M.create_model("ViT-Test-8-CL16")
     from safetensors.torch import save_file
+
     save_file(net.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
     assert _run_cli(["--ckpt", ckpt, "--retrieval", captioned_sets["flickr"]]) == 0
     res = json.loads((tmp_path / "w.retrieval_flickr30k.json").read_text())
@@ -707,9 +895,25 @@ def test_nonfinite_weights_are_one_warning_line_and_in_the_json(folder, tmp_path
     sd["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
     ckpt = tmp_path / "nan.safetensors"
     from safetensors.torch import save_file
+
     save_file(sd, str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
-    assert _run_cli(["--ckpt", ckpt, "--data", folder, "--classnames", _names_file(tmp_path), "--templates",
-                     "short", "--out", tmp_path / "r.json"]) == 0
+    assert (
+        _run_cli(
+            [
+                "--ckpt",
+                ckpt,
+                "--data",
+                folder,
+                "--classnames",
+                _names_file(tmp_path),
+                "--templates",
+                "short",
+                "--out",
+                tmp_path / "r.json",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     warn = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warn) == 1 and "non-finite weights (NaN/Inf) in 1 tensors: visual.conv1.weight" in warn[0]
@@ -722,8 +926,22 @@ def test_eval_json_counts_undecodable_images(tmp_path, capsys):
         (root / c).mkdir(parents=True)
         Image.new("RGB", (40, 40), (200, 10, 10)).save(root / c / "ok.png")
     (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", root, "--templates", "short",
-                     "--out", tmp_path / "r.json"]) == 0
+    assert (
+        _run_cli(
+            [
+                "--random-init",
+                "--model",
+                "ViT-Test-8-CL16",
+                "--data",
+                root,
+                "--templates",
+                "short",
+                "--out",
+                tmp_path / "r.json",
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["n"] == 2 and res["skipped"] == 1
     assert "1 unreadable images skipped" in capsys.readouterr().out
@@ -731,6 +949,7 @@ def test_eval_json_counts_undecodable_images(tmp_path, capsys):
 
 def test_retrieval_on_xla_matches_cpu_with_static_shapes(captioned_sets, cpu):
     import torch_xla.debug.metrics as met
+
     torch.manual_seed(9)
     net = _perturb(M.create_model("ViT-Test-8-CL16"), 9)
     kw = dict(batch_size=8, text_batch_size=16, num_workers=0)
@@ -739,6 +958,6 @@ def test_retrieval_on_xla_matches_cpu_with_static_shapes(captioned_sets, cpu):
     compiles = lambda: (met.metric_data("CompileTime") or [0])[0]  # noqa: E731
     before = compiles()
     xla = Z.evaluate_retrieval(net.to(xla_rt.device), net.cfg, captioned_sets["cb_ret"], runtime=xla_rt, **kw)
-    assert compiles() - before <= 3        # 4 image batches (last padded), text chunks (last padded)
+    assert compiles() - before <= 3  # 4 image batches (last padded), text chunks (last padded)
     for k in RECALLS:
         assert xla[k] == on_cpu[k], k

@@ -2,6 +2,7 @@
 trains exactly what DDP and one process train (losses, updated weights), with gradient
 checkpointing, image masking, exact accumulation and the compiled step; checkpoints hold full
 tensors (portable) and a kill-and-resume of train.py under FSDP continues bit for bit."""
+
 import os
 import signal
 import subprocess
@@ -9,21 +10,24 @@ import time
 
 import pytest
 import torch
+from runs import PY, REPO, env, losses, tiny_demo_args
 from safetensors.torch import load_file
 
 import model
-import xla_utils
-from runs import PY, REPO, env, losses, tiny_demo_args, train
 
 # every variant in one launch (process start-up dominates on 2 cores): (name, shard, grad
 # checkpointing, masking, accumulation steps, torch.compile'd step)
-VARIANTS = [("ddp", "none", False, False, 1, False), ("fsdp", "fsdp", False, False, 1, False),
-            ("ddp_ckpt_mask", "none", True, True, 1, False), ("fsdp_ckpt_mask", "fsdp", True, True, 1, False),
-            ("fsdp_accum2", "fsdp", True, False, 2, False)]
+VARIANTS = [
+    ("ddp", "none", False, False, 1, False),
+    ("fsdp", "fsdp", False, False, 1, False),
+    ("ddp_ckpt_mask", "none", True, True, 1, False),
+    ("fsdp_ckpt_mask", "fsdp", True, True, 1, False),
+    ("fsdp_accum2", "fsdp", True, False, 2, False),
+]
 # launched by their own test only: compiling costs a minute with a cold inductor cache
 COMPILED = [("ddp_compiled", "none", False, False, 1, True), ("fsdp_compiled", "fsdp", False, False, 1, True)]
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys, torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -65,7 +69,7 @@ for name, shard, ckpt, mask, accum, compiled in variants:
                  "graphs": graphs, "graph_breaks": sum(counters["graph_break"].values())}
 if rt.is_master:
     torch.save(res, out)
-'''
+"""
 
 
 def _script(tmp):
@@ -76,9 +80,25 @@ def _script(tmp):
 
 def _two_processes(script, out, variants, port):
     """The named variants' results from SCRIPT on 2 gloo processes."""
-    p = subprocess.run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", str(port), str(script),
-                        str(out), ",".join(v[0] for v in variants)], cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [
+            PY,
+            "xla_utils.py",
+            "launch",
+            "--nproc",
+            "2",
+            "--master-port",
+            str(port),
+            str(script),
+            str(out),
+            ",".join(v[0] for v in variants),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -88,8 +108,14 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     script = _script(tmp)
     two, one = _two_processes(script, tmp / "two.pt", VARIANTS, port=29651), tmp / "one.pt"
-    p = subprocess.run([PY, str(script), str(one), "ddp,ddp_ckpt_mask"], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [PY, str(script), str(one), "ddp,ddp_ckpt_mask"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return two, torch.load(one, weights_only=True)
 
@@ -99,7 +125,7 @@ def _no_key_bias(name, t):
     reduction orders and Adam scales it up to +-lr, so it stays out of weight comparisons."""
     if name.endswith("attn.in_proj_bias"):
         w = t.shape[0] // 3
-        return torch.cat([t[:w], t[2 * w:]])
+        return torch.cat([t[:w], t[2 * w :]])
     return t
 
 
@@ -165,7 +191,7 @@ def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path):
     trains what compiled DDP trains, losses and updated weights within 1e-5 over 3 steps; its losses
     are eager DDP's within 1e-5 too. Weights are compared with compiled DDP's: inductor's sums differ
     from eager's in the last bits, which Adam scales up to +-lr where a gradient is near its eps."""
-    variants = [VARIANTS[0]] + COMPILED                 # eager DDP, compiled DDP, compiled FSDP
+    variants = [VARIANTS[0]] + COMPILED  # eager DDP, compiled DDP, compiled FSDP
     two = _two_processes(_script(tmp_path), tmp_path / "two.pt", variants, port=29652)
     fsdp, ddp = two["fsdp_compiled"], two["ddp_compiled"]
     assert fsdp["fsdp"] and not ddp["fsdp"]
@@ -179,8 +205,17 @@ def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path):
 
 
 def _launch(out, *extra, port):
-    return [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", str(port), "train.py",
-            *tiny_demo_args_fsdp(out, *extra)]
+    return [
+        PY,
+        "xla_utils.py",
+        "launch",
+        "--nproc",
+        "2",
+        "--master-port",
+        str(port),
+        "train.py",
+        *tiny_demo_args_fsdp(out, *extra),
+    ]
 
 
 def _descendants(pid):
@@ -211,25 +246,35 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     global tiny_demo_args_fsdp
     tiny_demo_args_fsdp = lambda out, *extra: tiny_demo_args(demo_small, out, "--shard", "fsdp", *extra)  # noqa: E731
     full = tmp_path / "full"
-    p = subprocess.run(_launch(full, port=29661), cwd=REPO, env=env(), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(_launch(full, port=29661), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_launch(out, port=29662), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _launch(out, port=29662),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (out / "checkpoints" / "step_00000003").exists():
         time.sleep(0.05)
     # wait for step 5's record, then kill the launcher and both ranks
-    while time.time() < deadline and proc.poll() is None and 5 not in (losses(out)[0] if (out / "metrics.jsonl").exists() else {}):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and 5 not in (losses(out)[0] if (out / "metrics.jsonl").exists() else {})
+    ):
         time.sleep(0.05)
-    for pid in _descendants(proc.pid) + [proc.pid]:     # the ranks run in sessions of their own
+    for pid in _descendants(proc.pid) + [proc.pid]:  # the ranks run in sessions of their own
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)
     assert os.path.basename(_ckpt(out)) == "step_00000003"
-    p = subprocess.run(_launch(out, "--resume", "latest", port=29663), cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        _launch(out, "--resume", "latest", port=29663), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     want, got = losses(full)[0], losses(out)[0]
     assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]
@@ -239,16 +284,18 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb)
     sa = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)
     sb = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)
-    assert sa["world_size"] == 2 and set(sb["optimizer"]["state"]) == set(wb)   # keyed by name, full
-    assert all(torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
-               for k in sb["optimizer"]["state"])
+    assert sa["world_size"] == 2 and set(sb["optimizer"]["state"]) == set(wb)  # keyed by name, full
+    assert all(
+        torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
+        for k in sb["optimizer"]["state"]
+    )
     m = model.create_model("ViT-Tiny-8-CL32-GAP", image_size=64, pos_embed="learnable", pretrained=b)
     assert torch.equal(m.state_dict()["visual.proj"], wb["visual.proj"])
 
 
 # ----------------------------------------------------------------------------- XLA SPMD
 
-XLA_SCRIPT = r'''
+XLA_SCRIPT = r"""
 import sys, torch
 import torch_xla
 import model, train, xla_utils
@@ -275,7 +322,7 @@ if rt.kind == "xla":
         rec["state_specs"][n] = torch_xla._XLAC._get_xla_sharding_spec(opt.state[p]["exp_avg"])
         rec["shapes"][n] = tuple(p.shape)
 torch.save(rec, out)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -288,8 +335,14 @@ def test_xla_spmd_fsdp_shards_every_parameter_and_matches_one_device(tmp_path):
     script.write_text(XLA_SCRIPT)
     recs = {}
     for tag, dev, n in (("xla2", "xla", 2), ("xla1", "xla", 1), ("cpu", "cpu", 1)):
-        p = subprocess.run([PY, str(script), str(tmp_path / f"{tag}.pt"), dev], cwd=REPO, capture_output=True,
-                           text=True, timeout=600, env=env(CPU_NUM_DEVICES=n))
+        p = subprocess.run(
+            [PY, str(script), str(tmp_path / f"{tag}.pt"), dev],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env(CPU_NUM_DEVICES=n),
+        )
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         recs[tag] = torch.load(tmp_path / f"{tag}.pt", weights_only=True)
     two = recs["xla2"]

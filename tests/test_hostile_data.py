@@ -16,6 +16,7 @@ What a planted thing counts as (a skip counts once, whether it loses one sample 
               lost; stats reports it under empty_shards), and a PNG stored as .jpg: Pillow reads
               it by its content, so it is a GOOD sample and trains like any other
 chmod 000 is not used for "unreadable": these tests may run as root, which reads such files."""
+
 import io
 import json
 import os
@@ -43,6 +44,7 @@ PER_SHARD = 60
 
 # ----------------------------------------------------------------------------- planted bytes
 
+
 def _jpeg(i: int, size=(32, 24)) -> bytes:
     a = np.random.RandomState(i).randint(0, 255, (size[1] // 8, size[0] // 8, 3)).astype(np.uint8)
     b = io.BytesIO()
@@ -60,7 +62,7 @@ def _huge_jpeg() -> bytes:
     """A small baseline JPEG whose frame header claims 60000x60000 pixels."""
     b = bytearray(_jpeg(7))
     sof = b.index(b"\xff\xc0")
-    b[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
+    b[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
     return bytes(b)
 
 
@@ -68,8 +70,8 @@ def _huge_png() -> bytes:
     """A small PNG whose IHDR (with a correct CRC) claims 60000x60000 pixels."""
     b = bytearray(_png(7))
     ihdr = b.index(b"IHDR")
-    b[ihdr + 4:ihdr + 12] = struct.pack(">II", 60000, 60000)
-    b[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(b[ihdr:ihdr + 17])))
+    b[ihdr + 4 : ihdr + 12] = struct.pack(">II", 60000, 60000)
+    b[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(b[ihdr : ihdr + 17])))
     return bytes(b)
 
 
@@ -89,8 +91,9 @@ PER_SAMPLE = Counter(r for *_, r in BAD)
 
 def _samples(fmt: str, shard: int, bad=(), extra_good=(), n=PER_SHARD):
     """n good samples with `bad` ones spread among them; (list, good captions)."""
-    out = [(f"{fmt}{shard}_{j:03d}", _jpeg(shard * 1000 + j), f"good {fmt} {shard} {j}")
-           for j in range(n)] + list(extra_good)
+    out = [(f"{fmt}{shard}_{j:03d}", _jpeg(shard * 1000 + j), f"good {fmt} {shard} {j}") for j in range(n)] + list(
+        extra_good
+    )
     for i, b in enumerate(bad):
         out.insert(7 + i * (len(out) // (len(bad) + 1)), b[:3])
     return out, [c for k, _, c in out if not k.startswith("b_")]
@@ -127,6 +130,7 @@ def _tarfile_shard(path, samples, tail: bytes = b""):
 
 def _tarwriter_shard(path, samples):
     import webdataset as wds
+
     with wds.TarWriter(str(path)) as w:
         for key, img, cap in samples:
             s = {"__key__": key, "jpg": img}
@@ -142,15 +146,21 @@ def _tfrecords(path, samples, image_key="jpg", text_key="txt"):
             feats = {"key": key.encode(), image_key: img}
             if cap is not None:
                 feats[text_key] = cap.encode() if isinstance(cap, str) else cap
-            w.write(tf.train.Example(features=tf.train.Features(feature={
-                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-                for k, v in feats.items()})).SerializeToString())
+            w.write(
+                tf.train.Example(
+                    features=tf.train.Features(
+                        feature={
+                            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()
+                        }
+                    )
+                ).SerializeToString()
+            )
 
 
 def _cut_tar_inside(path, name: str):
     """Cut a tar file 100 bytes into the data of member `name` (its header starts with it)."""
     blob = path.read_bytes()
-    path.write_bytes(blob[:blob.rindex(name.encode() + b"\0") + 512 + 100])
+    path.write_bytes(blob[: blob.rindex(name.encode() + b"\0") + 512 + 100])
 
 
 def _cut_tfrecord_end(path):
@@ -160,11 +170,12 @@ def _cut_tfrecord_end(path):
 
 
 def _unreadable(d, ext: str):
-    os.mkdir(d / f"f_directory.{ext}")                               # a directory, not a file
+    os.mkdir(d / f"f_directory.{ext}")  # a directory, not a file
     os.symlink(d / "deleted-after-listing", d / f"g_dangling.{ext}")  # a shard gone since listing
 
 
 # ----------------------------------------------------------------------------- the datasets
+
 
 @pytest.fixture(scope="module")
 def wds_set(tmp_path_factory):
@@ -174,15 +185,22 @@ def wds_set(tmp_path_factory):
     _tarwriter_shard(d / "a.tar", s)
     good += g
     s, g = _samples("wds", 1, BAD[4:], extra_good=[("g_png", _png(1), "good png stored as jpg")])
-    _tarfile_shard(d / "b.tar", s, tail=_tar_header("huge.txt", b"%011o\0" % 5) + b"huge\n" +
-                   b"\0" * 507 + _tar_header("huge.jpg", _base256(2 ** 62)) + b"\xff" * 4096)
+    _tarfile_shard(
+        d / "b.tar",
+        s,
+        tail=_tar_header("huge.txt", b"%011o\0" % 5)
+        + b"huge\n"
+        + b"\0" * 507
+        + _tar_header("huge.jpg", _base256(2**62))
+        + b"\xff" * 4096,
+    )
     good += g
     s, g = _samples("wds", 2, extra_good=[("last", _jpeg(9, (160, 120)), "cut off")])
     _tarwriter_shard(d / "c.tar", s)
     _cut_tar_inside(d / "c.tar", "last.jpg")
     good += g[:-1]
     s, g = _samples("wds", 3)
-    _tarfile_shard(d / "d.tar", s[:10], tail=_tar_header("x.jpg", _base256(2 ** 80 - 1)) + b"\0" * 1024)
+    _tarfile_shard(d / "d.tar", s[:10], tail=_tar_header("x.jpg", _base256(2**80 - 1)) + b"\0" * 1024)
     good += g[:10]
     (d / "e_empty.tar").write_bytes(b"")
     _unreadable(d, "tar")
@@ -199,7 +217,7 @@ def tfrecord_set(tmp_path_factory):
     good += g
     s, g = _samples("tfr", 1, BAD[4:], extra_good=[("g_png", _png(1), "good png stored as jpg")])
     _tfrecords(d / "b.tfrecord", s)
-    length = struct.pack("<Q", 2 ** 62)        # a valid length CRC: only the size betrays it
+    length = struct.pack("<Q", 2**62)  # a valid length CRC: only the size betrays it
     with open(d / "b.tfrecord", "ab") as f:
         f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 2048)
     good += g
@@ -219,16 +237,26 @@ def tfds_set(tmp_path_factory):
     which it stores unchecked); a caption-less record and a cut-off last record are appended to
     its shard, since a TFDS example must have every feature."""
     import tensorflow_datasets as tfds
+
     root = tmp_path_factory.mktemp("hostile_tfds")
-    samples, good = _samples("tfds", 0, [b for b in BAD if b[2] is not None],
-                             extra_good=[("g_png", _png(1), "good png stored as jpg")], n=150)
+    samples, good = _samples(
+        "tfds",
+        0,
+        [b for b in BAD if b[2] is not None],
+        extra_good=[("g_png", _png(1), "good png stored as jpg")],
+        n=150,
+    )
 
     class Hostile(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(encoding_format="jpeg"), "text": tfds.features.Text()}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"image": tfds.features.Image(encoding_format="jpeg"), "text": tfds.features.Text()}
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -239,12 +267,17 @@ def tfds_set(tmp_path_factory):
 
     Hostile.name = "hostile"
     Hostile(data_dir=str(root)).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     src = shards.resolve(str(root / "hostile"))
     assert src.fmt == "tfds" and len(src.shards) == 1
     extra = root / "extra.tfrecord"
-    _tfrecords(extra, [("b_nocaption", _jpeg(2), None), ("last", _jpeg(9, (160, 120)), "cut off")],
-               image_key="image", text_key="text")
+    _tfrecords(
+        extra,
+        [("b_nocaption", _jpeg(2), None), ("last", _jpeg(9, (160, 120)), "cut off")],
+        image_key="image",
+        text_key="text",
+    )
     with open(src.shards[0], "ab") as f:
         f.write(extra.read_bytes())
     _cut_tfrecord_end(pathlib.Path(src.shards[0]))
@@ -254,9 +287,9 @@ def tfds_set(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- loader and stats
 
+
 def _through_loader(spec, workers: int):
-    loader = data.make_train_loader(spec, None, 16, 1, num_workers=workers, shuffle_buffer=16,
-                                    repeat=False)
+    loader = data.make_train_loader(spec, None, 16, 1, num_workers=workers, shuffle_buffer=16, repeat=False)
     captions = [c for _, caps in loader for c in caps]
     return loader, captions
 
@@ -273,8 +306,9 @@ def _check(spec, want, good, workers, stats):
 
 def test_wds_loader_and_stats_cli_count_every_planted_sample(wds_set):
     spec, want, good = wds_set
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "stats", spec],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "data.py"), "stats", spec], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     stats = json.loads(r.stdout)
     assert (stats["format"], stats["empty_shards"]) == ("wds", 1)
@@ -285,7 +319,7 @@ def test_wds_loader_and_stats_cli_count_every_planted_sample(wds_set):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_tfrecord_loader_and_stats_count_every_planted_sample(tfrecord_set, workers, capsys):
     spec, want, good = tfrecord_set
-    assert data.main(["stats", spec]) == 0          # the CLI's code path, in this process
+    assert data.main(["stats", spec]) == 0  # the CLI's code path, in this process
     stats = json.loads(capsys.readouterr().out)
     assert (stats["format"], stats["empty_shards"]) == ("tfrecord", 1)
     _check(spec, want, good, workers, stats)
@@ -300,16 +334,18 @@ def test_tfds_loader_and_stats_count_every_planted_sample(tfds_set):
 
 # ----------------------------------------------------------------------------- the readers alone
 
+
 def _wds_raws(path):
     return [(r.key, r.reason) for r in shards.read_wds(str(path), shards.Source("wds", [str(path)]))]
 
 
-@pytest.mark.parametrize("size_field", [_base256(2 ** 62), _base256(2 ** 80 - 1), _base256(65 << 20)])
+@pytest.mark.parametrize("size_field", [_base256(2**62), _base256(2**80 - 1), _base256(65 << 20)])
 def test_huge_tar_member_allocates_nothing(tmp_path, size_field):
     """The size field is believed only up to MAX_RECORD_BYTES and the bytes left in the file:
     no allocation of what the header asks for, one skip, the samples before it kept."""
-    _tarfile_shard(tmp_path / "h.tar", [("a", _jpeg(0), "cap a")],
-                   tail=_tar_header("b.jpg", size_field) + b"\0" * 20000)
+    _tarfile_shard(
+        tmp_path / "h.tar", [("a", _jpeg(0), "cap a")], tail=_tar_header("b.jpg", size_field) + b"\0" * 20000
+    )
     tracemalloc.start()
     got = _wds_raws(tmp_path / "h.tar")
     peak = tracemalloc.get_traced_memory()[1]
@@ -320,8 +356,9 @@ def test_huge_tar_member_allocates_nothing(tmp_path, size_field):
 
 def test_oversized_member_inside_the_file_skips_only_its_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "MAX_RECORD_BYTES", 2000)
-    _tarfile_shard(tmp_path / "o.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1, (320, 240)), "cap b"),
-                                        ("c", _jpeg(2), "cap c")])
+    _tarfile_shard(
+        tmp_path / "o.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1, (320, 240)), "cap b"), ("c", _jpeg(2), "cap c")]
+    )
     assert len(_jpeg(1, (320, 240))) > 2000 > len(_jpeg(2))
     assert _wds_raws(tmp_path / "o.tar") == [("a", None), ("b", "oversized_member"), ("c", None)]
 
@@ -331,8 +368,11 @@ def test_negative_tar_sizes_are_a_corrupt_shard(tmp_path, size_field):
     """A negative size (base-256 0xff, or an octal -1) would read the whole rest of the file
     as one member (f.read(-1)): it is a corrupt header, one skip for the rest of the shard and
     the sample being read (as for any corrupt header, whose name cannot be trusted)."""
-    _tarfile_shard(tmp_path / "n.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")],
-                   tail=_tar_header("c.jpg", size_field) + b"\0" * 20000)
+    _tarfile_shard(
+        tmp_path / "n.tar",
+        [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")],
+        tail=_tar_header("c.jpg", size_field) + b"\0" * 20000,
+    )
     assert _wds_raws(tmp_path / "n.tar") == [("a", None), ("b", "corrupt_shard")]
 
 
@@ -340,7 +380,7 @@ def test_huge_tfrecord_length_is_not_handed_to_tf_data(tmp_path):
     """tf.data allocates a record's length before reading it (2^62: a segfault that kills the
     process); the framing is checked first, so only sound records reach it."""
     _tfrecords(tmp_path / "t.tfrecord", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")])
-    length = struct.pack("<Q", 2 ** 62)
+    length = struct.pack("<Q", 2**62)
     with open(tmp_path / "t.tfrecord", "ab") as f:
         f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 100)
     src = shards.Source("tfrecord", [str(tmp_path / "t.tfrecord")])
@@ -354,19 +394,20 @@ def test_unreadable_remote_shard_is_a_skip_not_an_exception(tmp_path):
     url = "file://" + str(tmp_path / "gone.tar")
     assert [r.reason for r in shards.read_wds(url, src)] == ["unreadable_shard"]
     _tarfile_shard(tmp_path / "ok.tar", [("a", _jpeg(0), "cap a")])
-    assert [(r.key, r.reason) for r in shards.read_wds("file://" + str(tmp_path / "ok.tar"), src)] == \
-        [("a", None)]
+    assert [(r.key, r.reason) for r in shards.read_wds("file://" + str(tmp_path / "ok.tar"), src)] == [("a", None)]
 
 
 # ----------------------------------------------------------------------------- one pixel cap
+
 
 def test_one_pixel_cap_for_loader_stats_and_eval(tmp_path, monkeypatch):
     """data.MAX_IMAGE_PIXELS decides for the train transform (simplejpeg and Pillow paths), the
     eval transform and stats alike: an image over it is image_too_large everywhere."""
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
     over, under = _jpeg(1, (48, 32)), _jpeg(2, (40, 30))
-    _tarwriter_shard(tmp_path / "p.tar", [("over", over, "over"), ("overpng", _png_of(over), "over png"),
-                                          ("under", under, "under")])
+    _tarwriter_shard(
+        tmp_path / "p.tar", [("over", over, "over"), ("overpng", _png_of(over), "over png"), ("under", under, "under")]
+    )
     spec = str(tmp_path / "p.tar")
     stats = data.dataset_stats(spec)
     loader, captions = _through_loader(spec, 0)
@@ -387,4 +428,4 @@ def _png_of(jpeg: bytes) -> bytes:
 def test_png_stored_as_jpg_is_a_good_sample():
     x = data.train_transform(16)(_png(3))
     assert x.dtype == torch.uint8 and x.shape == (3, 16, 16)
-    assert x[2].float().mean().round() == 200          # its pixels, decoded by content
+    assert x[2].float().mean().round() == 200  # its pixels, decoded by content

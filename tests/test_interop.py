@@ -2,6 +2,7 @@
 
 OpenCLIP models are built from their own configs with fewer layers (and small images) for speed;
 every comparison is float32 with max |difference| <= 1e-5 x the output norm."""
+
 import json
 import os
 from dataclasses import replace
@@ -32,8 +33,7 @@ def oc_build(cfg, seed=0):
 
 def shrink(name, layers, **vision):
     cfg = M.get_model_config(name)
-    return replace(cfg, vision=replace(cfg.vision, layers=layers, **vision),
-                   text=replace(cfg.text, layers=layers))
+    return replace(cfg, vision=replace(cfg.vision, layers=layers, **vision), text=replace(cfg.text, layers=layers))
 
 
 def assert_same(a, b):
@@ -44,7 +44,7 @@ def assert_same(a, b):
 
 def v1_tokens(n, ctx):
     t = torch.randint(1, 49000, (n, ctx))
-    t[torch.arange(n), torch.randint(1, ctx, (n,))] = 49407          # EOT, the largest id
+    t[torch.arange(n), torch.randint(1, ctx, (n,))] = 49407  # EOT, the largest id
     return t
 
 
@@ -77,6 +77,7 @@ def test_v1_openclip_weights_load_here(v1_openclip, monkeypatch):
         assert_same(oc.encode_image(img), model.encode_image(img))
         assert_same(oc.encode_text(txt), model.encode_text(txt))
     from PIL import Image
+
     x = preprocess(Image.new("RGB", (300, 200), (255, 0, 0)))
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
     # red pixels normalised with the v1 (OpenAI) mean/std
@@ -90,10 +91,10 @@ def test_v2_openclip_clipa_weights_load_here(tmp_path, monkeypatch):
     oc = oc_build(cfg)
     path = tmp_path / "epoch_1.pt"
     torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in oc.state_dict().items()}}, path)
-    monkeypatch.setitem(M.MODEL_CONFIGS, "ViT-L-14-CL32-GAP-BigVision-1L",
-                        shrink("ViT-L-14-CL32-GAP-BigVision", 1))
-    model, _, preprocess = M.create_model_and_transforms("ViT-L-14-CL32-GAP-BigVision-1L", pretrained=path,
-                                                         force_image_size=56)
+    monkeypatch.setitem(M.MODEL_CONFIGS, "ViT-L-14-CL32-GAP-BigVision-1L", shrink("ViT-L-14-CL32-GAP-BigVision", 1))
+    model, _, preprocess = M.create_model_and_transforms(
+        "ViT-L-14-CL32-GAP-BigVision-1L", pretrained=path, force_image_size=56
+    )
     model.eval()
     img, txt = torch.randn(2, 3, 56, 56), torch.randint(0, 32000, (3, 32))
     with torch.no_grad():
@@ -119,6 +120,7 @@ def test_round_trip_openclip_here_openclip(v1_openclip, tmp_path):
     out = tmp_path / "back.pt"
     ours = M.create_model(shrink("ViT-B-16-CL16", 2), pretrained=path)
     from safetensors.torch import save_file
+
     ckpt = tmp_path / "ours.safetensors"
     save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
     export.export_open_clip(M.create_model(None, pretrained=ckpt), out)
@@ -138,6 +140,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     """`python export.py` -> a file OpenCLIP loads by name (v1, short context) and a local-dir
     export that OpenCLIP rebuilds exactly (v2: tanh GELU, no pre-norm, patch GAP, last-token text)."""
     from safetensors.torch import save_file
+
     # v1: our weights (ctx 16) -> OpenCLIP config of the same shape + force_context_length=16
     torch.manual_seed(3)
     ours = M.CLIP(shrink("ViT-B-16-CL16", 2)).eval()
@@ -164,8 +167,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     ours = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
     assert ours.cfg.gelu == "tanh" and not ours.cfg.vision.pre_norm and not ours.cfg.text.causal
     ckpt = tmp_path / "v2.safetensors"
-    save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL32-GAP-BigVision",
-                                                                          ours.cfg))
+    save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL32-GAP-BigVision", ours.cfg))
     outdir = tmp_path / "v2_export"
     assert export.main([str(ckpt), "--to", "open_clip", str(outdir) + "/"]) == 0
     assert "local-dir:" in capsys.readouterr().out
@@ -177,7 +179,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
 
 
 def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monkeypatch):
-    """issue 14: OpenCLIP loads a 'local-dir:' model's HF tokenizer from that directory; the export
+    """OpenCLIP loads a 'local-dir:' model's HF tokenizer from that directory; the export
     writes it (from the shipped bert-base-uncased vocabulary, no download) and its ids are ours for
     captions that fit (a cut caption: OpenCLIP keeps [CLS] + 30 pieces + 0, we [CLS] + 31 pieces)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -185,14 +187,32 @@ def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monke
     torch.manual_seed(6)
     ours = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
     info = export.export_open_clip(ours, str(tmp_path / "v2") + "/")
-    assert sorted(os.listdir(tmp_path / "v2")) == sorted(info["files"]) == sorted(
-        ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "special_tokens_map.json",
-         "tokenizer.json", "tokenizer_config.json", "vocab.txt"])
+    assert (
+        sorted(os.listdir(tmp_path / "v2"))
+        == sorted(info["files"])
+        == sorted(
+            [
+                "README.md",
+                "open_clip_config.json",
+                "open_clip_model.safetensors",
+                "special_tokens_map.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "vocab.txt",
+            ]
+        )
+    )
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'v2'}")
     oc_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v2'}")
     tok = M.get_tokenizer(ours.cfg, reduction="truncate")
-    caps = ["a photo of a dog.", "A Man riding a WAVE on top of a surfboard!", "café, naïve résumé 北京",
-            "two  spaces\tand a tab", "x" * 120, "don't stop: 3.5 km/h"]
+    caps = [
+        "a photo of a dog.",
+        "A Man riding a WAVE on top of a surfboard!",
+        "café, naïve résumé 北京",
+        "two  spaces\tand a tab",
+        "x" * 120,
+        "don't stop: 3.5 km/h",
+    ]
     assert torch.equal(oc_tok(caps), tok(caps))
     long = " ".join(["word"] * 40)
     assert oc_tok([long])[0].tolist() == tok([long])[0].tolist()[:31] + [0]
@@ -208,14 +228,15 @@ def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monke
 
 # ----------------------------------------------------------------------------- weight layouts users have
 
+
 def _layout_case(kind, tmp_path):
     """(OpenCLIP model, its config, a file in the layout users have, our model name)."""
-    if kind == "clipa-v1 openclip file":          # the CLIPA-v1 releases: OpenCLIP ViT-L-16 at 16 tokens
+    if kind == "clipa-v1 openclip file":  # the CLIPA-v1 releases: OpenCLIP ViT-L-16 at 16 tokens
         cfg = oc_config("ViT-L-16", {"layers": 1, "image_size": 64}, {"layers": 1, "context_length": 16})
         ours, path = shrink("ViT-L-16-CL16-GAP", 1, image_size=64), tmp_path / "clipa_v1_l16.pt"
         oc = oc_build(cfg)
         torch.save(oc.state_dict(), path)
-    elif kind == "clipa-v2 converted file":       # the authors' converted v2 weights: open_clip_pytorch_model.bin
+    elif kind == "clipa-v2 converted file":  # the authors' converted v2 weights: open_clip_pytorch_model.bin
         cfg = oc_config("ViT-H-14-CLIPA", {"layers": 1, "image_size": 56, **TANH}, {"layers": 1, **TANH})
         ours, path = shrink("ViT-H-14-CL32-GAP-BigVision", 1, image_size=56), tmp_path / "open_clip_pytorch_model.bin"
         oc = oc_build(cfg)
@@ -226,20 +247,35 @@ def _layout_case(kind, tmp_path):
         path = tmp_path / "open_clip_model.safetensors"
         oc = oc_build(cfg)
         from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(path))
-    else:                                         # an OpenCLIP training checkpoint (DDP): epoch_K.pt
+    else:  # an OpenCLIP training checkpoint (DDP): epoch_K.pt
         cfg = oc_config("ViT-B-16", {"layers": 1, "image_size": 64}, {"layers": 1, "context_length": 16})
         ours, path = shrink("ViT-B-16-CL16", 1, image_size=64), tmp_path / "epoch_3.pt"
         oc = oc_build(cfg)
-        torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in oc.state_dict().items()},
-                    "optimizer": {"state": {}, "param_groups": []}}, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "name": "run",
+                "state_dict": {"module." + k: v for k, v in oc.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []},
+            },
+            path,
+        )
     return oc, cfg, path, ours
 
 
-@pytest.mark.parametrize("kind", ["clipa-v1 openclip file", "clipa-v2 converted file",
-                                  "openclip ViT-bigG-14-CLIPA-336 safetensors", "openclip training checkpoint"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "clipa-v1 openclip file",
+        "clipa-v2 converted file",
+        "openclip ViT-bigG-14-CLIPA-336 safetensors",
+        "openclip training checkpoint",
+    ],
+)
 def test_weight_layouts_users_have_load_exactly(kind, tmp_path):
-    """issue 14, item 5: every tensor arrives bit for bit, and both towers give OpenCLIP's features
+    """Every tensor arrives bit for bit, and both towers give OpenCLIP's features
     (v1 GAP pools differently by design: its text tower and its tokens are compared)."""
     oc, cfg, path, ours_cfg = _layout_case(kind, tmp_path)
     ours = M.create_model(ours_cfg, pretrained=path).eval()
@@ -270,8 +306,9 @@ def test_v1_gap_against_hand_reference(tmp_path):
     oc.load_state_dict(M.to_openclip_keys(ours.state_dict()), strict=True)
     img = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        inter = oc.visual.forward_intermediates(img, indices=1, output_fmt="NLC", output_extra_tokens=True,
-                                                intermediates_only=True)
+        inter = oc.visual.forward_intermediates(
+            img, indices=1, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
+        )
         tokens = torch.cat([inter["image_intermediates_prefix"][-1], inter["image_intermediates"][-1]], 1)
         assert tokens.shape == (3, 1 + 64, 128)
         ln = oc.visual.ln_post
@@ -280,9 +317,17 @@ def test_v1_gap_against_hand_reference(tmp_path):
         assert not torch.allclose(oc.encode_image(img), by_hand, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["ViT-B-16-CL16", "ViT-L-16-CL8-Syntax-GAP", "ViT-H-14-CL32-GAP",
-                                  "ViT-L-14-CL32-GAP-BigVision", "ViT-H-14-CLIPA-336",
-                                  "ViT-bigG-14-CL32-GAP-BigVision"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ViT-B-16-CL16",
+        "ViT-L-16-CL8-Syntax-GAP",
+        "ViT-H-14-CL32-GAP",
+        "ViT-L-14-CL32-GAP-BigVision",
+        "ViT-H-14-CLIPA-336",
+        "ViT-bigG-14-CL32-GAP-BigVision",
+    ],
+)
 def test_full_size_models_map_to_openclip_names(name):
     """The printed OpenCLIP name (+ overrides) builds a model whose state dict has exactly our exported
     keys and shapes. Built on the meta device: full size, no memory, no time."""
@@ -303,12 +348,12 @@ def test_full_size_models_map_to_openclip_names(name):
 def test_wrong_architecture_is_a_one_line_error(v1_openclip, capsys):
     _, _, path = v1_openclip
     with pytest.raises(ValueError, match=r"openclip-v1 layout.*missing visual\.transformer\.resblocks\.2") as e:
-        M.create_model(shrink("ViT-B-16-CL16", 3), pretrained=path)            # 3 layers vs 2
+        M.create_model(shrink("ViT-B-16-CL16", 3), pretrained=path)  # 3 layers vs 2
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="unexpected visual.ln_pre.weight") as e:
         M.create_model(shrink("ViT-L-14-CL32-GAP-BigVision", 2), pretrained=path)
     assert "shape mismatch" in str(e.value) and "\n" not in str(e.value)
-    assert export.main([str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2        # no config recorded
+    assert export.main([str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2  # no config recorded
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model" in err and err.count("\n") == 1
 
@@ -316,6 +361,7 @@ def test_wrong_architecture_is_a_one_line_error(v1_openclip, capsys):
 @pytest.mark.parametrize("width,grid", [(32, 8), (768, 7), (1280, 6)])
 def test_sincos_table_matches_openclip(width, grid):
     from open_clip.pos_embed import get_2d_sincos_pos_embed
+
     ref = torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float()
     torch.testing.assert_close(M.sincos_2d(width, grid), ref, rtol=0, atol=1e-6)
 
@@ -325,23 +371,40 @@ def test_model_card_records_recipe_samples_flops_and_results(tmp_path, capsys):
     FLOPs (3 x forward x samples, as train.py --flops), and the evaluations found for the checkpoint.
     The train state is laid out as train.py saves it (stage dicts of its presets, weights_only)."""
     import dataclasses
+
     import train
-    stages = [dataclasses.replace(s, train_num_samples=n, batch_size=16)
-              for s, n in zip(train.PRESETS["demo"].stages, (128, 64))]
+
+    stages = [
+        dataclasses.replace(s, train_num_samples=n, batch_size=16)
+        for s, n in zip(train.PRESETS["demo"].stages, (128, 64))
+    ]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000012"
     ckpt.mkdir(parents=True)
     cfg = stages[1].model_config()
     net = M.CLIP(cfg)
     from safetensors.torch import save_file
+
     save_file(net.state_dict(), str(ckpt / "model.safetensors"), metadata=M.weights_metadata(stages[1].model, cfg))
     config = {"run": {"cfg": "demo", "pretrained": None}, "stages": [dataclasses.asdict(s) for s in stages]}
-    torch.save({"step": 12, "stage_index": 1, "stage_name": "finetune", "stage_step": 4, "samples": 64,
-                "config": json.dumps(config), "optimizer": {"state": {}, "param_groups": []}}, ckpt / "train_state.pt")
+    torch.save(
+        {
+            "step": 12,
+            "stage_index": 1,
+            "stage_name": "finetune",
+            "stage_step": 4,
+            "samples": 64,
+            "config": json.dumps(config),
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        ckpt / "train_state.pt",
+    )
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000012\n")
-    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 12, "stage": "finetune", "eval_top1": 0.25,
-                                                                 "eval_top5": 0.75, "eval_n": 72}) + "\n")
-    (ckpt / "zeroshot_val.json").write_text(json.dumps({"dataset": "/data/val", "top1": 0.5, "top5": 0.9, "n": 72,
-                                                        "num_classes": 36}))
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"step": 12, "stage": "finetune", "eval_top1": 0.25, "eval_top5": 0.75, "eval_n": 72}) + "\n"
+    )
+    (ckpt / "zeroshot_val.json").write_text(
+        json.dumps({"dataset": "/data/val", "top1": 0.5, "top5": 0.9, "n": 72, "num_classes": 36})
+    )
     assert export.main([str(tmp_path / "run"), "--to", "open_clip", str(tmp_path / "out") + "/"]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     pre, fin = (M.count_flops(s.model_config(), mask_ratio=s.mask_ratio)["total_gflops"] for s in stages)

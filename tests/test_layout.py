@@ -1,5 +1,6 @@
 """The repository's shape, checked from the source text (no torch): imports run one way, at module
 level; device-specific code lives in xla_utils.py only; core files stay readable in one sitting."""
+
 import ast
 import os
 
@@ -20,12 +21,11 @@ ALLOWED = {
     "eval_zeroshot": {"xla_utils", "checkpoints", "data", "model", "tokenizer"},
     "export": {"xla_utils", "checkpoints", "data", "model", "tokenizer"},
     "plan": {"xla_utils", "data", "tokenizer", "model"},
-    "train": {"xla_utils", "checkpoints", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses",
-              "plan"},
+    "train": {"xla_utils", "checkpoints", "shards", "data", "model", "tokenizer", "eval_zeroshot", "losses", "plan"},
     "finetune": {"train"},
 }
 CORE = list(ALLOWED)
-LAUNCH_MODULES = {"demo_data", "bench_data", "bench_tokenizer", "bench_step"}   # importable from launch/ scripts
+LAUNCH_MODULES = {"demo_data", "bench_data", "bench_tokenizer", "bench_step"}  # importable from launch/ scripts
 MAX_LINES = 900
 
 
@@ -51,8 +51,13 @@ def _project_imports(tree: ast.Module, project: set[str]):
     """(module-level project imports, [(line, name)] of project imports anywhere else)."""
     top = {n for node in tree.body for n in _imported(node) if n in project}
     top_nodes = set(map(id, tree.body))
-    nested = [(node.lineno, n) for node in ast.walk(tree) if id(node) not in top_nodes
-              for n in _imported(node) if n in project]
+    nested = [
+        (node.lineno, n)
+        for node in ast.walk(tree)
+        if id(node) not in top_nodes
+        for n in _imported(node)
+        if n in project
+    ]
     return top, nested
 
 
@@ -60,8 +65,9 @@ def _project_imports(tree: ast.Module, project: set[str]):
 def test_core_imports_run_one_way_at_module_level(module):
     top, nested = _project_imports(_tree(os.path.join(REPO, module + ".py")), set(CORE))
     assert not nested, f"{module}.py imports project modules inside functions: {nested}"
-    assert top <= ALLOWED[module], f"{module}.py imports {sorted(top - ALLOWED[module])} (allowed: " \
-                                   f"{sorted(ALLOWED[module])})"
+    assert top <= ALLOWED[module], (
+        f"{module}.py imports {sorted(top - ALLOWED[module])} (allowed: {sorted(ALLOWED[module])})"
+    )
 
 
 def test_allowed_graph_has_no_cycle():
@@ -92,18 +98,25 @@ def _device_branches(tree: ast.Module) -> list[str]:
         line = getattr(node, "lineno", 0)
         if any(n == "torch_xla" for n in _imported(node)):
             found.append(f"{line}: imports torch_xla")
-        if isinstance(node, ast.Attribute) and node.attr == "cuda" and \
-                isinstance(node.value, ast.Name) and node.value.id == "torch":
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "cuda"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
             found.append(f"{line}: torch.cuda")
         if isinstance(node, ast.Compare):
             for side in [node.left, *node.comparators]:
-                if isinstance(side, ast.Attribute) and side.attr == "type" and \
-                        isinstance(side.value, ast.Attribute) and side.value.attr == "device":
+                if (
+                    isinstance(side, ast.Attribute)
+                    and side.attr == "type"
+                    and isinstance(side.value, ast.Attribute)
+                    and side.value.attr == "device"
+                ):
                     found.append(f"{line}: compares .device.type")
                 if isinstance(side, ast.Attribute) and side.attr == "kind":
                     found.append(f"{line}: compares .kind")
-        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Attribute) and \
-                node.slice.attr == "kind":
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Attribute) and node.slice.attr == "kind":
             found.append(f"{line}: indexes by .kind")
     return found
 
@@ -115,8 +128,10 @@ def test_device_specific_code_only_in_xla_utils(module):
 
 
 def test_the_device_scan_finds_what_it_bans():
-    code = ("import torch_xla\nx = torch.cuda.is_available()\nif t.device.type == 'xla': pass\n"
-            "if rt.kind == 'cuda': pass\nkw = {'cpu': 1}[rt.kind]\n")
+    code = (
+        "import torch_xla\nx = torch.cuda.is_available()\nif t.device.type == 'xla': pass\n"
+        "if rt.kind == 'cuda': pass\nkw = {'cpu': 1}[rt.kind]\n"
+    )
     assert len(_device_branches(ast.parse(code))) == 5
 
 

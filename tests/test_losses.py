@@ -1,15 +1,16 @@
 """losses.py: the softmax and sigmoid (SigLIP) contrastive losses against OpenCLIP's ClipLoss and
 SigLipLoss, in one process and in two gloo processes (every rank scoring its own rows)."""
+
 import json
 import math
 
 import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
+from runs import PY, run
 
 import losses
 import xla_utils
-from runs import PY, run  # noqa: E402
 
 
 def _features(n=8, d=16, seed=0):
@@ -41,7 +42,7 @@ def test_sigmoid_loss_equals_open_clip_in_one_process(impl):
     assert losses.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
 
 
-RING_SCRIPT = r'''
+RING_SCRIPT = r"""
 import json, sys, torch
 from open_clip.loss import SigLipLoss
 import losses, xla_utils
@@ -66,7 +67,7 @@ for name, fn in [("gather", losses.sigmoid_loss_gather), ("ring", losses.sigmoid
 out["saved_bytes"] = saved
 open(sys.argv[-1] + f".{r}", "w").write(json.dumps(out))
 rt.barrier(); rt.shutdown()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -77,8 +78,10 @@ def test_sigmoid_loss_on_two_processes_equals_one_and_open_clip(tmp_path):
     backward than one process does (the gather keeps every rank's texts and logits)."""
     script = tmp_path / "ring.py"
     script.write_text(RING_SCRIPT)
-    p = run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(script), str(tmp_path / "r")],
-            PYTHONPATH=f"{tmp_path.parent}:{__import__('os').path.dirname(__file__)}:.")
+    p = run(
+        [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(script), str(tmp_path / "r")],
+        PYTHONPATH=f"{tmp_path.parent}:{__import__('os').path.dirname(__file__)}:.",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"r.{k}").read_text()) for k in (0, 1)]
     rt = xla_utils.init_runtime("cpu")
@@ -104,10 +107,11 @@ def test_sigmoid_loss_on_two_processes_equals_one_and_open_clip(tmp_path):
     def pack(t):
         total[0] += t.numel() * t.element_size()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _loss_and_grads(lambda i, t, s, b: losses.sigmoid_loss_ring(i, t, s, rt, b), img8, txt8, scale, bias)
     one_proc["ring"] = total[0]
-    assert saved["ring"] == one_proc["ring"]          # no growth with the world size
+    assert saved["ring"] == one_proc["ring"]  # no growth with the world size
 
 
 @pytest.mark.slow
@@ -115,14 +119,25 @@ def test_a_sigmoid_stage_trains_saves_and_exports_its_bias(demo_small, tmp_path)
     """--set STAGE.loss=sigmoid: SigLIP's initialisation (t' = log 10, b = -10), the bias trained,
     stored in the checkpoint and exported as OpenCLIP's logit_bias."""
     import open_clip
+    from runs import tiny_demo_args, train
     from safetensors import safe_open
 
     import export
     import model
-    from runs import tiny_demo_args, train
+
     out = tmp_path / "run"
-    train(tiny_demo_args(demo_small, out, "--stage", "pretrain", "--set", "pretrain.loss=sigmoid",
-                         "--set", "pretrain.train_num_samples=64"))
+    train(
+        tiny_demo_args(
+            demo_small,
+            out,
+            "--stage",
+            "pretrain",
+            "--set",
+            "pretrain.loss=sigmoid",
+            "--set",
+            "pretrain.train_num_samples=64",
+        )
+    )
     ckpt = out / "checkpoints" / "step_00000004"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         bias, scale = f.get_tensor("logit_bias").item(), f.get_tensor("logit_scale").item()

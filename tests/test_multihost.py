@@ -5,15 +5,14 @@ Runtime.all_gather_object / agree_each / barrier (_sum_over_hosts) and full_stat
 copies run for real on 2 CPU devices of one host; the per-host data and checkpoint logic runs in
 two processes that each play one host of a 2-host pod, where only the cross-host reduction is
 simulated. Each host must save its own loader position and RNG state and resume from them."""
-import os
+
 import socket
 import subprocess
 
 import torch
-
 from runs import PY, REPO, env
 
-MESH_SCRIPT = r'''
+MESH_SCRIPT = r"""
 import dataclasses, sys, torch, torch_xla
 import torch_xla.distributed.spmd as xs
 import data, xla_utils
@@ -64,14 +63,18 @@ marked.clear()
 res["pod"] = [dataclasses.replace(rt, rank=r, world_size=2).full_state(m, opt) for r in (0, 1)]
 res["copies"] = [spec(t) for t in marked]
 torch.save(res, out)
-'''
+"""
 
 
 def _bits(a, b) -> bool:
     """a and b hold the same values bit for bit (tensors: dtype, shape and bytes; NaN == NaN)."""
     if torch.is_tensor(a):
-        return (torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and a.numpy().tobytes() == b.numpy().tobytes())
+        return (
+            torch.is_tensor(b)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.numpy().tobytes() == b.numpy().tobytes()
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_bits(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -92,8 +95,14 @@ def test_mesh_transport_and_replicated_copies_on_two_devices(demo_small, tmp_pat
     out = tmp_path / "mesh.pt"
     script = tmp_path / "mesh.py"
     script.write_text(MESH_SCRIPT)
-    p = subprocess.run([PY, str(script), str(out), demo_small.train_wds], cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env=env(CPU_NUM_DEVICES=2))
+    p = subprocess.run(
+        [PY, str(script), str(out), demo_small.train_wds],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(CPU_NUM_DEVICES=2),
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = torch.load(out, weights_only=True)
 
@@ -104,8 +113,9 @@ def test_mesh_transport_and_replicated_copies_on_two_devices(demo_small, tmp_pat
     for shape, s in res["placed"]:
         assert shape[0] == 2 and s == "{devices=[2" + ",1" * (len(shape) - 1) + "]0,1}", (shape, s)
     assert [shape[1:] for shape, _ in res["placed"][0::2]] == [(1,)] * 3
-    assert all(len(shape) == 3 and shape[1] == 1 and shape[2] & (shape[2] - 1) == 0
-               for shape, _ in res["placed"][1::2]), res["placed"]
+    assert all(
+        len(shape) == 3 and shape[1] == 1 and shape[2] & (shape[2] - 1) == 0 for shape, _ in res["placed"][1::2]
+    ), res["placed"]
     assert res["marked"] == ["{replicated}"] * 6
 
     block = res["host1_block"]
@@ -121,12 +131,12 @@ def test_mesh_transport_and_replicated_copies_on_two_devices(demo_small, tmp_pat
     assert set(weights) == {"weight", "bias", "scale", "zero"} and len(opt_state["state"]) == 3
     (w0, o0), (w1, o1) = res["pod"]
     assert _bits(w0, weights) and _bits(o0, opt_state) and (w1, o1) == ({}, {})
-    assert str(w0["zero"][0].item()) == "-0.0"                # the copy keeps the signed zero
+    assert str(w0["zero"][0].item()) == "-0.0"  # the copy keeps the signed zero
     # each host copied 4 state tensors and 3 x (step, exp_avg, exp_avg_sq), all replicated
     assert res["copies"] == ["{replicated}"] * 26, res["copies"]
 
 
-HOST_SCRIPT = r'''
+HOST_SCRIPT = r"""
 import datetime, os, random, sys, torch
 import torch.distributed as dist
 import torch_xla.runtime as xr
@@ -169,7 +179,7 @@ for key, state in (("resumed", ts), ("host0_only", dict(ts, rng=ts["rng"][:1], d
 torch.save(res, os.path.join(out, f"host{rank}.pt"))
 rt.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 def _free_port() -> int:
@@ -193,9 +203,17 @@ def test_each_host_saves_and_resumes_its_own_loader_position_and_rng(demo_small,
     out = tmp_path / "run"
     out.mkdir()
     port = str(_free_port())
-    procs = [subprocess.Popen([PY, str(script), str(r), port, demo_small.train_wds, str(out)], cwd=REPO,
-                              env=env(CPU_NUM_DEVICES=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [PY, str(script), str(r), port, demo_small.train_wds, str(out)],
+            cwd=REPO,
+            env=env(CPU_NUM_DEVICES=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -205,10 +223,10 @@ def test_each_host_saves_and_resumes_its_own_loader_position_and_rng(demo_small,
     hosts = [torch.load(out / f"host{r}.pt", weights_only=True) for r in (0, 1)]
 
     saved = hosts[0]["saved"]
-    assert _bits(saved, hosts[1]["saved"])          # both read the one train_state.pt
+    assert _bits(saved, hosts[1]["saved"])  # both read the one train_state.pt
     assert saved["world_size"] == 2 and len(saved["rng"]) == len(saved["data"]) == 2
     assert [d["rank"] for d in saved["data"]] == [0, 1] and [d["batches"] for d in saved["data"]] == [3, 3]
-    assert saved["data"][0]["workers"] != saved["data"][1]["workers"]    # different shards, positions
+    assert saved["data"][0]["workers"] != saved["data"][1]["workers"]  # different shards, positions
     assert not torch.equal(hosts[0]["mine"]["torch"], hosts[1]["mine"]["torch"])
     for r, h in enumerate(hosts):
         assert _bits(saved["rng"][r], h["mine"]), r

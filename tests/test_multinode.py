@@ -1,16 +1,17 @@
 """Multi-node on one machine: two `xla_utils.py launch --nnodes 2 --node-rank R` commands (gloo over
 127.0.0.1, torchrun's static and c10d rendezvous) train the demo model exactly as one node with the
 same global batch; the launcher's node flags and the SLURM helper."""
+
 import os
 import subprocess
 
 import pytest
 import torch
+from runs import PY, REPO, env, losses, tiny_demo_args
 from safetensors.torch import load_file
+from test_fsdp import _no_key_bias
 
 import xla_utils
-from test_fsdp import _no_key_bias
-from runs import PY, REPO, env, losses, tiny_demo_args
 
 
 def _args(demo, out):
@@ -23,11 +24,35 @@ def _weights(out):
 
 def _nodes(demo, out, port, rdzv):
     """Both nodes of a 2-node run (1 process each), started together; their exit statuses."""
-    procs = [subprocess.Popen([PY, "xla_utils.py", "launch", "--nproc", "1", "--nnodes", "2", "--node-rank",
-                               str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "--rdzv-backend", rdzv, "train.py", *_args(demo, out)],
-                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                PY,
+                "xla_utils.py",
+                "launch",
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "--rdzv-backend",
+                rdzv,
+                "train.py",
+                *_args(demo, out),
+            ],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, o[-2000:] + e[-3000:]
@@ -37,8 +62,14 @@ def _nodes(demo, out, port, rdzv):
 @pytest.fixture(scope="module")
 def one_node(demo_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_node")
-    p = subprocess.run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29671", "train.py",
-                        *_args(demo_small, out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29671", "train.py", *_args(demo_small, out)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "device: cpu (2 process(es), DDP/gloo)" in p.stdout
     return out
@@ -60,17 +91,33 @@ def test_two_nodes_equal_one_node(demo_small, one_node, tmp_path, rdzv, port):
     assert a.keys() == b.keys()
     for k in b:
         assert torch.allclose(_no_key_bias(k, a[k]), _no_key_bias(k, b[k]), atol=1e-5, rtol=0), k
-    assert torch.load(os.path.join(out, "checkpoints", "step_00000004", "train_state.pt"),
-                      weights_only=True)["world_size"] == 2
+    assert (
+        torch.load(os.path.join(out, "checkpoints", "step_00000004", "train_state.pt"), weights_only=True)["world_size"]
+        == 2
+    )
 
 
 def test_launch_passes_node_flags():
-    cmd, _ = xla_utils.launch_command("train.py", ["--cfg", "demo"], device="cpu", nproc=4, nnodes=3,
-                                      node_rank=2, master_addr="10.0.0.1", master_port=29400)
-    assert cmd[cmd.index("train.py") - 5:cmd.index("train.py")] == [
-        "--nproc_per_node=4", "--nnodes=3", "--node_rank=2", "--master_addr=10.0.0.1", "--master_port=29400"]
-    cmd, _ = xla_utils.launch_command("train.py", [], device="cpu", nnodes=2, master_addr="h0", master_port=5,
-                                      rdzv_backend="c10d")
+    cmd, _ = xla_utils.launch_command(
+        "train.py",
+        ["--cfg", "demo"],
+        device="cpu",
+        nproc=4,
+        nnodes=3,
+        node_rank=2,
+        master_addr="10.0.0.1",
+        master_port=29400,
+    )
+    assert cmd[cmd.index("train.py") - 5 : cmd.index("train.py")] == [
+        "--nproc_per_node=4",
+        "--nnodes=3",
+        "--node_rank=2",
+        "--master_addr=10.0.0.1",
+        "--master_port=29400",
+    ]
+    cmd, _ = xla_utils.launch_command(
+        "train.py", [], device="cpu", nnodes=2, master_addr="h0", master_port=5, rdzv_backend="c10d"
+    )
     assert "--rdzv_backend=c10d" in cmd and "--rdzv_endpoint=h0:5" in cmd and not any("node_rank" in c for c in cmd)
     with pytest.raises(ValueError, match="node-rank 2 is not in 0..1"):
         xla_utils.launch_command("train.py", [], device="cpu", nnodes=2, node_rank=2)
@@ -80,12 +127,27 @@ def test_slurm_variables_give_the_node_flags(tmp_path):
     srun = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu-[003-005,007],cpu01"}
     assert xla_utils.slurm_nodes(srun) == dict(nnodes=4, node_rank=2, master_addr="gpu-003")
     assert xla_utils.slurm_nodes({**srun, "SLURM_JOB_NODELIST": "n7,n8"})["master_addr"] == "n7"
-    p = subprocess.run([PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "--print-only", "train.py"],
-                       cwd=REPO, env=env(**srun), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "--print-only", "train.py"],
+        cwd=REPO,
+        env=env(**srun),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "--nnodes=4 --node_rank=2 --master_addr=gpu-003" in p.stdout
     clean = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
-    p = subprocess.run([PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "train.py"], cwd=REPO,
-                       env=clean, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error: --slurm: SLURM_NNODES") and \
-        len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(
+        [PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "train.py"],
+        cwd=REPO,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        p.returncode == 2
+        and p.stderr.strip().startswith("error: --slurm: SLURM_NNODES")
+        and len(p.stderr.strip().splitlines()) == 1
+    )

@@ -2,6 +2,7 @@
 would: kills at many moments (mid-save and inside the masked stage too), SIGTERM / SIGINT, a second
 run into the same directory, a failing disk, non-finite losses, hostile checkpoint files. Every
 test drives the real train.py in a subprocess on the tiny demo configuration."""
+
 import json
 import os
 import pickle
@@ -12,16 +13,15 @@ import time
 
 import pytest
 import torch
+from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 
 # A wrapper around train.main with a fault planted in it: FAULT=kill_save:N SIGKILLs the process
 # halfway through its N-th torch.save (a torn file on disk); FAULT=enospc_state:N / enospc_weights:N
 # point the N-th train_state.pt / model.safetensors write at /dev/full, so the real libraries meet the
 # kernel's ENOSPC as on a full disk; FAULT=nan_loss:N makes the N-th contrastive loss NaN.
-FAULTY = r'''
+FAULTY = r"""
 import os, signal, sys, torch
 import checkpoints, losses, train
 kind, n = os.environ["FAULT"].split(":")
@@ -44,7 +44,7 @@ def loss(*a, **k):
     return out * float("nan") if calls["loss"] == n and kind == "nan_loss" else out
 torch.save, checkpoints.save_file, losses.clip_loss = save, save_weights, loss
 sys.exit(train.main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def faulty(tmp_path_factory):
 
 def _weights(ckpt_dir):
     with safe_open(os.path.join(ckpt_dir, "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def _latest(out):
@@ -73,8 +73,9 @@ def _assert_complete(ckpt_dir):
 
 
 def _start(args, script="train.py", **extra):
-    return subprocess.Popen([PY, script, *args], cwd=REPO, env=env(**extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PY, script, *args], cwd=REPO, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_step(proc, metrics, step, since=0, timeout=300):
@@ -94,8 +95,19 @@ def _wait_for_step(proc, metrics, step, since=0, timeout=300):
 
 # (what, n): ("step", n) SIGKILL once this process logged global step n; ("save", n) SIGKILL inside
 # this process's n-th torch.save. Steps 9-12 are the fine-tune stage, with 30% random image masking.
-KILLS = [("step", 2), ("save", 1), ("step", 5), ("save", 1), ("step", 8), ("step", 9), ("save", 1),
-         ("step", 10), ("step", 11), ("save", 2), ("step", 12)]
+KILLS = [
+    ("step", 2),
+    ("save", 1),
+    ("step", 5),
+    ("save", 1),
+    ("step", 8),
+    ("step", 9),
+    ("save", 1),
+    ("step", 10),
+    ("step", 11),
+    ("save", 2),
+    ("step", 12),
+]
 
 
 @pytest.mark.slow
@@ -125,10 +137,10 @@ def test_a_chain_of_kills_ends_bit_identical(demo_small, uninterrupted, faulty, 
         if (out / "checkpoints" / "latest").exists():
             _assert_complete(_latest(out))
     assert killed >= 10, killed
-    train(tiny_demo_args(demo_small, out, "--resume", "latest"))     # whatever is left
+    train(tiny_demo_args(demo_small, out, "--resume", "latest"))  # whatever is left
     want, _ = losses(uninterrupted)
     got, _ = losses(out)
-    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]      # bit for bit
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]  # bit for bit
     final, ref = _latest(out), _latest(uninterrupted)
     assert os.path.basename(final) == os.path.basename(ref) == "step_00000012"
     a, b = _weights(final), _weights(ref)
@@ -162,6 +174,7 @@ def test_sigterm_and_sigint_save_then_exit(demo_small, uninterrupted, tmp_path, 
 
 # ----------------------------------------------------------------------------- one run per directory
 
+
 @pytest.mark.slow
 def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
     out = tmp_path / "run"
@@ -173,13 +186,14 @@ def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
         assert second.returncode == 2
         assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1
         assert "is in use by another run (pid " in second.stderr
-        assert (out / "metrics.jsonl").read_text().startswith(before)    # nothing of the second run
+        assert (out / "metrics.jsonl").read_text().startswith(before)  # nothing of the second run
     finally:
         first.kill()
         first.wait()
 
 
 # ----------------------------------------------------------------------------- a failing disk
+
 
 @pytest.mark.slow
 def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupted, faulty, tmp_path):
@@ -190,8 +204,9 @@ def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupte
     p = run([PY, faulty, *tiny_demo_args(demo_small, out, "--keep", "5")], FAULT="enospc_state:2")
     assert p.returncode == 0, p.stderr[-2000:]
     warn = [x for x in p.stderr.splitlines() if x.startswith("warning: checkpoint")]
-    assert warn == ["warning: checkpoint of step 6 not written ([Errno 28] No space left on device); "
-                    "the previous one stays"]
+    assert warn == [
+        "warning: checkpoint of step 6 not written ([Errno 28] No space left on device); the previous one stays"
+    ]
     assert "step_00000006" not in os.listdir(out / "checkpoints")
     _assert_complete(out / "checkpoints" / "step_00000003")
     want, _ = losses(uninterrupted)
@@ -205,6 +220,7 @@ def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupte
 
 
 # ----------------------------------------------------------------------------- non-finite losses
+
 
 @pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(demo_small, faulty, tmp_path):
@@ -224,8 +240,10 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(demo_small, uninterrupted, 
     """--nonfinite skip: the NaN step's update is dropped (the weights after it equal the weights
     before it), a warning names the step, the run completes."""
     out = tmp_path / "run"
-    p = run([PY, faulty, *tiny_demo_args(demo_small, out, "--nonfinite", "skip", "--save-every", "1",
-                                         "--keep", "20")], FAULT="nan_loss:5")
+    p = run(
+        [PY, faulty, *tiny_demo_args(demo_small, out, "--nonfinite", "skip", "--save-every", "1", "--keep", "20")],
+        FAULT="nan_loss:5",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "warning: the loss is not finite at step 5: its update was skipped" in p.stdout
     ck = out / "checkpoints"
@@ -235,6 +253,7 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(demo_small, uninterrupted, 
 
 
 # ----------------------------------------------------------------------------- hostile files
+
 
 class _Payload:
     def __init__(self, marker):

@@ -2,6 +2,7 @@
 TFRecordWriter) come back in their own format with every non-image field the same bytes, good
 images bounded, bad samples and a truncated tail copied as they were, so the loader reads the same
 samples and skips the same bad ones; a killed run resumes; bad invocations are one line."""
+
 import io
 import json
 import os
@@ -21,7 +22,7 @@ import shards
 import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 64      # --max-side of the tests
+N = 64  # --max-side of the tests
 
 
 def _image(i: int, size, fmt="JPEG", mode="RGB") -> bytes:
@@ -30,31 +31,41 @@ def _image(i: int, size, fmt="JPEG", mode="RGB") -> bytes:
     d = ImageDraw.Draw(img)
     for _ in range(6):
         x, y = rng.randrange(size[0]), rng.randrange(size[1])
-        d.ellipse([x, y, x + rng.randint(5, size[0] // 2), y + rng.randint(5, size[1] // 2)],
-                  tuple(rng.randrange(256) for _ in range(3)))
+        d.ellipse(
+            [x, y, x + rng.randint(5, size[0] // 2), y + rng.randint(5, size[1] // 2)],
+            tuple(rng.randrange(256) for _ in range(3)),
+        )
     out = io.BytesIO()
     img.convert(mode).save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return out.getvalue()
 
 
-GOOD = 6            # per shard: 300x200 JPEGs over N, then the odd ones below
+GOOD = 6  # per shard: 300x200 JPEGs over N, then the odd ones below
 
 
 def _samples(shard: int) -> list[dict]:
-    out = [{"__key__": f"s{shard}/{i:04d}", "jpg": _image(100 * shard + i, (300, 200)),
-            "txt": f"caption {i} of shard {shard}", "cls": i % 3,
-            "json": {"key": f"{shard}-{i}", "width": 300, "similarity": 0.25 + i / 100}}
-           for i in range(GOOD)]
-    out += [{"__key__": f"s{shard}/small", "jpg": _image(7, (40, 30)), "txt": "already small", "cls": 1},
-            {"__key__": f"s{shard}/gray-é", "jpg": _image(8, (120, 90), mode="L"), "txt": "grey, non-ASCII key"},
-            {"__key__": f"s{shard}/png", "png": _image(9, (100, 50), "PNG", "RGBA"), "txt": "a png"},
-            {"__key__": f"s{shard}/bad", "jpg": b"\xff\xd8 not a jpeg at all", "txt": "a bad image"},
-            {"__key__": f"s{shard}/nocap", "jpg": _image(10, (200, 200)), "json": {"no": "caption"}}]
+    out = [
+        {
+            "__key__": f"s{shard}/{i:04d}",
+            "jpg": _image(100 * shard + i, (300, 200)),
+            "txt": f"caption {i} of shard {shard}",
+            "cls": i % 3,
+            "json": {"key": f"{shard}-{i}", "width": 300, "similarity": 0.25 + i / 100},
+        }
+        for i in range(GOOD)
+    ]
+    out += [
+        {"__key__": f"s{shard}/small", "jpg": _image(7, (40, 30)), "txt": "already small", "cls": 1},
+        {"__key__": f"s{shard}/gray-é", "jpg": _image(8, (120, 90), mode="L"), "txt": "grey, non-ASCII key"},
+        {"__key__": f"s{shard}/png", "png": _image(9, (100, 50), "PNG", "RGBA"), "txt": "a png"},
+        {"__key__": f"s{shard}/bad", "jpg": b"\xff\xd8 not a jpeg at all", "txt": "a bad image"},
+        {"__key__": f"s{shard}/nocap", "jpg": _image(10, (200, 200)), "json": {"no": "caption"}},
+    ]
     return out
 
 
 def _tar(path, samples):
-    with wds.TarWriter(str(path)) as w:         # pax headers (float mtimes, non-ASCII paths)
+    with wds.TarWriter(str(path)) as w:  # pax headers (float mtimes, non-ASCII paths)
         for s in samples:
             w.write(s)
 
@@ -66,8 +77,10 @@ def _example(tf, feats: dict) -> bytes:
         if isinstance(v, float):
             return tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-    return tf.train.Example(features=tf.train.Features(
-        feature={k: feature(v) for k, v in feats.items()})).SerializeToString()
+
+    return tf.train.Example(
+        features=tf.train.Features(feature={k: feature(v) for k, v in feats.items()})
+    ).SerializeToString()
 
 
 def _tfrecord(path, samples):
@@ -75,8 +88,13 @@ def _tfrecord(path, samples):
     with tf.io.TFRecordWriter(str(path)) as w:
         for s in samples:
             img = s.get("jpg", s.get("png"))
-            feats = {"jpg": img, "key": s["__key__"].encode(), "label": s.get("cls", -1),
-                     "similarity": 0.5, "json": json.dumps(s.get("json", {})).encode()}
+            feats = {
+                "jpg": img,
+                "key": s["__key__"].encode(),
+                "label": s.get("cls", -1),
+                "similarity": 0.5,
+                "json": json.dumps(s.get("json", {})).encode(),
+            }
             if "txt" in s:
                 feats["txt"] = s["txt"].encode()
             w.write(_example(tf, feats))
@@ -94,7 +112,7 @@ def sources(tmp_path_factory):
             (_tar if fmt == "wds" else _tfrecord)(path, _samples(s))
         cut = root / fmt / f"00001.{'tar' if fmt == 'wds' else 'tfrecord'}"
         raw = cut.read_bytes()
-        if fmt == "wds":        # inside the image of the last sample (s1/nocap)
+        if fmt == "wds":  # inside the image of the last sample (s1/nocap)
             with tarfile.open(cut) as t:
                 at = next(m.offset_data for m in t.getmembers() if m.name == "s1/nocap.jpg") + 100
         else:
@@ -111,13 +129,12 @@ def _reshard(capsys, *args) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(autouse=True)
 def _keep_tf_import_order(monkeypatch):
-    monkeypatch.setattr(xla_utils, "TF_AFTER_XLA", xla_utils.TF_AFTER_XLA)   # data.main clears it
+    monkeypatch.setattr(xla_utils, "TF_AFTER_XLA", xla_utils.TF_AFTER_XLA)  # data.main clears it
 
 
 def _members(path) -> list[tuple]:
     with tarfile.open(path) as t:
-        return [(m.name, m.mtime, m.mode, m.uname, m.pax_headers, t.extractfile(m).read())
-                for m in t.getmembers()]
+        return [(m.name, m.mtime, m.mode, m.uname, m.pax_headers, t.extractfile(m).read()) for m in t.getmembers()]
 
 
 def test_tar_round_trip_keeps_every_field_and_bounds_the_images(sources, tmp_path, capsys):
@@ -128,7 +145,7 @@ def test_tar_round_trip_keeps_every_field_and_bounds_the_images(sources, tmp_pat
     assert (summary["written"], summary["failed"], summary["images_resized"]) == (2, 0, 2 * (GOOD + 2))
     assert summary["bytes_after"] < summary["bytes_before"] == sum(os.path.getsize(p) for p in src.iterdir())
     whole = _members(tmp_path / "out" / "00000.tar")
-    assert [m[:5] for m in whole] == [m[:5] for m in _members(src / "00000.tar")]   # names, headers
+    assert [m[:5] for m in whole] == [m[:5] for m in _members(src / "00000.tar")]  # names, headers
     changed = 0
     for (name, *_, a), (_, *_, b) in zip(_members(src / "00000.tar"), whole):
         if name.endswith((".jpg", ".png")) and not name.startswith(("s0/bad", "s0/nocap")) and a != b:
@@ -137,8 +154,8 @@ def test_tar_round_trip_keeps_every_field_and_bounds_the_images(sources, tmp_pat
             assert max(img.size) == N and img.format == Image.open(io.BytesIO(a)).format
             changed += 1
         else:
-            assert a == b, name         # captions, json, cls, the small and the bad samples
-    assert changed == GOOD + 2          # the small one (40x30) is copied unchanged
+            assert a == b, name  # captions, json, cls, the small and the bad samples
+    assert changed == GOOD + 2  # the small one (40x30) is copied unchanged
     # the cut shard: read by webdataset as far as it goes, and its tail is the source's bytes
     cut, new = (src / "00001.tar").read_bytes(), (tmp_path / "out" / "00001.tar").read_bytes()
     assert new.endswith(cut[-2000:]) and len(new) < len(cut)
@@ -149,8 +166,9 @@ def test_tar_round_trip_keeps_every_field_and_bounds_the_images(sources, tmp_pat
     loader = data.make_train_loader(str(tmp_path / "out"), None, 32, 4, num_workers=0, repeat=False)
     caps = [c for _, cs in loader for c in cs]
     assert len(caps) == before["samples"] // 4 * 4 and "caption 0 of shard 0" in caps
-    assert {s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False)} == \
-        {s["__key__"] for s in _samples(0)}
+    assert {s["__key__"] for s in wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False)} == {
+        s["__key__"] for s in _samples(0)
+    }
 
 
 def test_tfrecord_round_trip_keeps_every_feature(sources, tmp_path, capsys):
@@ -173,9 +191,9 @@ def test_tfrecord_round_trip_keeps_every_feature(sources, tmp_path, capsys):
             resized += 1
         else:
             assert fx["key"].bytes_list.value[0].endswith((b"small", b"bad", b"nocap"))
-    assert resized == GOOD + 2          # the grey one and the png too (stored under jpg here)
+    assert resized == GOOD + 2  # the grey one and the png too (stored under jpg here)
     cut, new = (src / "00001.tfrecord").read_bytes(), (tmp_path / "out" / "00001.tfrecord").read_bytes()
-    assert new.endswith(cut[-300:])     # the truncated last record, copied as it is
+    assert new.endswith(cut[-300:])  # the truncated last record, copied as it is
     before, after = data.dataset_stats(str(src)), data.dataset_stats(str(tmp_path / "out"))
     assert before["skipped_by_reason"] == after["skipped_by_reason"] and before["samples"] == after["samples"]
     assert before["skipped_by_reason"]["truncated_record"] == 1
@@ -185,15 +203,16 @@ def test_resume_skips_finished_shards_and_removes_stale_temporaries(sources, tmp
     dst = tmp_path / "out"
     assert _reshard(capsys, sources / "wds", dst, "--max-side", N, "--workers", 1)[0] == 0
     done = (dst / "00000.tar").stat()
-    os.remove(dst / "00001.tar")                        # killed while writing it:
+    os.remove(dst / "00001.tar")  # killed while writing it:
     (dst / ".00001.tar.tmp4242").write_bytes(b"half a shard")
     code, summary, err = _reshard(capsys, sources / "wds", dst, "--max-side", N, "--workers", 1)
     assert code == 0, err
     assert (summary["already_done"], summary["written"]) == (1, 1)
     assert not (dst / ".00001.tar.tmp4242").exists()
     assert (dst / "00000.tar").stat().st_mtime_ns == done.st_mtime_ns
-    shards.verify_reshard(str(sources / "wds" / "00001.tar"), str(dst / "00001.tar"),
-                          shards.resolve(str(sources / "wds")), N)
+    shards.verify_reshard(
+        str(sources / "wds" / "00001.tar"), str(dst / "00001.tar"), shards.resolve(str(sources / "wds")), N
+    )
     code, summary, _ = _reshard(capsys, sources / "wds", dst, "--max-side", N)
     assert (code, summary["already_done"], summary["written"]) == (0, 2, 0)
     code, _, err = _reshard(capsys, sources / "wds", dst, "--max-side", 2 * N)
@@ -204,8 +223,8 @@ def test_unreadable_shard_fails_alone_and_an_empty_one_is_copied(sources, tmp_pa
     d = tmp_path / "src"
     d.mkdir()
     shutil.copy(sources / "wds" / "00000.tar", d / "a.tar")
-    (d / "b.tar").mkdir()                               # listed, but cannot be read
-    (d / "c.tar").write_bytes(b"")                      # img2dataset: all downloads failed
+    (d / "b.tar").mkdir()  # listed, but cannot be read
+    (d / "c.tar").write_bytes(b"")  # img2dataset: all downloads failed
     code, summary, _ = _reshard(capsys, f"{d}/*.tar", tmp_path / "o", "--max-side", N)
     assert code == 1 and (summary["written"], summary["failed"]) == (2, 1)
     assert summary["failed_shards"][0].startswith(f"{d}/b.tar: IsADirectoryError")
@@ -215,7 +234,7 @@ def test_unreadable_shard_fails_alone_and_an_empty_one_is_copied(sources, tmp_pa
     (d / "b.tar").rmdir()
     shutil.copy(sources / "wds" / "00000.tar", d / "b.tar")
     code, summary, _ = _reshard(capsys, f"{d}/*.tar", tmp_path / "o", "--max-side", N)
-    assert (code, summary["already_done"], summary["written"]) == (0, 2, 1)     # the rerun retries it
+    assert (code, summary["already_done"], summary["written"]) == (0, 2, 1)  # the rerun retries it
 
 
 def test_verify_finds_a_changed_caption_and_an_unbounded_image(sources, tmp_path):
@@ -250,9 +269,22 @@ def test_bound_image_geometry_and_formats():
 
 
 def test_cli_end_to_end_with_progress_on_stderr(sources, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "reshard", str(sources / "wds" / "00000.tar"),
-                        str(tmp_path / "o"), "--max-side", "48", "--workers", "2"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "data.py"),
+            "reshard",
+            str(sources / "wds" / "00000.tar"),
+            str(tmp_path / "o"),
+            "--max-side",
+            "48",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert (summary["shards"], summary["samples"], summary["images_resized"]) == (1, len(_samples(0)), GOOD + 2)
@@ -260,18 +292,21 @@ def test_cli_end_to_end_with_progress_on_stderr(sources, tmp_path):
     assert "1/1" in r.stderr and "MB" in r.stderr
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["{src}", "{tmp}/o"], "--max-side"),
-    (["{src}", "{tmp}/o", "--max-side", "0"], "--max-side"),
-    (["{src}", "{tmp}/o", "--max-side", "64", "--quality", "101"], "--quality"),
-    (["{src}", "{tmp}/o", "--max-side", "64", "--workers", "0"], "--workers"),
-    (["{src}", "{src}", "--max-side", "64"], "source directory"),
-    (["{src}", "{tmp}/file", "--max-side", "64"], "is a file"),
-    (["{tmp}/nope/{{0..1}}.tar", "{tmp}/o", "--max-side", "64"], "no such file"),
-    (["{src}", "gs://bucket/out", "--max-side", "64"], "local directory"),
-    (["{src}/00000.tar::{tmp}/copy/00000.tar", "{tmp}/o", "--max-side", "64"], "named '00000.tar'"),
-    (["{src}", "{tmp}/foreign", "--max-side", "64"], "not a reshard output"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["{src}", "{tmp}/o"], "--max-side"),
+        (["{src}", "{tmp}/o", "--max-side", "0"], "--max-side"),
+        (["{src}", "{tmp}/o", "--max-side", "64", "--quality", "101"], "--quality"),
+        (["{src}", "{tmp}/o", "--max-side", "64", "--workers", "0"], "--workers"),
+        (["{src}", "{src}", "--max-side", "64"], "source directory"),
+        (["{src}", "{tmp}/file", "--max-side", "64"], "is a file"),
+        (["{tmp}/nope/{{0..1}}.tar", "{tmp}/o", "--max-side", "64"], "no such file"),
+        (["{src}", "gs://bucket/out", "--max-side", "64"], "local directory"),
+        (["{src}/00000.tar::{tmp}/copy/00000.tar", "{tmp}/o", "--max-side", "64"], "named '00000.tar'"),
+        (["{src}", "{tmp}/foreign", "--max-side", "64"], "not a reshard output"),
+    ],
+)
 def test_bad_invocations_are_one_line(sources, tmp_path, capsys, args, msg):
     (tmp_path / "file").write_text("x")
     (tmp_path / "copy").mkdir()
@@ -280,7 +315,7 @@ def test_bad_invocations_are_one_line(sources, tmp_path, capsys, args, msg):
     (tmp_path / "foreign" / "00001.tar").write_bytes(b"")
     try:
         code = data.main(["reshard"] + [a.format(src=sources / "wds", tmp=tmp_path) for a in args])
-    except SystemExit as e:     # argparse's errors
+    except SystemExit as e:  # argparse's errors
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
@@ -288,8 +323,8 @@ def test_bad_invocations_are_one_line(sources, tmp_path, capsys, args, msg):
 
 
 def test_bench_compares_original_and_resharded_shards(sources, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
     import bench_data
+
     assert _reshard(capsys, sources / "wds", tmp_path / "o", "--max-side", N, "--workers", 1)[0] == 0
     rows = bench_data.compare(str(sources / "wds"), str(tmp_path / "o"), sizes=(32, 48), n=8, rounds=1)
     assert [r["image_size"] for r in rows] == [32, 48] and rows[0]["images"] == 8

@@ -1,55 +1,61 @@
 """train.py / finetune.py: presets, the contrastive step on every runtime, checkpoints, resume,
 fine-tuning and the demo, on the CPU (torchrun/gloo, and XLA's PJRT CPU client)."""
+
 import dataclasses
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
+from runs import PY
+from runs import env as _env
+from runs import losses as _losses
+from runs import run as _run
+from runs import tiny_demo_args as _tiny_demo_args
+from runs import train as _train
 from safetensors import safe_open
 
+import eval_zeroshot
+import losses
+import model
+import train
+import xla_utils
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "launch"))
-
-import data  # noqa: E402
-import losses  # noqa: E402
-import demo_data  # noqa: E402
-import eval_zeroshot  # noqa: E402
-import model  # noqa: E402
-import train  # noqa: E402
-import xla_utils  # noqa: E402
-from runs import PY, env as _env, losses as _losses, run as _run, tiny_demo_args as _tiny_demo_args  # noqa: E402
-from runs import train as _train  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- presets and CLI
 
+
 def test_presets_follow_the_paper_recipe():
-    """lr = base x global batch / 256 reproduces CLIPA_SPEC section 4's table; stage layouts."""
+    """lr = base x global batch / 256 reproduces docs/recipe.md's table; stage layouts."""
     want = {  # preset: [(model, image size, batch, lr, warmup, samples)]
-        "b16_i50_t16": [("ViT-B-16-CL16", 112, 65536, 2.048e-3, 782, 2_560_000_000),
-                        ("ViT-B-16-CL16", 224, 8192, 2.56e-5, 3072, 131_072_000)],
-        "l16_i17_t16": [("ViT-L-16-CL16-Syntax-GAP", 64, 32768, 1.024e-3, 1563, 2_560_000_000),
-                        ("ViT-L-16-CL16-GAP", 224, 7168, 2.24e-5, 3571, 131_072_000)],
-        "l16_i37_t8": [("ViT-L-16-CL8-Syntax-GAP", 96, 32768, 1.024e-3, 1563, 2_560_000_000),
-                       ("ViT-L-16-CL32-GAP", 224, 7168, 2.24e-5, 3571, 131_072_000)],
-        "h14_v2": [("ViT-H-14-CL8-Syntax-GAP", 84, 65536, 2.048e-3, 782, 12_811_670_000),
-                   ("ViT-H-14-CL32-GAP", 224, 32768, 5.12e-5, 800, 524_288_000),
-                   ("ViT-H-14-CL32-GAP", 336, 16384, 6.4e-6, 1600, 131_072_000)],
+        "b16_i50_t16": [
+            ("ViT-B-16-CL16", 112, 65536, 2.048e-3, 782, 2_560_000_000),
+            ("ViT-B-16-CL16", 224, 8192, 2.56e-5, 3072, 131_072_000),
+        ],
+        "l16_i17_t16": [
+            ("ViT-L-16-CL16-Syntax-GAP", 64, 32768, 1.024e-3, 1563, 2_560_000_000),
+            ("ViT-L-16-CL16-GAP", 224, 7168, 2.24e-5, 3571, 131_072_000),
+        ],
+        "l16_i37_t8": [
+            ("ViT-L-16-CL8-Syntax-GAP", 96, 32768, 1.024e-3, 1563, 2_560_000_000),
+            ("ViT-L-16-CL32-GAP", 224, 7168, 2.24e-5, 3571, 131_072_000),
+        ],
+        "h14_v2": [
+            ("ViT-H-14-CL8-Syntax-GAP", 84, 65536, 2.048e-3, 782, 12_811_670_000),
+            ("ViT-H-14-CL32-GAP", 224, 32768, 5.12e-5, 800, 524_288_000),
+            ("ViT-H-14-CL32-GAP", 336, 16384, 6.4e-6, 1600, 131_072_000),
+        ],
     }
     for name, rows in want.items():
         stages = [s for _, s in train.resolve_stages(name)]
-        got = [(s.model, s.image_size, s.batch_size, s.resolved_lr, s.warmup, s.train_num_samples)
-               for s in stages]
+        got = [(s.model, s.image_size, s.batch_size, s.resolved_lr, s.warmup, s.train_num_samples) for s in stages]
         for g, w in zip(got, rows, strict=True):
             assert g[:3] == w[:3] and g[4:] == w[4:] and g[3] == pytest.approx(w[3], rel=1e-9), (name, g, w)
     v2 = train.PRESETS["h14_v2"].stages
@@ -58,19 +64,38 @@ def test_presets_follow_the_paper_recipe():
     # every preset's models exist in model.py's registry with the stage's overrides
     for p in train.PRESETS.values():
         for s in p.stages:
-            cfg = model.get_model_config(s.model, image_size=s.image_size, context_length=s.context_length,
-                                         pos_embed=s.pos_embed, mask=s.mask, mask_ratio=s.mask_ratio)
+            cfg = model.get_model_config(
+                s.model,
+                image_size=s.image_size,
+                context_length=s.context_length,
+                pos_embed=s.pos_embed,
+                mask=s.mask,
+                mask_ratio=s.mask_ratio,
+            )
             assert cfg.vision.image_size == s.image_size
 
 
 def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
-    rc = train.main(["--cfg", "l16_i37_t8", "--dry-run", "--batch-size", "4096",
-                     "--set", "finetune.warmup=7", "--train-data", "/x/{0..9}.tar", "--set", "0.lr=1e-3"])
+    rc = train.main(
+        [
+            "--cfg",
+            "l16_i37_t8",
+            "--dry-run",
+            "--batch-size",
+            "4096",
+            "--set",
+            "finetune.warmup=7",
+            "--train-data",
+            "/x/{0..9}.tar",
+            "--set",
+            "0.lr=1e-3",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    pre, ft = (json.loads(l) for l in lines[1:])
+    pre, ft = (json.loads(line) for line in lines[1:])
     assert (pre["batch_size"], ft["batch_size"]) == (4096, 4096)
-    assert pre["lr"] == 1e-3 and ft["lr"] == pytest.approx(8e-7 * 4096 / 256)   # rule still applies
+    assert pre["lr"] == 1e-3 and ft["lr"] == pytest.approx(8e-7 * 4096 / 256)  # rule still applies
     assert (pre["warmup"], ft["warmup"]) == (1563, 7)
     assert pre["train_data"] == ft["train_data"] == "/x/{0..9}.tar"
     assert pre["steps"] == 2_560_000_000 // 4096
@@ -78,22 +103,25 @@ def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
     # finetune.py selects the fine-tune stages
     rc = train.main(["--cfg", "h14_v2", "--dry-run", "--pretrained", REPO], prog="finetune.py", finetune=True)
     assert rc == 0
-    assert [json.loads(l)["name"] for l in capsys.readouterr().out.strip().splitlines()[1:]] == ["ft224", "ft336"]
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.strip().splitlines()[1:]] == ["ft224", "ft336"]
 
-    for argv, needle in [(["--cfg", "nope"], "valid: b16_i50_t16, l16_i17_t16"),
-                         (["--cfg", "demo", "--set", "colour=1"], "valid: model, image_size"),
-                         (["--cfg", "demo", "--batch-size", "many"], "bad value 'many' for batch_size"),
-                         (["--cfg", "demo", "--stage", "ft9"], "unknown stage 'ft9'"),
-                         (["--cfg", "demo", "--mask", "cutout"], "valid: none, random, grid, block"),
-                         (["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", str(tmp_path / "a")],
-                          "no training data; give --train-data"),
-                         (["--cfg", "demo", "--train-data", "/nope/{0..3}.tar", "--out", str(tmp_path / "b")],
-                          "/nope/0.tar")]:
+    for argv, needle in [
+        (["--cfg", "nope"], "valid: b16_i50_t16, l16_i17_t16"),
+        (["--cfg", "demo", "--set", "colour=1"], "valid: model, image_size"),
+        (["--cfg", "demo", "--batch-size", "many"], "bad value 'many' for batch_size"),
+        (["--cfg", "demo", "--stage", "ft9"], "unknown stage 'ft9'"),
+        (["--cfg", "demo", "--mask", "cutout"], "valid: none, random, grid, block"),
+        (
+            ["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", str(tmp_path / "a")],
+            "no training data; give --train-data",
+        ),
+        (["--cfg", "demo", "--train-data", "/nope/{0..3}.tar", "--out", str(tmp_path / "b")], "/nope/0.tar"),
+    ]:
         assert train.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
 
-    with pytest.raises(SystemExit) as exc:            # argparse errors: one line too
+    with pytest.raises(SystemExit) as exc:  # argparse errors: one line too
         train.main([])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and "--cfg" in err and err.count("\n") == 1
@@ -107,13 +135,24 @@ def test_dry_run_checks_what_a_run_would_reject_and_nothing_it_needs_not(capsys)
     reads no files: finetune.py --dry-run does not need the --pretrained checkpoint to exist."""
     assert train.main(["--cfg", "demo", "--dry-run", "--model", "ViT-Nope"]) == 2
     assert "unknown model 'ViT-Nope'" in capsys.readouterr().err
-    for argv in (["--image-size", "0"], ["--batch-size", "0"], ["--warmup", "-5"], ["--weight-decay", "-1"],
-                 ["--scale-min", "0"], ["--scale-min", "2"], ["--image-size", "30"]):
+    for argv in (
+        ["--image-size", "0"],
+        ["--batch-size", "0"],
+        ["--warmup", "-5"],
+        ["--weight-decay", "-1"],
+        ["--scale-min", "0"],
+        ["--scale-min", "2"],
+        ["--image-size", "30"],
+    ):
         assert train.main(["--cfg", "demo", "--dry-run", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: stage ") and err.count("\n") == 1, (argv, err)
-    assert train.main(["--cfg", "demo", "--dry-run", "--pretrained", "/not/yet/trained"],
-                      prog="finetune.py", finetune=True) == 0
+    assert (
+        train.main(
+            ["--cfg", "demo", "--dry-run", "--pretrained", "/not/yet/trained"], prog="finetune.py", finetune=True
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.splitlines()[1])["name"] == "finetune"
 
 
@@ -129,15 +168,26 @@ def test_every_option_is_declared_once():
     assert flags["device"].choices == xla_utils.DEVICES and flags["precision"].choices == xla_utils.PRECISIONS
     assert train.STAGE_FIELDS["mask"].metadata["choices"] == model.MASK_STRATEGIES
     run, _, _ = train.parse_args(["--cfg", "demo"])
-    assert run == train.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))   # defaults: the dataclass's
-    run, _, _ = train.parse_args(["--cfg", "demo", "--grad-checkpointing", "--save-minutes", "2.5",
-                                  "--max-steps", "1_000", "--eval-templates", "short"])
+    assert run == train.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))  # defaults: the dataclass's
+    run, _, _ = train.parse_args(
+        [
+            "--cfg",
+            "demo",
+            "--grad-checkpointing",
+            "--save-minutes",
+            "2.5",
+            "--max-steps",
+            "1_000",
+            "--eval-templates",
+            "short",
+        ]
+    )
     assert (run.grad_checkpointing, run.save_minutes, run.max_steps, run.eval_templates) == (True, 2.5, 1000, "short")
 
 
 def test_flops_table_is_derived_from_the_presets(capsys):
     """python train.py --cfg NAME --flops: per stage, the FLOPs counter at the stage's tokens. The
-    H/14 v2 rows reproduce the paper's 224 px / 40%-masked 336 px numbers (CLIPA_SPEC section 3)."""
+    H/14 v2 rows reproduce the paper's 224 px / 40%-masked 336 px numbers (docs/models.md)."""
     assert train.main(["--cfg", "h14_v2", "--flops"]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.strip().splitlines()[2:]]
     assert [r[0].strip() for r in rows] == ["pretrain", "ft224", "ft336"]
@@ -154,13 +204,14 @@ def test_loss_matches_open_clip_and_schedule():
     scale = torch.tensor(14.3)
     assert losses.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
 
-    stage = train.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=512, base_lr=8e-6, warmup=5,
-                        train_num_samples=512 * 40)
+    stage = train.Stage(
+        "s", model="ViT-Test-8-CL16", image_size=32, batch_size=512, base_lr=8e-6, warmup=5, train_num_samples=512 * 40
+    )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     ref = cosine_lr(opt, stage.resolved_lr, stage.warmup, stage.steps)
     lrs = [train.lr_at(i, stage) for i in range(stage.steps)]
     assert lrs == pytest.approx([ref(i) for i in range(stage.steps)], rel=1e-12)
-    assert max(lrs) == pytest.approx(1.6e-5) and min(lrs) > 0      # never exactly 0 (XLA constant)
+    assert max(lrs) == pytest.approx(1.6e-5) and min(lrs) > 0  # never exactly 0 (XLA constant)
 
 
 def test_weight_decay_groups():
@@ -171,16 +222,26 @@ def test_weight_decay_groups():
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
-    assert {"logit_scale", "visual.class_embedding", "visual.ln_pre.weight", "text.ln_final.bias",
-            "visual.transformer.resblocks.0.attn.in_proj_bias"} <= nd
-    assert {"visual.conv1.weight", "visual.proj", "text.token_embedding.weight",
-            "visual.positional_embedding", "text.transformer.resblocks.1.mlp.c_fc.weight"} <= d
+    assert {
+        "logit_scale",
+        "visual.class_embedding",
+        "visual.ln_pre.weight",
+        "text.ln_final.bias",
+        "visual.transformer.resblocks.0.attn.in_proj_bias",
+    } <= nd
+    assert {
+        "visual.conv1.weight",
+        "visual.proj",
+        "text.token_embedding.weight",
+        "visual.positional_embedding",
+        "text.transformer.resblocks.1.mlp.c_fc.weight",
+    } <= d
     assert len(nd) + len(d) == len(names) and not nd & d
 
 
 # ----------------------------------------------------------------------------- one step, every runtime
 
-STEP_SCRIPT = r'''
+STEP_SCRIPT = r"""
 import argparse, json, sys, torch
 from open_clip.loss import ClipLoss
 import data, losses, model, train, xla_utils
@@ -232,7 +293,7 @@ for i in range(steps):
     rt.step_boundary()
 if rt.is_master:
     torch.save({"rec": rec, "weights": {k: v.detach().cpu() for k, v in m.state_dict().items()}}, out)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +322,7 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     one, out1 = cpu_baseline
     # started by our launcher (torchrun underneath; it appends "--device cpu" to the script's args)
     out = tmp_path / "cpu2.pt"
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29631", str(step_script),
-              str(out), "4"])
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29631", str(step_script), str(out), "4"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two, out2 = torch.load(out, weights_only=True), p.stdout
     assert out1.startswith("device: cpu (1 process(es))")
@@ -274,7 +334,7 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
         assert torch.allclose(_no_key_bias(k, two["weights"][k]), _no_key_bias(k, v), atol=1e-5, rtol=0), k
     torch.manual_seed(0)
     init = model.create_model("ViT-Test-8-CL16").state_dict()
-    assert not torch.equal(init["visual.proj"], one["weights"]["visual.proj"])     # it did train
+    assert not torch.equal(init["visual.proj"], one["weights"]["visual.proj"])  # it did train
 
 
 @pytest.mark.slow
@@ -283,8 +343,22 @@ def test_two_processes_with_exact_accumulation_match_one(step_script, cpu_baseli
     chunk: the same first-step gradients and the same losses within 1e-5."""
     one, _ = cpu_baseline
     out = tmp_path / "acc.pt"
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29641", str(step_script),
-              str(out), "4", "--accum", "2"])
+    p = _run(
+        [
+            PY,
+            "xla_utils.py",
+            "launch",
+            "--nproc",
+            "2",
+            "--master-port",
+            "29641",
+            str(step_script),
+            str(out),
+            "4",
+            "--accum",
+            "2",
+        ]
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two = torch.load(out, weights_only=True)
     assert two["rec"]["losses"] == pytest.approx(one["rec"]["losses"], abs=1e-5)
@@ -298,11 +372,12 @@ def _no_key_bias(name, t):
     so it is left out of weight comparisons."""
     if name.endswith("attn.in_proj_bias"):
         w = t.shape[0] // 3
-        return torch.cat([t[:w], t[2 * w:]])
+        return torch.cat([t[:w], t[2 * w :]])
     return t
 
 
 # ----------------------------------------------------------------------------- end to end (train.py)
+
 
 @pytest.mark.slow
 def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_path):
@@ -310,11 +385,17 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
     run - including the stage change to 64 px / 32 tokens / learnable positions / 30% masking - has
     bit-identical losses on the CPU."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([PY, "train.py", *_tiny_demo_args(demo_small, out)], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PY, "train.py", *_tiny_demo_args(demo_small, out)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:      # kill once step 5 is logged
-        if metrics.exists() and any(json.loads(l).get("step", 0) >= 5 for l in metrics.read_text().splitlines()):
+    while time.time() < deadline and proc.poll() is None:  # kill once step 5 is logged
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= 5 for line in metrics.read_text().splitlines()):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -322,19 +403,30 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
     ck = out / "checkpoints"
     killed_at = (ck / "latest").read_text().strip()
     assert killed_at in ("step_00000003", "step_00000006", "step_00000008", "step_00000009"), killed_at
-    stdout = _train(_tiny_demo_args(demo_small, out, "--resume", "latest", "--eval-data", demo_small.val_dir,
-                                    "--eval-classnames", os.path.join(demo_small.root, "classnames.txt"),
-                                    "--eval-templates", os.path.join(demo_small.root, "templates.txt")))
+    stdout = _train(
+        _tiny_demo_args(
+            demo_small,
+            out,
+            "--resume",
+            "latest",
+            "--eval-data",
+            demo_small.val_dir,
+            "--eval-classnames",
+            os.path.join(demo_small.root, "classnames.txt"),
+            "--eval-templates",
+            os.path.join(demo_small.root, "templates.txt"),
+        )
+    )
     # the killed run's lock file is still there, its lock is not: taken over, said in one line
     took_over, device = stdout.splitlines()[:2]
     assert took_over.startswith("taking over the lock of a run that ended without releasing it (pid ")
     assert device.startswith("device: cpu (1 process(es)); precision fp32")
     assert f"resuming from {ck / killed_at}" in stdout
-    assert not [n for n in os.listdir(ck) if ".tmp" in n]          # a kill mid-save leaves nothing
+    assert not [n for n in os.listdir(ck) if ".tmp" in n]  # a kill mid-save leaves nothing
     want, _ = _losses(uninterrupted)
-    got, recs = _losses(out)       # steps after the checkpoint ran twice: the resumed run's records win
+    got, recs = _losses(out)  # steps after the checkpoint ran twice: the resumed run's records win
     assert sorted(want) == list(range(1, 13)) and sorted(got) == sorted(want)
-    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]   # bit for bit
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]  # bit for bit
     evaluated = {"finetune"} | ({"pretrain"} if killed_at < "step_00000008" else set())
     assert {r["stage"] for r in recs if "eval_top1" in r} == evaluated
     assert all(0 <= r["eval_top1"] <= 1 and r["eval_n"] == 72 for r in recs if "eval_top1" in r)
@@ -353,7 +445,7 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
     assert meta["format"] == "clipa" and meta["model_name"] == "ViT-Tiny-8-CL32-GAP"
     assert model.config_from_metadata(meta).vision.image_size == 64
     assert pos.shape == (8 * 8 + 1, 128) and tpos.shape == (32, 128)
-    st = torch.load(final / "train_state.pt", weights_only=True)          # no unsafe pickle
+    st = torch.load(final / "train_state.pt", weights_only=True)  # no unsafe pickle
     assert (st["step"], st["stage_name"], st["stage_step"], st["world_size"]) == (12, "finetune", 4, 1)
     assert json.loads(st["config"])["stages"][1]["image_size"] == 64
     assert json.loads((final / "meta.json").read_text())["model"] == "ViT-Tiny-8-CL32-GAP"
@@ -371,15 +463,47 @@ def test_finetune_py_from_a_pretrain_checkpoint(demo_small, uninterrupted, tmp_p
     (position tables resized, learnable) and trains; an incompatible architecture is a one-line error."""
     pre = uninterrupted / "checkpoints" / "step_00000008"
     out = tmp_path / "ft"
-    stdout = _train(["--cfg", "demo", "--pretrained", str(pre), "--workers", "1", "--batch-size", "16",
-                     "--train-num-samples", "48", "--train-data", demo_small.train_wds, "--log-every", "1",
-                     "--out", str(out)], script="finetune.py")
+    stdout = _train(
+        [
+            "--cfg",
+            "demo",
+            "--pretrained",
+            str(pre),
+            "--workers",
+            "1",
+            "--batch-size",
+            "16",
+            "--train-num-samples",
+            "48",
+            "--train-data",
+            demo_small.train_wds,
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+        ],
+        script="finetune.py",
+    )
     assert f"from {pre}" in stdout and "stage finetune done at step 3" in stdout
     losses, _ = _losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", str(pre), "--train-data", demo_small.train_wds,
-              "--set", "finetune.model=ViT-Test-8-CL16", "--out", str(tmp_path / "bad")])
+    p = _run(
+        [
+            PY,
+            "finetune.py",
+            "--cfg",
+            "demo",
+            "--pretrained",
+            str(pre),
+            "--train-data",
+            demo_small.train_wds,
+            "--set",
+            "finetune.model=ViT-Test-8-CL16",
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "does not fit" in p.stderr
 
@@ -389,14 +513,33 @@ def test_demo_preset_loss_falls(demo_small, tmp_path):
     """train.py --cfg demo (its pre-train stage, shortened from the CLI) learns on the demo data;
     --save-minutes 0 saves at every time check (each 10 steps), --keep 2 prunes the older ones."""
     out = tmp_path / "demo"
-    _train(["--cfg", "demo", "--stage", "pretrain", "--train-num-samples", str(32 * 50), "--workers", "1",
-            "--train-data", demo_small.train_wds, "--log-every", "1", "--out", str(out),
-            "--save-minutes", "0", "--keep", "2"])
+    _train(
+        [
+            "--cfg",
+            "demo",
+            "--stage",
+            "pretrain",
+            "--train-num-samples",
+            str(32 * 50),
+            "--workers",
+            "1",
+            "--train-data",
+            demo_small.train_wds,
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+            "--save-minutes",
+            "0",
+            "--keep",
+            "2",
+        ]
+    )
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000040", "step_00000050"]
     losses, _ = _losses(out)
     first, last = [losses[s] for s in (1, 2, 3)], [losses[s] for s in (48, 49, 50)]
     assert sum(last) / 3 < sum(first) / 3 - 0.4, losses
-    assert sum(last) / 3 < math.log(32) - 0.2, losses     # well below chance for a batch of 32
+    assert sum(last) / 3 < math.log(32) - 0.2, losses  # well below chance for a batch of 32
 
 
 @pytest.mark.slow
@@ -409,8 +552,9 @@ def test_train_py_on_xla_matches_cpu(demo_small, uninterrupted, tmp_path, device
     args = _tiny_demo_args(demo_small, out, "--stage", "pretrain", "--device", "xla", "--max-steps", "6")
     stdout = _train(args, CPU_NUM_DEVICES=devices)
     first = stdout.splitlines()[0]
-    assert first.startswith("device: xla (CPU, PJRT, " + ("1 device)" if devices == 1 else
-                                                          "SPMD data parallel over 2 devices, 1 host"))
+    assert first.startswith(
+        "device: xla (CPU, PJRT, " + ("1 device)" if devices == 1 else "SPMD data parallel over 2 devices, 1 host")
+    )
     want, _ = _losses(uninterrupted)
     got, recs = _losses(out)
     assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], abs=1e-4)
@@ -429,7 +573,7 @@ def _accum_step(k, mask=None, seed=0):
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     tokens = torch.randint(1, 49000, (8, 16), generator=g)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    torch.manual_seed(7)                                   # the image masks' stream
+    torch.manual_seed(7)  # the image masks' stream
     loss = train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=k)
     return loss.item(), {n: p.detach().clone() for n, p in m.named_parameters()}, (m, images, tokens)
 
@@ -462,7 +606,7 @@ def test_accumulation_replays_the_image_masks():
     tokens = torch.randint(1, 49000, (8, 16), generator=g)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     torch.manual_seed(7)
-    feats = [train.features(m, images[i:i + 4], tokens[i:i + 4], rt, "fp32") for i in (0, 4)]
+    feats = [train.features(m, images[i : i + 4], tokens[i : i + 4], rt, "fp32") for i in (0, 4)]
     ref = losses.clip_loss(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[1][2], rt)
     ref.backward()
     assert loss == pytest.approx(ref.item(), abs=1e-6)
@@ -484,12 +628,14 @@ def test_accumulation_memory_falls_with_k(tmp_path):
         "open('/proc/self/clear_refs', 'w').write('5')   # reset the peak (VmHWM) to the current RSS\n"
         "base = kb('VmRSS')\n"
         "train.train_step(rt, m, opt, x, t, 0.1, accum_steps=k)\n"
-        "print(kb('VmHWM') - base)\n")
+        "print(kb('VmHWM') - base)\n"
+    )
     peak = {k: int(_run([PY, str(script), str(k)]).stdout.split()[-1]) for k in (1, 8)}
     assert peak[8] < 0.6 * peak[1], peak
 
 
 # ----------------------------------------------------------------------------- inputs checked up front
+
 
 def test_eval_inputs_are_checked_before_the_first_step(demo_small, tmp_path, capsys):
     """A templates file without '{}' or class names that do not match the eval set stop the run in
@@ -498,9 +644,11 @@ def test_eval_inputs_are_checked_before_the_first_step(demo_small, tmp_path, cap
     bad.write_text("a photo of a thing\n")
     names = os.path.join(demo_small.root, "classnames.txt")
     base = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--eval-data", demo_small.val_dir]
-    for extra, needle in [(["--eval-classnames", names, "--eval-templates", str(bad)], "placeholder"),
-                          ([], "36 classes but 1000 class names"),
-                          (["--eval-classnames", names, "--resume", "latest"], "--resume latest: no checkpoint in")]:
+    for extra, needle in [
+        (["--eval-classnames", names, "--eval-templates", str(bad)], "placeholder"),
+        ([], "36 classes but 1000 class names"),
+        (["--eval-classnames", names, "--resume", "latest"], "--resume latest: no checkpoint in"),
+    ]:
         out = tmp_path / "run"
         assert train.main(base + extra + ["--out", str(out)]) == 2, extra
         err = capsys.readouterr().err
@@ -532,24 +680,38 @@ def test_training_eval_uses_the_trainers_runtime_and_precision(monkeypatch):
 
 def test_an_internal_error_keeps_its_traceback(demo_small, tmp_path, monkeypatch):
     """Only input errors become one line: a bug inside the run propagates with its traceback."""
+
     def broken(*a, **k):
         raise ValueError("a bug deep in the run")
 
     monkeypatch.setattr(train, "train_step", broken)
     with pytest.raises(ValueError, match="a bug deep in the run"):
-        train.main(["--cfg", "demo", "--stage", "pretrain", "--train-data", demo_small.train_wds,
-                    "--workers", "0", "--out", str(tmp_path / "run")])
+        train.main(
+            [
+                "--cfg",
+                "demo",
+                "--stage",
+                "pretrain",
+                "--train-data",
+                demo_small.train_wds,
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
 
 
 def test_agree_is_one_decision_for_every_process(tmp_path):
     """A time-based save is a collective: two processes whose clocks disagree must both save."""
     script = tmp_path / "agree.py"
-    script.write_text("import sys, xla_utils\nrt = xla_utils.init_runtime('cpu')\n"
-                      "open(f'{sys.argv[-1]}.{rt.rank}', 'w').write(repr("
-                      "(rt.agree(rt.rank == 1), rt.agree(False), rt.agree_each([rt.rank == 0, False, True]))))\n"
-                      "rt.barrier()\nrt.shutdown()\n")
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29633", str(script),
-              str(tmp_path / "r")])
+    script.write_text(
+        "import sys, xla_utils\nrt = xla_utils.init_runtime('cpu')\n"
+        "open(f'{sys.argv[-1]}.{rt.rank}', 'w').write(repr("
+        "(rt.agree(rt.rank == 1), rt.agree(False), rt.agree_each([rt.rank == 0, False, True]))))\n"
+        "rt.barrier()\nrt.shutdown()\n"
+    )
+    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29633", str(script), str(tmp_path / "r")])
     assert p.returncode == 0, p.stderr[-2000:]
     for rank in (0, 1):
         assert (tmp_path / f"r.{rank}").read_text() == "(True, False, [True, False, True])"
@@ -557,15 +719,18 @@ def test_agree_is_one_decision_for_every_process(tmp_path):
 
 # ----------------------------------------------------------------------------- the compiled step
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, mask, ckpt", [("ViT-Test-8-CL16", "none", False),
-                                              ("ViT-Test-8-CL32-GAP-BigVision", "random", True)])
+@pytest.mark.parametrize(
+    "name, mask, ckpt", [("ViT-Test-8-CL16", "none", False), ("ViT-Test-8-CL32-GAP-BigVision", "random", True)]
+)
 def test_compiled_step_has_no_graph_break_and_compiles_once(name, mask, ckpt):
     """--compile: the forward + loss (+ its backward) is one graph, compiled on the first step and
     never again over the stage (the lr changes every step); with no masking it trains exactly as
     the eager step does (masks are drawn by the compiled graph's own RNG, so masked runs differ)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+
     rt = xla_utils.init_runtime("cpu")
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -602,13 +767,13 @@ def test_compiled_train_py_resumes_bit_exact(demo_small, tmp_path):
     _train(_tiny_demo_args(demo_small, full, "--compile"))
     _train(_tiny_demo_args(demo_small, part, "--compile", "--max-steps", "5"))
     stdout = _train(_tiny_demo_args(demo_small, part, "--compile", "--resume", "latest"))
-    assert "resuming from" in stdout and stdout.count("compiled the step in") == 2   # once per stage
+    assert "resuming from" in stdout and stdout.count("compiled the step in") == 2  # once per stage
     want, _ = _losses(full)
     got, _ = _losses(part)
     assert sorted(want) == list(range(1, 13)) and got == want
     final = "checkpoints/step_00000012/model.safetensors"
     with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
 
 
 @pytest.mark.slow
@@ -618,22 +783,50 @@ def test_two_compiled_processes_match_one(step_script, cpu_baseline, tmp_path):
     compared: AdamW turns the float noise of near-zero gradients into +-lr steps)."""
     one, _ = cpu_baseline
     out = tmp_path / "compiled2.pt"
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29681", str(step_script),
-              str(out), "4", "--compile"])
+    p = _run(
+        [
+            PY,
+            "xla_utils.py",
+            "launch",
+            "--nproc",
+            "2",
+            "--master-port",
+            "29681",
+            str(step_script),
+            str(out),
+            "4",
+            "--compile",
+        ]
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two = torch.load(out, weights_only=True)
     assert two["rec"]["losses"] == pytest.approx(one["rec"]["losses"], abs=1e-5)
     for k, g in one["rec"]["grads"].items():
         assert torch.allclose(two["rec"]["grads"][k], g, atol=1e-5, rtol=0), k
 
+
 def test_training_time_retrieval_eval(demo_small, tmp_path):
     """--eval-retrieval: image<->text recall at the end of the stage, in the log and metrics.jsonl."""
     out = tmp_path / "run"
-    stdout = _train(_tiny_demo_args(demo_small, out, "--stage", "pretrain", "--set", "pretrain.train_num_samples=32",
-                                    "--eval-retrieval", demo_small.val_captions))
+    stdout = _train(
+        _tiny_demo_args(
+            demo_small,
+            out,
+            "--stage",
+            "pretrain",
+            "--set",
+            "pretrain.train_num_samples=32",
+            "--eval-retrieval",
+            demo_small.val_captions,
+        )
+    )
     assert "retrieval R@1: image->text" in stdout and "(72 images, 72 captions)" in stdout
     _, recs = _losses(out)
     ev = [r for r in recs if "eval_retrieval_image_to_text_R@1" in r]
     assert len(ev) == 1 and 0 <= ev[0]["eval_retrieval_text_to_image_R@10"] <= 1
-    assert train.main(["--cfg", "demo", "--train-data", demo_small.train_wds, "--eval-retrieval",
-                       str(tmp_path / "nothing")]) == 2
+    assert (
+        train.main(
+            ["--cfg", "demo", "--train-data", demo_small.train_wds, "--eval-retrieval", str(tmp_path / "nothing")]
+        )
+        == 2
+    )

@@ -1,4 +1,5 @@
 """xla_utils.py: device choice, launcher commands, RNG state round trips, host memory reuse."""
+
 import os
 import random
 import shlex
@@ -9,22 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import checkpoints
+import cli
+import xla_utils
 
-import checkpoints  # noqa: E402
-import xla_utils  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_auto_device_is_not_xla_just_because_torch_xla_imports(monkeypatch):
-    """CLIPA_SPEC section 8: torch_xla imports here (conftest) and PJRT_DEVICE=CPU is set, yet with
+    """docs/platforms.md: torch_xla imports here (conftest) and PJRT_DEVICE=CPU is set, yet with
     no GPU and no TPU 'auto' must mean the plain CPU; XLA only when asked or a TPU is attached."""
     import torch_xla  # noqa: F401
+
     assert os.environ.get("PJRT_DEVICE") == "CPU"
     assert xla_utils.resolve_device("auto") == "cpu"
     assert xla_utils.resolve_device("xla") == "xla"
     assert xla_utils.resolve_device("CPU") == "cpu"
-    monkeypatch.setenv("PJRT_DEVICE", "TPU")          # a TPU VM sets this
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")  # a TPU VM sets this
     assert xla_utils.resolve_device("auto") == "xla"
     with pytest.raises(ValueError, match="no CUDA GPU"):
         xla_utils.resolve_device("cuda")
@@ -45,7 +47,9 @@ def test_launch_commands(capsys):
     # test_train.py::test_torchrun_two_processes_match_one)
     assert xla_utils.main(["launch", "--print-only", "--nproc", "2", "train.py", "--cfg", "demo"]) == 0
     out = capsys.readouterr().out
-    assert "torch.distributed.run --nproc_per_node=2" in out and out.rstrip().endswith("train.py --device cpu --cfg demo")
+    assert "torch.distributed.run --nproc_per_node=2" in out and out.rstrip().endswith(
+        "train.py --device cpu --cfg demo"
+    )
     assert xla_utils.main(["launch", "nope.py"]) == 2
     assert capsys.readouterr().err == "error: script not found: nope.py\n"
     # printed commands are shell-quoted: a brace pattern or a space survives the paste
@@ -55,7 +59,7 @@ def test_launch_commands(capsys):
 
 
 def test_the_shared_parser_errors_in_one_line(capsys):
-    p = xla_utils.ArgumentParser(prog="x.py")
+    p = cli.ArgumentParser(prog="x.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("go").add_argument("--n", type=int)
     for argv in ([], ["stop"], ["go", "--n", "many"]):
@@ -67,7 +71,7 @@ def test_the_shared_parser_errors_in_one_line(capsys):
 
 def test_precision_and_device_flags_come_from_the_runtime():
     cpu = xla_utils.Runtime("cpu", torch.device("cpu"))
-    cuda = xla_utils.Runtime("cuda", torch.device("cpu"))   # no GPU needed to ask what it would use
+    cuda = xla_utils.Runtime("cuda", torch.device("cpu"))  # no GPU needed to ask what it would use
     xla = xla_utils.Runtime("xla", torch.device("cpu"))
     assert (cpu.precision(), cuda.precision(), xla.precision()) == ("fp32", "bf16", "fp32")
     assert cuda.precision("fp32") == "fp32" and cpu.precision("bf16") == "bf16"
@@ -76,7 +80,7 @@ def test_precision_and_device_flags_come_from_the_runtime():
     assert xla.optimizer_kwargs() == {"capturable": True} and cuda.optimizer_kwargs() == {"fused": True}
     assert xla.count_dtype == torch.int32 and cpu.count_dtype == torch.int64
     assert cuda.pin_memory and not cpu.pin_memory
-    assert cpu.agree(True) and not cpu.agree(False)          # one process: its own decision
+    assert cpu.agree(True) and not cpu.agree(False)  # one process: its own decision
 
 
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
@@ -96,17 +100,18 @@ def test_a_cpu_runtime_reuses_freed_memory_instead_of_faulting_it_in_again():
     step page-faults all of it in again; a CPU runtime keeps it for reuse (counted in minor page
     faults, in fresh processes: the setting is process-wide). The heap may still grow once or twice
     where its layout happens to block reuse (seen in 1 run of 10): a bound, not zero, per 10 steps."""
-    code = ("import resource, sys, torch, xla_utils\n"
-            "if sys.argv[1] == 'runtime': xla_utils.init_runtime('cpu')\n"
-            "for _ in range(2): torch.zeros(49408, 512)\n"          # the heap settles
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(10): torch.zeros(49408, 512)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    code = (
+        "import resource, sys, torch, xla_utils\n"
+        "if sys.argv[1] == 'runtime': xla_utils.init_runtime('cpu')\n"
+        "for _ in range(2): torch.zeros(49408, 512)\n"  # the heap settles
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10): torch.zeros(49408, 512)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
     faults = {}
     for how in ("plain", "runtime"):
-        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, cwd=REPO,
-                           timeout=120)
+        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r.returncode == 0, r.stderr
         faults[how] = int(r.stdout.split()[-1])
-    assert faults["plain"] >= 10 * 49408 * 512 * 4 // 2 ** 21     # afresh: at least a fault per 2 MB page
-    assert faults["runtime"] < faults["plain"] // 4, faults       # plain: a refill every step
+    assert faults["plain"] >= 10 * 49408 * 512 * 4 // 2**21  # afresh: at least a fault per 2 MB page
+    assert faults["runtime"] < faults["plain"] // 4, faults  # plain: a refill every step
