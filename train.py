@@ -670,8 +670,50 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- logging
 
 
-class Logger(xla_utils.RunLog):
-    """xla_utils.RunLog (master's stdout, OUT/metrics.jsonl, TensorBoard) plus the progress record."""
+class RunLog:
+    """What a run reports: lines on the master's stdout, records in OUT/metrics.jsonl (each with the
+    invocation's run id, so steps re-run after a resume stay apart) and TensorBoard when installed.
+    A failing disk never stops training through its logs: the failure is reported once."""
+
+    def __init__(self, rt: xla_utils.Runtime, out: str):
+        self.rt, self.file, self.tb, self._warned = rt, None, None, False
+        self.run_id = os.urandom(4).hex()  # not from the seeded RNGs: those must stay untouched
+        if rt.is_master:
+            os.makedirs(out, exist_ok=True)
+            self.file = open(os.path.join(out, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the run
+            with contextlib.suppress(Exception):  # tensorboard not installed: no TensorBoard logs
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+
+    def info(self, msg: str):
+        if self.rt.is_master:
+            print(msg, flush=True)
+
+    def record(self, rec: dict):
+        if not self.rt.is_master:
+            return
+        try:
+            self.file.write(json.dumps({**rec, "run": self.run_id}) + "\n")
+            self.file.flush()
+            if self.tb is not None:
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self.tb.add_scalar(k, v, rec["step"])
+        except OSError as e:
+            if not self._warned:
+                print(f"warning: metrics not written ({e}); training goes on", file=sys.stderr, flush=True)
+                self._warned = True
+
+    def close(self):
+        for f in (self.file, self.tb):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+
+class Logger(RunLog):
+    """RunLog (master's stdout, OUT/metrics.jsonl, TensorBoard) plus the progress record."""
 
     def __init__(self, rt, out: str):
         super().__init__(rt, out)
