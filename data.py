@@ -1,11 +1,10 @@
-"""CLIPA data path: uint8 transforms with fast low-resolution JPEG decode for training, a sharded
-and resumable training loader, evaluation loaders (ImageFolder or TFDS, e.g. ImageNet-1K
-validation), and dataset stats. Shard specs, format detection and readers are in shards.py.
+"""CLIPA data loading: a sharded and resumable training loader, evaluation loaders (ImageFolder or
+TFDS, e.g. ImageNet-1K validation), and dataset stats. Image decoding, cropping and normalisation
+are in transforms.py; shard specs, format detection and readers in shards.py.
 
-Design: the loader emits uint8 CHW batches (4x fewer bytes than float32 on the host->device link);
-the device calls `normalize` once per batch. Training decodes JPEGs at a reduced DCT scale when the
-crop is much smaller than the source, with the crop box mapped to the reduced image; evaluation
-decodes at full resolution (torchvision's pixels).
+The loaders emit uint8 CHW batches; the device normalises them (transforms.normalize). A training
+sample's augmentation and a batch's position in the epoch follow from seeds alone (`mix`), so a
+resumed run replays the very batches an uninterrupted one would have seen.
 
 CLI:  python data.py stats SPEC... [--format F] [--no-decode] [--split S]
       python data.py reshard SRC DST --max-side N [--quality Q] [--workers W]   (shards.py's pass)
@@ -14,7 +13,6 @@ The demo dataset lives in launch/demo_data.py, the loader benchmark in launch/be
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -30,32 +28,20 @@ from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
-import simplejpeg
 import torch
-from PIL import Image, ImageEnhance
 
 import cli
 import shards
+import transforms
 import xla_utils
 from shards import FORMATS, Raw, Source, find_tfds_dir, is_remote, read_shard, resolve
 
 log = logging.getLogger("clipa.data")
 
 DEFAULT_SHUFFLE = 1000  # samples per loader worker (raw JPEG bytes, ~10-50 KB each)
-# the largest image (width x height) that is decoded: Pillow's decompression-bomb limit (0.25 GiB as
-# RGB). One cap for the train and eval transforms and `stats`; a larger image is the counted skip
-# "image_too_large", refused from its header before any pixel is decoded.
-MAX_IMAGE_PIXELS = 89_478_485
 END = 1 << 62  # "past the last shard" position
 PIPE_BYTES = 1 << 22  # a worker's batch tensors up to this size travel through its pipe (_pipe)
-
-_INTERP = {
-    "bicubic": Image.BICUBIC,
-    "bilinear": Image.BILINEAR,
-    "nearest": Image.NEAREST,
-    "lanczos": Image.LANCZOS,
-    "box": Image.BOX,
-}
+ALL_BAD_LIMIT = 50  # this many failed decodes before the first good one: a bug, not bad data
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -72,266 +58,6 @@ def mix(*xs: int) -> int:
         h = (h + 0x9E3779B97F4A7C15) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 29
     return h
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-class ImageTooLarge(ValueError):
-    """An encoded image over MAX_IMAGE_PIXELS: refused before decoding."""
-
-
-def _check_pixels(width: int, height: int):
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ImageTooLarge(f"{width}x{height} image is over MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
-
-
-def _open_image(src) -> Image.Image:
-    """A PIL image (returned as is), or encoded bytes / a path / a file object opened lazily,
-    its size checked against MAX_IMAGE_PIXELS (Pillow's own bomb error counts as too large too)."""
-    if isinstance(src, Image.Image):
-        return src
-    try:
-        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(str(e)) from None
-    _check_pixels(*img.size)
-    return img
-
-
-def _skip_reason(error: Exception) -> str:
-    """The skip count an image transform's exception goes to: image_too_large or bad_image."""
-    return "image_too_large" if isinstance(error, ImageTooLarge) else "bad_image"
-
-
-def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3, H, W]."""
-    a = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
-
-def random_resized_crop_params(width: int, height: int, scale, ratio, rng: random.Random):
-    """(top, left, h, w), torchvision RandomResizedCrop's algorithm with our own RNG."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height  # fallback: central crop at the nearest allowed ratio
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def color_jitter(
-    img: Image.Image, rng: random.Random, brightness=0.32, contrast=0.32, saturation=0.32, hue=0.08
-) -> Image.Image:
-    """torchvision ColorJitter semantics on PIL (same enhancers, random order, HSV hue shift)."""
-    ops = [0, 1, 2, 3]
-    rng.shuffle(ops)
-    for op in ops:
-        if op == 0 and brightness:
-            img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - brightness, 1 + brightness))
-        elif op == 1 and contrast:
-            img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - contrast, 1 + contrast))
-        elif op == 2 and saturation:
-            img = ImageEnhance.Color(img).enhance(rng.uniform(1 - saturation, 1 + saturation))
-        elif op == 3 and hue:
-            h, s, v = img.convert("HSV").split()
-            shift = np.uint8(int(rng.uniform(-hue, hue) * 255) % 256)
-            h = Image.fromarray((np.asarray(h, dtype=np.uint8) + shift).astype(np.uint8), "L")
-            img = Image.merge("HSV", (h, s, v)).convert("RGB")
-    return img
-
-
-def _dct_scale(W: int, H: int, box, out_wh: tuple[int, int]) -> int:
-    """JPEG DCT scale divisor (1, 2, 4, 8) for resizing `box` of a WxH image to out_wh: the
-    largest whose decoded image still has >= out_wh pixels across the box (Pillow draft's rule)."""
-    bw, bh = max(box[2] - box[0], 1e-6), max(box[3] - box[1], 1e-6)
-    need = (max(1, math.ceil(W * out_wh[0] / bw)), max(1, math.ceil(H * out_wh[1] / bh)))
-    r = min(W // need[0], H // need[1])
-    return next((s for s in (8, 4, 2) if r >= s), 1)
-
-
-def _axis_crop(a0: float, a1: float, n: int):
-    """One axis of a resampling box [a0, a1) in an image n pixels long -> (c0, c1, flip): an
-    integer crop whose first pixel edge (its last one when flip) is a box edge. The resampler's
-    output grid starts at the crop's first edge, so the box is then resampled exactly. None
-    when neither edge is integer (a box at an odd original pixel, seen at 1/2 scale)."""
-    if a0 == int(a0):
-        return int(a0), min(n, math.ceil(a1)), False
-    if a1 == int(a1):
-        return int(a0), int(a1), True
-    return None
-
-
-def _resize_box(img, box, size: int) -> torch.Tensor:
-    """Resample `box` (x0, y0, x1, y1, fractional) of a decoded RGB image (HWC uint8 array or
-    PIL image) to uint8 [3, size, size]: antialiased bicubic, PIL's filter (a=-0.5) and pixel
-    grid. torch's uint8 AVX2 kernel (~2-3x faster than Pillow's resampler) when each axis has
-    an integer box edge; Pillow's resize with the fractional box otherwise."""
-    arr = isinstance(img, np.ndarray)
-    h, w = img.shape[:2] if arr else img.size[::-1]
-    cx, cy = _axis_crop(box[0], box[2], w), _axis_crop(box[1], box[3], h)
-    if cx is None or cy is None:
-        pil = Image.fromarray(img) if arr else img
-        return _to_uint8_chw(pil.resize((size, size), Image.BICUBIC, box=box))
-    (x0, x1, fx), (y0, y1, fy) = cx, cy
-    if arr:
-        hwc = torch.from_numpy(img)[y0:y1, x0:x1]
-    else:  # bytearray: a writable buffer torch can share (Pillow's bytes are read-only)
-        hwc = torch.frombuffer(bytearray(img.crop((x0, y0, x1, y1)).tobytes()), dtype=torch.uint8).view(
-            y1 - y0, x1 - x0, 3
-        )
-    x = hwc.permute(2, 0, 1).unsqueeze(0)  # HWC memory read as channels-last CHW: no copy
-    flips = [d for d, f in ((2, fy), (3, fx)) if f]
-    if flips:
-        x = x.flip(flips)
-    # explicit scales: the output grid is the box's, even where the crop runs past its far edge
-    out = torch.ops.aten._upsample_bicubic2d_aa(
-        x, [size, size], False, size / (box[3] - box[1]), size / (box[2] - box[0])
-    )
-    if flips:
-        out = out.flip(flips)
-    return out[0].contiguous()
-
-
-class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio 3/4..4/3), bicubic, no flip; optional colour jitter
-    (0.32, 0.32, 0.32, 0.08) at p=0.8 and grayscale at p=0.2. PIL image / JPEG bytes -> uint8 CHW.
-    `rng` (random.Random) makes a call reproducible; None uses the module RNG.
-    JPEGs are decoded at 1/2..1/8 DCT scale when the crop allows (simplejpeg, or Pillow's draft
-    mode: same pixels), the crop box mapped to the decoded pixel grid, then resampled with
-    antialiased bicubic in torch's uint8 kernel. draft=False decodes in full (torchvision's
-    pixels); use_simplejpeg=False takes Pillow's decoder for everything (its fallback otherwise).
-    Raises ImageTooLarge for an image over MAX_IMAGE_PIXELS, another exception for a bad one."""
-
-    def __init__(
-        self,
-        image_size: int,
-        scale=(0.4, 1.0),
-        ratio=(3 / 4, 4 / 3),
-        color_jitter: bool = False,
-        draft: bool = True,
-        use_simplejpeg: bool = True,
-    ):
-        self.size = int(image_size)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.color_jitter, self.draft, self.use_simplejpeg = color_jitter, draft, use_simplejpeg
-
-    def _crop_turbo(self, src: bytes, rng) -> torch.Tensor | None:
-        """simplejpeg path; None (before drawing from rng) when it cannot read the header."""
-        try:
-            H, W, _, _ = simplejpeg.decode_jpeg_header(src)
-        except ValueError:
-            return None
-        _check_pixels(W, H)
-        params = random_resized_crop_params(W, H, self.scale, self.ratio, rng)
-        top, left, h, w = params
-        box = (left, top, left + w, top + h)
-        s = _dct_scale(W, H, box, (self.size, self.size)) if self.draft else 1
-        try:
-            arr = simplejpeg.decode_jpeg(src, "RGB", min_height=-(-H // s), min_width=-(-W // s))
-        except ValueError:  # CMYK, corrupt or truncated data: Pillow decides
-            return self._crop_pillow(src, rng, params)
-        if arr.shape[:2] != (-(-H // s), -(-W // s)):  # tiny image: libjpeg chose an M/8 scale
-            return self._crop_pillow(src, rng, params)
-        return _resize_box(arr, tuple(v / s for v in box), self.size)
-
-    def _crop_pillow(self, src, rng, params=None) -> torch.Tensor:
-        img = _open_image(src)
-        W, H = img.size
-        top, left, h, w = params or random_resized_crop_params(W, H, self.scale, self.ratio, rng)
-        box = (left, top, left + w, top + h)
-        s = _dct_scale(W, H, box, (self.size, self.size)) if self.draft else 1
-        # draft: a no-op once loaded (a PIL image passed in), then the scale stays 1
-        if s == 1 or getattr(img, "format", None) != "JPEG" or img.draft("RGB", (W // s, H // s)) is None:
-            s = 1
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return _resize_box(img, tuple(v / s for v in box), self.size)
-
-    def __call__(self, src, rng: random.Random | None = None) -> torch.Tensor:
-        rng = rng or random
-        x = None
-        if self.use_simplejpeg and isinstance(src, (bytes, bytearray)) and src[:2] == b"\xff\xd8":
-            x = self._crop_turbo(src, rng)
-        if x is None:
-            x = self._crop_pillow(src, rng)
-        if not self.color_jitter:
-            return x
-        out = Image.fromarray(x.permute(1, 2, 0).numpy())
-        if rng.random() < 0.8:
-            out = color_jitter(out, rng)
-        if rng.random() < 0.2:
-            out = out.convert("L").convert("RGB")
-        return _to_uint8_chw(out)
-
-
-class EvalTransform:
-    """Short-side resize + center crop (v1, bicubic) or square resize (v2, bilinear) -> uint8 CHW,
-    decoded at full resolution: torchvision's Resize(size)+CenterCrop(size) / Resize((size, size))
-    up to rounding. The one evaluation preprocessing (zero-shot eval and the model's transforms)."""
-
-    def __init__(self, image_size: int, interpolation: str = "bicubic", square_resize_only: bool = False):
-        if interpolation not in _INTERP:
-            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(_INTERP)}")
-        self.size, self.resample, self.square = int(image_size), _INTERP[interpolation], square_resize_only
-
-    def __call__(self, src, rng=None) -> torch.Tensor:
-        img = _open_image(src)
-        W, H = img.size
-        s = self.size
-        if self.square:
-            box = (0.0, 0.0, float(W), float(H))
-        else:  # the crop of the resized image, mapped back to source pixels: one resampling
-            ow, oh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
-            top, left = int(round((oh - s) / 2.0)), int(round((ow - s) / 2.0))
-            box = (left * W / ow, top * H / oh, (left + s) * W / ow, (top + s) * H / oh)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return _to_uint8_chw(img.resize((s, s), self.resample, box=box))
-
-
-def train_transform(image_size: int, scale=(0.4, 1.0), color_jitter: bool = False) -> TrainTransform:
-    """The training preprocessing (make_train_loader's): random resized crop, draft decode."""
-    return TrainTransform(image_size, scale=scale, color_jitter=color_jitter)
-
-
-def eval_transform(image_size: int, interpolation: str = "bicubic", square_resize_only: bool = False) -> EvalTransform:
-    """The evaluation preprocessing, full-resolution decode (see EvalTransform)."""
-    return EvalTransform(image_size, interpolation, square_resize_only)
-
-
-def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] or [3,H,W] on any device -> (x/255 - mean)/std as `dtype`, on that device.
-    The one device-side preprocessing step of training and evaluation (uint8 transfer)."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=images.device).view(3, 1, 1) for v in (mean, std))
-    # one fused multiply-add: x * (1/(255 std)) - mean/std
-    return (images.float() * (1.0 / (255.0 * std_t)) - mean_t / std_t).to(dtype)
-
-
-class Normalized:
-    """Wrap a uint8 transform into an OpenCLIP-style one returning a normalised float CHW tensor."""
-
-    def __init__(self, transform: Callable, mean, std):
-        self.transform, self.mean, self.std = transform, tuple(mean), tuple(std)
-
-    def __call__(self, src, *args, **kwargs) -> torch.Tensor:
-        return normalize(self.transform(src, *args, **kwargs), self.mean, self.std)
-
-    def __repr__(self):
-        return f"Normalized({self.transform!r}, mean={self.mean}, std={self.std})"
 
 
 # ----------------------------------------------------------------------------- training loader
@@ -358,8 +84,8 @@ class _Plan:
 def _epoch_order(n: int, seed: int, epoch: int, exclude=()) -> list[int]:
     order = list(range(n))
     random.Random(mix(seed, epoch, 0x5EED)).shuffle(order)
-    ex = set(exclude)
-    return [i for i in order if i not in ex]
+    excluded = set(exclude)
+    return [i for i in order if i not in excluded]
 
 
 class _Entry(NamedTuple):
@@ -397,127 +123,190 @@ def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[i
             yield pos, rec, _Entry(pos, rec, sid, raw)
 
 
+def _rebuild_buffer(cfg: _StreamCfg, g: int, snap: dict) -> tuple[list[_Entry], Iterator]:
+    """Resume reader g from a snapshot without decoding: re-read from the oldest shard its shuffle
+    buffer held, collect the buffered records in their saved slots, and stop at the saved next
+    record. (the buffer, the records from the saved next one on)."""
+    resume_at = tuple(snap["next"])
+    slot_of = {tuple(p): i for i, p in enumerate(snap["buf"])}
+    start = min([resume_at[0]] + [p[0] for p in snap["buf"]])
+    records = _reader_records(cfg, g, start)
+    slots: list[_Entry | None] = [None] * len(slot_of)
+    first = None
+    for pos, rec, e in records:
+        if (pos, rec) >= resume_at:
+            first = (pos, rec, e)
+            break
+        if (pos, rec) in slot_of:
+            slots[slot_of[(pos, rec)]] = e
+    buf = [e for e in slots if e is not None]
+    if len(buf) < len(slots):
+        log.warning("resume: %d buffered records not found again (shards changed?)", len(slots) - len(buf))
+    if first is not None:
+        records = chain([first], records)
+    return buf, records
+
+
+class _Shuffled:
+    """Reader g's good records through a shuffle buffer of cfg.shuffle_buffer entries, drawn in an
+    order that only the seeds decide; bad records are counted by reason. Holds what a snapshot
+    needs: the next record to read, the number of draws, the buffered records' positions."""
+
+    def __init__(self, cfg: _StreamCfg, g: int, snap: dict | None):
+        self.cfg = cfg
+        self.base = mix(cfg.seed, cfg.epoch, g, 0xB0F)
+        self.capacity = max(1, cfg.shuffle_buffer)
+        self.stats = Counter(snap["stats"]) if snap else Counter()
+        self.logged: set[str] = set()  # skip reasons already logged (once each)
+        self.draws = snap["k"] if snap else 0
+        self.next = list(snap["next"]) if snap else [0, 0]  # (pos, rec) of the next record to read
+        if snap:
+            self.buf, self.records = _rebuild_buffer(cfg, g, snap)
+        else:
+            self.buf, self.records = [], _reader_records(cfg, g, 0)
+        # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
+        self.keys = [(e.pos, e.rec) for e in self.buf]
+
+    def log_once(self, reason: str, message: str, *args):
+        if reason not in self.logged:
+            self.logged.add(reason)
+            log.warning(message, *args)
+
+    def _draw(self, n: int) -> int:
+        """The buffer slot of the next draw, among n."""
+        i = mix(self.base, self.draws) % n
+        self.draws += 1
+        return i
+
+    def _swap(self, e: _Entry) -> _Entry:
+        """A full buffer: a drawn entry leaves, e takes its slot."""
+        i = self._draw(self.capacity)
+        out = self.buf[i]
+        self.buf[i] = e
+        self.keys[i] = (e.pos, e.rec)
+        return out
+
+    def _pop(self) -> _Entry:
+        """The end of the records: a drawn entry leaves, the last one fills its slot."""
+        i = self._draw(len(self.buf))
+        out = self.buf[i]
+        self.buf[i] = self.buf[-1]
+        self.keys[i] = self.keys[-1]
+        self.buf.pop()
+        self.keys.pop()
+        return out
+
+    def __iter__(self) -> Iterator[_Entry]:
+        for pos, rec, e in self.records:
+            self.next = [pos, rec + 1]
+            reason = e.raw.reason
+            if reason is not None:
+                self.stats[reason] += 1
+                shard = self.cfg.plan.shards[e.sid]
+                self.log_once(reason, "skipping bad sample (%s): %s in %s", reason, e.raw.key, shard)
+            elif self.capacity <= 1:
+                self.draws += 1
+                yield e
+            elif len(self.buf) < self.capacity:
+                self.buf.append(e)
+                self.keys.append((pos, rec))
+            else:
+                yield self._swap(e)
+        self.next = [END, 0]
+        while self.buf:
+            yield self._pop()
+
+
+def _decode(cfg: _StreamCfg, e: _Entry, stream: _Shuffled) -> torch.Tensor | None:
+    """The entry's image through the transform, seeded by the sample alone; None (counted and
+    logged) for an image the transform refuses."""
+    rng = random.Random(mix(cfg.seed, cfg.epoch, e.sid, e.rec))
+    try:
+        return cfg.transform(e.raw.image, rng)
+    except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
+        reason = transforms.skip_reason(ex)
+        stream.stats[reason] += 1
+        if stream.stats["bad_image"] >= ALL_BAD_LIMIT and not stream.stats["samples"]:
+            raise RuntimeError(
+                f"the first {stream.stats['bad_image']} images all failed to decode; last error: {type(ex).__name__}: {ex}"
+            ) from ex
+        shard = cfg.plan.shards[e.sid]
+        stream.log_once(reason, "skipping bad image (%s) %s in %s: %s", reason, e.raw.key, shard, ex)
+        return None
+
+
+def _worker_meta(wid: int, stream: _Shuffled, batches: int) -> dict:
+    """What travels with a batch: the worker's snapshot (TrainLoader keeps the latest one)."""
+    return {
+        "wid": wid,
+        "next": list(stream.next),
+        "k": stream.draws,
+        "batches": batches,
+        "buf": list(stream.keys),
+        "stats": dict(stream.stats),
+    }
+
+
 def _worker_batches(cfg: _StreamCfg, wid: int):
-    """One loader worker: records -> shuffle buffer -> decode/augment -> batches (+ snapshot)."""
-    g = cfg.rank * cfg.num_workers + wid
-    base = mix(cfg.seed, cfg.epoch, g, 0xB0F)
+    """One loader worker: records -> shuffle buffer -> decode/augment -> batches (+ snapshot),
+    then (None, None, final snapshot)."""
     snap = cfg.snapshots.get(wid)
     if snap and snap.get("final"):  # this worker had finished its epoch before the save
         yield None, None, {"wid": wid, **snap}
         return
-    stats: Counter = Counter(snap["stats"]) if snap else Counter()
+    g = cfg.rank * cfg.num_workers + wid
+    stream = _Shuffled(cfg, g, snap)
     batches = snap["batches"] if snap else 0
-    k = snap["k"] if snap else 0
-    B = max(1, cfg.shuffle_buffer)
-    buf: list[_Entry] = []
-    keys: list[tuple[int, int]] = []  # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
-    resume_at = tuple(snap["next"]) if snap else (0, 0)
-    records = _reader_records(cfg, g, 0)
-    if snap:  # rebuild the shuffle buffer exactly: re-read (no decode) from its oldest shard
-        need = {tuple(p): i for i, p in enumerate(snap["buf"])}
-        start = min([resume_at[0]] + [p[0] for p in snap["buf"]])
-        records = _reader_records(cfg, g, start)
-        slots: list[_Entry | None] = [None] * len(need)
-        first = None
-        for pos, rec, e in records:
-            if (pos, rec) >= resume_at:
-                first = (pos, rec, e)
-                break
-            if (pos, rec) in need:
-                slots[need[(pos, rec)]] = e
-        buf = [e for e in slots if e is not None]
-        keys = [(e.pos, e.rec) for e in buf]
-        if len(buf) < len(slots):
-            log.warning("resume: %d buffered records not found again (shards changed?)", len(slots) - len(buf))
-        if first is not None:
-            records = chain([first], records)
-    logged = set()
-    state = {"next": list(resume_at)}
-
-    def shuffled():
-        nonlocal k
-        for pos, rec, e in records:
-            state["next"] = [pos, rec + 1]
-            if e.raw.reason is not None:
-                stats[e.raw.reason] += 1
-                if e.raw.reason not in logged:
-                    logged.add(e.raw.reason)
-                    log.warning("skipping bad sample (%s): %s in %s", e.raw.reason, e.raw.key, cfg.plan.shards[e.sid])
-                continue
-            if B <= 1:
-                k += 1
-                yield e
-            elif len(buf) < B:
-                buf.append(e)
-                keys.append((pos, rec))
-            else:
-                i = mix(base, k) % B
-                out, buf[i], keys[i] = buf[i], e, (pos, rec)
-                k += 1
-                yield out
-        state["next"] = [END, 0]
-        while buf:
-            i = mix(base, k) % len(buf)
-            out, buf[i], keys[i] = buf[i], buf[-1], keys[-1]
-            del buf[-1], keys[-1]
-            k += 1
-            yield out
-
-    images, texts = [], []
-    for e in shuffled():
-        try:
-            x = cfg.transform(e.raw.image, random.Random(mix(cfg.seed, cfg.epoch, e.sid, e.rec)))
-        except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
-            reason = _skip_reason(ex)
-            stats[reason] += 1
-            if stats["bad_image"] >= 50 and not stats["samples"]:  # a bug, not bad data
-                raise RuntimeError(
-                    f"the first {stats['bad_image']} images all failed to decode; last error: {type(ex).__name__}: {ex}"
-                ) from ex
-            if reason not in logged:
-                logged.add(reason)
-                log.warning("skipping bad image (%s) %s in %s: %s", reason, e.raw.key, cfg.plan.shards[e.sid], ex)
+    images = []
+    texts = []
+    for e in stream:
+        x = _decode(cfg, e, stream)
+        if x is None:
             continue
-        stats["samples"] += 1
+        stream.stats["samples"] += 1
         images.append(x)
         texts.append(e.raw.text)
-        if len(images) == cfg.batch_size:
-            rng = random.Random(mix(cfg.seed, cfg.epoch, g, batches, 0x70C))
-            tokens = cfg.tokenizer(texts, rng=rng) if cfg.tokenizer is not None else texts
-            batches += 1
-            meta = {
-                "wid": wid,
-                "next": list(state["next"]),
-                "k": k,
-                "batches": batches,
-                "buf": list(keys),
-                "stats": dict(stats),
-            }
-            yield torch.stack(images), tokens, meta
-            images, texts = [], []
+        if len(images) < cfg.batch_size:
+            continue
+        rng = random.Random(mix(cfg.seed, cfg.epoch, g, batches, 0x70C))
+        tokens = cfg.tokenizer(texts, rng=rng) if cfg.tokenizer is not None else texts
+        batches += 1
+        yield torch.stack(images), tokens, _worker_meta(wid, stream, batches)
+        images = []
+        texts = []
     if images:  # static shapes: a worker's last partial batch of the epoch is dropped
         log.debug("reader %d: %d samples left over at the end of epoch %d", g, len(images), cfg.epoch)
-    meta = {"wid": wid, "next": [END, 0], "k": k, "batches": batches, "buf": [], "stats": dict(stats), "final": True}
-    yield None, None, meta
+    # the stream is drained: its next record is END and its buffer empty
+    yield None, None, {**_worker_meta(wid, stream, batches), "final": True}
 
 
 class _TrainDataset(torch.utils.data.IterableDataset):
     def __init__(self, cfg: _StreamCfg, pipe: bool):
-        self.cfg, self.pipe = cfg, pipe
+        self.cfg = cfg
+        self.pipe = pipe
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        batches = _worker_batches(self.cfg, info.id if info is not None else 0)
-        return ((_pipe(x), _pipe(t), m) for x, t, m in batches) if info is not None and self.pipe else batches
+        wid = info.id if info is not None else 0
+        batches = _worker_batches(self.cfg, wid)
+        if info is None or not self.pipe:
+            return batches
+        return ((_pipe(x), _pipe(t), m) for x, t, m in batches)
 
 
-def _pipe(x):  # a tensor goes by shared memory: the main process fetches its file descriptor from
-    # the worker over a socket, a round trip that waits for the worker to run (~1 ms a batch, busy CPU)
-    return x.numpy() if isinstance(x, torch.Tensor) and x.nbytes <= PIPE_BYTES else x
+def _pipe(x):
+    """A small tensor as a numpy array, pickled through the worker's pipe. A tensor goes by shared
+    memory: the main process fetches its file descriptor from the worker over a socket, a round
+    trip that waits for the worker to run (~1 ms a batch, busy CPU)."""
+    if isinstance(x, torch.Tensor) and x.nbytes <= PIPE_BYTES:
+        return x.numpy()
+    return x
 
 
 def _unpipe(x):
-    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return x
 
 
 def _identity(x):
@@ -582,20 +371,32 @@ class TrainLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.src, self.tokenizer, self.transform = src, tokenizer, transform
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer, self.prefetch, self.repeat = shuffle_buffer, prefetch, repeat
-        self.pin_memory, self.epoch = pin_memory, epoch
-        self._exclude: list[int] = []
-        self._workers: dict[int, dict] = {}
-        self._batches = 0
-        self._turn = 0  # worker whose batch comes next (round-robin)
+        self.src = src
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.prefetch = prefetch
+        self.repeat = repeat
+        self.pin_memory = pin_memory
+        self.epoch = epoch
         self._past = Counter()  # stats of finished epochs
+        self._start_epoch()
         if state is not None:
             self._load_state(state)
 
     # -- state
+    def _start_epoch(self):
+        """Progress through the current epoch: none yet."""
+        self._exclude: list[int] = []  # shard ids done before a resume in another layout
+        self._workers: dict[int, dict] = {}  # local worker id -> its latest snapshot
+        self._batches = 0
+        self._turn = 0  # worker whose batch comes next (round-robin)
+
     def _topology(self) -> dict:
         return {
             "seed": self.seed,
@@ -636,13 +437,13 @@ class TrainLoader:
             return
         # Different layout: resume at shard granularity - drop the shards this state finished.
         done = set(state.get("exclude", []))
-        snw = max(1, state["num_workers"])
-        W = state["world_size"] * snw
+        saved_workers = max(1, state["num_workers"])
+        W = state["world_size"] * saved_workers
         order = _epoch_order(state["num_shards"], state["seed"], self.epoch, done)
         plan = _Plan(self.src.shards, order, W)
         if state["num_shards"] == len(self.src.shards) and len(order) >= W:
             for w, s in state.get("workers", {}).items():
-                ids, _ = plan.assign(state["rank"] * snw + int(w))
+                ids, _ = plan.assign(state["rank"] * saved_workers + int(w))
                 oldest = min([s["next"][0]] + [p[0] for p in s["buf"]])
                 done.update(ids[: min(oldest, len(ids))])
         log.warning(
@@ -666,20 +467,20 @@ class TrainLoader:
 
     # -- iteration
     def _dataloader(self):
-        readers = self.world_size * max(1, self.num_workers)
-        plan = _Plan(self.src.shards, _epoch_order(len(self.src.shards), self.seed, self.epoch, self._exclude), readers)
+        workers = max(1, self.num_workers)
+        order = _epoch_order(len(self.src.shards), self.seed, self.epoch, self._exclude)
         cfg = _StreamCfg(
-            self.src,
-            plan,
-            self.seed,
-            self.epoch,
-            self.rank,
-            max(1, self.num_workers),
-            self.batch_size,
-            self.shuffle_buffer,
-            self.transform,
-            self.tokenizer,
-            dict(self._workers),
+            src=self.src,
+            plan=_Plan(self.src.shards, order, self.world_size * workers),
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            num_workers=workers,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            transform=self.transform,
+            tokenizer=self.tokenizer,
+            snapshots=dict(self._workers),
         )
         kw = {"generator": _generator(self.seed, self.epoch, self.rank)}
         if self.num_workers > 0:
@@ -752,7 +553,7 @@ class TrainLoader:
                 )
             self._past.update(stats)
             self.epoch += 1
-            self._workers, self._batches, self._exclude, self._turn = {}, 0, [], 0
+            self._start_epoch()
             if not self.repeat:
                 return
 
@@ -791,7 +592,7 @@ def make_train_loader(
     return TrainLoader(
         src,
         tokenizer,
-        train_transform(image_size, scale, color_jitter),
+        transforms.train_transform(image_size, scale, color_jitter),
         batch_size,
         num_workers=num_workers,
         seed=seed,
@@ -826,7 +627,8 @@ def _image_folder(path: str) -> tuple[list[tuple[str, int]], list[str]]:
 
 class _FolderDataset(torch.utils.data.Dataset):
     def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+        self.items = items
+        self.transform = transform
 
     def __len__(self):
         return len(self.items)
@@ -842,25 +644,30 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 
 def _collate_eval(batch):
+    """(images, labels, unreadable count) of an ImageFolder batch; None, None, n when none is readable."""
     good = [(x, y) for x, y in batch if x is not None]
-    return (
-        torch.stack([x for x, _ in good]) if good else None,
-        torch.tensor([y for _, y in good]) if good else None,
-        len(batch) - len(good),
-    )
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), skipped
 
 
 class _ShardEvalDataset(torch.utils.data.IterableDataset):
     """TFDS eval split: shards split over ranks and workers like training, no shuffle."""
 
     def __init__(self, src: Source, transform, batch_size: int, rank: int, world_size: int):
-        self.src, self.transform, self.batch_size = src, transform, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.src = src
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        g, W = self.rank * nw + wid, self.world_size * nw
+        wid = info.id if info is not None else 0
+        workers = info.num_workers if info is not None else 1
+        g = self.rank * workers + wid
+        W = self.world_size * workers
         plan = _Plan(self.src.shards, list(range(len(self.src.shards))), W)
         ids, stride = plan.assign(g)
         xs, ys, bad = [], [], 0
@@ -879,8 +686,10 @@ class _ShardEvalDataset(torch.utils.data.IterableDataset):
                 if len(xs) == self.batch_size:
                     yield torch.stack(xs), torch.tensor(ys), bad
                     xs, ys, bad = [], [], 0
-        if xs or bad:
-            yield (torch.stack(xs) if xs else None), (torch.tensor(ys) if ys else None), bad
+        if xs:
+            yield torch.stack(xs), torch.tensor(ys), bad
+        elif bad:
+            yield None, None, bad
 
 
 class EvalLoader:
@@ -888,7 +697,9 @@ class EvalLoader:
     short. .num_samples (this rank, before skips), .skipped (unreadable images seen so far)."""
 
     def __init__(self, dl, num_samples: int | None):
-        self.dl, self.num_samples, self.skipped = dl, num_samples, 0
+        self.dl = dl
+        self.num_samples = num_samples
+        self.skipped = 0
 
     def __iter__(self):
         for images, labels, bad in self.dl:
@@ -954,9 +765,11 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
     never raised; `spec` may be a resolved Source."""
     t0 = time.time()
     src = resolve(spec, fmt, split)
-    check = train_transform(16)
+    check = transforms.train_transform(16)
     reasons: Counter = Counter()
-    samples = empty = chars = 0
+    samples = 0
+    empty = 0
+    chars = 0
     for path in src.shards:
         if not is_remote(path) and not os.path.exists(path):
             reasons["unreadable_shard"] += 1
@@ -969,13 +782,14 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
                 try:
                     check(raw.image, random.Random(0))
                 except Exception as e:  # noqa: BLE001 - any decoder error means a bad image
-                    raw = raw._replace(reason=_skip_reason(e))
+                    raw = raw._replace(reason=transforms.skip_reason(e))
             if raw.reason is None:
                 samples += 1
                 chars += len(raw.text) if isinstance(raw.text, str) else 0
             else:
                 reasons[raw.reason] += 1
-        empty += n == 0  # img2dataset: a shard whose downloads all failed (0 bytes / no members)
+        if n == 0:  # img2dataset: a shard whose downloads all failed (0 bytes / no members)
+            empty += 1
     return {
         "format": src.fmt,
         "shards": len(src.shards),
@@ -1009,17 +823,32 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     xla_utils.TF_AFTER_XLA = False  # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
+    if args.cmd == "reshard":
+        return _reshard_command(args)
+    return _stats_command(args)
+
+
+def _stats_command(args) -> int:
+    spec = args.spec[0] if len(args.spec) == 1 else args.spec
     try:  # a spec that does not resolve is the user's error; anything later is a bug or bad data
-        spec = args.src if args.cmd == "reshard" else args.spec[0] if len(args.spec) == 1 else args.spec
-        src = resolve(spec, args.format, getattr(args, "split", "train"))
-        plan = args.cmd == "reshard" and shards.reshard_plan(
-            src, args.dst, args.max_side, args.quality, args.workers, MAX_IMAGE_PIXELS
+        src = resolve(spec, args.format, args.split)
+    except (ValueError, OSError) as e:
+        return cli.usage_error(e)
+    print(json.dumps(dataset_stats(src, decode=not args.no_decode)))
+    return 0
+
+
+def _reshard_command(args) -> int:
+    try:  # a bad spec or destination is the user's error; anything later is a bug or bad data
+        src = resolve(args.src, args.format)
+        plan = shards.reshard_plan(
+            src, args.dst, args.max_side, args.quality, args.workers, transforms.MAX_IMAGE_PIXELS
         )
     except (ValueError, OSError) as e:
         return cli.usage_error(e)
-    out = shards.reshard(plan) if plan else dataset_stats(src, decode=not args.no_decode)
+    out = shards.reshard(plan)
     print(json.dumps(out))
-    return 1 if plan and out["failed"] else 0
+    return 1 if out["failed"] else 0
 
 
 if __name__ == "__main__":

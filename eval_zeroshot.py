@@ -7,7 +7,7 @@ Logits = 100 * normalised image feature @ W; we report top-1, top-5 and mean per
 
 Prompts are tokenized at the model's own context length WITHOUT text masking (the reference reused
 the training tokenizer, so syntax-masked T8 runs were evaluated on syntax-masked 8-token prompts).
-Images travel as uint8 and are normalised on the device (data.normalize).
+Images travel as uint8 and are normalised on the device (transforms.normalize).
 
     python eval_zeroshot.py --ckpt out/checkpoints/latest --imagenet-val /data/imagenet/val
     python eval_zeroshot.py --ckpt w.safetensors --data /data/imagenet2012 --format tfds
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 import checkpoints
 import cli
 import data
+import transforms
 import xla_utils
-from model import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
+from factory import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
+from model import unwrap
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TEMPLATE_SETS = {"openai": "openai_templates.txt", "short": "short_templates.txt"}
@@ -95,11 +97,6 @@ def _check_class_count(data_path, classes: list[str], classnames: list[str]):
 # ----------------------------------------------------------------------------- classifier
 
 
-def _unwrap(model):
-    # DDP / FSDP-style wrappers keep the CLIP in .module
-    return getattr(model, "module", model)
-
-
 @torch.no_grad()
 def build_classifier(
     model,
@@ -117,7 +114,7 @@ def build_classifier(
 
     Prompts run through the text tower in fixed-size batches (the last one padded by repetition) so
     an XLA device compiles the text graph once."""
-    clip = _unwrap(model)
+    clip = unwrap(model)
     precision = runtime.precision(precision)
     prompts = [t.format(c) for c in classnames for t in templates]
     tokens = tokenizer(prompts)
@@ -172,8 +169,8 @@ class Preprocess:
         return p
 
     def transform(self):
-        """The uint8 image transform: data.eval_transform, the one create_model_and_transforms uses."""
-        return data.eval_transform(self.image_size, self.interpolation, self.square_resize_only)
+        """The uint8 image transform: transforms.eval_transform, the one create_model_and_transforms uses."""
+        return transforms.eval_transform(self.image_size, self.interpolation, self.square_resize_only)
 
 
 def evaluate(
@@ -206,7 +203,7 @@ def evaluate(
     tokenizer: None -> the model's tokenizer at its context length, plain truncation.
     Returns dict(top1, top5, mean_per_class_recall, n, skipped = undecodable images) plus details.
     The model is put in eval mode (no image masking) and its previous mode restored afterwards."""
-    clip = _unwrap(model)
+    clip = unwrap(model)
     precision = runtime.precision(precision)
     if runtime.spmd and batch_size % runtime.num_devices:
         raise ValueError(
@@ -305,7 +302,7 @@ def _classify(clip, weights, loader, pre: Preprocess, runtime, precision, batch_
             images = torch.cat([images, images.new_zeros((batch_size - valid, *images.shape[1:]))])
             labels = torch.cat([labels, labels.new_full((batch_size - valid,), -1)])
         images, labels = runtime.to_device(images, labels)
-        x = data.normalize(images, pre.image_mean, pre.image_std)
+        x = transforms.normalize(images, pre.image_mean, pre.image_std)
         with runtime.autocast(precision):
             feats = clip.encode_image(x, normalize=True)
         logits = 100.0 * F.normalize(feats.float(), dim=-1) @ weights
@@ -511,7 +508,7 @@ def evaluate_retrieval(
     evaluate(); captions are tokenized at the model's context length, truncated, never masked.
     Several processes: each encodes its part, the features are gathered. Returns dict(
     image_to_text_R@k, text_to_image_R@k for k in 1, 5, 10, images, texts, skipped, ...)."""
-    clip = _unwrap(model)
+    clip = unwrap(model)
     precision = runtime.precision(precision)
     if runtime.spmd and (batch_size % runtime.num_devices or runtime.world_size > 1):
         raise ValueError(
@@ -537,7 +534,7 @@ def evaluate_retrieval(
             if valid < batch_size:  # static shape: zero images pad the last batch
                 images = torch.cat([images, images.new_zeros((batch_size - valid, *images.shape[1:]))])
             (x,) = runtime.to_device(images)
-            x = data.normalize(x, pre.image_mean, pre.image_std)
+            x = transforms.normalize(x, pre.image_mean, pre.image_std)
             with runtime.autocast(precision):
                 f = clip.encode_image(x, normalize=True)
             feats.append((F.normalize(f.float(), dim=-1), valid))
@@ -704,7 +701,8 @@ def _inputs(args):
     with warnings.catch_warnings(record=True) as caught:  # non-finite weights: one line each
         warnings.simplefilter("always", NonFiniteWeightsWarning)
         if args.random_init:
-            net, name = create_model(args.model, image_size=args.force_image_size), args.model
+            net = create_model(args.model, image_size=args.force_image_size)
+            name = args.model
         else:
             net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
     for w in caught:

@@ -28,6 +28,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 import checkpoints
 import cli
+import factory
 import model
 import tokenizer
 
@@ -360,7 +361,7 @@ def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
     weights, tokenizer files for WordPiece models, README.md = `card` or a minimal one); else
     torch.save. Returns what was written and how OpenCLIP loads it."""
     cfg = net.cfg
-    sd = {k: t.detach().contiguous() for k, t in model.to_openclip_keys(net.state_dict()).items()}
+    sd = {k: t.detach().contiguous() for k, t in factory.to_openclip_keys(net.state_dict()).items()}
     out = os.fspath(out)
     as_dir = os.path.isdir(out) or out.endswith(("/", os.sep))
     files = []
@@ -420,9 +421,9 @@ def main(argv=None) -> int:
             if not os.path.isfile(r):
                 raise FileNotFoundError(f"results file not found: {r}")
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", model.NonFiniteWeightsWarning)
-            net = model.create_model(args.model, pretrained=args.ckpt)
-        name = args.name or args.model or model.read_metadata(args.ckpt).get("model_name") or "CLIPA model"
+            warnings.simplefilter("always", factory.NonFiniteWeightsWarning)
+            net = factory.create_model(args.model, pretrained=args.ckpt)
+        name = args.name or args.model or factory.read_metadata(args.ckpt).get("model_name") or "CLIPA model"
     except (ValueError, FileNotFoundError) as err:  # unknown model, missing or unreadable checkpoint
         return cli.usage_error(err)
     for w in caught:

@@ -16,6 +16,8 @@ divided by this rank's images. Two implementations with the same value and gradi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,15 +37,21 @@ def clip_loss(image_features, text_features, logit_scale, rt: xla_utils.Runtime,
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def _pair_signs(logits: torch.Tensor, positives_at: int | None) -> torch.Tensor:
+    """z for a block of logits [images, texts]: +1 for the true pairs (the diagonal that starts at
+    column `positives_at`), -1 for every other pair; all -1 when positives_at is None."""
+    z = -torch.ones_like(logits)
+    if positives_at is not None:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        z[rows, rows + positives_at] = 1.0
+    return z
+
+
 def _pair_loss(image_features, text_features, logit_scale, logit_bias, positives_at: int | None):
     """-sum log sigmoid(z * logits) of one block of images x texts; positives on the diagonal that
     starts at column `positives_at` (None: a block of negatives only)."""
     logits = logit_scale * image_features @ text_features.T + logit_bias
-    z = -torch.ones_like(logits)
-    if positives_at is not None:
-        n = image_features.shape[0]
-        idx = torch.arange(n, device=logits.device)
-        z[idx, idx + positives_at] = 1.0
+    z = _pair_signs(logits, positives_at)
     return -F.logsigmoid(z * logits).sum()
 
 
@@ -66,10 +74,7 @@ def _block_grad(img, blk, scale, bias, positives_at, g):
     """d loss / d logits of one block, and the block's logits' inputs (for the chain rule)."""
     dots = img @ blk.T
     logits = scale * dots + bias
-    z = -torch.ones_like(logits)
-    if positives_at is not None:
-        idx = torch.arange(img.shape[0], device=img.device)
-        z[idx, idx + positives_at] = 1.0
+    z = _pair_signs(logits, positives_at)
     return -z * torch.sigmoid(-z * logits) * g, dots
 
 
@@ -111,8 +116,30 @@ def sigmoid_loss_ring(image_features, text_features, logit_scale, rt: xla_utils.
     return _RingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, world)
 
 
-def contrastive_loss(kind: str, ring: bool, rt: xla_utils.Runtime):
-    """The loss function a stage trains with: f(image_features, text_features, scale, rt, bias)."""
-    if kind == "softmax":
-        return clip_loss
-    return sigmoid_loss_ring if ring and not rt.spmd else sigmoid_loss_gather
+class Features(NamedTuple):
+    """What the towers give the loss, for this rank's rows of the batch (fp32)."""
+
+    image: torch.Tensor  # [b, E], L2-normalised
+    text: torch.Tensor  # [b, E], L2-normalised
+    scale: torch.Tensor  # the logit scale exp(t), a scalar
+    bias: torch.Tensor | None  # SigLIP's logit bias (None for the softmax loss)
+
+
+class ContrastiveLoss:
+    """The loss a stage trains with, built once per stage: loss(features) -> the global batch's loss.
+    ring: the sigmoid loss passes texts around the ring of ranks (memory O(local batch)) rather than
+    gathering them; under XLA SPMD there are no ranks to pass blocks between, so it gathers."""
+
+    def __init__(self, kind: str, rt: xla_utils.Runtime, ring: bool = True):
+        if kind not in LOSSES:
+            raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+        self.kind = kind
+        self.rt = rt
+        self.ring = ring and not rt.spmd
+
+    def __call__(self, f: Features) -> torch.Tensor:
+        if self.kind == "softmax":
+            return clip_loss(f.image, f.text, f.scale, self.rt)
+        if self.ring:
+            return sigmoid_loss_ring(f.image, f.text, f.scale, self.rt, f.bias)
+        return sigmoid_loss_gather(f.image, f.text, f.scale, self.rt, f.bias)

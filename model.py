@@ -2,34 +2,27 @@
 
 One registry (MODEL_CONFIGS) holds every architecture of the CLIPA papers. v1 models are
 OpenCLIP-compatible CLIP; v2 "BigVision" models were converted from the authors' JAX code.
+This module knows configs, towers and their costs (parameters, FLOPs); building a model by name with
+its weights, the checkpoint layouts and the tokenizer a model implies are in factory.py.
 
-CLI: python model.py {list, flops NAME, tokenize [--model NAME] TEXT...}; the OpenCLIP export is
-export.py (python export.py CKPT --to open_clip OUT).
+CLI: python model.py {list, flops NAME}
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import json
 import math
-import os
 import sys
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-import checkpoints
 import cli
-import data
-import tokenizer
 import xla_utils
 
 # ----------------------------------------------------------------------------- configs
@@ -223,55 +216,76 @@ def get_model_config(
     image_size is CLIPA's "resize" image token reduction (force_image_size)."""
     if name in MODEL_ALIASES:
         base, vision_over = MODEL_ALIASES[name]
-        cfg = _override(MODEL_CONFIGS[base], None, **vision_over)
+        cfg = with_overrides(MODEL_CONFIGS[base], **vision_over)
     elif name in MODEL_CONFIGS:
         cfg = MODEL_CONFIGS[name]
     else:
         close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(MODEL_ALIASES), n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}" if close else f"; known: {', '.join(list_models())}"
         raise ValueError(f"unknown model {name!r}{hint}")
-    return _override(cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask, mask_ratio=mask_ratio)
+    return with_overrides(
+        cfg, image_size=image_size, context_length=context_length, pos_embed=pos_embed, mask=mask, mask_ratio=mask_ratio
+    )
 
 
-def _override(cfg: CLIPConfig, context_length: int | None, **vision) -> CLIPConfig:
-    """cfg with the build-time overrides that are not None."""
-    v = {k: val for k, val in vision.items() if val is not None}
-    t = {} if context_length is None else {"context_length": context_length}
-    return replace(cfg, vision=replace(cfg.vision, **v), text=replace(cfg.text, **t))
+def with_overrides(
+    cfg: CLIPConfig,
+    *,
+    image_size: int | None = None,
+    context_length: int | None = None,
+    pos_embed: str | None = None,
+    mask: str | None = None,
+    mask_ratio: float | None = None,
+) -> CLIPConfig:
+    """cfg with the build-time overrides that are not None (unchecked: see check_config)."""
+    vision = {"image_size": image_size, "pos_embed": pos_embed, "mask": mask, "mask_ratio": mask_ratio}
+    vision = {k: v for k, v in vision.items() if v is not None}
+    text = {} if context_length is None else {"context_length": context_length}
+    return replace(cfg, vision=replace(cfg.vision, **vision), text=replace(cfg.text, **text))
 
 
-def count_parameters(cfg: CLIPConfig) -> int:
+def block_parameters(width: int, hidden: int) -> int:
+    """Parameters of one transformer Block of `width` with an MLP of `hidden` units."""
+    norms = 2 * 2 * width  # ln_1, ln_2: weight and bias
+    attention = 3 * width * width + 3 * width + width * width + width  # qkv and out projections
+    mlp = width * hidden + hidden + hidden * width + width
+    return norms + attention + mlp
+
+
+def count_parameters(cfg: CLIPConfig, *, trainable: bool = False) -> int:
     """Elements of the state dict of `cfg` (parameters and the fixed sin-cos table), from the
-    config alone: what building it would allocate, known before anything is allocated."""
-    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
-
-    def blocks(w, layers, ratio):
-        h = int(w * ratio)  # 2 LayerNorms, qkv, out projection, MLP
-        return layers * (4 * w + 3 * w * w + 3 * w + w * w + w + 2 * w * h + h + w)
-
+    config alone: what building it would allocate, known before anything is allocated.
+    trainable=True leaves out the sin-cos table (a buffer): what the optimizer holds state for."""
+    v = cfg.vision
+    t = cfg.text
+    vision_pos = (v.grid**2 + 1) * v.width
     vision = (
-        3 * v.patch_size**2 * v.width
-        + v.width
-        + (v.grid**2 + 1) * v.width
+        3 * v.patch_size**2 * v.width  # conv1, no bias
+        + v.width  # class embedding
+        + vision_pos
         + 2 * v.width * bool(v.pre_norm)
-        + blocks(v.width, v.layers, v.mlp_ratio)
-        + 2 * v.width
-        + v.width * e
+        + v.layers * block_parameters(v.width, int(v.width * v.mlp_ratio))
+        + 2 * v.width  # ln_post
+        + v.width * cfg.embed_dim
     )
     text = (
         t.vocab_size * t.width
         + t.context_length * t.width
-        + blocks(t.width, t.layers, t.mlp_ratio)
-        + 2 * t.width
-        + t.width * e
+        + t.layers * block_parameters(t.width, int(t.width * t.mlp_ratio))
+        + 2 * t.width  # ln_final
+        + t.width * cfg.embed_dim
     )
-    return vision + text + 1 + (cfg.loss == "sigmoid")  # logit_scale (and logit_bias)
+    logits = 1 + (cfg.loss == "sigmoid")  # logit_scale (and logit_bias)
+    if trainable and v.pos_embed == "sincos":
+        vision -= vision_pos
+    return vision + text + logits
 
 
 def _check_numbers(cfg: CLIPConfig) -> None:
     """Sizes are positive integers and MLP ratios sane numbers: a config read from a file may hold
     anything (1e12, -3, "12", [])."""
-    v, t = cfg.vision, cfg.text
+    v = cfg.vision
+    t = cfg.text
     for where, obj, names in (
         ("", cfg, ("embed_dim",)),
         ("vision.", v, ("image_size", "patch_size", "width", "layers", "heads")),
@@ -295,7 +309,8 @@ def check_config(cfg: CLIPConfig) -> CLIPConfig:
     """Reject settings the model cannot build, with a one-line reason; and sizes no real model has
     (a crafted config in a checkpoint must not make us allocate until the machine dies)."""
     _check_numbers(cfg)
-    v, t = cfg.vision, cfg.text
+    v = cfg.vision
+    t = cfg.text
     if v.image_size % v.patch_size:
         raise ValueError(f"image size {v.image_size} is not a multiple of the patch size {v.patch_size}")
     if v.mask not in MASK_STRATEGIES:
@@ -331,7 +346,8 @@ def check_config(cfg: CLIPConfig) -> CLIPConfig:
 # What a config (from a name, a flag or a file's header) may ask for, checked before allocating.
 MAX_PARAMETERS = 4 * max(count_parameters(c) for c in MODEL_CONFIGS.values())
 MAX_LAYERS = 4 * max(max(c.vision.layers, c.text.layers) for c in MODEL_CONFIGS.values())
-MAX_PATCHES, MAX_CONTEXT = 128 * 128, 4096
+MAX_PATCHES = 128 * 128
+MAX_CONTEXT = 4096
 
 
 # ----------------------------------------------------------------------------- model
@@ -358,7 +374,8 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
 
 
 def keep_count(num_patches: int, mask_ratio: float) -> int:
-    """Patches kept by masking: int(N * (1 - p)), at least one. Static, so XLA compiles one graph."""
+    """Patches kept by masking: int(N * (1 - p)), at least one (all N at ratio 0). Static, so XLA
+    compiles one graph."""
     return max(1, int(num_patches * (1.0 - mask_ratio)))
 
 
@@ -406,7 +423,8 @@ def mask_indices(batch: int, grid: int, strategy: str, mask_ratio: float, device
         top = (torch.rand(batch, blocks, 1, device=device) * (grid - side + 1)).floor()
         left = (torch.rand(batch, blocks, 1, device=device) * (grid - side + 1)).floor()
         pos = torch.arange(n, device=device)
-        py, px = (pos // grid)[None, None], (pos % grid)[None, None]
+        py = (pos // grid)[None, None]  # [1, 1, N]
+        px = (pos % grid)[None, None]  # [1, 1, N]
         inside = (py >= top) & (py < top + side) & (px >= left) & (px < left + side)  # [B, M, N]
         order = torch.arange(blocks, device=device, dtype=torch.float32)[None, :, None]
         first = torch.where(inside, order, float(blocks)).amin(dim=1)  # first block covering it
@@ -434,16 +452,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
         """pick (see Block): queries from that one row per sample only; keys and values from all."""
-        (b, n, d), w, bias, mask = x.shape, self.in_proj_weight, self.in_proj_bias, None
+        b, n, d = x.shape
+        head_dim = d // self.heads
+        w = self.in_proj_weight
+        bias = self.in_proj_bias
+        mask = None
         if pick is None:
-            q, k, v = F.linear(x, w, bias).chunk(3, dim=-1)
+            q, k, v = F.linear(x, w, bias).chunk(3, dim=-1)  # [B, N, D] each
         else:
-            q, (k, v) = F.linear(_rows(x, pick), w[:d], bias[:d]), F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
+            q = F.linear(_rows(x, pick), w[:d], bias[:d])  # [B, 1, D]
+            k, v = F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)  # [B, N, D] each
             if causal:  # the picked row sees the positions up to its own
-                mask = torch.arange(n, device=x.device) <= torch.as_tensor(pick, device=x.device).reshape(-1, 1, 1, 1)
-        q, k, v = (t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+                last = torch.as_tensor(pick, device=x.device).reshape(-1, 1, 1, 1)  # [B or 1, 1, 1, 1]
+                mask = torch.arange(n, device=x.device) <= last  # [B or 1, 1, 1, N]
+        q = q.reshape(b, -1, self.heads, head_dim).transpose(1, 2)  # [B, H, N or 1, Dh]
+        k = k.reshape(b, n, self.heads, head_dim).transpose(1, 2)  # [B, H, N, Dh]
+        v = v.reshape(b, n, self.heads, head_dim).transpose(1, 2)  # [B, H, N, Dh]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pick is None)
-        return self.out_proj(x.transpose(1, 2).reshape(b, -1, d))
+        x = x.transpose(1, 2).reshape(b, -1, d)  # [B, N or 1, D]
+        return self.out_proj(x)
 
 
 class Block(nn.Module):
@@ -465,7 +492,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, pick=None) -> torch.Tensor:
         """pick: None, or the row the tower reads out (an int, or [B] indices): that row alone, [B, 1, W]."""
-        x = (x if pick is None else _rows(x, pick)) + self.attn(self.ln_1(x), causal=causal, pick=pick)
+        residual = x if pick is None else _rows(x, pick)  # [B, N, W], or [B, 1, W] with a pick
+        x = residual + self.attn(self.ln_1(x), causal=causal, pick=pick)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -479,15 +507,21 @@ class Transformer(nn.Module):
         """pick: the row the tower pools (CLS, EOT), or None for all rows (GAP). With a pick the last
         block computes that row alone: the others feed nothing downstream (up to 1/layers of a tower)."""
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        last = len(self.resblocks) - 1
         for i, block in enumerate(self.resblocks):
-            run = functools.partial(block, causal=causal, pick=pick if i == len(self.resblocks) - 1 else None)
-            x = xla_utils.grad_checkpoint(run, x) if ckpt else run(x)
+            run = functools.partial(block, causal=causal, pick=pick if i == last else None)
+            if ckpt:
+                x = xla_utils.grad_checkpoint(run, x)
+            else:
+                x = run(x)
         return x
 
 
 def _rows(x: torch.Tensor, pick) -> torch.Tensor:
     """[B, N, W] -> [B, 1, W]: row `pick` (an int, or [B] indices) of each sample."""
-    return x[:, pick : pick + 1] if isinstance(pick, int) else x[torch.arange(len(x), device=x.device), pick][:, None]
+    if isinstance(pick, int):
+        return x[:, pick : pick + 1]
+    return x[torch.arange(len(x), device=x.device), pick][:, None]
 
 
 class VisionTransformer(nn.Module):
@@ -497,7 +531,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, gelu: str):
         super().__init__()
         self.cfg = cfg
-        w, scale = cfg.width, cfg.width**-0.5
+        w = cfg.width
+        scale = w**-0.5
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         if cfg.pos_embed == "sincos":
@@ -564,9 +599,12 @@ class TextTransformer(nn.Module):
         n = tokens.shape[1]
         if n > self.cfg.context_length:
             raise ValueError(f"{n} text tokens exceed the context length {self.cfg.context_length}")
-        x = self.token_embedding(tokens) + self.positional_embedding[:n]
-        pick = tokens.argmax(dim=-1) if self.cfg.pool == "eot" else n - 1  # EOT = largest id; v2: last
-        x = self.ln_final(self.transformer(x, causal=self.cfg.causal, pick=pick))
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]  # [B, N, W]
+        if self.cfg.pool == "eot":
+            pick = tokens.argmax(dim=-1)  # EOT has the largest id
+        else:
+            pick = n - 1  # v2: the last position
+        x = self.ln_final(self.transformer(x, causal=self.cfg.causal, pick=pick))  # [B, 1, W]
         return x[:, 0] @ self.text_projection
 
 
@@ -605,306 +643,9 @@ class CLIP(nn.Module):
         self.text.transformer.grad_checkpointing = enable
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def weights_metadata(model_name: str, cfg: CLIPConfig) -> dict[str, str]:
-    """safetensors header metadata of our weights files (all values str)."""
-    return {"format": "clipa", "model_name": str(model_name), "model_config": json.dumps(dataclasses.asdict(cfg))}
-
-
-def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
-    """The CLIPConfig stored by weights_metadata, or None when the file carries none."""
-    if not meta or meta.get("format") != "clipa" or "model_config" not in meta:
-        return None
-    try:
-        d = json.loads(meta["model_config"])
-        cfg = CLIPConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
-    except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"weights metadata holds an unreadable model config ({e})") from None
-    try:
-        return check_config(cfg)  # bounded before anything is built: the header may be crafted
-    except ValueError as e:
-        raise ValueError(f"the checkpoint's model config is refused: {e}") from None
-
-
-def _weights_file(path) -> str:
-    """The weights file of a checkpoint path (file, checkpoint dir, run dir, checkpoints dir)."""
-    path = checkpoints.resolve_checkpoint(path)
-    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-
-
-def _safetensors_header(file: str) -> dict | None:
-    """The JSON header of a safetensors file (an 8-byte little-endian length, then JSON), read
-    without touching the tensor bytes; None when the file is not a safetensors file."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n) if 0 < n <= 100 * 2**20 else b""  # safetensors caps headers at 100 MB
-    try:
-        header = json.loads(raw) if raw.startswith(b"{") else None
-    except ValueError:
-        return None
-    return header if isinstance(header, dict) else None
-
-
-def read_metadata(path) -> dict[str, str]:
-    """A checkpoint's metadata without reading its weights: the safetensors header's __metadata__
-    (weights_metadata for ours); {} for a torch file, which records none."""
-    header = _safetensors_header(file := _weights_file(path))
-    if header is None:
-        if file.endswith(".safetensors"):
-            raise ValueError(f"{file} is not a readable safetensors file (no JSON header)")
-        return {}
-    return dict(header.get("__metadata__") or {})
-
-
-def check_weights_fit(path, cfg: CLIPConfig) -> None:
-    """Our weights file at `path` holds exactly the tensors of `cfg`, names and shapes (from the
-    safetensors header: nothing is read or allocated). Resuming needs this: no conversion, no resize."""
-    header = _safetensors_header(_weights_file(path))
-    try:
-        got = {k: tuple(v["shape"]) for k, v in (header or {}).items() if k != "__metadata__"}
-    except (TypeError, KeyError):
-        got = {}
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in CLIP(cfg).state_dict().items()}
-    bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and want[k] != got[k]]
-    if bad:
-        raise ValueError(
-            f"{os.fspath(path)} does not hold weights of this model at these settings "
-            f"({len(bad)} tensors differ, e.g. {bad[0]})"
-        )
-
-
-def read_weights(path) -> dict[str, torch.Tensor]:
-    """The state dict of our checkpoint dir / .safetensors file / a torch state-dict file.
-
-    Torch files are read with weights_only=True (never unpickle arbitrary objects); OpenCLIP training
-    checkpoints wrap the weights in {"state_dict": ...} with DDP's "module." prefixes."""
-    file = _weights_file(path)
-    if file.endswith(".safetensors") or _safetensors_header(file) is not None:
-        try:
-            return load_file(file)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of all kinds: not a (safe) checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{file} is not a torch checkpoint readable with weights_only=True ({first})") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{file} holds no state dict of tensors")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-
-
-# OpenCLIP's CLIP class (and the authors' clipa_torch, which the converted CLIPA-v2 weights were
-# written for) keep the text tower at the top level; here it lives under `text.`.
-_TEXT_TOP_LEVEL = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
-
-
-def detect_layout(sd: dict) -> str:
-    """'clipa' (ours, = OpenCLIP CustomTextCLIP names), 'openclip-v1' (OpenCLIP CLIP with ln_pre),
-    'openclip-v2' (no ln_pre: OpenCLIP ViT-*-14-CLIPA and the authors' converted BigVision files)."""
-    if "text.token_embedding.weight" in sd:
-        return "clipa"
-    if "token_embedding.weight" in sd:
-        return "openclip-v1" if "visual.ln_pre.weight" in sd else "openclip-v2"
-    raise ValueError(f"not a CLIP state dict: no text token embedding (first keys: {', '.join(list(sd)[:4])})")
-
-
-def to_clipa_keys(sd: dict) -> dict:
-    if detect_layout(sd) == "clipa":
-        return dict(sd)
-    return {("text." + k if k.startswith(_TEXT_TOP_LEVEL) else k): v for k, v in sd.items()}
-
-
-def to_openclip_keys(sd: dict) -> dict:
-    """Our names -> OpenCLIP CLIP names (the inverse key map)."""
-    return {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in sd.items()}
-
-
-def resize_image_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1 + g0*g0, W] -> [1 + grid*grid, W]: CLS row kept, the patch grid resized bicubic with
-    antialiasing (OpenCLIP's rule, so both libraries give the same table)."""
-    old = int(round(math.sqrt(table.shape[0] - 1)))
-    if old * old + 1 != table.shape[0]:
-        raise ValueError(f"image position table of {table.shape[0]} rows is not 1 + a square grid")
-    if old == grid:
-        return table
-    patches = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
-    return torch.cat([table[:1], patches])
-
-
-def resize_text_pos_embed(table: torch.Tensor, length: int) -> torch.Tensor:
-    """[T0, W] -> [length, W], linear (OpenCLIP's rule)."""
-    if table.shape[0] == length:
-        return table
-    x = F.interpolate(table.float().T[None], size=length, mode="linear", align_corners=False)
-    return x[0].T.to(table.dtype).contiguous()
-
-
-def _few(keys: list, n=4) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_pretrained(model: CLIP, path, *, strict: bool = True) -> str:
-    """Load weights of any supported layout into `model`, resizing position tables to its grid and
-    context length (a fixed sin-cos table is recomputed, not interpolated). Returns the layout name.
-    A checkpoint of another architecture is a one-line ValueError naming missing/unexpected keys."""
-    return _load_state(model, read_weights(path), os.fspath(path), strict)
-
-
-class NonFiniteWeightsWarning(UserWarning):
-    """Loaded weights hold NaN or Inf values (the model's outputs will be meaningless)."""
-
-
-def _load_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> str:
-    sd, layout = _fitted_state(model, sd, source, strict)
-    model.load_state_dict(sd, strict=strict)
-    _check_finite(model, sd, source)
-    return layout
-
-
-def _check_finite(model: CLIP, sd: dict, source: str) -> None:
-    """model.nonfinite_weights = names of the tensors with NaN/Inf values; a warning when any."""
-    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    model.nonfinite_weights = bad
-    if bad:
-        warnings.warn(
-            f"{source} holds non-finite weights (NaN/Inf) in {len(bad)} tensors: {_few(bad, 3)}; "
-            "its outputs are meaningless",
-            NonFiniteWeightsWarning,
-            stacklevel=3,
-        )
-
-
-def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tuple[dict, str]:
-    """(state dict in our names with the position tables resized to `model`, layout), checked
-    against the model's keys and shapes - which a model on the meta device has without memory."""
-    layout = detect_layout(sd)
-    sd = to_clipa_keys(sd)
-    own = model.state_dict()
-    v = model.cfg.vision
-    if v.pos_embed == "sincos":
-        sd["visual.positional_embedding"] = sincos_2d(v.width, v.grid)  # exact, never interpolated
-    elif "visual.positional_embedding" in sd:
-        sd["visual.positional_embedding"] = resize_image_pos_embed(sd["visual.positional_embedding"], v.grid)
-    if "text.positional_embedding" in sd:
-        sd["text.positional_embedding"] = resize_text_pos_embed(
-            sd["text.positional_embedding"], model.cfg.text.context_length
-        )
-    for k in ("logit_scale", "logit_bias"):
-        if k in sd and sd[k].numel() == 1 and k in own:
-            sd[k] = sd[k].reshape(own[k].shape)
-    if "logit_bias" not in own:  # a sigmoid-loss checkpoint into a softmax model
-        sd.pop("logit_bias", None)
-    elif "logit_bias" not in sd:  # ... and the reverse: SigLIP's initial bias
-        sd["logit_bias"] = torch.tensor(-10.0)
-    missing = [k for k in own if k not in sd]  # in model order: most telling first
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(sd))
-        if sd[k].shape != own[k].shape
-    ]
-    if strict and (missing or unexpected or shapes):
-        parts = [
-            f"{what} {_few(keys, n)}"
-            for what, keys, n in (("missing", missing, 4), ("unexpected", unexpected, 4), ("shape mismatch", shapes, 2))
-            if keys
-        ]
-        raise ValueError(
-            f"{source} ({layout} layout) does not fit this {model.cfg.family} architecture: {'; '.join(parts)}"
-        )
-    return sd, layout
-
-
-def create_model(
-    name_or_cfg: str | CLIPConfig | None,
-    *,
-    image_size: int | None = None,
-    context_length: int | None = None,
-    pos_embed: str | None = None,
-    mask: str | None = None,
-    mask_ratio: float | None = None,
-    pretrained=None,
-) -> CLIP:
-    """Build a CLIP by registry name (or alias, or a CLIPConfig); name None takes the config stored in
-    the `pretrained` weights file. Overrides apply on top (image_size is CLIPA's resize reduction)."""
-    if name_or_cfg is None:
-        if pretrained is None:
-            raise ValueError("give a model name or a pretrained checkpoint that records its config")
-        name_or_cfg = config_from_metadata(read_metadata(pretrained))
-        if name_or_cfg is None:
-            raise ValueError(
-                f"{os.fspath(pretrained)} records no model config (not a checkpoint of this "
-                "project): pass its model name (--model NAME)"
-            )
-    if not isinstance(name_or_cfg, CLIPConfig):
-        name_or_cfg = get_model_config(name_or_cfg)
-    cfg = check_config(
-        _override(
-            name_or_cfg, context_length, image_size=image_size, pos_embed=pos_embed, mask=mask, mask_ratio=mask_ratio
-        )
-    )
-    if pretrained is None:
-        return CLIP(cfg)
-    sd = read_weights(pretrained)
-    with torch.device("meta"):  # skip random init: every tensor is overwritten by the strict load
-        model = CLIP(cfg)
-    # keys and shapes checked on the meta model: memory is allocated only for weights that fit
-    sd, _ = _fitted_state(model, sd, os.fspath(pretrained))
-    model.to_empty(device="cpu")
-    model.load_state_dict(sd)
-    _check_finite(model, sd, os.fspath(pretrained))
-    return model
-
-
-def get_tokenizer(
-    name_or_cfg: str | CLIPConfig, context_length: int | None = None, reduction: str | None = None
-) -> tokenizer.Tokenizer:
-    """The tokenizer a model (registry name, alias or CLIPConfig) implies. reduction None -> the
-    model's training reduction ("syntax" for -Syntax- models); evaluation passes reduction="truncate".
-    context_length None -> the model's own."""
-    t = (name_or_cfg if isinstance(name_or_cfg, CLIPConfig) else get_model_config(name_or_cfg)).text
-    return tokenizer.Tokenizer(
-        t.tokenizer,
-        t.context_length if context_length is None else context_length,
-        t.reduction if reduction is None else reduction,
-    )
-
-
-def create_model_and_transforms(
-    name,
-    pretrained=None,
-    force_image_size=None,
-    image_mean=None,
-    image_std=None,
-    interpolation=None,
-    square_resize_only=None,
-    **create_model_kwargs,
-):
-    """(model in eval mode, train_transform, eval_transform) as OpenCLIP offers it: each transform maps
-    a PIL image to a NORMALISED float CHW tensor. Defaults come from the model family (CLIPConfig
-    properties); the eval transform is eval_zeroshot's preprocessing (data.eval_transform)."""
-    model = create_model(name, image_size=force_image_size, pretrained=pretrained, **create_model_kwargs)
-    cfg = model.cfg
-    size = cfg.vision.image_size
-    mean = tuple(image_mean) if image_mean is not None else cfg.image_mean
-    std = tuple(image_std) if image_std is not None else cfg.image_std
-    interp = interpolation or cfg.interpolation
-    square = cfg.square_resize_only if square_resize_only is None else square_resize_only
-    train = data.Normalized(data.train_transform(size), mean, std)
-    evaluate = data.Normalized(data.eval_transform(size, interpolation=interp, square_resize_only=square), mean, std)
-    return model.eval(), train, evaluate
+def unwrap(model: nn.Module) -> nn.Module:
+    """The CLIP inside a DDP wrapper (its .module), or the model itself."""
+    return getattr(model, "module", model)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -923,7 +664,8 @@ def count_flops(
     the patch embedding (all patches), the transformer blocks (kept patches + CLS), the projections.
     Norms, softmax, GELU and additions are not counted. executed_gflops: what runs here, where a tower
     that reads one row (CLS, EOT) runs its last block for that row alone."""
-    v, t = cfg.vision, cfg.text
+    v = cfg.vision
+    t = cfg.text
     size = v.image_size if image_size is None else image_size
     ctx = t.context_length if context_length is None else context_length
     if size % v.patch_size or size <= 0:
@@ -933,18 +675,17 @@ def count_flops(
     if ctx <= 0:
         raise ValueError(f"context length must be positive, got {ctx}")
     n = (size // v.patch_size) ** 2
-    kept = keep_count(n, mask_ratio) if mask_ratio > 0 else n
+    kept = keep_count(n, mask_ratio)
     image = (
         n * 3 * v.patch_size**2 * v.width
         + v.layers * _block_macs(kept + 1, v.width, v.mlp_ratio)
         + v.width * cfg.embed_dim
     )
     text = t.layers * _block_macs(ctx, t.width, t.mlp_ratio) + t.width * cfg.embed_dim
-    saved = sum(
-        _block_macs(n, w, r) - _block_macs(n, w, r, rows=1)
-        for n, w, r, picked in ((kept + 1, v.width, v.mlp_ratio, v.pool == "cls"), (ctx, t.width, t.mlp_ratio, True))
-        if picked
-    )
+    # a tower that reads one row runs its last block for that row alone
+    saved = _block_macs(ctx, t.width, t.mlp_ratio) - _block_macs(ctx, t.width, t.mlp_ratio, rows=1)
+    if v.pool == "cls":
+        saved += _block_macs(kept + 1, v.width, v.mlp_ratio) - _block_macs(kept + 1, v.width, v.mlp_ratio, rows=1)
     return {
         "image_gflops": image / 1e9,
         "text_gflops": text / 1e9,
@@ -962,54 +703,33 @@ def count_flops(
 
 
 def main(argv=None) -> int:
-    p = cli.ArgumentParser(
-        prog="model.py", description="CLIPA models: FLOPs counter, tokenizer (the OpenCLIP export: export.py)"
-    )
+    p = cli.ArgumentParser(prog="model.py", description="CLIPA models: the registry and a FLOPs counter")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="registry names and aliases")
     f = sub.add_parser("flops", help="forward GFLOPs per sample (1 multiply-add = 1 FLOP)")
     f.add_argument("name")
     f.add_argument("--image-size", type=int)
     f.add_argument("--context-length", type=int)
     f.add_argument("--mask-ratio", type=float, default=0.0)
     f.add_argument("--json", action="store_true")
-    t = sub.add_parser("tokenize", help="print the token ids (and their text) of captions")
-    t.add_argument("--model", default="ViT-L-16-CL8-Syntax-GAP")
-    t.add_argument("--context-length", type=int)
-    t.add_argument("--reduction", choices=tokenizer.REDUCTIONS, help="default: the model's training one")
-    t.add_argument("texts", nargs="+")
-    sub.add_parser(
-        "export", help="moved: python export.py CKPT --to open_clip OUT", add_help=False, prefix_chars="\0"
-    ).add_argument("rest", nargs="*")
-    sub.add_parser("list", help="registry names and aliases")
     args = p.parse_args(argv)
 
     if args.cmd == "list":
-        print("\n".join(list_models() + [f"{a} -> {b[0]}" for a, b in MODEL_ALIASES.items()]))
-    elif args.cmd == "flops":
-        try:
-            r = count_flops(get_model_config(args.name), args.image_size, args.context_length, args.mask_ratio)
-        except ValueError as err:
-            return cli.usage_error(err)
-        if args.json:
-            print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops", "executed_gflops")}))
-        else:
-            print(
-                f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
-                f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
-                f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
-                "(forward, per sample, 1 multiply-add = 1 FLOP)"
-            )
-    elif args.cmd == "tokenize":
-        try:
-            tok = get_tokenizer(args.model, args.context_length, args.reduction)
-        except ValueError as err:
-            return cli.usage_error(err)
-        print(tok)
-        for ids in tok(args.texts).tolist():
-            print(ids, repr(tok.decode(ids)))
+        aliases = [f"{alias} -> {target}" for alias, (target, _) in MODEL_ALIASES.items()]
+        print("\n".join(list_models() + aliases))
+        return 0
+    try:
+        r = count_flops(get_model_config(args.name), args.image_size, args.context_length, args.mask_ratio)
+    except ValueError as err:
+        return cli.usage_error(err)
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("image_gflops", "text_gflops", "total_gflops", "executed_gflops")}))
     else:
-        return cli.usage_error(
-            f"the export moved to export.py: python export.py {' '.join(args.rest) or 'CKPT --to open_clip OUT'}"
+        print(
+            f"{args.name} @ {r['image_size']} px ({r['patches_kept']} of {r['patches']} patches "
+            f"kept), {r['context_length']} text tokens: image {r['image_gflops']:.2f} G, "
+            f"text {r['text_gflops']:.2f} G, total {r['total_gflops']:.2f} GFLOPs "
+            "(forward, per sample, 1 multiply-add = 1 FLOP)"
         )
     return 0
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-import data
 import model as model_lib
+import transforms
 import xla_utils
 
 GB = 1024**3
@@ -45,24 +45,13 @@ class Tower:
 
 def towers(cfg: model_lib.CLIPConfig, mask_ratio: float = 0.0) -> list[Tower]:
     """The image and text transformers at the stage's tokens (kept patches + CLS; text context)."""
-    v, t = cfg.vision, cfg.text
-    n = (v.image_size // v.patch_size) ** 2
-    kept = model_lib.keep_count(n, mask_ratio) if mask_ratio > 0 else n
+    v = cfg.vision
+    t = cfg.text
+    kept = model_lib.keep_count(v.num_patches, mask_ratio)
     return [
         Tower(kept + 1, v.width, int(v.width * v.mlp_ratio), v.layers, v.pool == "cls"),
         Tower(t.context_length, t.width, int(t.width * t.mlp_ratio), t.layers, True),
     ]
-
-
-def count_params(cfg: model_lib.CLIPConfig) -> tuple[int, int]:
-    """(trainable parameters, parameters of the largest transformer block), on the meta device."""
-    with torch.device("meta"):
-        m = model_lib.CLIP(cfg)
-    blocks = [b for tower in (m.visual, m.text) for b in tower.transformer.resblocks]
-    return (
-        sum(p.numel() for p in m.parameters() if p.requires_grad),
-        max(sum(p.numel() for p in b.parameters()) for b in blocks),
-    )
 
 
 def activation_bytes(
@@ -75,16 +64,26 @@ def activation_bytes(
 ) -> float:
     """Bytes one training sample costs at the peak of its step (forward activations kept for the
     backward, the backward's transient buffers and the loss's logits)."""
-    v, e = cfg.vision, (2 if bf16 else 4)
-    total, recompute = 0.0, 0.0
+    e = 2 if bf16 else 4  # bytes of an autocast element
+    total = 0.0
+    recompute = 0.0
     for tw in towers(cfg, mask_ratio):
-        ld, lf = tw.tokens * tw.width, tw.tokens * tw.hidden
+        ld = tw.tokens * tw.width
+        lf = tw.tokens * tw.hidden
         block = 4 * ld * 4 + (5 * ld + 2 * lf) * e  # LayerNorm in/outputs fp32, the rest autocast
-        # a picked last block: ln_1 in/out, k and v of every token; the rest of one row
-        last = 2 * ld * 4 + 2 * ld * e + 2 * tw.width * 4 + (3 * tw.width + 2 * tw.hidden) * e if tw.picked else block
-        total += (tw.layers * ld * e if checkpointing else (tw.layers - 1) * block + last) + ld * 4  # + ln_pre/final
+        if tw.picked:  # a picked last block: ln_1 in/out, k and v of every token; the rest of one row
+            last = 2 * ld * 4 + 2 * ld * e + 2 * tw.width * 4 + (3 * tw.width + 2 * tw.hidden) * e
+        else:
+            last = block
+        if checkpointing:
+            total += tw.layers * ld * e
+        else:
+            total += (tw.layers - 1) * block + last
+        total += ld * 4  # ln_pre / ln_final
         recompute = max(recompute, block)  # the towers' backward passes run one at a time
-    total += recompute if checkpointing else 0.0
+    if checkpointing:
+        total += recompute
+    v = cfg.vision
     total += 3 * v.image_size**2 * (1 + 4)  # uint8 batch + normalised fp32 pixels
     total += 4 * 4 * max(global_batch, 1)  # 2 directions x (logits + grad), fp32
     return total
@@ -93,7 +92,8 @@ def activation_bytes(
 def state_bytes(cfg: model_lib.CLIPConfig, *, shard: str, devices: int, bf16: bool = False) -> float:
     """Weights + gradients + AdamW moments held by one device (fsdp: 1/devices of them, plus the
     largest block gathered in full, twice when the next one is prefetched)."""
-    params, block = count_params(cfg)
+    params = model_lib.count_parameters(cfg, trainable=True)
+    block = max(model_lib.block_parameters(tw.width, tw.hidden) for tw in towers(cfg))
     if shard == "none" or devices == 1:
         return params * ADAMW_BYTES
     return params * ADAMW_BYTES / devices + 2 * block * ((2 if bf16 else 4) + 4)
@@ -159,7 +159,7 @@ def report(stages, *, gpu_mem: float = 80.0, devices: int = 8, bf16: bool = True
     ]
     for _, s in stages:
         cfg = s.model_config()
-        params, _ = count_params(cfg)
+        params = model_lib.count_parameters(cfg, trainable=True)
         tw = towers(cfg, s.mask_ratio)
         st = [state_bytes(cfg, shard=sh, devices=devices, bf16=bf16) / GB for sh in xla_utils.SHARDING]
         act = [
@@ -193,7 +193,7 @@ def measured_peak(cfg: model_lib.CLIPConfig, batch: int, *, checkpointing: bool)
     (VmHWM), reset just before the step through /proc/self/clear_refs. Used to check
     activation_bytes (tests/test_plan.py); the step's gradients are part of it."""
     torch.manual_seed(0)
-    m = model_lib.create_model(cfg).train()
+    m = model_lib.CLIP(cfg).train()
     m.set_grad_checkpointing(checkpointing)
     tokens = torch.randint(1, 1000, (batch, cfg.text.context_length))
     labels = torch.arange(batch)
@@ -201,7 +201,7 @@ def measured_peak(cfg: model_lib.CLIPConfig, batch: int, *, checkpointing: bool)
         f.write("5")  # VmHWM := the current resident size
     before = _status_kb("VmRSS")
     images = torch.randint(0, 256, (batch, 3, cfg.vision.image_size, cfg.vision.image_size), dtype=torch.uint8)
-    img, txt, scale = m(data.normalize(images, cfg.image_mean, cfg.image_std), tokens)[:3]
+    img, txt, scale = m(transforms.normalize(images, cfg.image_mean, cfg.image_std), tokens)[:3]
     logits = scale * img @ txt.T
     loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
     loss.backward()

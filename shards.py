@@ -263,14 +263,18 @@ def _resolve_tfds(path, split: str) -> Source:
     if "tfrecord" not in fmt_name:
         raise ValueError(f"{d}: TFDS file format {fmt_name} is not supported (tfrecord only)")
     files = [os.fspath(p) for p in info.splits[split].filepaths]
-    image_keys, text_keys, label_key, classes = [], [], None, None
+    image_keys = []
+    text_keys = []
+    label_key = None
+    classes = None
     for name, feat in info.features.items():
         if isinstance(feat, tfds.features.Image):
             image_keys.append(name)
         elif isinstance(feat, tfds.features.Text):
             text_keys.append(name)
         elif isinstance(feat, tfds.features.ClassLabel):
-            label_key, classes = name, list(feat.names)
+            label_key = name
+            classes = list(feat.names)
     return Source("tfds", files, tuple(image_keys) or IMAGE_KEYS, tuple(text_keys) or TEXT_KEYS, label_key, classes)
 
 
@@ -302,8 +306,10 @@ def _tar_members(f) -> Iterator[tuple[str, bytes | None, int, int]]:
     early, _Unreadable("oversized_member", name) for a member size that is over the cap and more
     than the bytes left (a hostile or garbled header: nothing after it can be found), and
     ValueError on a corrupt header."""
-    long_name, first = None, True
-    end, pos = _file_size(f), 0
+    long_name = None  # a GNU long name or pax path for the next member
+    first = True
+    end = _file_size(f)
+    pos = 0
     while True:
         at = pos
         hdr = f.read(512)
@@ -484,7 +490,9 @@ def _scan_tfrecord(f) -> tuple[list[int], str | None]:
     (the end offset of each record framed soundly before the first bad one, None or why the file
     ends there). A length is trusted only with its CRC, at most MAX_RECORD_BYTES and within the
     file: tf.data would otherwise allocate what a hostile length asks for (2^62 bytes: a segfault)."""
-    end, pos, ends = _file_size(f), 0, []
+    end = _file_size(f)
+    pos = 0
+    ends = []
     while True:
         head = f.read(12)
         if not head:
@@ -610,14 +618,17 @@ def bound_image(
         return None, "kept"
     s = max_side / max(W, H)
     size = (max(1, round(W * s)), max(1, round(H * s)))
-    fmt, out = img.format, io.BytesIO()
-    kw = {"JPEG": dict(quality=quality, optimize=True, subsampling="4:2:0"), "PNG": {}, "WEBP": dict(quality=quality)}[
-        fmt
-    ]  # baseline JPEG with libjpeg's 4:2:0 chroma
+    fmt = img.format
+    save_options = {
+        "JPEG": {"quality": quality, "optimize": True, "subsampling": "4:2:0"},  # baseline, libjpeg's 4:2:0 chroma
+        "PNG": {},
+        "WEBP": {"quality": quality},
+    }
+    out = io.BytesIO()
     try:
         if fmt == "JPEG":
             img.draft(None, (3 * size[0], 3 * size[1]))
-        img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.BICUBIC).save(out, fmt, **kw)
+        img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.BICUBIC).save(out, fmt, **save_options[fmt])
     except Exception:  # noqa: BLE001 - a corrupt image: the loader skips it as bad_image, so keep it
         return None, "kept"
     return out.getvalue(), "resized"
@@ -645,7 +656,8 @@ def _rewrite_wds(path: str, out, src: Source, fix):
 
         def flush(key, parts, members):
             nonlocal copied
-            raw, new = _make_raw(key, parts, src), None
+            raw = _make_raw(key, parts, src)
+            new = None
             if raw.reason is None:
                 ext = next(k for k in src.image_keys if k in parts)
                 target = max(i for i, m in enumerate(members) if m[0] == ext)  # the last one is read
@@ -731,8 +743,12 @@ def verify_reshard(path: str, out: str, src: Source, max_side: int) -> Counter:
     its longest side <= max_side. Returns counts (samples, bad_samples, images_resized / _within
     / _kept); raises RuntimeError at the first difference."""
     c: Counter = Counter()
-    name = lambda k: k.replace(out, path).replace(os.path.basename(out), os.path.basename(path))  # noqa: E731
-    quiet, log.disabled = log.disabled, True  # the reader's warnings were given when copying
+
+    def name(k):  # a key read from `out` as it reads from `path`
+        return k.replace(out, path).replace(os.path.basename(out), os.path.basename(path))
+
+    quiet = log.disabled
+    log.disabled = True  # the reader's warnings were given when copying
     try:
         for a, b in itertools.zip_longest(read_shard(path, src), read_shard(out, src)):
             if a is None or b is None:
@@ -769,8 +785,10 @@ def _reshard_shard(job) -> dict:
     """One shard (a process-pool task): rewrite, verify, rename into place; its counts and bytes,
     or {"shard", "error"} when the source cannot be read or the copy cannot be written."""
     path, dst, src, max_side, quality, max_pixels = job
-    fix = lambda image: bound_image(image, max_side, quality, max_pixels)[0]  # noqa: E731
     counts: Counter = Counter()
+
+    def fix(image):
+        return bound_image(image, max_side, quality, max_pixels)[0]
 
     def write(tmp):
         if src.fmt == "wds":
@@ -848,15 +866,15 @@ def reshard_plan(
     checkpoints.remove_temporaries(dst)
     checkpoints.atomic_write_text(json.dumps(settings) + "\n", record)
     return ReshardPlan(
-        src,
-        dst,
-        max_side,
-        quality,
-        workers,
-        max_pixels,
-        [p for p, n in zip(src.shards, names) if n not in done],
-        len(done),
-        lock,
+        src=src,
+        dst=dst,
+        max_side=max_side,
+        quality=quality,
+        workers=workers,
+        max_pixels=max_pixels,
+        todo=[p for p, n in zip(src.shards, names) if n not in done],
+        done=len(done),
+        lock=lock,
     )
 
 
@@ -866,7 +884,8 @@ def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
     that a rerun retries it)."""
     from tqdm import tqdm
 
-    t0, rows = time.time(), []
+    t0 = time.time()
+    rows = []
     jobs = [
         (p, os.path.join(plan.dst, os.path.basename(p)), plan.src, plan.max_side, plan.quality, plan.max_pixels)
         for p in plan.todo
@@ -890,7 +909,8 @@ def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
             results = map(_reshard_shard, jobs)
         for r in results:
             rows.append(r)
-            before, after = sum(x.get("bytes_before", 0) for x in rows), sum(x.get("bytes_after", 0) for x in rows)
+            before = sum(x.get("bytes_before", 0) for x in rows)
+            after = sum(x.get("bytes_after", 0) for x in rows)
             bar.set_postfix_str(f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", refresh=False)
             bar.update(1)
             if "error" in r:

@@ -5,7 +5,7 @@ token reduction strategies of the papers (docs/recipe.md): truncate, random, blo
     ids = tok(["a diagram", "a dog"], rng=random.Random(0))             # LongTensor [2, 8]
     Tokenizer("clip_bpe", 8)                                            # evaluation: truncation
 
-model.get_tokenizer(model_name) builds the one a registered model implies. This module imports no
+factory.get_tokenizer(model_name) builds the one a registered model implies. This module imports no
 other project module; its benchmark is launch/bench_tokenizer.py.
 
 CLIP BPE rows are SOT + BPE tokens + EOT, zero padded; a cut row ends with EOT (as OpenCLIP).

@@ -1,15 +1,15 @@
-"""CLIPA training: presets, the contrastive step, checkpoints, resume, multi-stage schedules.
+"""CLIPA training: the contrastive step, accumulation, checkpoints and resume, the run log, the loop.
 
     torchrun --nproc_per_node 8 train.py --cfg l16_i37_t8 --train-data '/data/laion/{00000..41407}.tar'
     python xla_utils.py launch train.py --cfg h14_v2 --train-data ...        # TPU VM (SPMD)
     python train.py --cfg b16_i50_t16 --dry-run --batch-size 4096               # print resolved stages
     python train.py --cfg l16_i37_t8 --flops                                    # FLOPs per stage
 
-A preset is a list of stages (pre-train at few tokens, then fine-tune at full length). train.py runs
-the selected stages in order, each one initialised from the previous stage's last checkpoint;
-finetune.py runs the fine-tune stages from a given pre-trained checkpoint with the same functions.
-Every option is declared once, as a field of `Stage` (per stage) or `RunConfig` (per run); the
-command line is generated from those fields.
+A preset (config.py) is a list of stages: pre-train at few tokens, then fine-tune at full length.
+train.py runs the selected stages in order, each one initialised from the previous stage's last
+checkpoint; finetune.py runs the fine-tune stages from a given pre-trained checkpoint with the same
+functions. The path of one step: the loader's uint8 batch -> the device -> normalised there -> both
+towers -> the loss over the gathered features -> AdamW -> now and then an atomic checkpoint.
 """
 
 from __future__ import annotations
@@ -24,405 +24,23 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 import checkpoints
 import cli
+import config
 import data
 import eval_zeroshot
+import factory
 import losses
 import model as model_lib
 import plan
-import tokenizer as tokenizer_lib
+import transforms
 import xla_utils
-
-
-def opt(default, help: str, **meta):
-    """A dataclass field with its command-line help (and choices) beside its default."""
-    return field(default=default, metadata=dict(help=help, **meta))
-
-
-# ----------------------------------------------------------------------------- presets
-
-INITS = ("scratch", "previous")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One training phase. Numbers from docs/recipe.md; lr = base_lr x batch_size / 256."""
-
-    name: str
-    model: str = opt("", "registry name of the model (model.py)")
-    image_size: int = opt(224, "training resolution: CLIPA's image token reduction by resizing")
-    context_length: int | None = opt(None, "text tokens (None: the model's own, T8/T16/T32 in its name)")
-    text_reduction: str | None = opt(
-        None, "text token reduction (None: the model's)", choices=(None, *tokenizer_lib.REDUCTIONS)
-    )
-    pos_embed: str = opt("sincos", "image position embedding", choices=model_lib.POS_EMBEDS)
-    mask: str = opt("none", "image token masking", choices=model_lib.MASK_STRATEGIES)
-    mask_ratio: float = opt(0.0, "fraction of image patches masked")
-    batch_size: int = opt(256, "global batch (all devices, all accumulation steps)")
-    base_lr: float = opt(8e-6, "lr per 256 samples")
-    lr: float | None = opt(None, "peak lr (None: base_lr x batch_size / 256)")
-    warmup: int = opt(0, "linear warmup steps")
-    train_num_samples: int = opt(0, "samples seen in this stage: steps = samples // batch")
-    weight_decay: float = opt(0.2, "AdamW weight decay (weight matrices only)")
-    color_jitter: bool = opt(False, "colour jitter augmentation")
-    scale_min: float = opt(0.4, "RandomResizedCrop scale=(scale_min, 1)")
-    train_data: str = opt("", "training shards: webdataset tars, TFRecords or a TFDS dir")
-    train_format: str | None = opt(None, "shard format (None: detected from the bytes)", choices=(None, *data.FORMATS))
-    init: str = opt("scratch", "start from scratch or the previous stage / --pretrained", choices=INITS)
-    loss: str = opt("softmax", "contrastive loss: softmax (CLIP) or sigmoid (SigLIP)", choices=losses.LOSSES)
-
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
-
-    @property
-    def steps(self) -> int:
-        return self.train_num_samples // self.batch_size
-
-    def model_config(self) -> model_lib.CLIPConfig:
-        return replace(
-            model_lib.get_model_config(
-                self.model,
-                image_size=self.image_size,
-                context_length=self.context_length,
-                pos_embed=self.pos_embed,
-                mask=self.mask,
-                mask_ratio=self.mask_ratio,
-            ),
-            loss=self.loss,
-        )
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    stages: tuple[Stage, ...]
-    reported: str = ""  # the paper's result for this recipe (README table)
-
-
-# The papers' stage templates; each preset below names only what differs.
-V1_PRETRAIN = Stage("pretrain", base_lr=8e-6, train_num_samples=2_560_000_000)
-V1_FINETUNE = Stage(
-    "finetune", image_size=224, pos_embed="learnable", base_lr=8e-7, train_num_samples=131_072_000, init="previous"
-)
-# v2: one progressive schedule, 12.8B samples at 84 px / 8 tokens, then 512M at 224 px (30% random
-# masking), then 128M at 336 px (40%); position embeddings stay sin-cos (reference configs)
-V2_PRETRAIN = Stage(
-    "pretrain",
-    image_size=84,
-    batch_size=65536,
-    base_lr=8e-6,
-    warmup=782,
-    train_num_samples=12_811_670_000,
-    color_jitter=True,
-)
-V2_FT224 = Stage(
-    "ft224",
-    image_size=224,
-    mask="random",
-    mask_ratio=0.3,
-    batch_size=32768,
-    base_lr=4e-7,
-    warmup=800,
-    train_num_samples=524_288_000,
-    color_jitter=True,
-    init="previous",
-)
-V2_FT336 = Stage(
-    "ft336",
-    image_size=336,
-    mask="random",
-    mask_ratio=0.4,
-    batch_size=16384,
-    base_lr=1e-7,
-    warmup=1600,
-    train_num_samples=131_072_000,
-    color_jitter=True,
-    init="previous",
-)
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset(
-            name="b16_i50_t16",
-            description="v1 B/16: pre-train 112 px (I50) / 16 tokens, fine-tune 224 px",
-            reported="63.2% IN-1K zero-shot, ~2 days on 8xA100 (LAION-400M)",
-            stages=(
-                replace(V1_PRETRAIN, model="ViT-B-16-CL16", image_size=112, batch_size=65536, warmup=782),
-                replace(V1_FINETUNE, model="ViT-B-16-CL16", batch_size=8192, warmup=3072),
-            ),
-        ),
-        Preset(
-            name="l16_i17_t16",
-            description="v1 L/16: pre-train 64 px (I17) / 16 syntax tokens, fine-tune 224 px",
-            reported="67.8% IN-1K zero-shot, ~3 days on 8xA100 (LAION-400M)",
-            stages=(
-                replace(
-                    V1_PRETRAIN,
-                    model="ViT-L-16-CL16-Syntax-GAP",
-                    image_size=64,
-                    batch_size=32768,
-                    warmup=1563,
-                    color_jitter=True,
-                ),
-                replace(V1_FINETUNE, model="ViT-L-16-CL16-GAP", batch_size=7168, warmup=3571, color_jitter=True),
-            ),
-        ),
-        Preset(
-            name="l16_i37_t8",
-            description="v1 L/16: pre-train 96 px (I37) / 8 syntax tokens, fine-tune 224 px / 32 tokens",
-            reported="69.3% IN-1K zero-shot, ~4 days on 8xA100 (LAION-400M)",
-            stages=(
-                replace(
-                    V1_PRETRAIN,
-                    model="ViT-L-16-CL8-Syntax-GAP",
-                    image_size=96,
-                    batch_size=32768,
-                    warmup=1563,
-                    color_jitter=True,
-                ),
-                replace(V1_FINETUNE, model="ViT-L-16-CL32-GAP", batch_size=7168, warmup=3571, color_jitter=True),
-            ),
-        ),
-        Preset(
-            name="h14_i36_t8",
-            description="v1-code H/14: pre-train 84 px (I36) / 8 syntax tokens, fine-tune "
-            "224 px with 30% random masking (the reference's TPU scripts)",
-            reported="not reported in v1 (the v2 schedule below is the H/14 result)",
-            stages=(
-                replace(
-                    V1_PRETRAIN,
-                    model="ViT-H-14-CL8-Syntax-GAP",
-                    image_size=84,
-                    batch_size=65536,
-                    warmup=782,
-                    color_jitter=True,
-                ),
-                replace(V2_FT224, name="finetune", model="ViT-H-14-CL32-GAP"),
-            ),
-        ),
-        Preset(
-            name="h14_v2",
-            description="v2 H/14: 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
-            reported="79.1% IN-1K zero-shot, 8640 A100-hours (LAION-2B); 81.8% on DataComp-1B",
-            stages=(
-                replace(V2_PRETRAIN, model="ViT-H-14-CL8-Syntax-GAP"),
-                replace(V2_FT224, model="ViT-H-14-CL32-GAP"),
-                replace(V2_FT336, model="ViT-H-14-CL32-GAP"),
-            ),
-        ),
-        Preset(
-            name="l14_v2",
-            description="v2 L/14 (BigVision towers): 84 px / 8 tokens -> 224 px 30% mask -> 336 px 40% mask",
-            reported="79.7% after 224 px (4008 A100-hours), 80.3% after 336 px (4520 h), DataComp-1B",
-            stages=(
-                replace(V2_PRETRAIN, model="ViT-L-14-CL32-GAP-BigVision", context_length=8, text_reduction="syntax"),
-                replace(V2_FT224, model="ViT-L-14-CL32-GAP-BigVision"),
-                replace(V2_FT336, model="ViT-L-14-CL32-GAP-BigVision"),
-            ),
-        ),
-        # a long warmup matters: at 2e-3 with 10 warmup steps the tiny model sits at chance
-        Preset(
-            name="demo",
-            description="tiny CPU demo on the procedural data of launch/demo_data.py: 32 px / "
-            "16 syntax tokens, then 64 px / 32 tokens with 30% random masking and learnable position "
-            "embeddings",
-            reported="a smoke test, not a result",
-            stages=(
-                Stage(
-                    "pretrain",
-                    model="ViT-Tiny-8-CL16-Syntax-GAP",
-                    image_size=32,
-                    batch_size=32,
-                    base_lr=1.6e-2,
-                    warmup=25,
-                    train_num_samples=32 * 300,
-                    scale_min=0.6,
-                ),
-                Stage(
-                    "finetune",
-                    model="ViT-Tiny-8-CL32-GAP",
-                    image_size=64,
-                    pos_embed="learnable",
-                    mask="random",
-                    mask_ratio=0.3,
-                    batch_size=32,
-                    base_lr=1.6e-3,
-                    warmup=10,
-                    train_num_samples=32 * 100,
-                    scale_min=0.6,
-                    init="previous",
-                ),
-            ),
-        ),
-    ]
-}
-
-STAGE_FIELDS = {f.name: f for f in dataclasses.fields(Stage) if f.name != "name"}
-
-
-def _parse_value(name: str, ftype: str, text: str):
-    """A command-line string -> the value of a field declared with type `ftype`."""
-    if "None" in ftype and text.lower() in ("none", "null", ""):
-        return None
-    try:
-        if ftype.startswith("bool"):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if ftype.startswith("int"):
-            v = float(text.replace("_", ""))
-            if v != int(v):
-                raise ValueError
-            return int(v)
-        if ftype.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise ValueError(f"bad value {text!r} for {name} (expects {ftype})") from None
-    return text
-
-
-def check_stage(s: Stage) -> None:
-    """Reject a stage that cannot run, with a one-line reason (before anything is built)."""
-    for f in STAGE_FIELDS.values():
-        allowed = f.metadata.get("choices")
-        if allowed is not None and getattr(s, f.name) not in allowed:
-            raise ValueError(
-                f"stage {s.name}: {f.name}={getattr(s, f.name)!r}; valid: {', '.join(str(a) for a in allowed)}"
-            )
-    for name in ("image_size", "batch_size", "train_num_samples"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"stage {s.name}: {name} must be >= 1, got {getattr(s, name)}")
-    if s.context_length is not None and s.context_length < 1:
-        raise ValueError(f"stage {s.name}: context_length must be >= 1, got {s.context_length}")
-    if s.warmup < 0 or s.weight_decay < 0 or s.resolved_lr <= 0:
-        raise ValueError(
-            f"stage {s.name}: warmup and weight_decay must be >= 0 and lr > 0 (got warmup "
-            f"{s.warmup}, weight_decay {s.weight_decay}, lr {s.resolved_lr})"
-        )
-    if not 0.0 < s.scale_min <= 1.0:
-        raise ValueError(f"stage {s.name}: scale_min must be in (0, 1], got {s.scale_min}")
-    if s.steps < 1:
-        raise ValueError(
-            f"stage {s.name}: train_num_samples {s.train_num_samples} < batch_size {s.batch_size} (no step to run)"
-        )
-    try:
-        model_lib.check_config(s.model_config())  # unknown model, bad size for the patch, mask ratio
-    except ValueError as e:
-        raise ValueError(f"stage {s.name}: {e}") from None
-
-
-def resolve_stages(cfg: str, overrides=(), select: str | None = None) -> list[tuple[int, Stage]]:
-    """The preset's stages with overrides applied, as (index in the preset, Stage).
-
-    overrides: (stage or None for all, field, text) triples; stage is a stage name or index.
-    select: comma-separated stage names/indices to run (None: all)."""
-    if cfg not in PRESETS:
-        raise ValueError(f"unknown preset {cfg!r}; valid: {', '.join(PRESETS)}")
-    stages = list(PRESETS[cfg].stages)
-    names = [s.name for s in stages]
-
-    def index_of(sel: str) -> int:
-        if sel.isdigit() and int(sel) < len(stages):
-            return int(sel)
-        if sel in names:
-            return names.index(sel)
-        raise ValueError(f"unknown stage {sel!r} of preset {cfg}; valid: {', '.join(names)} (or 0..{len(stages) - 1})")
-
-    for sel, fname, text in overrides:
-        if fname not in STAGE_FIELDS:
-            raise ValueError(f"unknown field {fname!r}; valid: {', '.join(STAGE_FIELDS)}")
-        value = _parse_value(fname, STAGE_FIELDS[fname].type, text)
-        for i in range(len(stages)) if sel is None else [index_of(sel)]:
-            stages[i] = replace(stages[i], **{fname: value})
-    chosen = range(len(stages)) if not select else sorted({index_of(s.strip()) for s in select.split(",")})
-    out = [(i, stages[i]) for i in chosen]
-    for _, s in out:
-        check_stage(s)
-    return out
-
-
-def flops_table(stages: list[tuple[int, Stage]]) -> str:
-    """Markdown table of a preset's stages: tokens, forward GFLOPs per sample (the papers'
-    convention, 1 multiply-add = 1 FLOP) and the stage's training compute (3x forward x samples)."""
-    rows = [
-        "| stage | model | image px | patches kept | text tokens | GFLOPs/sample | samples | training EFLOPs |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for _, s in stages:
-        cfg = s.model_config()
-        f = model_lib.count_flops(cfg, mask_ratio=s.mask_ratio)
-        samples = s.steps * s.batch_size
-        rows.append(
-            f"| {s.name} | {s.model} | {s.image_size} | {f['patches_kept']}/{f['patches']} | "
-            f"{cfg.text.context_length} | {f['total_gflops']:.2f} | {samples:,} | "
-            f"{3 * f['total_gflops'] * samples / 1e9:.1f} |"
-        )
-    return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------- run options
-
-NONFINITE = ("stop", "skip")
-
-
-@dataclass
-class RunConfig:
-    cfg: str = opt("", "preset: " + ", ".join(PRESETS), required=True)
-    stage: str | None = opt(None, "stages to run: names or indices, comma-separated (default all)")
-    out: str = opt("", "output directory (default runs/CFG)")
-    device: str = opt("auto", "where to train", choices=xla_utils.DEVICES)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 on XLA and CPU", choices=xla_utils.PRECISIONS)
-    seed: int = opt(0, "random seed")
-    workers: int = opt(2, "data loader workers per process", min=0)
-    log_every: int = opt(10, "progress line every N steps", min=1)
-    save_every: int = opt(1000, "checkpoint every N steps", min=1)
-    save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save", min=0)
-    keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)", min=1)
-    resume: str | None = opt(None, "'latest' (in --out) or a checkpoint directory")
-    pretrained: str | None = opt(None, "weights for the first stage: checkpoint dir, .safetensors or OpenCLIP file")
-    eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)", min=0)
-    eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")
-    eval_retrieval: str | None = opt(
-        None,
-        "captioned set for image-text retrieval eval (CLIP_benchmark "
-        "wds / flickr30k / mscoco_captions root, or caption shards)",
-    )
-    eval_batch_size: int = opt(64, "zero-shot eval batch per process", min=1)
-    eval_classnames: str | None = opt(None, "class names file (default: ImageNet-1K)")
-    eval_templates: str | None = opt(None, "prompt templates: openai (80, default), short (7) or a file")
-    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass")
-    accum_steps: int = opt(1, "gradient accumulation: the exact full-batch gradient in K chunks", min=1)
-    shard: str = opt(
-        "none",
-        "none: replicate parameters and optimizer states; fsdp: shard them (FSDP2 / XLA SPMD)",
-        choices=xla_utils.SHARDING,
-    )
-    compile: bool = opt(False, "torch.compile the step (CUDA / CPU; XLA compiles anyway): once per stage")
-    max_steps: int | None = opt(None, "stop (resumably) after this global step", min=0)
-    nonfinite: str = opt(
-        "stop",
-        "on a non-finite loss: stop (the last good checkpoint stays) or skip the step's update",
-        choices=NONFINITE,
-    )
-    plan: bool = opt(False, "print each stage's per-device memory and a batch / accumulation / sharding plan")
-    gpu_mem: float = opt(80.0, "--plan: memory per device in GB", min=1)
-    devices: int = opt(8, "--plan: number of devices", min=1)
-    force_resume: bool = opt(
-        False,
-        "resume although stage settings, seed, workers, accumulation or "
-        "world size differ from the checkpoint's (the continuation is not exact)",
-    )
-
+from config import RunConfig, Stage
 
 # ----------------------------------------------------------------------------- the step
 
@@ -455,107 +73,104 @@ def lr_at(step: int, stage: Stage) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * peak
 
 
-def unwrap(model):  # the model inside a DDP wrapper
-    return getattr(model, "module", model)
+class Step:
+    """One optimizer step, built once per stage: the model, its optimizer, the loss and the compiled
+    graphs. step(images, tokens, lr) takes this rank's batch (uint8 images [b,3,H,W] and tokens [b,T]
+    on the host) and returns the global batch's loss, on the device; the caller marks
+    rt.step_boundary after it.
 
+    accum_steps K > 1: the exact full-batch gradient in K chunks (see _accumulate). skip_nonfinite:
+    drop the update when any rank's loss is not finite (a host read before the optimizer step).
+    compiled: the forward and the loss torch.compile'd (once per stage: shapes are static) and run
+    with deterministic kernels, since compiled scatter-adds would make a resumed run differ."""
 
-def features(model, images, tokens, rt: xla_utils.Runtime, precision: str):
-    """uint8 images [B,3,H,W], tokens [B,T] on the device -> fp32 features, logit scale, bias."""
-    raw = unwrap(model)
-    x = data.normalize(images, raw.cfg.image_mean, raw.cfg.image_std)
-    with rt.autocast(precision):
-        img_f, txt_f, scale = model(x, tokens)
-    return img_f.float(), txt_f.float(), scale.float(), raw.logit_bias
+    def __init__(
+        self,
+        rt: xla_utils.Runtime,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: losses.ContrastiveLoss,
+        *,
+        precision: str = "fp32",
+        accum_steps: int = 1,
+        skip_nonfinite: bool = False,
+        compiled: bool = False,
+    ):
+        self.rt = rt
+        self.model = model  # what is called: the CLIP itself, or its DDP / FSDP wrapper
+        self.optimizer = optimizer
+        self.loss = loss
+        self.precision = precision
+        self.accum_steps = accum_steps
+        self.skip_nonfinite = skip_nonfinite
+        self.features = rt.compile(self._features) if compiled else self._features
+        self.batch_loss = rt.compile(self._batch_loss) if compiled else self._batch_loss
+        self.context = rt.deterministic if compiled else contextlib.nullcontext
 
+    def _features(self, images: torch.Tensor, tokens: torch.Tensor) -> losses.Features:
+        """uint8 images [b,3,H,W] and tokens [b,T] on the device -> what the loss needs, in fp32."""
+        clip = model_lib.unwrap(self.model)
+        x = transforms.normalize(images, clip.cfg.image_mean, clip.cfg.image_std)
+        with self.rt.autocast(self.precision):
+            image, text, scale = self.model(x, tokens)
+        return losses.Features(image.float(), text.float(), scale.float(), clip.logit_bias)
 
-def loss_of(model, rt: xla_utils.Runtime):
-    """The model's contrastive loss (losses.py): softmax, or sigmoid passed around the ring of ranks."""
-    return losses.contrastive_loss(unwrap(model).cfg.loss, True, rt)
+    def _batch_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward and loss of one batch: one graph when compiled."""
+        return self.loss(self._features(images, tokens))
 
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if images.shape[0] % self.accum_steps:
+            raise ValueError(f"per-rank batch {images.shape[0]} is not divisible by --accum-steps {self.accum_steps}")
+        images, tokens = self.rt.to_device(images, tokens)
+        with self.context():  # the backward too: it is compiled lazily, on its first call
+            if self.accum_steps == 1:
+                loss = self.batch_loss(images, tokens)
+                loss.backward()
+            else:
+                loss = self._accumulate(images, tokens)
+        skip = self.skip_nonfinite and self.rt.agree(not math.isfinite(loss.item()))
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model_lib.unwrap(self.model).logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
 
-def batch_loss(model, images, tokens, rt: xla_utils.Runtime, precision: str):
-    """Forward and contrastive loss of one batch: compiled as one graph with --compile."""
-    img, txt, scale, bias = features(model, images, tokens, rt, precision)
-    return loss_of(model, rt)(img, txt, scale, rt, bias)
-
-
-@dataclass
-class StepFns:
-    """The step's compilable pieces: eager by default, torch.compile'd with --compile, then run in
-    rt.deterministic() (compiled scatter-adds would make resumed runs differ)."""
-
-    loss: object = batch_loss
-    features: object = features
-    context: object = contextlib.nullcontext
-
-    @classmethod
-    def compiled(cls, rt: xla_utils.Runtime) -> StepFns:
-        return cls(rt.compile(batch_loss), rt.compile(features), rt.deterministic)
-
-
-def train_step(
-    rt: xla_utils.Runtime,
-    model,
-    optimizer,
-    images,
-    tokens,
-    lr: float,
-    *,
-    precision: str = "fp32",
-    accum_steps: int = 1,
-    skip_nonfinite: bool = False,
-    fns: StepFns | None = None,
-):
-    """One optimizer step on this rank's batch (uint8 images [B,3,H,W] on the host, tokens [B,T]);
-    returns the global batch's loss (on the device); the caller marks rt.step_boundary after it.
-    accum_steps K > 1: the exact full-batch gradient in K chunks (see accumulate). skip_nonfinite:
-    drop the update when any rank's loss is not finite (a host read before the optimizer step)."""
-    fns = fns or StepFns()
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    if images.shape[0] % accum_steps:
-        raise ValueError(f"per-rank batch {images.shape[0]} is not divisible by --accum-steps {accum_steps}")
-    images, tokens = rt.to_device(images, tokens)
-    with fns.context():  # the backward too: compiled lazily, on its first call
-        if accum_steps == 1:
-            loss = fns.loss(model, images, tokens, rt, precision)
-            loss.backward()
-        else:
-            loss = accumulate(rt, model, images, tokens, accum_steps, precision, fns.features)
-    if not (skip_nonfinite and rt.agree(not math.isfinite(loss.item()))):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        unwrap(model).logit_scale.clamp_(0, math.log(100))
-    return loss.detach()
-
-
-def accumulate(rt, model, images, tokens, k: int, precision: str, features_fn):
-    """Gradient of the full-batch loss in k chunks (feature caching, as OpenCLIP's accumulation):
-    a no-grad pass caches every chunk's features; then each chunk is recomputed with grad and the
-    full-batch loss, with the other chunks' cached features, is backpropagated through it. The RNG is
-    replayed so both passes draw the same image masks; the logit scale's own gradient is taken once
-    (in the last pass, the one DDP synchronises, so every parameter has a gradient there)."""
-    chunks = list(zip(images.chunk(k), tokens.chunk(k)))
-    rng, cache = [], []
-    with torch.no_grad():
-        for x, t in chunks:
-            rng.append(rt.rng_state())
-            cache.append(features_fn(model, x, t, rt, precision)[:2])
-    after = rt.rng_state()
-    for j, (x, t) in enumerate(chunks):
-        rt.set_rng_state(rng[j])
-        last = j == k - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            img_j, txt_j, scale, bias = features_fn(model, x, t, rt, precision)
-            img = torch.cat([img_j if i == j else c[0] for i, c in enumerate(cache)])
-            txt = torch.cat([txt_j if i == j else c[1] for i, c in enumerate(cache)])
-            if not last:  # the scale's (and bias's) own gradient: once
-                scale, bias = scale.detach(), None if bias is None else bias.detach()
-            loss = loss_of(model, rt)(img, txt, scale, rt, bias)
-            loss.backward()
-    rt.set_rng_state(after)
-    return loss
+    def _accumulate(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Gradient of the full-batch loss in K chunks (feature caching, as OpenCLIP accumulates): a
+        no-grad pass caches every chunk's features; then each chunk is recomputed with grad, and the
+        full-batch loss, with the other chunks' cached features, is backpropagated through it. The
+        RNG is replayed so both passes draw the same image masks. The logit scale's own gradient is
+        taken once, in the last pass: the one DDP synchronises, so every parameter has a gradient."""
+        k = self.accum_steps
+        chunks = list(zip(images.chunk(k), tokens.chunk(k)))
+        rng_states = []
+        cache = []
+        with torch.no_grad():
+            for x, t in chunks:
+                rng_states.append(self.rt.rng_state())
+                cache.append(self.features(x, t))
+        after = self.rt.rng_state()
+        for j, (x, t) in enumerate(chunks):
+            self.rt.set_rng_state(rng_states[j])
+            last = j == k - 1
+            # DDP all-reduces gradients in the last backward only
+            syncing = last or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if syncing else self.model.no_sync():
+                mine = self.features(x, t)
+                image = torch.cat([mine.image if i == j else c.image for i, c in enumerate(cache)])
+                text = torch.cat([mine.text if i == j else c.text for i, c in enumerate(cache)])
+                scale, bias = mine.scale, mine.bias
+                if not last:
+                    scale = scale.detach()
+                    bias = None if bias is None else bias.detach()
+                loss = self.loss(losses.Features(image, text, scale, bias))
+                loss.backward()
+        self.rt.set_rng_state(after)
+        return loss
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -597,7 +212,7 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
                 checkpoint_root(run.out),
                 f"step_{state['step']:08d}",
                 weights,
-                model_lib.weights_metadata(stage.model, unwrap(model).cfg),
+                factory.weights_metadata(stage.model, model_lib.unwrap(model).cfg),
                 train_state,
                 meta,
                 keep=run.keep,
@@ -635,9 +250,9 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
         idx, name, saved = state["stage_index"], state["stage_name"], json.loads(state["config"])
         saved_cfg = saved["run"]["cfg"]
     except Exception as e:  # refused pickle, truncated zip, another structure: not our train state
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{file} is not a readable train state ({type(e).__name__}: {first})") from None
-    preset = PRESETS[run.cfg].stages
+        reason = f"{type(e).__name__}: {cli.first_line(e, 160)}"
+        raise ValueError(f"{file} is not a readable train state ({reason})") from None
+    preset = config.PRESETS[run.cfg].stages
     if saved_cfg != run.cfg or idx >= len(preset) or preset[idx].name != name:
         raise ValueError(
             f"{path} is stage {name!r} of preset {saved_cfg}, not of {run.cfg} "
@@ -663,7 +278,7 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
             f"not continue it exactly; pass --force-resume to continue anyway"
         )
     if idx in now:
-        model_lib.check_weights_fit(path, now[idx].model_config())
+        factory.check_weights_fit(path, now[idx].model_config())
     return path, state
 
 
@@ -672,11 +287,14 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
 
 class RunLog:
     """What a run reports: lines on the master's stdout, records in OUT/metrics.jsonl (each with the
-    invocation's run id, so steps re-run after a resume stay apart) and TensorBoard when installed.
-    A failing disk never stops training through its logs: the failure is reported once."""
+    invocation's run id, so that steps re-run after a resume stay apart) and TensorBoard when it is
+    installed. A failing disk never stops training through its logs: the failure is reported once."""
 
     def __init__(self, rt: xla_utils.Runtime, out: str):
-        self.rt, self.file, self.tb, self._warned = rt, None, None, False
+        self.rt = rt
+        self.file = None
+        self.tb = None
+        self._warned = False
         self.run_id = os.urandom(4).hex()  # not from the seeded RNGs: those must stay untouched
         if rt.is_master:
             os.makedirs(out, exist_ok=True)
@@ -685,6 +303,13 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+        self.start_interval(0)
+
+    def start_interval(self, stage_step: int):
+        """A new progress interval begins after `stage_step`: its time, and the time spent waiting."""
+        self._t = time.time()
+        self._step = stage_step
+        self.data_wait = 0.0  # seconds spent in next(batches) during this interval
 
     def info(self, msg: str):
         if self.rt.is_master:
@@ -705,56 +330,49 @@ class RunLog:
                 print(f"warning: metrics not written ({e}); training goes on", file=sys.stderr, flush=True)
                 self._warned = True
 
+    def progress(self, stage: Stage, loss, scale, lr: float, step: int, stage_step: int, samples: int, skipped: int):
+        """One progress record. A step closure: it runs once the step's values exist on the host (XLA:
+        after the graph ran), and reads host values only (a device op here would be another graph)."""
+        now = time.time()
+        dt = now - self._t
+        steps_done = stage_step - self._step
+        wait = self.data_wait / dt if dt > 0 else 0.0  # the interval's share spent waiting for a batch
+        self.start_interval(stage_step)
+        loss_value = self.rt.mean_over_ranks(loss.item())
+        scale_value = math.exp(scale.item())
+        samples_per_s = steps_done * stage.batch_size / dt if dt > 0 else 0.0
+        eta_s = (stage.steps - stage_step) * dt / max(1, steps_done)
+        eta = datetime.timedelta(seconds=int(max(0, eta_s)))
+        compiles = self.rt.compile_count()
+        rec = {
+            "step": step,
+            "stage": stage.name,
+            "stage_step": stage_step,
+            "loss": loss_value,
+            "lr": lr,
+            "logit_scale": scale_value,
+            "samples_per_s": samples_per_s,
+            "samples": samples,
+            "skipped_samples": skipped,
+            "data_wait": wait,
+            "time": now,
+        }
+        line = (
+            f"step {step} [{stage.name} {stage_step}/{stage.steps}] {samples_per_s:.1f} samples/s | "
+            f"loss {loss_value:.4f} | lr {lr:.3e} | logit scale {scale_value:.2f} | skipped {skipped} | "
+            f"data wait {100 * wait:.0f}% | ETA {eta}"
+        )
+        if compiles is not None:
+            rec["compiles"] = compiles
+            line += f" | compiles {compiles}"
+        self.record(rec)
+        self.info(line)
+
     def close(self):
         for f in (self.file, self.tb):
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
-
-
-class Logger(RunLog):
-    """RunLog (master's stdout, OUT/metrics.jsonl, TensorBoard) plus the progress record."""
-
-    def __init__(self, rt, out: str):
-        super().__init__(rt, out)
-        self.start_stage(0)
-
-    def start_stage(self, stage_step: int):
-        self._t, self._step, self.data_wait = time.time(), stage_step, 0.0  # data_wait: s in next(batch)
-
-    def step(self, stage: Stage, loss, scale, lr: float, step: int, stage_step: int, samples: int, skipped: int):
-        """One progress record. A step closure: runs once the step's values exist on the host (XLA:
-        after the graph ran); host values only (a device op here would be one more XLA graph)."""
-        now = time.time()
-        dt, dsteps, wait = now - self._t, stage_step - self._step, self.data_wait
-        self.start_stage(stage_step)
-        wait = wait / dt if dt > 0 else 0.0  # the interval's share spent waiting for a batch
-        loss_v = self.rt.mean_over_ranks(loss.item())
-        scale_v = math.exp(scale.item())
-        sps = dsteps * stage.batch_size / dt if dt > 0 else 0.0
-        eta = datetime.timedelta(seconds=int(max(0, (stage.steps - stage_step) * dt / max(1, dsteps))))
-        compiles = self.rt.compile_count()
-        self.record(
-            {
-                "step": step,
-                "stage": stage.name,
-                "stage_step": stage_step,
-                "loss": loss_v,
-                "lr": lr,
-                "logit_scale": scale_v,
-                "samples_per_s": sps,
-                "samples": samples,
-                "skipped_samples": skipped,
-                "data_wait": wait,
-                "time": now,
-                **({"compiles": compiles} if compiles is not None else {}),
-            }
-        )
-        self.info(
-            f"step {step} [{stage.name} {stage_step}/{stage.steps}] {sps:.1f} samples/s | loss "
-            f"{loss_v:.4f} | lr {lr:.3e} | logit scale {scale_v:.2f} | skipped {skipped} | data wait "
-            f"{100 * wait:.0f}% | ETA {eta}" + (f" | compiles {compiles}" if compiles is not None else "")
-        )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -805,7 +423,7 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
     if run.resume:
         inputs.resume_path, inputs.resume_state = load_resume_state(run.resume, run, stages)
     elif run.pretrained:  # the first stage starts from it: its weights must fit that model
-        model_lib.create_model(stages[0][1].model_config(), pretrained=run.pretrained)
+        factory.create_model(stages[0][1].model_config(), pretrained=run.pretrained)
     return inputs
 
 
@@ -838,25 +456,41 @@ class StageRun:
     index: int
     stage: Stage
     model: torch.nn.Module  # the CLIP itself
-    wmodel: torch.nn.Module  # what the step calls (DDP-wrapped when distributed)
-    optimizer: torch.optim.Optimizer
+    train_step: Step  # its wrapper (DDP / FSDP when distributed), optimizer and loss
     loader: data.TrainLoader
-    batches: object  # iterator over the loader
-    fns: StepFns = field(default_factory=StepFns)
+    batches: Iterator  # over the loader
     stage_step: int = 0
     samples: int = 0
 
 
 def build_stage(
-    rt, run: RunConfig, si: int, stage: Stage, *, init: str | None, state: dict | None, resume_path: str | None
+    rt,
+    run: RunConfig,
+    si: int,
+    stage: Stage,
+    *,
+    init: str | None,
+    state: dict | None,
+    resume_path: str | None,
 ) -> StageRun:
     """Model (from scratch, from `init`, or from the resumed checkpoint), optimizer, data."""
     rt.seed(run.seed + 1000 * si + rt.rank)  # the same whether started here or resumed at the boundary
-    model = model_lib.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
+    model = factory.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
     model.set_grad_checkpointing(run.grad_checkpointing)
-    wmodel = rt.wrap_model(model.to(rt.device).train(), run.shard, rt.precision(run.precision))  # before AdamW
+    precision = rt.precision(run.precision)
+    wmodel = rt.wrap_model(model.to(rt.device).train(), run.shard, precision)  # before AdamW
     optimizer = build_optimizer(model, stage, rt)
-    tok = model_lib.get_tokenizer(stage.model, context_length=stage.context_length, reduction=stage.text_reduction)
+    step = Step(
+        rt,
+        wmodel,
+        optimizer,
+        losses.ContrastiveLoss(stage.loss, rt),
+        precision=precision,
+        accum_steps=run.accum_steps,
+        skip_nonfinite=run.nonfinite == "skip",
+        compiled=run.compile,
+    )
+    tok = factory.get_tokenizer(stage.model, context_length=stage.context_length, reduction=stage.text_reduction)
     loader = data.make_train_loader(
         stage.train_data,
         tok,
@@ -872,9 +506,7 @@ def build_stage(
         pin_memory=rt.pin_memory,
         state=state["data"] if state else None,
     )
-    sr = StageRun(
-        si, stage, model, wmodel, optimizer, loader, iter(loader), StepFns.compiled(rt) if run.compile else StepFns()
-    )
+    sr = StageRun(si, stage, model, step, loader, iter(loader))
     if state is not None:
         rt.load_optimizer_state(wmodel, optimizer, state["optimizer"])
         rt.set_rng_state(state["rng"][rt.rank] if len(state["rng"]) == rt.world_size else state["rng"][0])
@@ -891,7 +523,7 @@ def run_training(
 ) -> dict:
     """Run the selected stages (resuming where inputs say); returns a summary dict."""
     signals = signals or cli.StopSignals()
-    log = Logger(rt, run.out)
+    log = RunLog(rt, run.out)
     precision = rt.precision(run.precision)
     log.info(f"{rt.describe()}; precision {precision}; preset {run.cfg}; out {run.out}")
     resume = inputs.resume_state
@@ -971,7 +603,7 @@ def run_training(
 def run_stage(
     rt,
     run: RunConfig,
-    log: Logger,
+    log: RunLog,
     sr: StageRun,
     step: int,
     *,
@@ -987,7 +619,7 @@ def run_stage(
     stage = sr.stage
     t_start = last_save = time.time()
     saved_at = sr.stage_step if resumed else -1  # stage step of the newest checkpoint
-    log.start_stage(sr.stage_step)
+    log.start_interval(sr.stage_step)
 
     def checkpoint() -> bool:
         st = {
@@ -1000,33 +632,29 @@ def run_stage(
             "data": sr.loader.state_dict(),
             "stage_ends": list(stage_ends),
         }
-        return save_checkpoint(rt, run, sr.wmodel, sr.optimizer, st, stage) is not None
+        return save_checkpoint(rt, run, sr.train_step.model, sr.train_step.optimizer, st, stage) is not None
 
-    finished, stopped_by, first = True, None, True
+    finished = True
+    stopped_by = None
+    first = True
     while sr.stage_step < stage.steps:
         if run.max_steps is not None and step >= run.max_steps:
             finished = False
             break
+        # the batch, the update
         t0 = time.time()
         images, tokens = next(sr.batches)
         log.data_wait += time.time() - t0
-        lr, t0 = lr_at(sr.stage_step, stage), time.time()
-        loss = train_step(
-            rt,
-            sr.wmodel,
-            sr.optimizer,
-            images,
-            tokens,
-            lr,
-            precision=precision,
-            accum_steps=run.accum_steps,
-            skip_nonfinite=run.nonfinite == "skip",
-            fns=sr.fns,
-        )
-        step, sr.stage_step, sr.samples = step + 1, sr.stage_step + 1, sr.samples + stage.batch_size
+        lr = lr_at(sr.stage_step, stage)
+        t0 = time.time()
+        loss = sr.train_step(images, tokens, lr)
+        step += 1
+        sr.stage_step += 1
+        sr.samples += stage.batch_size
+        # the progress record, once the step's values exist on the host
         if sr.stage_step % run.log_every == 0 or sr.stage_step in (1, stage.steps):
             rt.add_step_closure(
-                log.step,
+                log.progress,
                 (
                     stage,
                     loss,
@@ -1039,7 +667,7 @@ def run_stage(
                 ),
             )
         rt.step_boundary()
-        # decisions that gate a collective are agreed by every process; one host read per step
+        # decisions that gate a collective are agreed by every process: one host read per step
         nonfinite, stop, late = rt.agree_each(
             [
                 not math.isfinite(loss.item()),
@@ -1059,7 +687,8 @@ def run_stage(
         if nonfinite:
             log.info(f"warning: the loss is not finite at step {step}: its update was skipped")
         if stop:
-            stopped_by, finished = signals.received or signal.SIGTERM, False
+            stopped_by = signals.received or signal.SIGTERM
+            finished = False
             break
         if run.eval_every and sr.stage_step % run.eval_every == 0 and eval_set:
             run_eval(rt, log, sr, eval_set, step, precision, run)
@@ -1099,7 +728,7 @@ def run_stage(
     }
 
 
-def run_eval(rt, log: Logger, sr: StageRun, ev: EvalSet, step: int, precision: str, run: RunConfig) -> dict:
+def run_eval(rt, log: RunLog, sr: StageRun, ev: EvalSet, step: int, precision: str, run: RunConfig) -> dict:
     """Zero-shot classification / retrieval with the trainer's runtime and precision (every rank)."""
     kw = dict(runtime=rt, precision=precision, batch_size=run.eval_batch_size, num_workers=run.workers)
     res = {}
@@ -1119,98 +748,21 @@ def run_eval(rt, log: Logger, sr: StageRun, ev: EvalSet, step: int, precision: s
     return res
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(prog: str, finetune: bool = False) -> cli.ArgumentParser:
-    """The command line, generated from RunConfig's fields (run options) and Stage's fields
-    (each applies to every selected stage; --set STAGE.FIELD=V targets one stage)."""
-    desc = (
-        __doc__.split("\n\n")[0]
-        if not finetune
-        else "CLIPA fine-tuning: the preset's fine-tune stage(s) from a pre-trained checkpoint."
-    )
-    p = cli.ArgumentParser(prog=prog, description=desc)
-    for f in dataclasses.fields(RunConfig):
-        kw = dict(
-            dest=f.name,
-            default=None,
-            help=f.metadata["help"],
-            required=f.metadata.get("required", False) or (finetune and f.name == "pretrained"),
-        )
-        if f.type == "bool":
-            p.add_argument(_flag(f.name), action="store_true", **kw)
-        else:
-            p.add_argument(_flag(f.name), metavar="V", choices=f.metadata.get("choices"), **kw)
-    for f in STAGE_FIELDS.values():
-        p.add_argument(
-            _flag(f.name), dest=f"stage__{f.name}", default=None, metavar="V", help=f"stage field: {f.metadata['help']}"
-        )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="[STAGE.]FIELD=VALUE",
-        help="override any stage field, e.g. --set finetune.batch_size=4096",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the resolved stages and exit")
-    p.add_argument("--flops", action="store_true", help="print the stages' FLOPs table and exit")
-    return p
-
-
-def parse_args(argv, prog="train.py", finetune=False):
-    """argv -> (RunConfig, [(index, Stage)], namespace). Raises ValueError on bad values."""
-    a = build_parser(prog, finetune).parse_args(argv)
-    given = {f: getattr(a, f.name) for f in dataclasses.fields(RunConfig) if getattr(a, f.name) is not None}
-    run = RunConfig(**{f.name: v if isinstance(v, bool) else _parse_value(f.name, f.type, v) for f, v in given.items()})
-    run.out = run.out or os.path.join("runs", run.cfg)
-    overrides = [
-        (None, name, getattr(a, f"stage__{name}")) for name in STAGE_FIELDS if getattr(a, f"stage__{name}") is not None
-    ]
-    for item in a.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects [STAGE.]FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        sel, _, fname = key.rpartition(".")
-        overrides.append((sel or None, fname, value))
-    if run.cfg not in PRESETS:
-        raise ValueError(f"unknown preset {run.cfg!r}; valid: {', '.join(PRESETS)}")
-    if finetune and run.stage is None:  # finetune.py: the stages that start from a previous one
-        run.stage = ",".join(s.name for s in PRESETS[run.cfg].stages if s.init == "previous")
-    stages = resolve_stages(run.cfg, overrides, run.stage)
-    for f in dataclasses.fields(RunConfig):
-        value, lo = getattr(run, f.name), f.metadata.get("min")
-        if lo is not None and value is not None and value < lo:
-            raise ValueError(f"{_flag(f.name)} must be >= {lo}, got {value}")
-    return run, stages, a
-
-
-def describe_stages(run: RunConfig, stages) -> str:
-    return "\n".join(
-        [f"preset {run.cfg}: {PRESETS[run.cfg].description}"]
-        + [json.dumps({**dataclasses.asdict(s), "index": i, "lr": s.resolved_lr, "steps": s.steps}) for i, s in stages]
-    )
-
-
 def main(argv=None, prog="train.py", finetune=False) -> int:
     """Exit status: 0 done (or stopped at --max-steps), 2 bad input (one line, found before the
     first step), 1 the run could not go on (one line: non-finite loss, checkpoint not written),
     128 + N stopped by signal N after saving (143 SIGTERM, 130 SIGINT). Any other error inside the
     run keeps its traceback."""
     try:
-        run, stages, a = parse_args(sys.argv[1:] if argv is None else argv, prog, finetune)
-        if a.dry_run or a.flops or run.plan:
-            print(
-                describe_stages(run, stages)
-                if a.dry_run
-                else flops_table(stages)
-                if a.flops
-                else plan.report(stages, gpu_mem=run.gpu_mem, devices=run.devices)
-            )
+        run, stages, args = config.parse_args(sys.argv[1:] if argv is None else argv, prog, finetune)
+        if args.dry_run:
+            print(config.describe_stages(run, stages))
+            return 0
+        if args.flops:
+            print(config.flops_table(stages))
+            return 0
+        if run.plan:
+            print(plan.report(stages, gpu_mem=run.gpu_mem, devices=run.devices))
             return 0
         inputs = check_inputs(run, stages)
         rt = xla_utils.init_runtime(run.device)
@@ -1234,7 +786,9 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
     finally:
         lock.release()
         rt.shutdown()
-    return 128 + summary["stopped_by"] if summary["stopped_by"] else 0
+    if summary["stopped_by"]:
+        return 128 + summary["stopped_by"]
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: data.py's training transform against the usual OpenCLIP one.
+"""Input-pipeline throughput: transforms.py's training transform against the usual OpenCLIP one.
 
     python launch/bench_data.py synth /tmp/synth [--n 2048] [--size 400x300]
     python launch/bench_data.py bench '/tmp/synth/{00000..00003}.tar' [--image-size 96] [--workers 2]
@@ -10,7 +10,7 @@
 records with both pipelines in one thread, alternating batch by batch so machine load hits both
 alike, and prints images per CPU-second (= per core); --workers N also times data.py's whole
 loader with N worker processes. With --compare (shards `python data.py reshard` wrote from the
-first spec), data.py's transform runs on both, interleaved the same way, at each of --sizes.
+first spec), the training transform runs on both, interleaved the same way, at each of --sizes.
 `crops` measures what resharding changes in the training crops: the mean absolute difference
 (0-255 pixel levels) between the loader's crop of each original image and the same crop box,
 mapped to the resharded image, resampled by the same bicubic filter.
@@ -35,24 +35,26 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from matplotlib import cbook  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance  # noqa: E402
-from torchvision import transforms  # noqa: E402
+from torchvision import transforms as tv  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
+import factory  # noqa: E402
 import model  # noqa: E402
 import shards  # noqa: E402
+import transforms  # noqa: E402
 import xla_utils  # noqa: E402
 
 
 def openclip_style_transform(image_size: int, scale=(0.4, 1.0)):
     """The usual OpenCLIP training pipeline, the baseline: full decode, RandomResizedCrop,
     ToTensor, Normalize -> float32."""
-    bicubic = transforms.InterpolationMode.BICUBIC
-    tf = transforms.Compose(
+    bicubic = tv.InterpolationMode.BICUBIC
+    tf = tv.Compose(
         [
-            transforms.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic),
-            transforms.ToTensor(),
-            transforms.Normalize(model.OPENAI_MEAN, model.OPENAI_STD),
+            tv.RandomResizedCrop(image_size, scale=scale, interpolation=bicubic),
+            tv.ToTensor(),
+            tv.Normalize(model.OPENAI_MEAN, model.OPENAI_STD),
         ]
     )
     return lambda b: tf(Image.open(io.BytesIO(b)).convert("RGB"))
@@ -68,8 +70,8 @@ def bench(
     tokenizer=None,
     repeats: int = 2,
 ) -> dict:
-    """images/s/core of data.py's transform vs the OpenCLIP-style one on the same records: one
-    thread, in-memory JPEG bytes, decode + augment + batch, timed in process CPU time (so other
+    """images/s/core of the training transform (transforms.py) vs the OpenCLIP-style one on the
+    same records: one thread, in-memory JPEG bytes, decode + augment + batch, timed in process CPU time (so other
     load on the machine does not count); optionally the whole loader with N workers (wall time)."""
     src = shards.resolve(spec, fmt)
     torch.set_num_threads(1)
@@ -80,7 +82,7 @@ def bench(
             break
     if not recs:
         raise ValueError("no readable samples to benchmark")
-    pipelines = (data.train_transform(image_size), openclip_style_transform(image_size))
+    pipelines = (transforms.train_transform(image_size), openclip_style_transform(image_size))
     sizes = [Image.open(io.BytesIO(b)).size for b in recs[:64]]
 
     def rates():  # images per CPU-second of this (single-threaded) process = per core
@@ -165,8 +167,8 @@ def _pairs(spec, other, n: int, fmt: str | None = None) -> list[tuple[bytes, byt
 def compare(
     spec, other, sizes=(64, 84, 96, 112), n: int = 512, batch_size: int = 64, rounds: int = 3, fmt: str | None = None
 ) -> list[dict]:
-    """images/s/core of data.py's training transform on original vs resharded shards (and of the
-    OpenCLIP-style one on the originals), per image size: rounds x sizes x batches, the three
+    """images/s/core of the training transform (transforms.py) on original vs resharded shards (and
+    of the OpenCLIP-style one on the originals), per image size: rounds x sizes x batches, the three
     pipelines in turn batch by batch, process CPU time, best round kept."""
     torch.set_num_threads(1)
     pairs = _pairs(spec, other, n, fmt)
@@ -174,7 +176,7 @@ def compare(
     random.seed(0)
     for _ in range(rounds):
         for size in sizes:
-            ours, theirs = data.train_transform(size), openclip_style_transform(size)
+            ours, theirs = transforms.train_transform(size), openclip_style_transform(size)
             runs = ((ours, 0), (ours, 1), (theirs, 0))
             spent = [0.0, 0.0, 0.0]
             for i in range(0, len(pairs), batch_size):
@@ -214,13 +216,15 @@ def crop_difference(
     pairs = _pairs(spec, other, n, fmt)
     out = []
     for size in sizes:
-        t = data.train_transform(size, scale=(scale_min, 1.0))
+        t = transforms.train_transform(size, scale=(scale_min, 1.0))
         diff = {"resharded": 0.0, "full_decode": 0.0}
         for i, (a, b) in enumerate(pairs):
             ours = t(a, random.Random(data.mix(seed, i))).float()
             img_a = Image.open(io.BytesIO(a)).convert("RGB")
             W, H = img_a.size
-            top, left, h, w = data.random_resized_crop_params(W, H, t.scale, t.ratio, random.Random(data.mix(seed, i)))
+            top, left, h, w = transforms.random_resized_crop_params(
+                W, H, t.scale, t.ratio, random.Random(data.mix(seed, i))
+            )
             img_b = Image.open(io.BytesIO(b)).convert("RGB")
             fx, fy = img_b.width / W, img_b.height / H
             for name, img, (sx, sy) in (("resharded", img_b, (fx, fy)), ("full_decode", img_a, (1, 1))):
@@ -370,7 +374,7 @@ def main(argv=None) -> int:
         return cli.usage_error("--image-size, --n, --batch-size and --repeats must be >= 1, --workers >= 0")
     try:
         src = shards.resolve(args.spec[0] if len(args.spec) == 1 else args.spec, args.format)
-        tok = model.get_tokenizer(args.model) if args.model else None
+        tok = factory.get_tokenizer(args.model) if args.model else None
     except (ValueError, OSError) as e:
         return cli.usage_error(e)
     r = bench(src, args.image_size, args.n, args.batch_size, workers=args.workers, tokenizer=tok, repeats=args.repeats)

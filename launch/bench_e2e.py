@@ -29,7 +29,9 @@ import bench_step  # noqa: E402
 import torch  # noqa: E402
 
 import cli  # noqa: E402
-import model as M  # noqa: E402
+import config  # noqa: E402
+import factory  # noqa: E402
+import losses  # noqa: E402
 import train  # noqa: E402
 import xla_utils  # noqa: E402
 
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     try:
         if min(a.steps, a.rounds, a.log_every) < 1 or a.skip < 0 or a.workers < 0:
             raise ValueError("--steps, --rounds and --log-every must be >= 1, --skip and --workers >= 0")
-        run, stages, _ = train.parse_args(args + ["--dry-run"])
+        run, stages, _ = config.parse_args(args + ["--dry-run"])
         if len(stages) != 1:
             raise ValueError(f"--stage must name one stage of {a.cfg}")
         train.check_inputs(run, stages)
@@ -112,16 +114,22 @@ def main(argv=None) -> int:
         return cli.usage_error(e)
     precision = rt.precision(run.precision)
     cfg = stage.model_config()
-    net = M.create_model(cfg).to(rt.device).train()
+    net = factory.create_model(cfg).to(rt.device).train()
     ctx = cfg.text.context_length
     bare = {
         "model": net,
-        "opt": train.build_optimizer(net, stage, rt),
-        "fns": train.StepFns.compiled(rt) if a.compile else train.StepFns(),
+        "step": train.Step(
+            rt,
+            net,
+            train.build_optimizer(net, stage, rt),
+            losses.ContrastiveLoss(stage.loss, rt),
+            precision=precision,
+            compiled=a.compile,
+        ),
         "images": torch.randint(0, 256, (stage.batch_size, 3, stage.image_size, stage.image_size), dtype=torch.uint8),
         "tokens": torch.randint(1, cfg.text.vocab_size - 1, (stage.batch_size, ctx)),
     }
-    bench_step.timed(rt, bare, 2, precision)  # warm-up (and compilation)
+    bench_step.timed(rt, bare, 2)  # warm-up (and compilation)
     print(
         f"# {rt.describe()} | {a.cfg} {stage.name}: {stage.model} {stage.image_size}px T{ctx} batch "
         f"{stage.batch_size} | {a.workers} loader workers | {'compiled' if a.compile else 'eager'}",
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
         rate, wait = train_py_rate(args, a.skip, a.steps, a.log_every)
         e2e.append(rate)
         waits.append(wait)
-        alone.append(stage.batch_size / bench_step.timed(rt, bare, a.steps, precision))
+        alone.append(stage.batch_size / bench_step.timed(rt, bare, a.steps))
         print(
             f"round {i + 1}: train.py {rate:.1f} samples/s (waiting for data {100 * wait:.1f}% of the "
             f"time), step alone {alone[-1]:.1f} samples/s",

@@ -32,10 +32,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import cli  # noqa: E402
-import data  # noqa: E402
+import config  # noqa: E402
 import export  # noqa: E402
+import factory  # noqa: E402
+import losses  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
+import transforms  # noqa: E402
 import xla_utils  # noqa: E402
 
 IMPLS = ("ours", "openclip")
@@ -77,18 +80,26 @@ def peak_matmul_tflops(rt, precision: str) -> float:
     return 2 * n**3 / min(times) / 1e12
 
 
-def openclip_loss_fn():
+class OpenCLIPStep(train.Step):
+    """train.py's step around OpenCLIP's CLIP (its forward; the loss passed in): the reference row."""
+
+    def _features(self, images, tokens):
+        x = transforms.normalize(images, M.OPENAI_MEAN, M.OPENAI_STD)
+        with self.rt.autocast(self.precision):
+            image, text, scale = self.model(x, tokens)[:3]
+        return losses.Features(image.float(), text.float(), scale.float(), None)
+
+
+def openclip_loss():
+    """OpenCLIP's ClipLoss, called on our Features."""
     from open_clip.loss import ClipLoss  # test requirement, only for this comparison
 
     loss = ClipLoss()
 
-    def batch_loss(model, images, tokens, rt, precision):
-        x = data.normalize(images, M.OPENAI_MEAN, M.OPENAI_STD)
-        with rt.autocast(precision):
-            img_f, txt_f, scale = model(x, tokens)[:3]
-        return loss(img_f.float(), txt_f.float(), scale.float())
+    def call(f: losses.Features):
+        return loss(f.image, f.text, f.scale)
 
-    return batch_loss
+    return call
 
 
 def build(a, rt, impl, mode, size, ctx, mask):
@@ -98,41 +109,41 @@ def build(a, rt, impl, mode, size, ctx, mask):
     if a.layers:
         cfg = replace(cfg, vision=replace(cfg.vision, layers=a.layers), text=replace(cfg.text, layers=a.layers))
     if impl == "ours":
-        net = M.create_model(cfg)
-        loss = train.batch_loss
+        net = factory.create_model(cfg)
+        loss = losses.ContrastiveLoss(cfg.loss, rt)
+        step_class = train.Step
     else:
         import open_clip
 
         net = open_clip.CLIP(**export.openclip_model_cfg(cfg))
-        loss = openclip_loss_fn()
+        loss = openclip_loss()
+        step_class = OpenCLIPStep
     net = net.to(rt.device).train()
     net.set_grad_checkpointing(a.grad_checkpointing)
-    stage = train.Stage("bench", model=a.model, image_size=size, context_length=ctx, batch_size=a.batch)
-    # compiled: as train.py --compile runs it (deterministic kernels on the CPU), for both
-    fns = (
-        train.StepFns(loss=rt.compile(loss), context=rt.deterministic)
-        if mode == "compiled"
-        else train.StepFns(loss=loss)
+    stage = config.Stage(
+        "bench", model=a.model, image_size=size, context_length=ctx, batch_size=a.batch, train_num_samples=a.batch
     )
+    opt = train.build_optimizer(net, stage, rt)
+    # compiled: as train.py --compile runs it (deterministic kernels on the CPU), for both
+    step = step_class(rt, net, opt, loss, precision=rt.precision(a.precision), compiled=mode == "compiled")
     return {
         "impl": impl,
         "mode": mode,
         "setting": (size, ctx, mask),
         "cfg": cfg,
         "model": net,
-        "fns": fns,
-        "opt": train.build_optimizer(net, stage, rt),
+        "step": step,
         "times": [],
         "images": torch.randint(0, 256, (a.batch, 3, size, size), dtype=torch.uint8),
         "tokens": torch.randint(1, cfg.text.vocab_size - 1, (a.batch, ctx)),
     }
 
 
-def timed(rt, r, steps, precision) -> float:
+def timed(rt, r, steps) -> float:
     rt.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        train.train_step(rt, r["model"], r["opt"], r["images"], r["tokens"], 1e-5, precision=precision, fns=r["fns"])
+        r["step"](r["images"], r["tokens"], 1e-5)
         rt.step_boundary()
     rt.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -145,7 +156,7 @@ def bench_optimizers(a, rt, cfg, kinds, rounds: int) -> list[dict]:
     runs = {}
     for kind in kinds:
         torch.manual_seed(0)
-        net = M.create_model(cfg).to(rt.device)
+        net = factory.create_model(cfg).to(rt.device)
         for p in net.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         groups = train.param_groups(net, 0.2)
@@ -169,7 +180,7 @@ def bench_optimizers(a, rt, cfg, kinds, rounds: int) -> list[dict]:
                 r["step"]()
             rt.synchronize()
             r["times"].append((time.perf_counter() - t0) / 3)
-    params = sum(p.numel() for p in M.create_model(cfg).parameters())
+    params = M.count_parameters(cfg, trainable=True)
     base = statistics.median(runs[kinds[0]]["times"])
     rows = [
         {
@@ -249,22 +260,22 @@ def main(argv=None) -> int:
     if a.sequential:
         for k in keys:
             r = build(a, rt, *k[:2], *k[2])
-            r["compile_s"] = timed(rt, r, 1, precision)
+            r["compile_s"] = timed(rt, r, 1)
             rt.reset_peak_memory()
-            timed(rt, r, 1, precision)
-            r["times"] = [timed(rt, r, a.steps, precision) for _ in range(a.rounds)]
+            timed(rt, r, 1)
+            r["times"] = [timed(rt, r, a.steps) for _ in range(a.rounds)]
             r["peak_mem"] = rt.peak_memory()
-            r.update(model=None, opt=None, fns=None)
+            r.update(model=None, step=None)
             rt.release_memory()
             runs.append(r)
     else:
         runs = [build(a, rt, *k[:2], *k[2]) for k in keys]
         for r in runs:  # warm-up and compilation outside the timed rounds
-            r["compile_s"] = timed(rt, r, 1, precision)
-            timed(rt, r, 1, precision)
+            r["compile_s"] = timed(rt, r, 1)
+            timed(rt, r, 1)
         for _ in range(a.rounds):
             for r in runs:
-                r["times"].append(timed(rt, r, a.steps, precision))
+                r["times"].append(timed(rt, r, a.steps))
         for r in runs:
             r["peak_mem"] = None  # side by side: the allocator's peak is all rows together
 

@@ -45,21 +45,12 @@ import demo_data  # noqa: E402  (launch/, beside this file)
 
 import checkpoints  # noqa: E402
 import cli  # noqa: E402
+import config  # noqa: E402
 import model as M  # noqa: E402
-import train  # noqa: E402
 
-# A finished variant is reused only if it was trained by the same command with the same code.
-CODE = (
-    "train.py",
-    "model.py",
-    "data.py",
-    "shards.py",
-    "tokenizer.py",
-    "losses.py",
-    "eval_zeroshot.py",
-    "xla_utils.py",
-    "checkpoints.py",
-)
+# A finished variant is reused only if it was trained by the same command with the same code: every
+# module of the repository's top level (the scripts and what they import).
+CODE = sorted(name for name in os.listdir(ROOT) if name.endswith(".py"))
 
 
 @dataclass
@@ -135,7 +126,7 @@ def variants(pre_samples: int, ft_samples: int, data: str, fmt: str) -> list[Var
 
 def tokens_and_flops(argv: list[str]) -> tuple[list[str], float, int]:
     """Resolve a variant's stages with train.py's own parser -> (token strings, train GFLOPs, samples)."""
-    _, stages, _ = train.parse_args(argv + ["--dry-run"])
+    _, stages, _ = config.parse_args(argv + ["--dry-run"])
     toks, gflops, samples = [], 0.0, 0
     for _, s in stages:
         cfg = M.get_model_config(s.model, image_size=s.image_size, context_length=s.context_length)

@@ -1,7 +1,8 @@
-"""A small learnable image-caption set (coloured shapes, PNG), written in every layout our evaluations and
-CLIP_benchmark read, from the same JPEG bytes: an ImageFolder for classification, CLIP_benchmark's
-webdataset classification and retrieval roots, its flickr30k and mscoco_captions roots, and plain
-webdataset shards with one caption per line (plus one undecodable image)."""
+"""Test images and captions. image_bytes: one encoded picture of a given size and format, the same for
+a seed. A small learnable image-caption set (coloured shapes, PNG), written in every layout our
+evaluations and CLIP_benchmark read, from the same bytes: an ImageFolder for classification,
+CLIP_benchmark's webdataset classification and retrieval roots, its flickr30k and mscoco_captions roots,
+and plain webdataset shards with one caption per line (plus one undecodable image)."""
 
 import io
 import json
@@ -16,6 +17,20 @@ SHAPES = ("square", "circle", "triangle")
 CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 12 classes, label = index
 CAPTIONS = ("a {}", "a photo of a {}", "a small {} in the middle", "there is a {} here")
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.")
+
+
+def image_bytes(seed: int, size=(96, 72), fmt="JPEG", mode="RGB", quality=90) -> bytes:
+    """A plain background with 4 ellipses (edges for the codec to keep), encoded: deterministic per
+    seed, any size of at least 10 x 10 pixels."""
+    rng = np.random.RandomState(seed)
+    img = Image.new("RGB", size, tuple(int(x) for x in rng.randint(0, 255, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = rng.randint(0, size[0] - 10), rng.randint(0, size[1] - 10)
+        d.ellipse([x, y, x + rng.randint(5, 40), y + rng.randint(5, 40)], tuple(int(v) for v in rng.randint(0, 255, 3)))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
 
 
 def draw(label: int, rng, size=None) -> Image.Image:

@@ -7,8 +7,20 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 import demo_data  # noqa: E402 - after PJRT_DEVICE is set
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch_xla  # noqa: E402,F401
 from runs import tiny_demo_args, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models on 2 shared cores only meet contention in a second thread, and training with one thread
+    sums in one order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

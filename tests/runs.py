@@ -1,7 +1,10 @@
-"""Helpers for tests that drive the real scripts (train.py, finetune.py, ...) in subprocesses."""
+"""Helpers shared by the tests: the environment and commands of the real scripts (train.py, finetune.py,
+...) run as processes, a free port for a process group's rendezvous, the tiny demo run's arguments and
+its metrics. Data makers live in tests/captioned.py."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,21 +14,32 @@ PY = sys.executable
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def env(**extra):
-    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", XLA_FLAGS=FAST_XLA)
+def env(**extra) -> dict:
+    """The environment of a test's subprocess: the import path of pytest.ini (the scripts, launch/, tests/),
+    one OpenMP thread (2 shared cores), cheap XLA compiles, the CPU unless PJRT_DEVICE is set; then extra."""
+    path = os.pathsep.join(os.path.join(REPO, d) for d in (".", "launch", "tests"))
+    e = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", XLA_FLAGS=FAST_XLA)
     e.setdefault("PJRT_DEVICE", "CPU")
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
 
-def run(cmd, timeout=400, **extra):
+def run(cmd, timeout=400, **extra) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=timeout)
 
 
-def train(args, timeout=400, script="train.py", **extra):
+def train(args, timeout=400, script="train.py", **extra) -> str:
     p = run([PY, script, *args], timeout=timeout, **extra)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the OS picks it, so concurrent test runs do not
+    meet on a fixed port (a process group's master binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses(out_dir):

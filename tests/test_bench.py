@@ -3,36 +3,29 @@ both benchmarks run end to end on tiny inputs and print their tables, bad argume
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import bench_data
 import bench_tokenizer
 import pytest
 from PIL import Image
+from runs import PY, run
 
 import data
 import shards
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(script, *args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run([PY, f"launch/{script}", *map(str, args)], timeout=300)
+
+
+def _first_shard(spec: str) -> bytes:
+    with open(spec.replace("{00000..00000}", "00000"), "rb") as f:
+        return f.read()
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    r = _run("bench_data.py", "synth", out, "--n", 12, "--size", "200x150")
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+    return bench_data.make_synthetic_shards(str(tmp_path_factory.mktemp("synth")), n=12, size=(200, 150))
 
 
 def test_synth_writes_photo_like_shards(synth):
@@ -43,14 +36,19 @@ def test_synth_writes_photo_like_shards(synth):
     assert data.dataset_stats(synth)["skipped"] == 0
     img = Image.open(io.BytesIO(recs[0].image))
     assert img.size == (200, 150) and img.format == "JPEG"
-    again = bench_data.make_synthetic_shards(os.path.dirname(synth) + "-again", n=12, size=(200, 150))
-    with (
-        open(synth.replace("{00000..00000}", "00000"), "rb") as f,
-        open(again.replace("{00000..00000}", "00000"), "rb") as g,
-    ):
-        assert f.read() == g.read()  # deterministic: same seed, same bytes
 
 
+@pytest.mark.slow
+def test_synth_cli_prints_the_spec_of_the_same_bytes(synth, tmp_path):
+    """Another process, the same seed: the same bytes."""
+    r = _run("bench_data.py", "synth", tmp_path, "--n", 12, "--size", "200x150")
+    assert r.returncode == 0, r.stderr
+    spec = r.stdout.strip()
+    assert spec == str(tmp_path / "{00000..00000}.tar")
+    assert _first_shard(spec) == _first_shard(synth)
+
+
+@pytest.mark.slow
 def test_bench_data_cli_prints_its_table(synth):
     r = _run(
         "bench_data.py",
@@ -91,6 +89,7 @@ def test_bench_data_bad_arguments_are_one_line(synth, tmp_path, capsys):
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_bench_tokenizer_cli_prints_a_row_per_tokenizer():
     r = _run("bench_tokenizer.py", "--n", 200, "--batch", 64)
     assert r.returncode == 0, r.stderr

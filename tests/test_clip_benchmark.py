@@ -17,22 +17,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import eval_zeroshot as Z
 import export
-import model as M
+import factory
+import transforms
 import xla_utils
 
 # (steps, seed): ~3 / 5 s on one core; top-1 35% / 25% on the 12 held-out classes (chance 8%)
 TRAINING = {"ViT-Test-8-CL16": (80, 0), "ViT-Test-8-CL32-GAP-BigVision": (120, 1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic training, and the 2 CI cores are shared
-    yield
-    torch.set_num_threads(n)
+# one thread: deterministic training, and the 2 CI cores are shared
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +43,11 @@ def sets(tmp_path_factory):
 def _train(name, pairs, steps=120, seed=0, lr=3e-3):
     """A short contrastive fit (AdamW, batch 60, one random caption per image per step)."""
     torch.manual_seed(seed)
-    net = M.create_model(name)
+    net = factory.create_model(name)
     cfg = net.cfg
-    t = data.eval_transform(cfg.vision.image_size, cfg.interpolation, cfg.square_resize_only)
-    images = data.normalize(torch.stack([t(jpg) for jpg, _, _ in pairs]), cfg.image_mean, cfg.image_std)
-    tok = M.get_tokenizer(cfg, reduction="truncate")
+    t = transforms.eval_transform(cfg.vision.image_size, cfg.interpolation, cfg.square_resize_only)
+    images = transforms.normalize(torch.stack([t(jpg) for jpg, _, _ in pairs]), cfg.image_mean, cfg.image_std)
+    tok = factory.get_tokenizer(cfg, reduction="truncate")
     caps = [c for _, _, c in pairs]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -116,7 +112,7 @@ def test_clip_benchmark_gives_our_numbers(name, sets, tmp_path, monkeypatch, cap
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "ckpt.safetensors"
-    save_file(net.state_dict(), str(ckpt), metadata=M.weights_metadata(name, net.cfg))
+    save_file(net.state_dict(), str(ckpt), metadata=factory.weights_metadata(name, net.cfg))
     assert export.main([str(ckpt), "--to", "open_clip", str(tmp_path / "export") + "/"]) == 0
 
     # ours: the CLI on the ImageFolder + CLIP_benchmark's own retrieval root, fp32

@@ -1,12 +1,12 @@
 """The data path, shards.py and data.py: shards written by the real writers (webdataset TarWriter,
 TensorFlow TFRecordWriter, TFDS), corrupted shards with exact skip counts, sharding, determinism,
-exact resume, pinned batches, transforms against torchvision, normalize, and the stats CLI."""
+exact resume, pinned batches, evaluation loaders, and the stats CLI. The transforms are tested in
+tests/test_transforms.py."""
 
 import contextlib
 import io
 import json
 import os
-import random
 import select
 import subprocess
 import sys
@@ -16,28 +16,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from captioned import image_bytes
+from PIL import Image
+from runs import env
 
 import data
 import shards
 import tokenizer
+import transforms
 import xla_utils
 
-# CLIP's normalisation constants (any mean/std would do: the tests compare against torchvision)
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _jpeg(i: int, size=(96, 72), quality=90) -> bytes:
-    rng = np.random.RandomState(i)
-    img = Image.new("RGB", size, tuple(int(x) for x in rng.randint(0, 255, 3)))
-    d = ImageDraw.Draw(img)
-    for _ in range(4):
-        x, y = rng.randint(0, size[0] - 10), rng.randint(0, size[1] - 10)
-        d.ellipse([x, y, x + rng.randint(5, 40), y + rng.randint(5, 40)], tuple(int(v) for v in rng.randint(0, 255, 3)))
-    b = io.BytesIO()
-    img.save(b, "JPEG", quality=quality)
-    return b.getvalue()
 
 
 def _write_wds(path, samples):
@@ -72,7 +61,7 @@ def tiny_shards(tmp_path_factory):
         samples, recs = [], []
         for j in range(PER_SHARD):
             key = f"{s:05d}{j:04d}"
-            jpg, cap = _jpeg(s * 100 + j), f"caption {key} of a thing"
+            jpg, cap = image_bytes(s * 100 + j), f"caption {key} of a thing"
             truth[key] = (jpg, cap)
             samples.append({"__key__": key, "jpg": jpg, "txt": cap, "json": json.dumps({"key": key})})
             recs.append({"jpg": jpg, "txt": cap.encode(), "key": key.encode()})
@@ -123,6 +112,7 @@ def test_tfrecord_reader_and_detection_by_content(tiny_shards, tmp_path):
     assert len(shards.expand_spec(str(d))) == 2 * N_SHARDS  # a directory: its shard files
 
 
+@pytest.mark.slow
 def test_missing_paths_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         shards.resolve(str(tmp_path / "nope-{000..003}.tar"))
@@ -160,23 +150,25 @@ def test_stats_cli_reports_a_bad_spec_in_one_line(tmp_path, capsys):
 def corrupt(tmp_path_factory):
     """Good samples mixed with every kind of bad one; expected counts alongside."""
     d = tmp_path_factory.mktemp("corrupt")
-    good = [{"__key__": f"g{i}", "jpg": _jpeg(i), "txt": f"caption g{i}"} for i in range(10)]
+    good = [{"__key__": f"g{i}", "jpg": image_bytes(i), "txt": f"caption g{i}"} for i in range(10)]
     bad = [
         {"__key__": "b_notimage", "jpg": b"<html>404 not found</html>", "txt": "caption bad"},
-        {"__key__": "b_truncjpeg", "jpg": _jpeg(99)[:300], "txt": "caption bad"},
-        {"__key__": "b_empty", "jpg": _jpeg(98), "txt": "   "},
-        {"__key__": "b_latin1", "jpg": _jpeg(97), "txt": "caf\xe9".encode("latin-1")},
-        {"__key__": "b_nocaption", "jpg": _jpeg(96)},
+        {"__key__": "b_truncjpeg", "jpg": image_bytes(99)[:300], "txt": "caption bad"},
+        {"__key__": "b_empty", "jpg": image_bytes(98), "txt": "   "},
+        {"__key__": "b_latin1", "jpg": image_bytes(97), "txt": "caf\xe9".encode("latin-1")},
+        {"__key__": "b_nocaption", "jpg": image_bytes(96)},
         {"__key__": "b_noimage", "txt": "caption without image"},
     ]
-    samples = good[:5] + bad + good[5:] + [{"__key__": "b_last", "jpg": _jpeg(95, (400, 300)), "txt": "caption x"}]
+    samples = (
+        good[:5] + bad + good[5:] + [{"__key__": "b_last", "jpg": image_bytes(95, (400, 300)), "txt": "caption x"}]
+    )
     _write_wds(d / "a.tar", samples)
     blob = (d / "a.tar").read_bytes()
     # cut inside the last sample's jpg member (img2dataset killed mid-write)
     cut = blob.rfind(b"b_last.jpg") + 512 + 2000
     (d / "a.tar").write_bytes(blob[:cut])
     (d / "b.tar").write_bytes(b"")  # img2dataset: all downloads of a shard failed
-    _write_wds(d / "c.tar", [{"__key__": "c0", "jpg": _jpeg(50), "txt": "caption c0"}])
+    _write_wds(d / "c.tar", [{"__key__": "c0", "jpg": image_bytes(50), "txt": "caption c0"}])
     raw = bytearray((d / "c.tar").read_bytes())
     raw[700:1400] = os.urandom(700)  # corrupt the second header onwards
     (d / "d.tar").write_bytes(bytes(raw[:512]) + b"\x00" * 100 + b"garbage" * 300)
@@ -214,10 +206,10 @@ def test_loader_skips_bad_samples_and_counts_them(corrupt):
 
 
 def test_corrupt_tfrecord_counts(tmp_path):
-    recs = [{"jpg": _jpeg(i), "txt": f"caption {i}".encode()} for i in range(6)]
+    recs = [{"jpg": image_bytes(i), "txt": f"caption {i}".encode()} for i in range(6)]
     recs[2] = {"jpg": b"GIF89a nonsense", "txt": b"caption bad"}
-    recs[3] = {"jpg": _jpeg(3), "txt": b"\xff\xfe\xfa"}
-    recs[4] = {"jpg": _jpeg(4)}
+    recs[3] = {"jpg": image_bytes(3), "txt": b"\xff\xfe\xfa"}
+    recs[4] = {"jpg": image_bytes(4)}
     _write_tfrecord(tmp_path / "t.tfrecord", recs)
     blob = (tmp_path / "t.tfrecord").read_bytes()
     (tmp_path / "t.tfrecord").write_bytes(blob[:-50])  # truncated last record
@@ -231,7 +223,7 @@ def test_corrupt_tfrecord_counts(tmp_path):
         "truncated_record": 1,
     }
     # a flipped byte inside record 2: its CRC fails; tf.data cannot read past it, the shard ends there
-    _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": _jpeg(i), "txt": b"caption"} for i in range(5)])
+    _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": image_bytes(i), "txt": b"caption"} for i in range(5)])
     blob, off = bytearray((tmp_path / "u.tfrecord").read_bytes()), 0
     for _ in range(2):
         off += 16 + int.from_bytes(blob[off : off + 8], "little")
@@ -430,8 +422,14 @@ def test_small_batches_through_the_pipe_equal_those_through_shared_memory(tiny_s
     spec = str(d / "{00000..00004}.tar")
     tok = tokenizer.Tokenizer("clip_bpe", 16)
 
-    arrived, unpipe = [], data._unpipe
-    monkeypatch.setattr(data, "_unpipe", lambda x: arrived.append(type(x).__name__) or unpipe(x))
+    arrived = []
+    unpipe = data._unpipe
+
+    def recording_unpipe(x):
+        arrived.append(type(x).__name__)
+        return unpipe(x)
+
+    monkeypatch.setattr(data, "_unpipe", recording_unpipe)
 
     def run():
         arrived.clear()
@@ -460,6 +458,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_trainer_leaves_no_loader_worker_behind(tiny_shards):
     """SIGKILL (OOM killer, preemption) of the main process: its loader workers go too, even with
     batches stuck in a full pipe, instead of living on and holding its stdout open (a shell pipe or a
@@ -468,7 +467,7 @@ def test_a_killed_trainer_leaves_no_loader_worker_behind(tiny_shards):
     p = subprocess.Popen(
         [sys.executable, "-c", KILLED_MID_EPOCH, str(d / "{00000..00004}.tar")],
         cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        env=env(),
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
@@ -525,7 +524,7 @@ def _tfds_dir(root, kind):
 
         def _generate_examples(self):
             for i in range(9):
-                img = np.asarray(Image.open(io.BytesIO(_jpeg(i))).convert("RGB"))
+                img = np.asarray(Image.open(io.BytesIO(image_bytes(i))).convert("RGB"))
                 yield (
                     i,
                     ({"image": img, "text": f"caption t{i}"} if kind == "train" else {"image": img, "label": i % 3}),
@@ -543,158 +542,13 @@ def test_tfds_train_and_eval(tmp_path):
     assert loader.src.fmt == "tfds"
     assert sorted(c for _, caps in loader for c in caps) == [f"caption t{i}" for i in range(9)]
     val_dir = _tfds_dir(tmp_path, "val")
-    ev, classes = data.make_eval_loader(val_dir, data.eval_transform(32), 4, num_workers=0)
+    ev, classes = data.make_eval_loader(val_dir, transforms.eval_transform(32), 4, num_workers=0)
     assert classes == ["n02", "n01x", "n03"]  # the dataset's own label order
     labels = torch.cat([y for _, y in ev]).tolist()
     assert sorted(labels) == sorted(i % 3 for i in range(9))
 
 
-# ----------------------------------------------------------------------------- transforms
-
-
-@pytest.fixture(scope="module")
-def photo():
-    """A 400x300 JPEG with fine structure, like a LAION image."""
-    rng = np.random.RandomState(0)
-    yy, xx = np.mgrid[0:300, 0:400]
-    a = np.stack([(xx * 0.6) % 255, (yy * 0.8) % 255, ((xx + yy) * 0.3) % 255], -1)
-    img = Image.fromarray(a.astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    for _ in range(30):
-        x, y = rng.randint(0, 380), rng.randint(0, 280)
-        d.rectangle(
-            [x, y, x + rng.randint(8, 60), y + rng.randint(8, 60)], tuple(int(v) for v in rng.randint(0, 255, 3))
-        )
-    b = io.BytesIO()
-    img.save(b, "JPEG", quality=95)
-    return b.getvalue()
-
-
-def test_train_crop_geometry_matches_full_decode(photo):
-    import torchvision.transforms.functional as F
-    from torchvision.transforms import InterpolationMode
-
-    full = Image.open(io.BytesIO(photo)).convert("RGB")
-    fast, slow = data.TrainTransform(96), data.TrainTransform(96, draft=False)
-    for seed in range(6):
-        x = fast(photo, random.Random(seed))
-        assert x.dtype == torch.uint8 and x.shape == (3, 96, 96)
-        i, j, h, w = data.random_resized_crop_params(400, 300, (0.4, 1.0), (3 / 4, 4 / 3), random.Random(seed))
-        ref = F.pil_to_tensor(F.resized_crop(full, i, j, h, w, [96, 96], InterpolationMode.BICUBIC))
-        # without draft: torchvision's pixels up to rounding; the outer 2 px may differ since we
-        # resample the box inside the image (the filter sees real neighbours, not a crop edge)
-        d = (slow(photo, random.Random(seed)).float() - ref.float()).abs()
-        assert d[:, 2:-2, 2:-2].max() <= 1 and d.mean() < 0.5
-        err = (x.float() - ref.float()).abs().mean().item()
-        shifted = F.pil_to_tensor(F.resized_crop(full, i + 4, j + 4, h, w, [96, 96], InterpolationMode.BICUBIC))
-        off = (shifted.float() - ref.float()).abs().mean().item()
-        assert 0 < err < 2 and err < off / 4, (seed, err, off)  # draft ran, geometry kept
-
-
-def test_fast_resampler_keeps_the_fractional_box(photo):
-    # torch's uint8 kernel starts its grid at the crop's first pixel edge; a box with one
-    # fractional edge is cropped from (or, flipped, to) its integer edge: same pixels as
-    # Pillow resampling the fractional box, up to rounding and the crop-edge border
-    arr = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB").reduce(2)).copy()  # 200x150
-    pil = Image.fromarray(arr)
-    for box in [(20, 10, 150.5, 130), (20.5, 10, 150, 130), (20, 10.5, 150, 129.5), (19.5, 9.5, 151, 130)]:
-        x = data._resize_box(arr, box, 96)
-        ref = torch.from_numpy(np.array(pil.resize((96, 96), Image.BICUBIC, box=box))).permute(2, 0, 1)
-        d = (x.float() - ref.float()).abs()
-        assert x.dtype == torch.uint8 and x.shape == (3, 96, 96)
-        assert d[:, 2:-2, 2:-2].max() <= 1 and d.mean() < 0.5, (box, d.max(), d.mean())
-    assert torch.equal(
-        data._resize_box(pil, (20.5, 10, 150, 130), 96), data._resize_box(arr, (20.5, 10, 150, 130), 96)
-    )  # PIL image input
-    both = (20.5, 10.5, 150.5, 130)  # no integer edge on x: Pillow resamples the fractional box
-    ref = torch.from_numpy(np.array(pil.resize((96, 96), Image.BICUBIC, box=both))).permute(2, 0, 1)
-    assert torch.equal(data._resize_box(arr, both, 96), ref)
-
-
-def test_simplejpeg_and_pillow_decoders_agree(photo):
-    for size, draft in [(96, True), (48, True), (224, True), (96, False)]:
-        turbo = data.TrainTransform(size, draft=draft)
-        pillow = data.TrainTransform(size, draft=draft, use_simplejpeg=False)
-        for seed in range(4):
-            assert torch.equal(turbo(photo, random.Random(seed)), pillow(photo, random.Random(seed)))
-    # a truncated JPEG is still an error (a bad sample), as with Pillow alone
-    with pytest.raises(OSError, match="image file is truncated"):
-        data.train_transform(96)(photo[: len(photo) // 2])
-
-
-def test_eval_transform_matches_torchvision(photo):
-    """The one eval preprocessing decodes at full resolution: torchvision's pixels up to rounding,
-    also where a reduced-scale decode would have been allowed (64 px from 400x300)."""
-    import torchvision.transforms as T
-
-    full = Image.open(io.BytesIO(photo)).convert("RGB")
-    for size, interp, square in [
-        (64, "bicubic", False),
-        (96, "bilinear", True),
-        (224, "bicubic", False),
-        (48, "bilinear", True),
-    ]:
-        mode = T.InterpolationMode.BICUBIC if interp == "bicubic" else T.InterpolationMode.BILINEAR
-        ref = T.PILToTensor()(
-            (T.Resize((size, size), mode) if square else T.Compose([T.Resize(size, mode), T.CenterCrop(size)]))(full)
-        )
-        x = data.eval_transform(size, interp, square)(photo)
-        assert x.dtype == torch.uint8 and x.shape == (3, size, size)
-        assert (x.float() - ref.float()).abs().max() <= 1, (size, interp)
-    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
-        data.eval_transform(64, "cubic")
-
-
-def test_other_image_modes_give_rgb_uint8():
-    gray, rgba, cmyk = io.BytesIO(), io.BytesIO(), io.BytesIO()
-    Image.new("L", (120, 90), 77).save(gray, "JPEG")
-    Image.new("RGBA", (50, 80), (10, 20, 30, 128)).save(rgba, "PNG")
-    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(cmyk, "JPEG")
-    for b in (gray, rgba, cmyk):
-        for t in (data.train_transform(32), data.eval_transform(32), data.eval_transform(32, "bilinear", True)):
-            x = t(b.getvalue())
-            assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
-    assert data.eval_transform(32)(gray.getvalue()).float().mean().round() == 77
-
-
-def test_color_jitter_matches_torchvision_ops(photo):
-    import torchvision.transforms.functional as F
-
-    img = Image.open(io.BytesIO(photo)).convert("RGB").resize((64, 48))
-    rng = random.Random(5)
-    out = data.color_jitter(img, rng, brightness=0.3, contrast=0, saturation=0, hue=0)
-    f = random.Random(5)
-    f.shuffle([0, 1, 2, 3])
-    assert np.array_equal(np.asarray(out), np.asarray(F.adjust_brightness(img, f.uniform(0.7, 1.3))))
-    out = data.color_jitter(img, random.Random(6), brightness=0, contrast=0, saturation=0, hue=0.08)
-    f = random.Random(6)
-    f.shuffle([0, 1, 2, 3])
-    ref = F.adjust_hue(img, int(f.uniform(-0.08, 0.08) * 255) / 255)
-    assert np.abs(np.asarray(out, np.int16) - np.asarray(ref, np.int16)).max() <= 1
-    t = data.train_transform(32, color_jitter=True)
-    xs = [t(photo, random.Random(s)) for s in range(20)]
-    plain = [data.train_transform(32)(photo, random.Random(s)) for s in range(20)]
-    assert torch.equal(xs[0], t(photo, random.Random(0)))
-    gray = sum(bool((x[0] == x[1]).all() and (x[1] == x[2]).all()) for x in xs)
-    assert 1 <= gray <= 10 and sum(not torch.equal(a, b) for a, b in zip(xs, plain)) >= 15
-
-
-def test_normalize_matches_torchvision_and_wrapper(photo):
-    import torchvision.transforms as T
-
-    img = Image.open(io.BytesIO(photo)).convert("RGB").resize((32, 24))
-    u8 = T.PILToTensor()(img)
-    ref = T.Normalize(MEAN, STD)(T.ToTensor()(img))
-    assert torch.allclose(data.normalize(u8, MEAN, STD), ref, atol=1e-5)
-    batch = data.normalize(torch.stack([u8, u8]), MEAN, STD, dtype=torch.bfloat16)
-    assert batch.dtype == torch.bfloat16 and batch.shape == (2, 3, 24, 32)
-    with pytest.raises(ValueError, match="uint8"):
-        data.normalize(u8.float(), MEAN, STD)
-    wrapped = data.Normalized(data.eval_transform(32), MEAN, STD)
-    expect = data.normalize(data.eval_transform(32)(photo), MEAN, STD)
-    assert torch.equal(wrapped(photo), expect) and wrapped(photo).dtype == torch.float32
-
-
+@pytest.mark.slow
 def test_img2dataset_output_when_available(tmp_path):
     """Optional: shards written by img2dataset itself from a loopback HTTP server. img2dataset is not
     a project dependency; point CLIPA_IMG2DATASET at its executable (e.g. in a separate venv)."""
@@ -709,7 +563,7 @@ def test_img2dataset_output_when_available(tmp_path):
     www = tmp_path / "www"
     www.mkdir()
     for i in range(8):
-        (www / f"{i}.jpg").write_bytes(_jpeg(i, (320, 240)))
+        (www / f"{i}.jpg").write_bytes(image_bytes(i, (320, 240)))
     (www / "bad.jpg").write_bytes(b"<html>not an image</html>")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -1,17 +1,17 @@
 """The README's first command: launch/demo.py drives the real train.py and eval_zeroshot.py."""
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+from runs import PY, run
+
+pytestmark = pytest.mark.slow
 
 
 def _demo(out, *extra):
     cmd = [
-        sys.executable,
-        os.path.join(ROOT, "launch", "demo.py"),
+        PY,
+        "launch/demo.py",
         "--out",
         str(out),
         "--n-train",
@@ -26,8 +26,7 @@ def _demo(out, *extra):
         "clipa_syntax,clipa_sigmoid,baseline_same_compute",
         *extra,
     ]
-    env = dict(os.environ, PJRT_DEVICE="CPU")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run(cmd, timeout=900)
 
 
 def test_demo_end_to_end_table_json_png_and_reuse(tmp_path):

@@ -5,19 +5,17 @@ the CLI."""
 import io
 import json
 import os
-import subprocess
-import sys
 
 import demo_data
 import pytest
 import torch
 from PIL import Image
+from runs import PY, run
 
 import data
 import shards
 import tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import transforms
 
 SMALL = dict(n_train=50, n_val=72, shard_size=20, image_size=48)
 
@@ -60,7 +58,7 @@ def test_both_shard_formats_hold_the_same_samples(demo):
 
 
 def test_zero_shot_folder_tree(demo):
-    loader, classes = data.make_eval_loader(demo.val_dir, data.eval_transform(48), 36, num_workers=0)
+    loader, classes = data.make_eval_loader(demo.val_dir, transforms.eval_transform(48), 36, num_workers=0)
     with open(os.path.join(demo.root, "classnames.txt")) as f:
         names = f.read().split("\n")[:-1]
     assert names == demo.classnames and len(names) == 36
@@ -85,32 +83,21 @@ def test_captions_reward_syntax_masking():
     assert keep["syntax"] >= 0.9 * n and keep["truncate"] <= 0.3 * n, keep
 
 
-def test_cli_prints_the_dataset_and_rejects_bad_arguments(tmp_path, capsys):
-    r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "launch", "demo_data.py"),
-            str(tmp_path / "d"),
-            "--n-train",
-            "12",
-            "--n-val",
-            "36",
-            "--image-size",
-            "32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.mark.slow
+def test_cli_prints_the_dataset_another_process_writes_the_same_bytes(tmp_path):
+    r = run([PY, "launch/demo_data.py", str(tmp_path / "d"), "--n-train", "12", "--n-val", "36", "--image-size", "32"])
     assert r.returncode == 0, r.stderr
     ds = json.loads(r.stdout)
     assert (ds["n_train"], ds["n_val"], ds["root"]) == (12, 36, str(tmp_path / "d"))
     assert data.dataset_stats(ds["train_wds"])["samples"] == 12
-    # another process, same bytes (TFRecord features are a protobuf map: serialised in key order)
+    # TFRecord features are a protobuf map: serialised in key order, the same in every process
     here = demo_data.make_demo_dataset(str(tmp_path / "h"), n_train=12, n_val=36, image_size=32)
     for sub in ("train/wds/00000.tar", "train/tfrecord/00000.tfrecord"):
         with open(os.path.join(ds["root"], sub), "rb") as f, open(os.path.join(here.root, sub), "rb") as g:
             assert f.read() == g.read(), sub
+
+
+def test_cli_rejects_bad_arguments_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for args, msg in [
         ([str(tmp_path / "e"), "--n-train", "0"], "need --n-train >= 1"),

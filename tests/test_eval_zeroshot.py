@@ -19,15 +19,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from runs import env, free_port
 
 import data
 import eval_zeroshot as Z
+import factory
 import model as M
 import tokenizer as T
+import transforms
 import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSNAMES = ["goldfish", "tabby cat", "fire truck", "volcano", "pizza", "umbrella"]
+# tiny models on a shared 2-core machine: a second intra-op thread only adds contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +120,6 @@ def _openclip_v2(seed):
     return _perturb(oc, seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _openclip_predictions(oc, tokenizer, preprocess, root, templates):
     """OpenCLIP's classifier (build_zero_shot_classifier) and per-image predictions."""
     import open_clip
@@ -163,7 +159,7 @@ def _our_predictions(net, cfg, root, templates):
     pre = Z.Preprocess.for_model(cfg)
     W = Z.build_classifier(
         net,
-        M.get_tokenizer(cfg, reduction="truncate"),
+        factory.get_tokenizer(cfg, reduction="truncate"),
         CLASSNAMES,
         templates,
         runtime=xla_utils.init_runtime("cpu"),
@@ -173,7 +169,7 @@ def _our_predictions(net, cfg, root, templates):
     preds, images = [], []
     with torch.no_grad():
         for x, _ in loader:
-            x = data.normalize(x, pre.image_mean, pre.image_std)
+            x = transforms.normalize(x, pre.image_mean, pre.image_std)
             images.append(x)
             preds.append((100.0 * net.encode_image(x, normalize=True) @ W).argmax(-1))
     return torch.cat(preds), torch.cat(images), W
@@ -233,7 +229,7 @@ def test_v1_zero_shot_equals_openclip(folder, tmp_path):
     assert res["square_resize_only"] is False and res["image_mean"] == list(M.OPENAI_MEAN)
 
     # the full picture, not just the counts: same classifier, same pixels, same per-image answers
-    net = M.create_model("ViT-Test-8-CL16", pretrained=ckpt).eval()
+    net = factory.create_model("ViT-Test-8-CL16", pretrained=ckpt).eval()
     preds, images, W = _our_predictions(net, net.cfg, folder, Z.load_templates("short"))
     ref_images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in sorted(_image_paths(folder))])
     # uint8 resize may differ by one level on rare pixels: 1/255 of the smallest std
@@ -266,13 +262,13 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
     name = "ViT-Test-8-CL32-GAP-BigVision"
     cfg = M.get_model_config(name)
     net = M.CLIP(cfg)
-    net.load_state_dict(M.to_clipa_keys(oc.state_dict()))
+    net.load_state_dict(factory.to_clipa_keys(oc.state_dict()))
     run_dir = tmp_path / "run" / "step_00000010"
     run_dir.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in net.state_dict().items()},
         run_dir / "model.safetensors",
-        metadata=M.weights_metadata(name, cfg),
+        metadata=factory.weights_metadata(name, cfg),
     )
     (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
 
@@ -307,7 +303,7 @@ def test_v2_cli_reads_metadata_and_equals_openclip(folder, tmp_path):
 
 def test_evaluate_uses_eval_mode_and_restores_train_mode(folder, cpu):
     """Random image masking (train mode only) must not leak into evaluation; mode is restored."""
-    net = M.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5)
+    net = factory.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5)
     cfg = net.cfg
     net.train()
     kw = dict(runtime=cpu, classnames=CLASSNAMES, templates="short", batch_size=8, num_workers=0)
@@ -325,7 +321,7 @@ def test_evaluate_needs_a_runtime_and_honours_its_precision(folder, cpu):
     """evaluate() runs under the caller's Runtime (no device guessing); precision 'auto' is the
     runtime's rule (fp32 on the CPU), 'bf16' runs both towers under bf16 autocast."""
     torch.manual_seed(1)
-    net = _perturb(M.create_model("ViT-Test-8-CL16"), 1)
+    net = _perturb(factory.create_model("ViT-Test-8-CL16"), 1)
     kw = dict(classnames=CLASSNAMES, templates="short", batch_size=12, num_workers=0)
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'runtime'"):
         Z.evaluate(net, net.cfg, folder, **kw)
@@ -337,7 +333,7 @@ def test_evaluate_needs_a_runtime_and_honours_its_precision(folder, cpu):
         res = Z.evaluate(net, net.cfg, folder, runtime=cpu, precision=precision, **kw)
         assert res["precision"] == cpu.precision(precision) and res["n"] == 24
         assert len(seen) == 1 + 2 and set(seen) == {dtype}, precision  # 1 prompt chunk, 2 image batches
-    tok = M.get_tokenizer(net.cfg, reduction="truncate")
+    tok = factory.get_tokenizer(net.cfg, reduction="truncate")
     w32, w16 = (
         Z.build_classifier(net, tok, CLASSNAMES, ["a photo of a {}."], runtime=cpu, precision=p)
         for p in ("fp32", "bf16")
@@ -360,11 +356,11 @@ def test_model_transforms_and_evaluate_see_the_same_pixels(tmp_path):
     path = tmp_path / "val" / "n00" / "big.JPEG"
     Image.fromarray(fine).resize((1280, 960), Image.BICUBIC).save(path, quality=90)
     for name in ("ViT-Test-8-CL16", "ViT-Test-8-CL32-GAP-BigVision"):
-        _, _, preprocess = M.create_model_and_transforms(name)
+        _, _, preprocess = factory.create_model_and_transforms(name)
         pre = Z.Preprocess.for_model(M.get_model_config(name))
         loader, _ = data.make_eval_loader(tmp_path / "val", pre.transform(), 1, num_workers=0)
         ((images, _),) = list(loader)
-        theirs = data.normalize(images, pre.image_mean, pre.image_std)[0]
+        theirs = transforms.normalize(images, pre.image_mean, pre.image_std)[0]
         assert torch.equal(preprocess(Image.open(path)), theirs), name
         mode = TV.InterpolationMode(pre.interpolation)
         resize = [TV.Resize((32, 32), mode)] if pre.square_resize_only else [TV.Resize(32, mode), TV.CenterCrop(32)]
@@ -395,7 +391,7 @@ def test_xla_matches_cpu_with_one_compile_per_graph(folder, cpu):
     import torch_xla.debug.metrics as met
 
     torch.manual_seed(5)
-    net = _perturb(M.create_model("ViT-Test-8-CL16"), 5)
+    net = _perturb(factory.create_model("ViT-Test-8-CL16"), 5)
     kw = dict(classnames=CLASSNAMES, templates="short", batch_size=5, text_batch_size=16, num_workers=0)
     on_cpu = Z.evaluate(net, net.cfg, folder, runtime=cpu, **kw)
     xla_rt = xla_utils.init_runtime("xla")
@@ -444,7 +440,7 @@ def _tfds_copy(folder, root):
 def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
     tfds_dir = _tfds_copy(folder, tmp_path / "tfds")
     torch.manual_seed(7)
-    net = _perturb(M.create_model("ViT-Test-8-CL16"), 7)
+    net = _perturb(factory.create_model("ViT-Test-8-CL16"), 7)
     ckpt = tmp_path / "w.pt"
     torch.save(net.state_dict(), ckpt)
     results = []
@@ -481,7 +477,7 @@ def _dist_worker(rank, world, port, folder, sd, out_dir, captions=None):
     )
     rt = xla_utils.init_runtime("cpu")
     torch.set_num_threads(1)
-    net = M.create_model("ViT-Test-8-CL16")
+    net = factory.create_model("ViT-Test-8-CL16")
     net.load_state_dict(sd)
     res = Z.evaluate(
         net, net.cfg, folder, runtime=rt, classnames=CLASSNAMES, templates="short", batch_size=4, num_workers=0
@@ -493,21 +489,18 @@ def _dist_worker(rank, world, port, folder, sd, out_dir, captions=None):
     rt.shutdown()
 
 
+@pytest.mark.slow
 def test_distributed_ranks_evaluate_shards_and_sum_counts(folder, captioned_sets, tmp_path, cpu):
     """Two gloo processes (each evaluates its half) report what one process reports for all; the
     same for retrieval (each encodes its part, the features are gathered)."""
-    import socket
-
     torch.manual_seed(3)
-    net = M.create_model("ViT-Test-8-CL16")
+    net = factory.create_model("ViT-Test-8-CL16")
     sd = _perturb(net, 3).state_dict()
     single = Z.evaluate(
         net, net.cfg, folder, runtime=cpu, classnames=CLASSNAMES, templates="short", batch_size=4, num_workers=0
     )
     retrieval = Z.evaluate_retrieval(net, net.cfg, captioned_sets["shards"], runtime=cpu, batch_size=4, num_workers=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.start_processes(
         _dist_worker, args=(2, port, folder, sd, str(tmp_path), captioned_sets["shards"]), nprocs=2, start_method="fork"
     )
@@ -530,14 +523,14 @@ def test_prompts_are_truncated_not_syntax_masked():
 
     name = "ViT-Tiny-8-CL16-Syntax-GAP"
     cfg = M.get_model_config(name)
-    tok = M.get_tokenizer(cfg, reduction="truncate")  # evaluate()'s default
+    tok = factory.get_tokenizer(cfg, reduction="truncate")  # evaluate()'s default
     assert tok.context_length == 16 and tok.reduction == "truncate"
     prompts = [t.format("great white shark") for t in Z.load_templates("openai")]
     prompts.append("a very blurry and rather dark low resolution photo of the great white shark in the sea")
     ref = open_clip.tokenizer.SimpleTokenizer(context_length=16)(prompts)
     assert torch.equal(tok(prompts), ref)
     # the training tokenizer of this model would have dropped words (syntax masking)
-    assert not torch.equal(M.get_tokenizer(name)(prompts[-1:]), ref[-1:])
+    assert not torch.equal(factory.get_tokenizer(name)(prompts[-1:]), ref[-1:])
 
 
 # ----------------------------------------------------------------------------- data files
@@ -574,14 +567,14 @@ def test_seed_usage_example_small_v2(tmp_path):
     import torchvision.transforms.functional as TF
     from safetensors.torch import save_file
 
-    from model import create_model_and_transforms, get_tokenizer
+    from factory import create_model_and_transforms, get_tokenizer
 
     name = "ViT-Test-8-CL32-GAP-BigVision"
     torch.manual_seed(0)
     src = _perturb(M.CLIP(M.get_model_config(name)), 0)
     CKPT = str(tmp_path / "v2.safetensors")
     save_file(
-        {k: v.contiguous() for k, v in src.state_dict().items()}, CKPT, metadata=M.weights_metadata(name, src.cfg)
+        {k: v.contiguous() for k, v in src.state_dict().items()}, CKPT, metadata=factory.weights_metadata(name, src.cfg)
     )
 
     model, _, preprocess = create_model_and_transforms(
@@ -629,7 +622,7 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
     Not exercised: loading a real H/14 checkpoint (none here) and numerics at this size."""
     import open_clip
 
-    from model import create_model_and_transforms, get_tokenizer
+    from factory import create_model_and_transforms, get_tokenizer
 
     with torch.device("meta"):
         model, _, preprocess = create_model_and_transforms(
@@ -642,7 +635,7 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
         )
         ref = open_clip.create_model("ViT-H-14-CLIPA-336", device="meta")
     tokenizer = get_tokenizer("ViT-H-14-CL32-GAP-BigVision")
-    ours = {k: tuple(v.shape) for k, v in M.to_openclip_keys(model.state_dict()).items()}
+    ours = {k: tuple(v.shape) for k, v in factory.to_openclip_keys(model.state_dict()).items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours == theirs
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
@@ -659,7 +652,7 @@ def test_seed_usage_example_h14_call_path_on_meta_device():
 @pytest.fixture(scope="module")
 def v1_ckpt(tmp_path_factory):
     p = tmp_path_factory.mktemp("ck") / "v1.pt"
-    torch.save(M.create_model("ViT-Test-8-CL16").state_dict(), p)
+    torch.save(factory.create_model("ViT-Test-8-CL16").state_dict(), p)
     return str(p)
 
 
@@ -753,10 +746,11 @@ def _process(*args):
         text=True,
         cwd=ROOT,
         timeout=120,
-        env={**os.environ, "PJRT_DEVICE": "CPU"},
+        env=env(),
     )
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_no_traceback(tmp_path):
     r = _process("--ckpt", tmp_path / "missing.safetensors", "--imagenet-val", tmp_path)
     assert r.returncode == 2
@@ -823,14 +817,16 @@ def _recall_by_hand(image_feats, text_feats, text_image):
 
 def test_retrieval_recall_by_hand_and_the_same_in_every_layout(captioned_sets, cpu):
     torch.manual_seed(8)
-    net = _perturb(M.create_model("ViT-Test-8-CL32-GAP-BigVision"), 8).eval()
+    net = _perturb(factory.create_model("ViT-Test-8-CL32-GAP-BigVision"), 8).eval()
     pairs = captioned.make_pairs(30, seed=4)
     pre = Z.Preprocess.for_model(net.cfg)
     with torch.no_grad():
-        x = data.normalize(torch.stack([pre.transform()(png) for png, _, _ in pairs]), pre.image_mean, pre.image_std)
+        x = transforms.normalize(
+            torch.stack([pre.transform()(png) for png, _, _ in pairs]), pre.image_mean, pre.image_std
+        )
         img = F.normalize(net.encode_image(x), dim=-1)
         caps = [c for _, _, cs in pairs for c in cs]
-        txt = F.normalize(net.encode_text(M.get_tokenizer(net.cfg, reduction="truncate")(caps)), dim=-1)
+        txt = F.normalize(net.encode_text(factory.get_tokenizer(net.cfg, reduction="truncate")(caps)), dim=-1)
     text_image = [i for i, (_, _, cs) in enumerate(pairs) for _ in cs]
     expect = _recall_by_hand(img, txt, text_image)
     assert 0 < expect["text_to_image_R@1"] < expect["text_to_image_R@10"] < 1  # not degenerate
@@ -880,23 +876,23 @@ def test_retrieval_cli_writes_both_tasks_to_the_json(folder, captioned_sets, tmp
     assert "top-1 " in printed and "retrieval: image->text R@1 " in printed and "1 unreadable skipped" in printed
     # retrieval alone, default output name next to the checkpoint
     ckpt = tmp_path / "w.safetensors"
-    net = M.create_model("ViT-Test-8-CL16")
+    net = factory.create_model("ViT-Test-8-CL16")
     from safetensors.torch import save_file
 
-    save_file(net.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    save_file(net.state_dict(), str(ckpt), metadata=factory.weights_metadata("ViT-Test-8-CL16", net.cfg))
     assert _run_cli(["--ckpt", ckpt, "--retrieval", captioned_sets["flickr"]]) == 0
     res = json.loads((tmp_path / "w.retrieval_flickr30k.json").read_text())
     assert "top1" not in res and res["retrieval"]["layout"] == "flickr" and res["retrieval"]["texts"] > 30
 
 
 def test_nonfinite_weights_are_one_warning_line_and_in_the_json(folder, tmp_path, capsys):
-    net = M.create_model("ViT-Test-8-CL16")
+    net = factory.create_model("ViT-Test-8-CL16")
     sd = net.state_dict()
     sd["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
     ckpt = tmp_path / "nan.safetensors"
     from safetensors.torch import save_file
 
-    save_file(sd, str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    save_file(sd, str(ckpt), metadata=factory.weights_metadata("ViT-Test-8-CL16", net.cfg))
     assert (
         _run_cli(
             [
@@ -951,7 +947,7 @@ def test_retrieval_on_xla_matches_cpu_with_static_shapes(captioned_sets, cpu):
     import torch_xla.debug.metrics as met
 
     torch.manual_seed(9)
-    net = _perturb(M.create_model("ViT-Test-8-CL16"), 9)
+    net = _perturb(factory.create_model("ViT-Test-8-CL16"), 9)
     kw = dict(batch_size=8, text_batch_size=16, num_workers=0)
     on_cpu = Z.evaluate_retrieval(net, net.cfg, captioned_sets["cb_ret"], runtime=cpu, **kw)
     xla_rt = xla_utils.init_runtime("xla")

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from runs import PY, REPO, env, losses, tiny_demo_args
+from runs import PY, REPO, env, free_port, losses, tiny_demo_args
 from safetensors.torch import load_file
 
-import model
+import factory
 
 # every variant in one launch (process start-up dominates on 2 cores): (name, shard, grad
 # checkpointing, masking, accumulation steps, torch.compile'd step)
@@ -32,12 +32,12 @@ import sys, torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 from torch.distributed.fsdp import FSDPModule
-import model, train, xla_utils
+import config, factory, losses, train, xla_utils
 args = [a for a in sys.argv[1:] if a not in ("--device", "cpu")]      # launch adds --device cpu
 out, names = args[0], args[1].split(",")
 rt = xla_utils.init_runtime("cpu")
 variants = [v for v in VARIANTS if v[0] in names]
-stage = train.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
+stage = config.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
                     train_num_samples=8 * 100)
 g = torch.Generator().manual_seed(123)
 images = torch.randint(0, 256, (3, 8, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -48,18 +48,17 @@ res = {}
 for name, shard, ckpt, mask, accum, compiled in variants:
     torch._dynamo.reset()                              # each variant compiles (and counts) its own graphs
     counters.clear()
-    fns = train.StepFns.compiled(rt) if compiled else train.StepFns()
     torch.manual_seed(0)                               # identical init on every rank
-    m = model.create_model("ViT-Test-8-CL16", **(dict(mask="random", mask_ratio=0.25) if mask else {}))
+    m = factory.create_model("ViT-Test-8-CL16", **(dict(mask="random", mask_ratio=0.25) if mask else {}))
     m.set_grad_checkpointing(ckpt)
     m.train()
     wm = rt.wrap_model(m, shard)
     opt = train.build_optimizer(m, stage, rt)
+    step = train.Step(rt, wm, opt, losses.ContrastiveLoss("softmax", rt), accum_steps=accum, compiled=compiled)
     torch.manual_seed(7 + rt.rank)                     # the masks' draws: the same under DDP and FSDP
     ls, graphs = [], []
     for i in range(3):
-        loss = train.train_step(rt, wm, opt, images[i][mine], tokens[i][mine], train.lr_at(i, stage),
-                                accum_steps=accum, fns=fns)
+        loss = step(images[i][mine], tokens[i][mine], train.lr_at(i, stage))
         ls.append(float(rt.all_reduce_mean(loss.detach().clone())))
         graphs.append(counters["stats"]["unique_graphs"])
     weights, ostate = rt.full_state(wm, opt)
@@ -107,7 +106,7 @@ def _two_processes(script, out, variants, port):
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     script = _script(tmp)
-    two, one = _two_processes(script, tmp / "two.pt", VARIANTS, port=29651), tmp / "one.pt"
+    two, one = _two_processes(script, tmp / "two.pt", VARIANTS, port=free_port()), tmp / "one.pt"
     p = subprocess.run(
         [PY, str(script), str(one), "ddp,ddp_ckpt_mask"],
         cwd=REPO,
@@ -146,7 +145,7 @@ def test_fsdp_really_shards(results):
     have the model's full shapes."""
     two, _ = results
     assert two["fsdp"]["fsdp"] and not two["ddp"]["fsdp"]
-    full = model.create_model("ViT-Test-8-CL16").state_dict()
+    full = factory.create_model("ViT-Test-8-CL16").state_dict()
     assert set(two["fsdp"]["sharded"]) == set(full) - {"logit_scale"}
     assert {k: v.shape for k, v in two["fsdp"]["weights"].items()} == {k: v.shape for k, v in full.items()}
 
@@ -192,7 +191,7 @@ def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path):
     are eager DDP's within 1e-5 too. Weights are compared with compiled DDP's: inductor's sums differ
     from eager's in the last bits, which Adam scales up to +-lr where a gradient is near its eps."""
     variants = [VARIANTS[0]] + COMPILED  # eager DDP, compiled DDP, compiled FSDP
-    two = _two_processes(_script(tmp_path), tmp_path / "two.pt", variants, port=29652)
+    two = _two_processes(_script(tmp_path), tmp_path / "two.pt", variants, port=free_port())
     fsdp, ddp = two["fsdp_compiled"], two["ddp_compiled"]
     assert fsdp["fsdp"] and not ddp["fsdp"]
     for run in (fsdp, ddp):
@@ -242,15 +241,17 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     """train.py --shard fsdp on 2 gloo processes, both demo stages (the second with 30% masking):
     SIGKILLed after step 5 (checkpoint of step 3) and resumed, it ends with the uninterrupted FSDP
     run's losses, weights and AdamW moments bit for bit; its weights file holds full tensors that
-    model.create_model loads."""
+    factory.create_model loads."""
     global tiny_demo_args_fsdp
     tiny_demo_args_fsdp = lambda out, *extra: tiny_demo_args(demo_small, out, "--shard", "fsdp", *extra)  # noqa: E731
     full = tmp_path / "full"
-    p = subprocess.run(_launch(full, port=29661), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        _launch(full, port=free_port()), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        _launch(out, port=29662),
+        _launch(out, port=free_port()),
         cwd=REPO,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -273,7 +274,12 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     time.sleep(0.5)
     assert os.path.basename(_ckpt(out)) == "step_00000003"
     p = subprocess.run(
-        _launch(out, "--resume", "latest", port=29663), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
+        _launch(out, "--resume", "latest", port=free_port()),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     want, got = losses(full)[0], losses(out)[0]
@@ -289,7 +295,7 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
         torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
         for k in sb["optimizer"]["state"]
     )
-    m = model.create_model("ViT-Tiny-8-CL32-GAP", image_size=64, pos_embed="learnable", pretrained=b)
+    m = factory.create_model("ViT-Tiny-8-CL32-GAP", image_size=64, pos_embed="learnable", pretrained=b)
     assert torch.equal(m.state_dict()["visual.proj"], wb["visual.proj"])
 
 
@@ -298,21 +304,22 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
 XLA_SCRIPT = r"""
 import sys, torch
 import torch_xla
-import model, train, xla_utils
+import config, factory, losses, train, xla_utils
 out, dev = sys.argv[1], sys.argv[2]
 rt = xla_utils.init_runtime(dev)
 torch.manual_seed(0)
-m = model.create_model("ViT-Test-8-CL16", pos_embed="learnable").to(rt.device).train()
-stage = train.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
+m = factory.create_model("ViT-Test-8-CL16", pos_embed="learnable").to(rt.device).train()
+stage = config.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
                     train_num_samples=800)
 wm = rt.wrap_model(m, "fsdp")
 opt = train.build_optimizer(m, stage, rt)
+step = train.Step(rt, wm, opt, losses.ContrastiveLoss("softmax", rt))
 g = torch.Generator().manual_seed(123)
 images = torch.randint(0, 256, (5, 8, 3, 32, 32), dtype=torch.uint8, generator=g)
 tokens = torch.randint(1, 49000, (5, 8, 16), generator=g)
 rec = {"losses": [], "compiles": [], "specs": {}, "state_specs": {}, "shapes": {}}
 for i in range(5):
-    loss = train.train_step(rt, wm, opt, images[i], tokens[i], train.lr_at(i, stage))
+    loss = step(images[i], tokens[i], train.lr_at(i, stage))
     rt.add_step_closure(lambda l: rec["losses"].append(l.item()), (loss,))
     rt.step_boundary()
     rec["compiles"].append(rt.compile_count())

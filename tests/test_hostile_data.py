@@ -31,11 +31,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
+from captioned import image_bytes
 from PIL import Image
 
 import data
 import shards
+import transforms
 import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +44,6 @@ PER_SHARD = 60
 
 
 # ----------------------------------------------------------------------------- planted bytes
-
-
-def _jpeg(i: int, size=(32, 24)) -> bytes:
-    a = np.random.RandomState(i).randint(0, 255, (size[1] // 8, size[0] // 8, 3)).astype(np.uint8)
-    b = io.BytesIO()
-    Image.fromarray(a).resize(size, Image.BILINEAR).save(b, "JPEG", quality=85)
-    return b.getvalue()
 
 
 def _png(i: int) -> bytes:
@@ -60,7 +54,7 @@ def _png(i: int) -> bytes:
 
 def _huge_jpeg() -> bytes:
     """A small baseline JPEG whose frame header claims 60000x60000 pixels."""
-    b = bytearray(_jpeg(7))
+    b = bytearray(image_bytes(7, (32, 24)))
     sof = b.index(b"\xff\xc0")
     b[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
     return bytes(b)
@@ -77,23 +71,23 @@ def _huge_png() -> bytes:
 
 # (key, image or None, caption or None, expected reason)
 BAD = [
-    ("b_truncjpeg", _jpeg(1, (64, 48))[:300], "cut", "bad_image"),
+    ("b_truncjpeg", image_bytes(1, (64, 48))[:300], "cut", "bad_image"),
     ("b_random", np.random.RandomState(5).bytes(700), "noise", "bad_image"),
     ("b_zerobyte", b"", "nothing", "empty_image"),
     ("b_hugejpeg", _huge_jpeg(), "bomb", "image_too_large"),
     ("b_hugepng", _huge_png(), "bomb png", "image_too_large"),
-    ("b_nocaption", _jpeg(2), None, "missing_caption"),
-    ("b_emptycaption", _jpeg(3), " \t ", "empty_caption"),
-    ("b_latin1", _jpeg(4), "caf\xe9 cr\xe8me".encode("latin-1"), "bad_caption_encoding"),
+    ("b_nocaption", image_bytes(2, (32, 24)), None, "missing_caption"),
+    ("b_emptycaption", image_bytes(3, (32, 24)), " \t ", "empty_caption"),
+    ("b_latin1", image_bytes(4, (32, 24)), "caf\xe9 cr\xe8me".encode("latin-1"), "bad_caption_encoding"),
 ]
 PER_SAMPLE = Counter(r for *_, r in BAD)
 
 
 def _samples(fmt: str, shard: int, bad=(), extra_good=(), n=PER_SHARD):
     """n good samples with `bad` ones spread among them; (list, good captions)."""
-    out = [(f"{fmt}{shard}_{j:03d}", _jpeg(shard * 1000 + j), f"good {fmt} {shard} {j}") for j in range(n)] + list(
-        extra_good
-    )
+    out = [
+        (f"{fmt}{shard}_{j:03d}", image_bytes(shard * 1000 + j, (32, 24)), f"good {fmt} {shard} {j}") for j in range(n)
+    ] + list(extra_good)
     for i, b in enumerate(bad):
         out.insert(7 + i * (len(out) // (len(bad) + 1)), b[:3])
     return out, [c for k, _, c in out if not k.startswith("b_")]
@@ -195,7 +189,7 @@ def wds_set(tmp_path_factory):
         + b"\xff" * 4096,
     )
     good += g
-    s, g = _samples("wds", 2, extra_good=[("last", _jpeg(9, (160, 120)), "cut off")])
+    s, g = _samples("wds", 2, extra_good=[("last", image_bytes(9, (160, 120)), "cut off")])
     _tarwriter_shard(d / "c.tar", s)
     _cut_tar_inside(d / "c.tar", "last.jpg")
     good += g[:-1]
@@ -221,7 +215,7 @@ def tfrecord_set(tmp_path_factory):
     with open(d / "b.tfrecord", "ab") as f:
         f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 2048)
     good += g
-    s, g = _samples("tfr", 2, extra_good=[("last", _jpeg(9, (160, 120)), "cut off")])
+    s, g = _samples("tfr", 2, extra_good=[("last", image_bytes(9, (160, 120)), "cut off")])
     _tfrecords(d / "c.tfrecord", s)
     _cut_tfrecord_end(d / "c.tfrecord")
     good += g[:-1]
@@ -274,7 +268,7 @@ def tfds_set(tmp_path_factory):
     extra = root / "extra.tfrecord"
     _tfrecords(
         extra,
-        [("b_nocaption", _jpeg(2), None), ("last", _jpeg(9, (160, 120)), "cut off")],
+        [("b_nocaption", image_bytes(2, (32, 24)), None), ("last", image_bytes(9, (160, 120)), "cut off")],
         image_key="image",
         text_key="text",
     )
@@ -304,6 +298,7 @@ def _check(spec, want, good, workers, stats):
     assert (stats["samples"], stats["skipped"]) == (loader.samples, sum(loader.skipped.values()))
 
 
+@pytest.mark.slow
 def test_wds_loader_and_stats_cli_count_every_planted_sample(wds_set):
     spec, want, good = wds_set
     r = subprocess.run(
@@ -344,7 +339,9 @@ def test_huge_tar_member_allocates_nothing(tmp_path, size_field):
     """The size field is believed only up to MAX_RECORD_BYTES and the bytes left in the file:
     no allocation of what the header asks for, one skip, the samples before it kept."""
     _tarfile_shard(
-        tmp_path / "h.tar", [("a", _jpeg(0), "cap a")], tail=_tar_header("b.jpg", size_field) + b"\0" * 20000
+        tmp_path / "h.tar",
+        [("a", image_bytes(0, (32, 24)), "cap a")],
+        tail=_tar_header("b.jpg", size_field) + b"\0" * 20000,
     )
     tracemalloc.start()
     got = _wds_raws(tmp_path / "h.tar")
@@ -357,9 +354,14 @@ def test_huge_tar_member_allocates_nothing(tmp_path, size_field):
 def test_oversized_member_inside_the_file_skips_only_its_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "MAX_RECORD_BYTES", 2000)
     _tarfile_shard(
-        tmp_path / "o.tar", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1, (320, 240)), "cap b"), ("c", _jpeg(2), "cap c")]
+        tmp_path / "o.tar",
+        [
+            ("a", image_bytes(0, (32, 24)), "cap a"),
+            ("b", image_bytes(1, (320, 240)), "cap b"),
+            ("c", image_bytes(2, (32, 24)), "cap c"),
+        ],
     )
-    assert len(_jpeg(1, (320, 240))) > 2000 > len(_jpeg(2))
+    assert len(image_bytes(1, (320, 240))) > 2000 > len(image_bytes(2, (32, 24)))
     assert _wds_raws(tmp_path / "o.tar") == [("a", None), ("b", "oversized_member"), ("c", None)]
 
 
@@ -370,7 +372,7 @@ def test_negative_tar_sizes_are_a_corrupt_shard(tmp_path, size_field):
     the sample being read (as for any corrupt header, whose name cannot be trusted)."""
     _tarfile_shard(
         tmp_path / "n.tar",
-        [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")],
+        [("a", image_bytes(0, (32, 24)), "cap a"), ("b", image_bytes(1, (32, 24)), "cap b")],
         tail=_tar_header("c.jpg", size_field) + b"\0" * 20000,
     )
     assert _wds_raws(tmp_path / "n.tar") == [("a", None), ("b", "corrupt_shard")]
@@ -379,7 +381,9 @@ def test_negative_tar_sizes_are_a_corrupt_shard(tmp_path, size_field):
 def test_huge_tfrecord_length_is_not_handed_to_tf_data(tmp_path):
     """tf.data allocates a record's length before reading it (2^62: a segfault that kills the
     process); the framing is checked first, so only sound records reach it."""
-    _tfrecords(tmp_path / "t.tfrecord", [("a", _jpeg(0), "cap a"), ("b", _jpeg(1), "cap b")])
+    _tfrecords(
+        tmp_path / "t.tfrecord", [("a", image_bytes(0, (32, 24)), "cap a"), ("b", image_bytes(1, (32, 24)), "cap b")]
+    )
     length = struct.pack("<Q", 2**62)
     with open(tmp_path / "t.tfrecord", "ab") as f:
         f.write(length + struct.pack("<I", shards._masked_crc32c(length)) + b"\0" * 100)
@@ -393,7 +397,7 @@ def test_unreadable_remote_shard_is_a_skip_not_an_exception(tmp_path):
     src = shards.Source("wds", [])
     url = "file://" + str(tmp_path / "gone.tar")
     assert [r.reason for r in shards.read_wds(url, src)] == ["unreadable_shard"]
-    _tarfile_shard(tmp_path / "ok.tar", [("a", _jpeg(0), "cap a")])
+    _tarfile_shard(tmp_path / "ok.tar", [("a", image_bytes(0, (32, 24)), "cap a")])
     assert [(r.key, r.reason) for r in shards.read_wds("file://" + str(tmp_path / "ok.tar"), src)] == [("a", None)]
 
 
@@ -401,10 +405,10 @@ def test_unreadable_remote_shard_is_a_skip_not_an_exception(tmp_path):
 
 
 def test_one_pixel_cap_for_loader_stats_and_eval(tmp_path, monkeypatch):
-    """data.MAX_IMAGE_PIXELS decides for the train transform (simplejpeg and Pillow paths), the
+    """transforms.MAX_IMAGE_PIXELS decides for the train transform (simplejpeg and Pillow paths), the
     eval transform and stats alike: an image over it is image_too_large everywhere."""
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 40 * 30)
-    over, under = _jpeg(1, (48, 32)), _jpeg(2, (40, 30))
+    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 40 * 30)
+    over, under = image_bytes(1, (48, 32)), image_bytes(2, (40, 30))
     _tarwriter_shard(
         tmp_path / "p.tar", [("over", over, "over"), ("overpng", _png_of(over), "over png"), ("under", under, "under")]
     )
@@ -413,8 +417,12 @@ def test_one_pixel_cap_for_loader_stats_and_eval(tmp_path, monkeypatch):
     loader, captions = _through_loader(spec, 0)
     assert captions == ["under"]
     assert stats["skipped_by_reason"] == loader.skipped == {"image_too_large": 2}
-    for t in (data.train_transform(16), data.TrainTransform(16, use_simplejpeg=False), data.eval_transform(16)):
-        with pytest.raises(data.ImageTooLarge):
+    for t in (
+        transforms.train_transform(16),
+        transforms.TrainTransform(16, use_simplejpeg=False),
+        transforms.eval_transform(16),
+    ):
+        with pytest.raises(transforms.ImageTooLarge):
             t(over)
         assert t(under).shape == (3, 16, 16)
 
@@ -423,9 +431,3 @@ def _png_of(jpeg: bytes) -> bytes:
     b = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(b, "PNG")
     return b.getvalue()
-
-
-def test_png_stored_as_jpg_is_a_good_sample():
-    x = data.train_transform(16)(_png(3))
-    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16)
-    assert x[2].float().mean().round() == 200  # its pixels, decoded by content

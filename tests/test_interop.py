@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP as OpenCLIP
 
+import config
 import export
+import factory
 import model as M
 
 TANH = {"act_kwargs": {"approximate": "tanh"}}
@@ -70,7 +72,7 @@ def v1_openclip(tmp_path_factory):
 def test_v1_openclip_weights_load_here(v1_openclip, monkeypatch):
     oc, _, path = v1_openclip
     monkeypatch.setitem(M.MODEL_CONFIGS, "ViT-B-16-CL16-2L", shrink("ViT-B-16-CL16", 2))
-    model, _, preprocess = M.create_model_and_transforms("ViT-B-16-CL16-2L", pretrained=str(path))
+    model, _, preprocess = factory.create_model_and_transforms("ViT-B-16-CL16-2L", pretrained=str(path))
     model.eval()
     img, txt = torch.randn(2, 3, 224, 224), v1_tokens(3, 16)
     with torch.no_grad():
@@ -92,7 +94,7 @@ def test_v2_openclip_clipa_weights_load_here(tmp_path, monkeypatch):
     path = tmp_path / "epoch_1.pt"
     torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in oc.state_dict().items()}}, path)
     monkeypatch.setitem(M.MODEL_CONFIGS, "ViT-L-14-CL32-GAP-BigVision-1L", shrink("ViT-L-14-CL32-GAP-BigVision", 1))
-    model, _, preprocess = M.create_model_and_transforms(
+    model, _, preprocess = factory.create_model_and_transforms(
         "ViT-L-14-CL32-GAP-BigVision-1L", pretrained=path, force_image_size=56
     )
     model.eval()
@@ -100,14 +102,14 @@ def test_v2_openclip_clipa_weights_load_here(tmp_path, monkeypatch):
     with torch.no_grad():
         assert_same(oc.encode_image(img), model.encode_image(img))
         assert_same(oc.encode_text(txt), model.encode_text(txt))
-    assert M.detect_layout(M.read_weights(path)) == "openclip-v2"
+    assert factory.detect_layout(factory.read_weights(path)) == "openclip-v2"
 
 
 def test_resizing_on_load_matches_openclip(v1_openclip, b16_2l):
     """Loading into another grid / context length resizes the tables exactly as OpenCLIP does."""
     _, _, path = v1_openclip
     oc = open_clip.create_model(b16_2l, pretrained=str(path), force_image_size=96, force_context_length=32)
-    ours = M.create_model(shrink("ViT-B-16-CL16", 2), image_size=96, context_length=32, pretrained=path)
+    ours = factory.create_model(shrink("ViT-B-16-CL16", 2), image_size=96, context_length=32, pretrained=path)
     ours.eval(), oc.eval()
     img, txt = torch.randn(2, 3, 96, 96), v1_tokens(2, 32)
     with torch.no_grad():
@@ -118,12 +120,12 @@ def test_resizing_on_load_matches_openclip(v1_openclip, b16_2l):
 def test_round_trip_openclip_here_openclip(v1_openclip, tmp_path):
     oc, cfg, path = v1_openclip
     out = tmp_path / "back.pt"
-    ours = M.create_model(shrink("ViT-B-16-CL16", 2), pretrained=path)
+    ours = factory.create_model(shrink("ViT-B-16-CL16", 2), pretrained=path)
     from safetensors.torch import save_file
 
     ckpt = tmp_path / "ours.safetensors"
-    save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
-    export.export_open_clip(M.create_model(None, pretrained=ckpt), out)
+    save_file(ours.state_dict(), str(ckpt), metadata=factory.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
+    export.export_open_clip(factory.create_model(None, pretrained=ckpt), out)
     back = oc_build(cfg, seed=1)
     back.load_state_dict(torch.load(out, weights_only=True), strict=True)
     ref = oc.state_dict()
@@ -145,7 +147,7 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
     torch.manual_seed(3)
     ours = M.CLIP(shrink("ViT-B-16-CL16", 2)).eval()
     ckpt = tmp_path / "v1.safetensors"
-    save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
+    save_file(ours.state_dict(), str(ckpt), metadata=factory.weights_metadata("ViT-B-16-CL16-2L", ours.cfg))
     out = tmp_path / "v1_openclip.pt"
     assert export.main([str(ckpt), "--to", "open_clip", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
@@ -164,10 +166,12 @@ def test_export_cli_file_and_local_dir(tmp_path, b16_2l, capsys):
 
     # v2: directory export for 'local-dir:'
     torch.manual_seed(4)
-    ours = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
+    ours = factory.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
     assert ours.cfg.gelu == "tanh" and not ours.cfg.vision.pre_norm and not ours.cfg.text.causal
     ckpt = tmp_path / "v2.safetensors"
-    save_file(ours.state_dict(), str(ckpt), metadata=M.weights_metadata("ViT-Test-8-CL32-GAP-BigVision", ours.cfg))
+    save_file(
+        ours.state_dict(), str(ckpt), metadata=factory.weights_metadata("ViT-Test-8-CL32-GAP-BigVision", ours.cfg)
+    )
     outdir = tmp_path / "v2_export"
     assert export.main([str(ckpt), "--to", "open_clip", str(outdir) + "/"]) == 0
     assert "local-dir:" in capsys.readouterr().out
@@ -185,7 +189,7 @@ def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     torch.manual_seed(6)
-    ours = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
+    ours = factory.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
     info = export.export_open_clip(ours, str(tmp_path / "v2") + "/")
     assert (
         sorted(os.listdir(tmp_path / "v2"))
@@ -204,7 +208,7 @@ def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monke
     )
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'v2'}")
     oc_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v2'}")
-    tok = M.get_tokenizer(ours.cfg, reduction="truncate")
+    tok = factory.get_tokenizer(ours.cfg, reduction="truncate")
     caps = [
         "a photo of a dog.",
         "A Man riding a WAVE on top of a surfboard!",
@@ -220,10 +224,10 @@ def test_v2_export_dir_has_the_tokenizer_open_clip_reads_offline(tmp_path, monke
         t = tok(caps)
         assert_same(ours.encode_text(t), oc.encode_text(oc_tok(caps)))
     # the v1 directory needs no tokenizer files: OpenCLIP's own BPE at our context length
-    v1 = export.export_open_clip(M.create_model("ViT-Test-8-CL16"), str(tmp_path / "v1") + "/")
+    v1 = export.export_open_clip(factory.create_model("ViT-Test-8-CL16"), str(tmp_path / "v1") + "/")
     assert "tokenizer.json" not in v1["files"]
     oc_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'v1'}")
-    assert torch.equal(oc_tok(caps), M.get_tokenizer("ViT-Test-8-CL16", reduction="truncate")(caps))
+    assert torch.equal(oc_tok(caps), factory.get_tokenizer("ViT-Test-8-CL16", reduction="truncate")(caps))
 
 
 # ----------------------------------------------------------------------------- weight layouts users have
@@ -278,9 +282,9 @@ def test_weight_layouts_users_have_load_exactly(kind, tmp_path):
     """Every tensor arrives bit for bit, and both towers give OpenCLIP's features
     (v1 GAP pools differently by design: its text tower and its tokens are compared)."""
     oc, cfg, path, ours_cfg = _layout_case(kind, tmp_path)
-    ours = M.create_model(ours_cfg, pretrained=path).eval()
+    ours = factory.create_model(ours_cfg, pretrained=path).eval()
     theirs = oc.state_dict()
-    mine = M.to_openclip_keys(ours.state_dict())
+    mine = factory.to_openclip_keys(ours.state_dict())
     assert set(mine) == set(theirs)
     for k, v in theirs.items():
         assert torch.equal(mine[k], v), k
@@ -303,7 +307,7 @@ def test_v1_gap_against_hand_reference(tmp_path):
     ours = M.CLIP(cfg).eval()
     oc_cfg = export.openclip_model_cfg(cfg)
     oc = OpenCLIP(**oc_cfg).eval()
-    oc.load_state_dict(M.to_openclip_keys(ours.state_dict()), strict=True)
+    oc.load_state_dict(factory.to_openclip_keys(ours.state_dict()), strict=True)
     img = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         inter = oc.visual.forward_intermediates(
@@ -340,7 +344,7 @@ def test_full_size_models_map_to_openclip_names(name):
     if "force_image_size" in kwargs:
         oc_cfg["vision_cfg"]["image_size"] = kwargs["force_image_size"]
     with torch.device("meta"):
-        ours = {k: v.shape for k, v in M.to_openclip_keys(M.CLIP(cfg).state_dict()).items()}
+        ours = {k: v.shape for k, v in factory.to_openclip_keys(M.CLIP(cfg).state_dict()).items()}
         theirs = {k: v.shape for k, v in OpenCLIP(**oc_cfg).state_dict().items()}
     assert ours == theirs
 
@@ -348,14 +352,38 @@ def test_full_size_models_map_to_openclip_names(name):
 def test_wrong_architecture_is_a_one_line_error(v1_openclip, capsys):
     _, _, path = v1_openclip
     with pytest.raises(ValueError, match=r"openclip-v1 layout.*missing visual\.transformer\.resblocks\.2") as e:
-        M.create_model(shrink("ViT-B-16-CL16", 3), pretrained=path)  # 3 layers vs 2
+        factory.create_model(shrink("ViT-B-16-CL16", 3), pretrained=path)  # 3 layers vs 2
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="unexpected visual.ln_pre.weight") as e:
-        M.create_model(shrink("ViT-L-14-CL32-GAP-BigVision", 2), pretrained=path)
+        factory.create_model(shrink("ViT-L-14-CL32-GAP-BigVision", 2), pretrained=path)
     assert "shape mismatch" in str(e.value) and "\n" not in str(e.value)
     assert export.main([str(path), "--to", "open_clip", "/tmp/x.pt"]) == 2  # no config recorded
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--model" in err and err.count("\n") == 1
+
+
+def test_export_cli_errors_are_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    net = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
+    save_file(net.state_dict(), str(path), metadata=factory.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    out = str(tmp_path / "x.pt")
+    for args, msg in (
+        ([path, "--to", "open_clip", tmp_path / "no" / "x.pt"], "output directory does not"),
+        ([tmp_path / "nope.pt", "--to", "open_clip", out], "checkpoint not found"),
+        ([path, "--to", "open_clip", out, "--model", "ViT-Q-99"], "unknown model"),
+        ([path, "--to", "open_clip", out, "--results", tmp_path / "r.json"], "results file not found"),
+        ([path, "--to", "tf", out], "invalid choice"),
+    ):
+        try:
+            rc = export.main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors exit from inside
+            rc = e.code
+        captured = capsys.readouterr()
+        assert rc == 2 and captured.err.startswith("error: ") and msg in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and not captured.out
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("width,grid", [(32, 8), (768, 7), (1280, 6)])
@@ -372,11 +400,9 @@ def test_model_card_records_recipe_samples_flops_and_results(tmp_path, capsys):
     The train state is laid out as train.py saves it (stage dicts of its presets, weights_only)."""
     import dataclasses
 
-    import train
-
     stages = [
         dataclasses.replace(s, train_num_samples=n, batch_size=16)
-        for s, n in zip(train.PRESETS["demo"].stages, (128, 64))
+        for s, n in zip(config.PRESETS["demo"].stages, (128, 64))
     ]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000012"
     ckpt.mkdir(parents=True)
@@ -384,8 +410,10 @@ def test_model_card_records_recipe_samples_flops_and_results(tmp_path, capsys):
     net = M.CLIP(cfg)
     from safetensors.torch import save_file
 
-    save_file(net.state_dict(), str(ckpt / "model.safetensors"), metadata=M.weights_metadata(stages[1].model, cfg))
-    config = {"run": {"cfg": "demo", "pretrained": None}, "stages": [dataclasses.asdict(s) for s in stages]}
+    save_file(
+        net.state_dict(), str(ckpt / "model.safetensors"), metadata=factory.weights_metadata(stages[1].model, cfg)
+    )
+    run_config = {"run": {"cfg": "demo", "pretrained": None}, "stages": [dataclasses.asdict(s) for s in stages]}
     torch.save(
         {
             "step": 12,
@@ -393,7 +421,7 @@ def test_model_card_records_recipe_samples_flops_and_results(tmp_path, capsys):
             "stage_name": "finetune",
             "stage_step": 4,
             "samples": 64,
-            "config": json.dumps(config),
+            "config": json.dumps(run_config),
             "optimizer": {"state": {}, "param_groups": []},
         },
         ckpt / "train_state.pt",

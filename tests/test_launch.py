@@ -49,6 +49,7 @@ def test_every_preset_stage_has_gpu_and_tpu_wrappers():
     assert names == want
 
 
+@pytest.mark.slow
 def test_dry_runs_resolve_to_the_paper_recipe(tmp_path):
     pre = tmp_path / "pretrained"
     pre.mkdir()
@@ -79,6 +80,7 @@ def test_dry_runs_resolve_to_the_paper_recipe(tmp_path):
         assert resolved["train_data"] == env["TRAIN_DATA"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "missing,needle",
     [("TRAIN_DATA", "TRAIN_DATA is not set"), ("OUT", "OUT is not set"), ("PRETRAINED", "PRETRAINED is not set")],
@@ -91,6 +93,7 @@ def test_missing_paths_are_one_line_errors(tmp_path, missing, needle):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and needle in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_step_prints_rows_for_every_setting(tmp_path):
     """One row per (setting, implementation, mode); token counts and FLOPs ratios from the counter;
     the same architecture in OpenCLIP runs the same step."""
@@ -136,7 +139,8 @@ def test_bench_step_prints_rows_for_every_setting(tmp_path):
     assert "ours-best (eager) / OpenCLIP-best (eager)" in r.stdout
     # AdamW alone, both kernels over the model's parameters; the token-reduction goal beside the rows
     assert [o["optimizer"] for o in res["optimizers"]] == ["foreach", "fused"]
-    assert res["optimizers"][0]["params"] == sum(p.numel() for p in model.create_model("ViT-Test-8-CL16").parameters())
+    built = model.CLIP(model.get_model_config("ViT-Test-8-CL16"))
+    assert res["optimizers"][0]["params"] == sum(p.numel() for p in built.parameters())
     assert all(o["step_ms"] > 0 for o in res["optimizers"]) and res["optimizers"][0]["vs_first"] == 1.0
     assert [g["goal"].split(" (")[0] for g in res["goals"]] == [
         "token reduction realised 16px/T8",
@@ -153,6 +157,7 @@ def test_bench_step_prints_rows_for_every_setting(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
 
 
+@pytest.mark.slow
 def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
     """launch/bench_e2e.py: the real train.py (its logged samples/s after the skipped start-up) and
     the step alone at the stage's settings, their ratio and the goal; bad arguments are one line."""
@@ -201,6 +206,7 @@ def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
         assert bad.returncode == 2 and bad.stderr.startswith("error:") and needle in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_memory_finds_the_largest_batch_that_fits(tmp_path):
     """launch/bench_memory.py: doubling then bisecting to the largest batch whose step does not run
     out of memory (within an eighth, multiples of 8); the CLI reports it with the planner's estimate."""

@@ -4,11 +4,15 @@ SigLipLoss, in one process and in two gloo processes (every rank scoring its own
 import json
 import math
 
+import open_clip
 import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
-from runs import PY, run
+from runs import PY, free_port, run, tiny_demo_args, train
+from safetensors import safe_open
 
+import export
+import factory
 import losses
 import xla_utils
 
@@ -37,9 +41,11 @@ def test_sigmoid_loss_equals_open_clip_in_one_process(impl):
     assert ours == pytest.approx(ref, abs=1e-6)
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, atol=1e-6)
-    assert losses.contrastive_loss("softmax", True, rt) is losses.clip_loss
-    img, txt, scale, _ = _features(seed=1)
-    assert losses.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
+    img, txt, scale, bias = _features(seed=1)
+    softmax = losses.ContrastiveLoss("softmax", rt)(losses.Features(img, txt, scale, bias))
+    assert softmax.item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
+    sigmoid = losses.ContrastiveLoss("sigmoid", rt)(losses.Features(img, txt, scale, bias))
+    assert sigmoid.item() == pytest.approx(SigLipLoss()(img, txt, scale, bias).item(), abs=1e-6)
 
 
 RING_SCRIPT = r"""
@@ -78,10 +84,8 @@ def test_sigmoid_loss_on_two_processes_equals_one_and_open_clip(tmp_path):
     backward than one process does (the gather keeps every rank's texts and logits)."""
     script = tmp_path / "ring.py"
     script.write_text(RING_SCRIPT)
-    p = run(
-        [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29651", str(script), str(tmp_path / "r")],
-        PYTHONPATH=f"{tmp_path.parent}:{__import__('os').path.dirname(__file__)}:.",
-    )
+    port = str(free_port())
+    p = run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", port, str(script), str(tmp_path / "r")])
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"r.{k}").read_text()) for k in (0, 1)]
     rt = xla_utils.init_runtime("cpu")
@@ -118,13 +122,6 @@ def test_sigmoid_loss_on_two_processes_equals_one_and_open_clip(tmp_path):
 def test_a_sigmoid_stage_trains_saves_and_exports_its_bias(demo_small, tmp_path):
     """--set STAGE.loss=sigmoid: SigLIP's initialisation (t' = log 10, b = -10), the bias trained,
     stored in the checkpoint and exported as OpenCLIP's logit_bias."""
-    import open_clip
-    from runs import tiny_demo_args, train
-    from safetensors import safe_open
-
-    import export
-    import model
-
     out = tmp_path / "run"
     train(
         tiny_demo_args(
@@ -142,7 +139,7 @@ def test_a_sigmoid_stage_trains_saves_and_exports_its_bias(demo_small, tmp_path)
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         bias, scale = f.get_tensor("logit_bias").item(), f.get_tensor("logit_scale").item()
     assert bias != -10.0 and abs(bias + 10) < 0.1 and abs(scale - math.log(10)) < 0.1
-    net = model.create_model(None, pretrained=str(ckpt))
+    net = factory.create_model(None, pretrained=str(ckpt))
     assert net.cfg.loss == "sigmoid" and net.logit_bias.item() == bias
     export.export_open_clip(net, str(tmp_path / "oc") + "/")
     oc = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}")

@@ -1,19 +1,17 @@
-"""model.py on its own: shapes, token masking, position tables, FLOPs, checkpoints and errors.
+"""model.py on its own: the registry, shapes, token masking, FLOPs, parameter counts and its CLI.
 
-Tiny configs only (CPU, seconds). Parity with OpenCLIP lives in test_interop.py."""
+Tiny configs only (CPU, seconds). Loading weights is in test_factory.py; parity with OpenCLIP in
+test_interop.py."""
 
 import json
 import os
-import re
 import subprocess
 import sys
-import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
-import export
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,36 +69,8 @@ def test_registry_names_and_aliases_resolve():
 
 def test_unknown_model_lists_close_matches():
     with pytest.raises(ValueError, match=r"did you mean: .*ViT-H-14-CL32-GAP") as e:
-        M.create_model("ViT-H-14-CL32-GAPP")
+        M.get_model_config("ViT-H-14-CL32-GAPP")
     assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize(
-    "kw,msg",
-    [
-        (dict(image_size=100), "multiple of the patch"),
-        (dict(mask="spiral", mask_ratio=0.5), "unknown image mask"),
-        (dict(mask="random", mask_ratio=1.0), "mask ratio"),
-    ],
-)
-def test_bad_overrides_are_one_line_errors(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        M.create_model("ViT-Test-8-CL16", **kw)
-
-
-def test_get_tokenizer_follows_the_model():
-    """Defaults: the model's context length and training reduction; both can be overridden."""
-    tok = M.get_tokenizer("ViT-L-16-CL8-Syntax-GAP")
-    assert (tok.tokenizer, tok.context_length, tok.reduction) == ("clip_bpe", 8, "syntax")
-    tok = M.get_tokenizer("ViT-L-14-CLIPA", context_length=16, reduction="truncate")
-    assert (tok.tokenizer, tok.context_length, tok.reduction) == ("wordpiece", 16, "truncate")
-    assert tok(["a photo of a dog"]).shape == (1, 16)
-    cfg = M.get_model_config("ViT-Tiny-8-CL16-Syntax-GAP", context_length=12)  # a config: its own text
-    assert repr(M.get_tokenizer(cfg)) == "Tokenizer('clip_bpe', context_length=12, reduction='syntax')"
-    with pytest.raises(ValueError, match="unknown model 'ViT-Q-99'"):
-        M.get_tokenizer("ViT-Q-99")
-    with pytest.raises(ValueError, match="context_length must be an int >= 2, got 0"):
-        M.get_tokenizer("ViT-B-16-CL16", context_length=0)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -108,7 +78,7 @@ def test_get_tokenizer_follows_the_model():
 
 @pytest.mark.parametrize("name", ["ViT-Test-8-CL16", "ViT-Test-8-CL32-GAP-BigVision"])
 def test_forward_shapes_and_logit_scale(name):
-    m = M.create_model(name).eval()
+    m = M.CLIP(M.get_model_config(name)).eval()
     cfg = m.cfg
     img = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
     txt = tokens(3, cfg.text.context_length, cfg.text.vocab_size)
@@ -132,7 +102,7 @@ def test_text_pooling_rules():
     t2 = t.clone()
     t2[:, 7:] = torch.randint(1, 49000, (2, 9))
     torch.testing.assert_close(v1.encode_text(t), v1.encode_text(t2))
-    v2 = M.create_model("ViT-Test-8-CL32-GAP-BigVision").eval()
+    v2 = M.CLIP(M.get_model_config("ViT-Test-8-CL32-GAP-BigVision")).eval()
     a = torch.randint(0, 32000, (2, 32))
     b = a.clone()
     b[:, 0] = (b[:, 0] + 1) % 32000
@@ -260,40 +230,6 @@ def test_masking_on_xla_compiles_once():
     assert not torch.allclose(outs[1], outs[2])  # fresh random draws
 
 
-# ----------------------------------------------------------------------------- position tables
-
-
-def test_sincos_table_is_a_buffer_recomputed_for_any_grid(tmp_path):
-    m64 = M.CLIP(tiny(pos="sincos"))
-    assert "visual.positional_embedding" in dict(m64.named_buffers())
-    assert "visual.positional_embedding" not in dict(m64.named_parameters())
-    path = tmp_path / "w.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(m64.state_dict(), str(path))
-    m96 = M.create_model(tiny(pos="sincos"), image_size=96, pretrained=path)
-    torch.testing.assert_close(m96.visual.positional_embedding, M.sincos_2d(32, 12), rtol=0, atol=0)
-    # fine-tuning: a learnable table starts from the pre-train table resized to the new grid
-    ml = M.create_model(tiny(pos="learnable"), image_size=96, pretrained=path)
-    torch.testing.assert_close(ml.visual.positional_embedding, M.resize_image_pos_embed(M.sincos_2d(32, 8), 12))
-    torch.testing.assert_close(ml.visual.conv1.weight, m64.visual.conv1.weight)
-
-
-def test_text_table_resizes_linearly(tmp_path):
-    m8 = M.CLIP(tiny(ctx=8))
-    path = tmp_path / "w.pt"
-    torch.save(m8.state_dict(), path)
-    m32 = M.create_model(tiny(ctx=8), context_length=32, pretrained=path)
-    got = m32.text.positional_embedding
-    assert got.shape == (32, 32)
-    # linear interpolation of 8 points to 32 (align_corners=False): position j samples (j + .5) / 4 - .5
-    src = m8.text.positional_embedding.detach()
-    j = 13
-    s = (j + 0.5) / 4 - 0.5
-    lo = int(s)
-    torch.testing.assert_close(got[j], src[lo] * (1 - (s - lo)) + src[lo + 1] * (s - lo))
-
-
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -376,6 +312,7 @@ def _main(capsys, *args):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_flops_cli_json_and_errors(capsys):
     r = _cli("flops", "ViT-H-14-CL32-GAP-BigVision", "--image-size", "336", "--mask-ratio", "0.4", "--json")
     assert r.returncode == 0, r.stderr
@@ -395,233 +332,41 @@ def test_flops_cli_json_and_errors(capsys):
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and not out, err
 
 
-def test_tokenize_cli(capsys):
-    rc, out, _ = _main(
-        capsys, "tokenize", "--model", "ViT-B-16-CL16", "--context-length", "6", "a photo of a dog", "a cat"
-    )
+def test_list_cli_names_models_and_aliases(capsys):
+    rc, out, err = _main(capsys, "list")
     lines = out.splitlines()
-    assert rc == 0 and lines[0] == "Tokenizer('clip_bpe', context_length=6, reduction='truncate')"
-    assert lines[1] == "[49406, 320, 1125, 539, 320, 49407] 'a photo of a'"
-    assert len(lines) == 3 and lines[2].startswith("[49406, 320, 2368, 49407, 0, 0] ")
-    for bad, msg in (
-        (["tokenize", "--model", "ViT-Q-99", "x"], "unknown model"),
-        (["tokenize", "--reduction", "nope", "x"], "invalid choice"),
-        (["tokenize"], "required: texts"),
-    ):
-        rc, out, err = _main(capsys, *bad)
-        assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1 and not out, err
+    assert rc == 0 and not err
+    assert lines[: len(M.MODEL_CONFIGS)] == sorted(M.MODEL_CONFIGS)
+    assert "ViT-H-14-CLIPA -> ViT-H-14-CL32-GAP-BigVision" in lines[len(M.MODEL_CONFIGS) :]
+    assert len(lines) == len(M.MODEL_CONFIGS) + len(M.MODEL_ALIASES)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def test_our_checkpoint_records_its_config(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    cfg = M.get_model_config("ViT-Test-8-CL32-GAP-BigVision", image_size=48)
-    m = M.CLIP(cfg).eval()
-    ckpt = tmp_path / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
-    save_file(m.state_dict(), str(ckpt / "model.safetensors"), metadata=M.weights_metadata("x", cfg))
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000010\n")
-    for path in (ckpt, ckpt / "model.safetensors", tmp_path):  # dir, file, run dir
-        assert M.config_from_metadata(M.read_metadata(path)) == cfg
-        m2 = M.create_model(None, pretrained=path).eval()
-        img = torch.randn(2, 3, 48, 48)
-        torch.testing.assert_close(m2.encode_image(img), m.encode_image(img), rtol=0, atol=0)
-
-
-def test_bad_checkpoints_are_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        M.create_model("ViT-Test-8-CL16", pretrained=tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.create_model("ViT-Test-8-CL16", pretrained=tmp_path)
-    text = tmp_path / "notes.txt"
-    text.write_text("hello, not weights\n")
-    fake = tmp_path / "fake.safetensors"
-    fake.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "cls": subprocess.Popen}, evil)  # arbitrary object
-    for path, msg in ((text, "not a torch checkpoint"), (fake, "not a readable safetensors"), (evil, "weights_only")):
-        with pytest.raises(ValueError, match=msg) as e:
-            M.create_model("ViT-Test-8-CL16", pretrained=path)
-        assert "\n" not in str(e.value)
-    # wrong architecture: v2 weights into a v1 model
-    v2 = tmp_path / "v2.pt"
-    torch.save(M.create_model("ViT-Test-8-CL32-GAP-BigVision").state_dict(), v2)
-    with pytest.raises(ValueError, match=r"missing visual\.ln_pre\.weight.*shape mismatch text\.token_embedding") as e:
-        M.create_model("ViT-Test-8-CL16", pretrained=v2)
-    assert "\n" not in str(e.value)
-
-
-def _save_ours(path, name="ViT-Test-8-CL16", **over):
-    from safetensors.torch import save_file
-
-    cfg = M.get_model_config(name, **over)
-    m = M.CLIP(cfg)
-    save_file(m.state_dict(), str(path), metadata=M.weights_metadata(name, cfg))
-    return m
-
-
-def test_metadata_is_read_from_the_header_alone(tmp_path):
-    """Defect 6: metadata came from reading the whole checkpoint. A file whose tensor bytes are cut
-    off still yields its metadata (only the header is read), while its weights are a clean error."""
-    full = tmp_path / "full.safetensors"
-    m = _save_ours(full)
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(full.read_bytes()[:-1000])
-    meta = M.read_metadata(cut)
-    assert meta["model_name"] == "ViT-Test-8-CL16" and M.config_from_metadata(meta) == m.cfg
-    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
-        M.read_weights(cut)
-    pt = tmp_path / "w.pt"
-    torch.save(m.state_dict(), pt)
-    assert M.read_metadata(pt) == {}  # torch files record none
-
-
-def test_create_model_from_metadata_reads_the_weights_once(tmp_path, monkeypatch):
-    path = tmp_path / "w.safetensors"
-    src = _save_ours(path, image_size=48)
-    reads, load_file = [], M.load_file
-    monkeypatch.setattr(M, "load_file", lambda f: reads.append(f) or load_file(f))
-    m = M.create_model(None, pretrained=path)
-    assert reads == [str(path)] and m.cfg == src.cfg
-    for k, v in src.state_dict().items():
-        assert torch.equal(m.state_dict()[k], v), k
-
-
-def test_create_model_and_transforms_returns_eval_mode(tmp_path):
-    """A fine-tune checkpoint (30% random image masking) comes back in eval mode, as OpenCLIP's does:
-    no tokens dropped, the same features every call."""
-    path = tmp_path / "ft.safetensors"
-    _save_ours(path, mask="random", mask_ratio=0.3)
-    model, _, _ = M.create_model_and_transforms(None, pretrained=path)
-    assert model.cfg.vision.mask_ratio == 0.3 and not model.training
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(img), model.encode_image(img), rtol=0, atol=0)
-
-
-def _export_main(capsys, *args):
-    try:
-        rc = export.main(list(args))
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def test_export_cli_errors_are_one_line(tmp_path, capsys):
-    path = tmp_path / "w.safetensors"
-    _save_ours(path)
-    out = str(tmp_path / "x.pt")
-    for args, msg in (
-        ([path, "--to", "open_clip", tmp_path / "no" / "x.pt"], "output directory does not"),
-        ([tmp_path / "nope.pt", "--to", "open_clip", out], "checkpoint not found"),
-        ([path, "--to", "open_clip", out, "--model", "ViT-Q-99"], "unknown model"),
-        ([path, "--to", "open_clip", out, "--results", tmp_path / "r.json"], "results file not found"),
-        ([path, "--to", "tf", out], "invalid choice"),
-    ):
-        rc, stdout, err = _export_main(capsys, *map(str, args))
-        assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
-        assert not stdout
-    assert not os.path.exists(out)
-    # the old command says where the export went, in one line
-    rc, stdout, err = _main(capsys, "export", str(path), "--to", "open_clip", out)
-    assert rc == 2 and err == f"error: the export moved to export.py: python export.py {path} --to open_clip {out}\n"
-
-
-# ----------------------------------------------------------------------------- hostile configs, NaN weights
+# ----------------------------------------------------------------------------- parameters, wrappers
 
 
 def test_parameter_count_is_known_before_building():
+    """The count from the config equals the built model's: its state dict (the sin-cos table
+    included), its trainable parameters (without it) and each of its blocks."""
     for name in M.MODEL_CONFIGS:
         for pos in M.POS_EMBEDS:
             c = M.get_model_config(name, pos_embed=pos)
             with torch.device("meta"):
-                built = sum(t.numel() for t in M.CLIP(c).state_dict().values())
+                m = M.CLIP(c)
+            built = sum(t.numel() for t in m.state_dict().values())
             assert M.count_parameters(c) == built, (name, pos)
+            trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+            assert M.count_parameters(c, trainable=True) == trainable, (name, pos)
+            for tower, tc in ((m.visual, c.vision), (m.text, c.text)):
+                block = sum(p.numel() for p in tower.transformer.resblocks[0].parameters())
+                assert M.block_parameters(tc.width, int(tc.width * tc.mlp_ratio)) == block, name
     assert 4 * M.count_parameters(M.get_model_config("ViT-bigG-14-CL32-GAP-BigVision")) == M.MAX_PARAMETERS
+    sigmoid = replace(M.get_model_config("ViT-Test-8-CL16"), loss="sigmoid")  # a logit bias too
+    assert M.count_parameters(sigmoid) == sum(p.numel() for p in M.CLIP(sigmoid).parameters())
 
 
-def _crafted(path, vision=None, text=None, top=None):
-    """Our weights file (ViT-Test-8-CL16 tensors) whose header config was edited by hand."""
-    from safetensors.torch import save_file
-
+def test_unwrap_finds_the_clip_inside_a_wrapper():
     m = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
-    cfg = json.loads(M.weights_metadata("ViT-Test-8-CL16", m.cfg)["model_config"])
-    cfg["vision"].update(vision or {})
-    cfg["text"].update(text or {})
-    cfg.update(top or {})
-    save_file(
-        m.state_dict(), str(path), metadata={"format": "clipa", "model_name": "x", "model_config": json.dumps(cfg)}
-    )
-    return path
-
-
-@pytest.mark.parametrize(
-    "vision,text,top,msg",
-    [
-        ({"layers": 100000}, {"vocab_size": 1e12}, None, "text.vocab_size = 1000000000000.0"),
-        ({"layers": 100000}, None, None, "100000 image and 2 text layers (limit 192)"),
-        (
-            {"width": 4096, "heads": 32, "layers": 190},
-            {"width": 4096, "heads": 32, "layers": 190},
-            None,
-            "over the limit",
-        ),
-        (None, {"vocab_size": 10**12}, None, "over the limit"),
-        ({"image_size": 8 * 100000}, None, None, "image patches"),
-        (None, {"context_length": 10**9}, None, "text tokens"),
-        ({"heads": 0}, None, None, "vision.heads = 0"),
-        ({"width": "32"}, None, None, "vision.width = '32'"),
-        ({"mlp_ratio": 1e9}, None, None, "mlp_ratio"),
-        (None, None, {"embed_dim": -1}, "embed_dim = -1"),
-    ],
-)
-def test_a_crafted_header_config_is_refused_before_allocating(tmp_path, vision, text, top, msg, capsys):
-    """Sizes a file may ask for are bounded (positive integers, patches, context,
-    parameters <= 4x the largest registered model) before anything is built: one line, exit 2."""
-    path = _crafted(tmp_path / "evil.safetensors", vision, text, top)
-    with pytest.raises(ValueError, match=re.escape(msg)) as e:
-        M.create_model(None, pretrained=path)
-    assert "\n" not in str(e.value)
-    rc, stdout, err = _export_main(capsys, str(path), "--to", "open_clip", str(tmp_path / "out") + "/")
-    assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
-    assert not os.path.exists(tmp_path / "out")
-
-
-def test_a_config_that_does_not_fit_the_tensors_allocates_nothing(tmp_path, monkeypatch):
-    """Within the limits but not what the file holds (160 text layers of width 2048: 33 GB were
-    it built): refused from the meta model's shapes, before any memory is allocated."""
-    path = _crafted(tmp_path / "big.safetensors", None, {"layers": 160, "width": 2048, "heads": 16})
-    assert M.count_parameters(M.config_from_metadata(M.read_metadata(path))) < M.MAX_PARAMETERS
-    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated"))
-    with pytest.raises(ValueError, match="does not fit this v1 architecture: missing text.transformer.resblocks.2"):
-        M.create_model(None, pretrained=path)
-
-
-def test_nonfinite_weights_load_with_a_warning(tmp_path, capsys):
-    """NaN/Inf weights load (a user may want to inspect them) with a warning naming
-    them; the export says so in one line."""
-    from safetensors.torch import save_file
-
-    m = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
-    sd = m.state_dict()
-    sd["visual.proj"][0, 0] = float("nan")
-    sd["text.ln_final.weight"][3] = float("inf")
-    path = tmp_path / "nan.safetensors"
-    save_file(sd, str(path), metadata=M.weights_metadata("ViT-Test-8-CL16", m.cfg))
-    with pytest.warns(
-        M.NonFiniteWeightsWarning, match="non-finite weights .* in 2 tensors: text.ln_final.weight, visual.proj"
-    ):
-        loaded = M.create_model(None, pretrained=path)
-    assert sorted(loaded.nonfinite_weights) == ["text.ln_final.weight", "visual.proj"]
-    rc, stdout, err = _export_main(capsys, str(path), "--to", "open_clip", str(tmp_path / "x.safetensors"))
-    assert rc == 0 and err.count("\n") == 1 and err.startswith("warning: ") and "non-finite" in err, err
-    good = tmp_path / "good.safetensors"
-    _save_ours(good)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert M.create_model(None, pretrained=good).nonfinite_weights == []
+    wrapper = torch.nn.Module()
+    wrapper.module = m  # where DistributedDataParallel keeps the model
+    assert M.unwrap(wrapper) is m
+    assert M.unwrap(m) is m

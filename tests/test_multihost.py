@@ -6,11 +6,13 @@ copies run for real on 2 CPU devices of one host; the per-host data and checkpoi
 two processes that each play one host of a 2-host pod, where only the cross-host reduction is
 simulated. Each host must save its own loader position and RNG state and resume from them."""
 
-import socket
 import subprocess
 
+import pytest
 import torch
-from runs import PY, REPO, env
+from runs import PY, REPO, env, free_port
+
+pytestmark = pytest.mark.slow
 
 MESH_SCRIPT = r"""
 import dataclasses, sys, torch, torch_xla
@@ -140,6 +142,7 @@ HOST_SCRIPT = r"""
 import datetime, os, random, sys, torch
 import torch.distributed as dist
 import torch_xla.runtime as xr
+import config
 import train, xla_utils
 rank, port, shards, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 # this process plays host `rank` of a 2-host pod: torch_xla reports that process index and count
@@ -156,8 +159,8 @@ def pod_sum(x):
     return x
 rt._sum_over_hosts = pod_sum
 
-run = train.RunConfig(cfg="demo", out=out, workers=0, seed=5)
-stage = train.Stage("pretrain", model="ViT-Test-8-CL16", image_size=32, batch_size=8,
+run = config.RunConfig(cfg="demo", out=out, workers=0, seed=5)
+stage = config.Stage("pretrain", model="ViT-Test-8-CL16", image_size=32, batch_size=8,
                     train_num_samples=8 * 100, train_data=shards)
 sr = train.build_stage(rt, run, 0, stage, init=None, state=None, resume_path=None)
 for _ in range(3):
@@ -182,12 +185,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_each_host_saves_and_resumes_its_own_loader_position_and_rng(demo_small, tmp_path):
     """Two processes, each host r of a simulated 2-host pod: torch_xla.runtime.process_index /
     process_count are faked (r, 2), so init_runtime('xla') builds the multi-host Runtime, and the
@@ -202,7 +199,7 @@ def test_each_host_saves_and_resumes_its_own_loader_position_and_rng(demo_small,
     script.write_text(HOST_SCRIPT)
     out = tmp_path / "run"
     out.mkdir()
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [PY, str(script), str(r), port, demo_small.train_wds, str(out)],

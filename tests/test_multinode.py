@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from runs import PY, REPO, env, losses, tiny_demo_args
+from runs import PY, REPO, env, free_port, losses, run, tiny_demo_args
 from safetensors.torch import load_file
 from test_fsdp import _no_key_bias
 
@@ -22,8 +22,9 @@ def _weights(out):
     return load_file(os.path.join(out, "checkpoints", "step_00000004", "model.safetensors"))
 
 
-def _nodes(demo, out, port, rdzv):
-    """Both nodes of a 2-node run (1 process each), started together; their exit statuses."""
+def _nodes(demo, out, rdzv):
+    """Both nodes of a 2-node run (1 process each), started together; their (stdout, stderr)."""
+    port = free_port()
     procs = [
         subprocess.Popen(
             [
@@ -62,12 +63,9 @@ def _nodes(demo, out, port, rdzv):
 @pytest.fixture(scope="module")
 def one_node(demo_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_node")
-    p = subprocess.run(
-        [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29671", "train.py", *_args(demo_small, out)],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
+    port = str(free_port())
+    p = run(
+        [PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", port, "train.py", *_args(demo_small, out)],
         timeout=600,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -76,13 +74,13 @@ def one_node(demo_small, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rdzv,port", [("static", 29672), ("c10d", 29673)])
-def test_two_nodes_equal_one_node(demo_small, one_node, tmp_path, rdzv, port):
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_two_nodes_equal_one_node(demo_small, one_node, tmp_path, rdzv):
     """2 nodes x 1 process = 1 node x 2 processes, same global batch of 16: the same losses over 4
     steps and the same weights within 1e-5 (not bit for bit: the launcher gives each process
     cores // nproc threads, 2 per node here against 1, which changes float summation orders)."""
     out = tmp_path / "two_nodes"
-    (o0, _), (o1, _) = _nodes(demo_small, out, port, rdzv)
+    (o0, _), (o1, _) = _nodes(demo_small, out, rdzv)
     assert "device: cpu (2 process(es), DDP/gloo)" in o0 + o1
     want, got = losses(one_node)[0], losses(out)[0]
     assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], abs=1e-5)
@@ -123,18 +121,16 @@ def test_launch_passes_node_flags():
         xla_utils.launch_command("train.py", [], device="cpu", nnodes=2, node_rank=2)
 
 
-def test_slurm_variables_give_the_node_flags(tmp_path):
+def test_slurm_variables_give_the_node_flags():
     srun = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu-[003-005,007],cpu01"}
     assert xla_utils.slurm_nodes(srun) == dict(nnodes=4, node_rank=2, master_addr="gpu-003")
     assert xla_utils.slurm_nodes({**srun, "SLURM_JOB_NODELIST": "n7,n8"})["master_addr"] == "n7"
-    p = subprocess.run(
-        [PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "--print-only", "train.py"],
-        cwd=REPO,
-        env=env(**srun),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+
+@pytest.mark.slow
+def test_launch_slurm_reads_the_job_or_says_what_is_missing():
+    srun = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu-[003-005,007],cpu01"}
+    p = run([PY, "xla_utils.py", "launch", "--device", "cpu", "--slurm", "--print-only", "train.py"], 120, **srun)
     assert p.returncode == 0, p.stderr
     assert "--nnodes=4 --node_rank=2 --master_addr=gpu-003" in p.stdout
     clean = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
@@ -146,8 +142,4 @@ def test_slurm_variables_give_the_node_flags(tmp_path):
         text=True,
         timeout=120,
     )
-    assert (
-        p.returncode == 2
-        and p.stderr.strip().startswith("error: --slurm: SLURM_NNODES")
-        and len(p.stderr.strip().splitlines()) == 1
-    )
+    assert p.returncode == 2 and p.stderr.startswith("error: --slurm: SLURM_NNODES") and p.stderr.count("\n") == 1

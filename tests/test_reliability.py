@@ -17,6 +17,8 @@ from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow
+
 # A wrapper around train.main with a fault planted in it: FAULT=kill_save:N SIGKILLs the process
 # halfway through its N-th torch.save (a torn file on disk); FAULT=enospc_state:N / enospc_weights:N
 # point the N-th train_state.pt / model.safetensors write at /dev/full, so the real libraries meet the
@@ -110,7 +112,6 @@ KILLS = [
 ]
 
 
-@pytest.mark.slow
 def test_a_chain_of_kills_ends_bit_identical(demo_small, uninterrupted, faulty, tmp_path):
     """SIGKILL at 11 moments (4 of them halfway through writing a checkpoint, 5 inside the masked
     fine-tune stage), each followed by --resume latest: the losses and the final weights and optimizer
@@ -151,7 +152,6 @@ def test_a_chain_of_kills_ends_bit_identical(demo_small, uninterrupted, faulty, 
     assert not [n for n in os.listdir(out / "checkpoints") if ".tmp" in n]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_save_then_exit(demo_small, uninterrupted, tmp_path, sig, status):
     """Preemption (SIGTERM) or Ctrl-C: the run saves the step it is at, says so in one line, exits
@@ -175,7 +175,6 @@ def test_sigterm_and_sigint_save_then_exit(demo_small, uninterrupted, tmp_path, 
 # ----------------------------------------------------------------------------- one run per directory
 
 
-@pytest.mark.slow
 def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
     out = tmp_path / "run"
     first = _start(tiny_demo_args(demo_small, out, "--set", "pretrain.train_num_samples=3200"))
@@ -195,7 +194,6 @@ def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
 # ----------------------------------------------------------------------------- a failing disk
 
 
-@pytest.mark.slow
 def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupted, faulty, tmp_path):
     """The 2nd checkpoint's train_state.pt hits a full disk: one warning line, training goes on, the
     previous checkpoint stays loadable and the run ends with the same losses; a final save whose
@@ -222,7 +220,6 @@ def test_a_failed_save_is_reported_and_training_goes_on(demo_small, uninterrupte
 # ----------------------------------------------------------------------------- non-finite losses
 
 
-@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(demo_small, faulty, tmp_path):
     """The 5th loss is NaN: the run stops within that step naming it (exit 1, one line), saves
     nothing after it, and the newest checkpoint (step 3) is good and was not pruned by --keep 1."""
@@ -235,7 +232,6 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(demo_small, faul
     assert all(torch.isfinite(t).all() for t in _weights(_latest(out)).values())
 
 
-@pytest.mark.slow
 def test_nonfinite_skip_drops_the_update_and_goes_on(demo_small, uninterrupted, faulty, tmp_path):
     """--nonfinite skip: the NaN step's update is dropped (the weights after it equal the weights
     before it), a warning names the step, the run completes."""
@@ -263,7 +259,6 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.slow
 def test_hostile_checkpoints_on_resume_are_refused_in_one_line(demo_small, uninterrupted, tmp_path):
     """A pickle payload in train_state.pt (never run), weights of another shape, a `latest` that
     points outside the run, a checkpoint of another preset: one line each, exit 2, nothing trained."""
@@ -296,7 +291,6 @@ def test_hostile_checkpoints_on_resume_are_refused_in_one_line(demo_small, unint
     assert not marker.exists()
 
 
-@pytest.mark.slow
 def test_changed_settings_on_resume_need_force(demo_small, uninterrupted, tmp_path):
     """A resume with another seed (or batch size, workers, world size) would not continue the run
     exactly: refused with what changed; --force-resume continues anyway."""

@@ -6,7 +6,6 @@ samples and skips the same bad ones; a killed run resumes; bad invocations are o
 import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image, ImageDraw
+from captioned import image_bytes
+from PIL import Image
 
 import data
 import shards
@@ -25,21 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 64  # --max-side of the tests
 
 
-def _image(i: int, size, fmt="JPEG", mode="RGB") -> bytes:
-    rng = random.Random(i)
-    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y = rng.randrange(size[0]), rng.randrange(size[1])
-        d.ellipse(
-            [x, y, x + rng.randint(5, size[0] // 2), y + rng.randint(5, size[1] // 2)],
-            tuple(rng.randrange(256) for _ in range(3)),
-        )
-    out = io.BytesIO()
-    img.convert(mode).save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return out.getvalue()
-
-
 GOOD = 6  # per shard: 300x200 JPEGs over N, then the odd ones below
 
 
@@ -47,7 +32,7 @@ def _samples(shard: int) -> list[dict]:
     out = [
         {
             "__key__": f"s{shard}/{i:04d}",
-            "jpg": _image(100 * shard + i, (300, 200)),
+            "jpg": image_bytes(100 * shard + i, (300, 200)),
             "txt": f"caption {i} of shard {shard}",
             "cls": i % 3,
             "json": {"key": f"{shard}-{i}", "width": 300, "similarity": 0.25 + i / 100},
@@ -55,11 +40,11 @@ def _samples(shard: int) -> list[dict]:
         for i in range(GOOD)
     ]
     out += [
-        {"__key__": f"s{shard}/small", "jpg": _image(7, (40, 30)), "txt": "already small", "cls": 1},
-        {"__key__": f"s{shard}/gray-é", "jpg": _image(8, (120, 90), mode="L"), "txt": "grey, non-ASCII key"},
-        {"__key__": f"s{shard}/png", "png": _image(9, (100, 50), "PNG", "RGBA"), "txt": "a png"},
+        {"__key__": f"s{shard}/small", "jpg": image_bytes(7, (40, 30)), "txt": "already small", "cls": 1},
+        {"__key__": f"s{shard}/gray-é", "jpg": image_bytes(8, (120, 90), mode="L"), "txt": "grey, non-ASCII key"},
+        {"__key__": f"s{shard}/png", "png": image_bytes(9, (100, 50), "PNG", "RGBA"), "txt": "a png"},
         {"__key__": f"s{shard}/bad", "jpg": b"\xff\xd8 not a jpeg at all", "txt": "a bad image"},
-        {"__key__": f"s{shard}/nocap", "jpg": _image(10, (200, 200)), "json": {"no": "caption"}},
+        {"__key__": f"s{shard}/nocap", "jpg": image_bytes(10, (200, 200)), "json": {"no": "caption"}},
     ]
     return out
 
@@ -245,14 +230,14 @@ def test_verify_finds_a_changed_caption_and_an_unbounded_image(sources, tmp_path
     with pytest.raises(RuntimeError, match="record 2"):
         shards.verify_reshard(str(sources / "wds" / "00000.tar"), str(tmp_path / "a.tar"), src, N)
     samples = _samples(0)
-    samples[1]["jpg"] = _image(0, (90, 60))
+    samples[1]["jpg"] = image_bytes(0, (90, 60))
     _tar(tmp_path / "b.tar", samples)
     with pytest.raises(RuntimeError, match="over 64"):
         shards.verify_reshard(str(sources / "wds" / "00000.tar"), str(tmp_path / "b.tar"), src, N)
 
 
 def test_bound_image_geometry_and_formats():
-    src = _image(3, (300, 200))
+    src = image_bytes(3, (300, 200))
     new, what = shards.bound_image(src, 64, quality=95)
     img = Image.open(io.BytesIO(new))
     assert what == "resized" and img.size == (64, 43) and img.format == "JPEG" and img.mode == "RGB"
@@ -262,12 +247,13 @@ def test_bound_image_geometry_and_formats():
     assert shards.bound_image(src, 300) == (None, "within")
     assert shards.bound_image(src, 64, max_pixels=300 * 199) == (None, "kept")
     assert shards.bound_image(b"\xff\xd8 junk", 64) == (None, "kept")
-    gray, _ = shards.bound_image(_image(4, (90, 120), mode="L"), 60)
+    gray, _ = shards.bound_image(image_bytes(4, (90, 120), mode="L"), 60)
     assert Image.open(io.BytesIO(gray)).mode == "L" and Image.open(io.BytesIO(gray)).size == (45, 60)
-    png, _ = shards.bound_image(_image(5, (200, 100), "PNG", "RGBA"), 50)
+    png, _ = shards.bound_image(image_bytes(5, (200, 100), "PNG", "RGBA"), 50)
     assert (Image.open(io.BytesIO(png)).format, Image.open(io.BytesIO(png)).size) == ("PNG", (50, 25))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_progress_on_stderr(sources, tmp_path):
     r = subprocess.run(
         [

@@ -1,6 +1,6 @@
 """tokenizer.py against what we did not write: OpenCLIP's SimpleTokenizer (CLIP BPE) and
 transformers' pure-Python BertTokenizer (WordPiece), plus the reduction strategies' contracts and
-model.get_tokenizer for every registered model."""
+factory.get_tokenizer for every registered model."""
 
 import os
 import pickle
@@ -11,6 +11,7 @@ import pytest
 import torch
 from bench_tokenizer import synthetic_captions  # noqa: E402  (alt-text-like captions)
 
+import factory
 import model
 import tokenizer as T
 
@@ -583,23 +584,23 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="context_length"):
         T.Tokenizer("clip_bpe", 1)
     with pytest.raises(ValueError, match="context_length"):
-        model.get_tokenizer("ViT-B-16-CL16", context_length=0)
+        factory.get_tokenizer("ViT-B-16-CL16", context_length=0)
     with pytest.raises(ValueError, match="rng must be a random.Random"):
         T.Tokenizer("clip_bpe", 8, "random")(["a dog"], rng=42)
     with pytest.raises(ValueError, match="valid: truncate"):
-        model.get_tokenizer("ViT-B-16-CL16", reduction="nope")
+        factory.get_tokenizer("ViT-B-16-CL16", reduction="nope")
     with pytest.raises(ValueError, match="unknown model"):
-        model.get_tokenizer("ViT-Nope")
+        factory.get_tokenizer("ViT-Nope")
 
 
-# ----------------------------------------------------------------------------- model.get_tokenizer
+# ----------------------------------------------------------------------------- factory.get_tokenizer
 
 
 def test_get_tokenizer_serves_every_registered_model():
     names = model.list_models() + sorted(model.MODEL_ALIASES)
     for name in names:
         cfg = model.get_model_config(name).text
-        tok = model.get_tokenizer(name)
+        tok = factory.get_tokenizer(name)
         assert (tok.tokenizer, tok.context_length, tok.reduction) == (
             cfg.tokenizer,
             cfg.context_length,
@@ -608,10 +609,10 @@ def test_get_tokenizer_serves_every_registered_model():
         assert ("Syntax" in name) == (tok.reduction == "syntax"), name
         out = tok(["a diagram", "a dog", "a cat"], rng=random.Random(0))
         assert out.shape == (3, cfg.context_length) and int(out.max()) < cfg.vocab_size, name
-        ev = model.get_tokenizer(name, reduction="truncate")
+        ev = factory.get_tokenizer(name, reduction="truncate")
         assert ev.reduction == "truncate" and ev.context_length == cfg.context_length
-    assert model.get_tokenizer("ViT-H-14-CLIPA").tokenizer == "wordpiece"
-    assert model.get_tokenizer("ViT-L-16-CL8-Syntax-GAP", context_length=32).context_length == 32
+    assert factory.get_tokenizer("ViT-H-14-CLIPA").tokenizer == "wordpiece"
+    assert factory.get_tokenizer("ViT-L-16-CL8-Syntax-GAP", context_length=32).context_length == 32
 
 
 def test_tokenizer_pickles_for_data_loader_workers():

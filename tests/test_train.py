@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import time
+import typing
 
 import pytest
 import torch
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
-from runs import PY
+from runs import PY, free_port
 from runs import env as _env
 from runs import losses as _losses
 from runs import run as _run
@@ -21,7 +22,9 @@ from runs import tiny_demo_args as _tiny_demo_args
 from runs import train as _train
 from safetensors import safe_open
 
+import config
 import eval_zeroshot
+import factory
 import losses
 import model
 import train
@@ -54,15 +57,15 @@ def test_presets_follow_the_paper_recipe():
         ],
     }
     for name, rows in want.items():
-        stages = [s for _, s in train.resolve_stages(name)]
+        stages = [s for _, s in config.resolve_stages(name)]
         got = [(s.model, s.image_size, s.batch_size, s.resolved_lr, s.warmup, s.train_num_samples) for s in stages]
         for g, w in zip(got, rows, strict=True):
             assert g[:3] == w[:3] and g[4:] == w[4:] and g[3] == pytest.approx(w[3], rel=1e-9), (name, g, w)
-    v2 = train.PRESETS["h14_v2"].stages
+    v2 = config.PRESETS["h14_v2"].stages
     assert [(s.mask, s.mask_ratio) for s in v2] == [("none", 0.0), ("random", 0.3), ("random", 0.4)]
-    assert [s.pos_embed for s in train.PRESETS["l16_i37_t8"].stages] == ["sincos", "learnable"]
+    assert [s.pos_embed for s in config.PRESETS["l16_i37_t8"].stages] == ["sincos", "learnable"]
     # every preset's models exist in model.py's registry with the stage's overrides
-    for p in train.PRESETS.values():
+    for p in config.PRESETS.values():
         for s in p.stages:
             cfg = model.get_model_config(
                 s.model,
@@ -75,6 +78,7 @@ def test_presets_follow_the_paper_recipe():
             assert cfg.vision.image_size == s.image_size
 
 
+@pytest.mark.slow
 def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
     rc = train.main(
         [
@@ -156,33 +160,58 @@ def test_dry_run_checks_what_a_run_would_reject_and_nothing_it_needs_not(capsys)
     assert json.loads(capsys.readouterr().out.splitlines()[1])["name"] == "finetune"
 
 
-def test_every_option_is_declared_once():
-    """The command line is generated from the dataclass fields: every RunConfig and Stage field has
-    its flag, help text, and (where an enumeration exists) the owning module's choices."""
-    p = train.build_parser("train.py")
-    flags = {a.dest: a for a in p._actions}
-    for f in dataclasses.fields(train.RunConfig):
-        assert flags[f.name].help == f.metadata["help"]
-    for name, f in train.STAGE_FIELDS.items():
-        assert f"stage__{name}" in flags and f.metadata["help"] in flags[f"stage__{name}"].help
-    assert flags["device"].choices == xla_utils.DEVICES and flags["precision"].choices == xla_utils.PRECISIONS
-    assert train.STAGE_FIELDS["mask"].metadata["choices"] == model.MASK_STRATEGIES
-    run, _, _ = train.parse_args(["--cfg", "demo"])
-    assert run == train.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))  # defaults: the dataclass's
-    run, _, _ = train.parse_args(
-        [
-            "--cfg",
-            "demo",
-            "--grad-checkpointing",
-            "--save-minutes",
-            "2.5",
-            "--max-steps",
-            "1_000",
-            "--eval-templates",
-            "short",
-        ]
-    )
-    assert (run.grad_checkpointing, run.save_minutes, run.max_steps, run.eval_templates) == (True, 2.5, 1000, "short")
+def _sample_text(name: str, annotation, choices, low=0) -> str:
+    """A valid command-line value for a field, other than its default."""
+    if choices:
+        return str(choices[-1])
+    samples = {
+        "model": "ViT-Tiny-8-CL32-GAP",
+        "stage": "finetune",
+        "cfg": "demo",
+        "train_format": "wds",
+        "eval_templates": "short",
+    }
+    if name in samples:
+        return samples[name]
+    kinds = typing.get_args(annotation) or (annotation,)
+    if bool in kinds:
+        return "yes"
+    if int in kinds:
+        return "64"
+    if float in kinds:
+        return "2.5" if low >= 1 else "0.5"
+    return f"/some/{name}"
+
+
+def test_every_option_is_settable_from_the_command_line():
+    """Each RunConfig field has a flag whose value reaches the RunConfig; each Stage field has a flag
+    whose value reaches every selected stage; --help names them all with their help text."""
+    usage = " ".join(config.build_parser("train.py").format_help().split())
+    run_types = typing.get_type_hints(config.RunConfig)
+    for f in dataclasses.fields(config.RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in usage and " ".join(f.metadata["help"].split()) in usage, flag
+        if f.name == "cfg":
+            continue
+        if run_types[f.name] is bool:
+            argv, want = [flag], True
+        else:
+            text = _sample_text(f.name, run_types[f.name], f.metadata.get("choices"), f.metadata.get("min", 0))
+            argv, want = [flag, text], config.parse_value(f.name, run_types[f.name], text)
+        run, _, _ = config.parse_args(["--cfg", "demo", *argv])
+        assert getattr(run, f.name) == want, flag
+    stage_types = typing.get_type_hints(config.Stage)
+    for name, f in config.STAGE_FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in usage, flag
+        text = _sample_text(name, stage_types[name], [c for c in f.metadata.get("choices") or () if c is not None])
+        _, stages, _ = config.parse_args(
+            ["--cfg", "demo", "--train-num-samples", "64", "--batch-size", "32", flag, text]
+        )
+        want = config.parse_value(name, stage_types[name], text)
+        assert [getattr(s, name) for _, s in stages] == [want, want], flag
+    run, _, _ = config.parse_args(["--cfg", "demo"])
+    assert run == config.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))  # defaults: the dataclass's
 
 
 def test_flops_table_is_derived_from_the_presets(capsys):
@@ -204,7 +233,7 @@ def test_loss_matches_open_clip_and_schedule():
     scale = torch.tensor(14.3)
     assert losses.clip_loss(img, txt, scale, rt).item() == pytest.approx(ClipLoss()(img, txt, scale).item(), abs=1e-6)
 
-    stage = train.Stage(
+    stage = config.Stage(
         "s", model="ViT-Test-8-CL16", image_size=32, batch_size=512, base_lr=8e-6, warmup=5, train_num_samples=512 * 40
     )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -216,7 +245,7 @@ def test_loss_matches_open_clip_and_schedule():
 
 def test_weight_decay_groups():
     """AdamW decays weight matrices only: the class token, logit scale, biases and norms are exempt."""
-    m = model.create_model("ViT-Test-8-CL16", pos_embed="learnable")
+    m = factory.create_model("ViT-Test-8-CL16", pos_embed="learnable")
     no_decay, decay = train.param_groups(m, 0.2)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
@@ -244,7 +273,7 @@ def test_weight_decay_groups():
 STEP_SCRIPT = r"""
 import argparse, json, sys, torch
 from open_clip.loss import ClipLoss
-import data, losses, model, train, xla_utils
+import config, factory, losses, model, train, transforms, xla_utils
 ap = argparse.ArgumentParser()
 ap.add_argument("out"); ap.add_argument("steps", type=int); ap.add_argument("--device", default="auto")
 ap.add_argument("--accum", type=int, default=1); ap.add_argument("--compile", action="store_true")
@@ -253,8 +282,8 @@ out, steps = args.out, args.steps
 rt = xla_utils.init_runtime(args.device)
 print(rt.describe(), flush=True)
 torch.manual_seed(0)                                   # identical init on every rank
-m = model.create_model("ViT-Test-8-CL16").to(rt.device).train()
-stage = train.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
+m = factory.create_model("ViT-Test-8-CL16").to(rt.device).train()
+stage = config.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
                     train_num_samples=8 * 100)
 opt = train.build_optimizer(m, stage, rt)
 wm = rt.wrap_model(m)
@@ -267,7 +296,7 @@ mine = slice(rt.rank * per, (rt.rank + 1) * per)       # this rank's rows of the
 rec = {"losses": [], "compiles": []}
 if rt.kind == "cpu":
     # gather-with-grad semantics against OpenCLIP's ClipLoss(local_loss, gather_with_grad)
-    x = data.normalize(images[mine], m.cfg.image_mean, m.cfg.image_std)
+    x = transforms.normalize(images[mine], m.cfg.image_mean, m.cfg.image_std)
     fi, ft, s = m(x, tokens[mine])
     fi2, ft2 = fi.detach().requires_grad_(), ft.detach().requires_grad_()
     fi3, ft3 = fi.detach().requires_grad_(), ft.detach().requires_grad_()
@@ -276,7 +305,7 @@ if rt.kind == "cpu":
     ours.backward(); ref.backward()
     rec["vs_open_clip"] = [abs(ours.item() - ref.item()), (fi2.grad - fi3.grad).abs().max().item(),
                            (ft2.grad - ft3.grad).abs().max().item()]
-fns = train.StepFns.compiled(rt) if args.compile else train.StepFns()
+step = train.Step(rt, wm, opt, losses.ContrastiveLoss("softmax", rt), accum_steps=args.accum, compiled=args.compile)
 real_step = opt.step
 def first_step_grads(*a, **k):               # the gradient of the first step, before AdamW scales it
     if "grads" not in rec:
@@ -287,8 +316,7 @@ def note(loss):
     rec["losses"].append(float(rt.all_reduce_mean(loss.detach().clone())))
     rec["compiles"].append(rt.compile_count())
 for i in range(steps):
-    loss = train.train_step(rt, wm, opt, images[mine], tokens[mine], train.lr_at(i, stage),
-                            accum_steps=args.accum, fns=fns)
+    loss = step(images[mine], tokens[mine], train.lr_at(i, stage))
     rt.add_step_closure(note, (loss,))
     rt.step_boundary()
 if rt.is_master:
@@ -322,7 +350,20 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     one, out1 = cpu_baseline
     # started by our launcher (torchrun underneath; it appends "--device cpu" to the script's args)
     out = tmp_path / "cpu2.pt"
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29631", str(step_script), str(out), "4"])
+    p = _run(
+        [
+            PY,
+            "xla_utils.py",
+            "launch",
+            "--nproc",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(step_script),
+            str(out),
+            "4",
+        ]
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two, out2 = torch.load(out, weights_only=True), p.stdout
     assert out1.startswith("device: cpu (1 process(es))")
@@ -333,7 +374,7 @@ def test_torchrun_two_processes_match_one(step_script, cpu_baseline, tmp_path):
     for k, v in one["weights"].items():
         assert torch.allclose(_no_key_bias(k, two["weights"][k]), _no_key_bias(k, v), atol=1e-5, rtol=0), k
     torch.manual_seed(0)
-    init = model.create_model("ViT-Test-8-CL16").state_dict()
+    init = factory.create_model("ViT-Test-8-CL16").state_dict()
     assert not torch.equal(init["visual.proj"], one["weights"]["visual.proj"])  # it did train
 
 
@@ -351,7 +392,7 @@ def test_two_processes_with_exact_accumulation_match_one(step_script, cpu_baseli
             "--nproc",
             "2",
             "--master-port",
-            "29641",
+            str(free_port()),
             str(step_script),
             str(out),
             "4",
@@ -443,7 +484,7 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
         pos = f.get_tensor("visual.positional_embedding")
         tpos = f.get_tensor("text.positional_embedding")
     assert meta["format"] == "clipa" and meta["model_name"] == "ViT-Tiny-8-CL32-GAP"
-    assert model.config_from_metadata(meta).vision.image_size == 64
+    assert factory.config_from_metadata(meta).vision.image_size == 64
     assert pos.shape == (8 * 8 + 1, 128) and tpos.shape == (32, 128)
     st = torch.load(final / "train_state.pt", weights_only=True)  # no unsafe pickle
     assert (st["step"], st["stage_name"], st["stage_step"], st["world_size"]) == (12, "finetune", 4, 1)
@@ -568,13 +609,13 @@ def _accum_step(k, mask=None, seed=0):
     """Updated weights and loss after one SGD(lr=1) step with --accum-steps k (update = gradient)."""
     rt = xla_utils.init_runtime("cpu")
     torch.manual_seed(seed)
-    m = model.create_model("ViT-Test-8-CL16", mask=mask or "none", mask_ratio=0.5 if mask else 0.0).train()
+    m = factory.create_model("ViT-Test-8-CL16", mask=mask or "none", mask_ratio=0.5 if mask else 0.0).train()
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     tokens = torch.randint(1, 49000, (8, 16), generator=g)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     torch.manual_seed(7)  # the image masks' stream
-    loss = train.train_step(rt, m, opt, images, tokens, 1.0, accum_steps=k)
+    loss = train.Step(rt, m, opt, losses.ContrastiveLoss("softmax", rt), accum_steps=k)(images, tokens, 1.0)
     return loss.item(), {n: p.detach().clone() for n, p in m.named_parameters()}, (m, images, tokens)
 
 
@@ -591,7 +632,8 @@ def test_exact_accumulation_gives_the_full_batch_gradient():
     rt = xla_utils.init_runtime("cpu")
     _, _, (m, images, tokens) = _accum_step(1)
     with pytest.raises(ValueError, match="not divisible by --accum-steps 3"):
-        train.train_step(rt, m, torch.optim.SGD(m.parameters(), lr=1.0), images, tokens, 1.0, accum_steps=3)
+        sgd = torch.optim.SGD(m.parameters(), lr=1.0)
+        train.Step(rt, m, sgd, losses.ContrastiveLoss("softmax", rt), accum_steps=3)(images, tokens, 1.0)
 
 
 def test_accumulation_replays_the_image_masks():
@@ -600,14 +642,17 @@ def test_accumulation_replays_the_image_masks():
     loss, got, _ = _accum_step(2, mask="random")
     rt = xla_utils.init_runtime("cpu")
     torch.manual_seed(0)
-    m = model.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5).train()
+    m = factory.create_model("ViT-Test-8-CL16", mask="random", mask_ratio=0.5).train()
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     tokens = torch.randint(1, 49000, (8, 16), generator=g)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     torch.manual_seed(7)
-    feats = [train.features(m, images[i : i + 4], tokens[i : i + 4], rt, "fp32") for i in (0, 4)]
-    ref = losses.clip_loss(torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]), feats[1][2], rt)
+    step = train.Step(rt, m, None, losses.ContrastiveLoss("softmax", rt))
+    feats = [step.features(images[i : i + 4], tokens[i : i + 4]) for i in (0, 4)]
+    image = torch.cat([f.image for f in feats])
+    text = torch.cat([f.text for f in feats])
+    ref = losses.clip_loss(image, text, feats[1].scale, rt)
     ref.backward()
     assert loss == pytest.approx(ref.item(), abs=1e-6)
     for n, p in m.named_parameters():
@@ -619,15 +664,15 @@ def test_accumulation_memory_falls_with_k(tmp_path):
     """Peak host memory of a step at batch 1024 falls with K (activations of one chunk at a time)."""
     script = tmp_path / "mem.py"
     script.write_text(
-        "import resource, sys, torch, model, train, xla_utils\n"
+        "import resource, sys, torch, factory, losses, model, train, xla_utils\n"
         "rt = xla_utils.init_runtime('cpu'); k = int(sys.argv[1])\n"
-        "m = model.create_model('ViT-Tiny-8-CL16-Syntax-GAP', image_size=32).train()\n"
+        "m = factory.create_model('ViT-Tiny-8-CL16-Syntax-GAP', image_size=32).train()\n"
         "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
         "x = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8); t = torch.randint(1, 49000, (1024, 16))\n"
         "kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
         "open('/proc/self/clear_refs', 'w').write('5')   # reset the peak (VmHWM) to the current RSS\n"
         "base = kb('VmRSS')\n"
-        "train.train_step(rt, m, opt, x, t, 0.1, accum_steps=k)\n"
+        "train.Step(rt, m, opt, losses.ContrastiveLoss('softmax', rt), accum_steps=k)(x, t, 0.1)\n"
         "print(kb('VmHWM') - base)\n"
     )
     peak = {k: int(_run([PY, str(script), str(k)]).stdout.split()[-1]) for k in (1, 8)}
@@ -654,7 +699,7 @@ def test_eval_inputs_are_checked_before_the_first_step(demo_small, tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
         assert not out.exists()
-    run, stages, _ = train.parse_args(base + ["--eval-classnames", names, "--eval-templates", "short"])
+    run, stages, _ = config.parse_args(base + ["--eval-classnames", names, "--eval-templates", "short"])
     inputs = train.check_inputs(run, stages)
     assert len(inputs.eval.templates) == 7 and len(inputs.eval.classnames) == 36
 
@@ -669,12 +714,12 @@ def test_training_eval_uses_the_trainers_runtime_and_precision(monkeypatch):
 
     monkeypatch.setattr(eval_zeroshot, "evaluate", fake_evaluate)
     rt = xla_utils.init_runtime("cpu")
-    stage = train.PRESETS["demo"].stages[0]
-    m = model.create_model(stage.model)
+    stage = config.PRESETS["demo"].stages[0]
+    m = factory.create_model(stage.model)
     sr = train.StageRun(0, stage, m, m, None, None, None)
-    log = train.Logger(xla_utils.Runtime("cpu", torch.device("cpu"), rank=1), "/nonexistent")  # quiet
+    log = train.RunLog(xla_utils.Runtime("cpu", torch.device("cpu"), rank=1), "/nonexistent")  # quiet
     ev = train.EvalSet("dir", ["a", "b"], ["{}"])
-    train.run_eval(rt, log, sr, ev, 5, "bf16", train.RunConfig(cfg="demo"))
+    train.run_eval(rt, log, sr, ev, 5, "bf16", config.RunConfig(cfg="demo"))
     assert seen["runtime"] is rt and seen["precision"] == "bf16"
 
 
@@ -684,7 +729,7 @@ def test_an_internal_error_keeps_its_traceback(demo_small, tmp_path, monkeypatch
     def broken(*a, **k):
         raise ValueError("a bug deep in the run")
 
-    monkeypatch.setattr(train, "train_step", broken)
+    monkeypatch.setattr(train.Step, "__call__", broken)
     with pytest.raises(ValueError, match="a bug deep in the run"):
         train.main(
             [
@@ -702,6 +747,7 @@ def test_an_internal_error_keeps_its_traceback(demo_small, tmp_path, monkeypatch
         )
 
 
+@pytest.mark.slow
 def test_agree_is_one_decision_for_every_process(tmp_path):
     """A time-based save is a collective: two processes whose clocks disagree must both save."""
     script = tmp_path / "agree.py"
@@ -711,7 +757,19 @@ def test_agree_is_one_decision_for_every_process(tmp_path):
         "(rt.agree(rt.rank == 1), rt.agree(False), rt.agree_each([rt.rank == 0, False, True]))))\n"
         "rt.barrier()\nrt.shutdown()\n"
     )
-    p = _run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", "29633", str(script), str(tmp_path / "r")])
+    p = _run(
+        [
+            PY,
+            "xla_utils.py",
+            "launch",
+            "--nproc",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(script),
+            str(tmp_path / "r"),
+        ]
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     for rank in (0, 1):
         assert (tmp_path / f"r.{rank}").read_text() == "(True, False, [True, False, True])"
@@ -735,25 +793,27 @@ def test_compiled_step_has_no_graph_break_and_compiles_once(name, mask, ckpt):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     tokens = torch.randint(1, 30000, (8, 16 if "CL16" in name else 32), generator=g)
-    stage = train.Stage("s", model=name, image_size=32, batch_size=8, lr=1e-3, warmup=2, train_num_samples=80)
+    stage = config.Stage("s", model=name, image_size=32, batch_size=8, lr=1e-3, warmup=2, train_num_samples=80)
 
-    def run(fns):
+    def run(compiled):
         torch.manual_seed(0)
-        m = model.create_model(name, image_size=32, mask=mask, mask_ratio=0.5 if mask != "none" else 0.0)
+        m = factory.create_model(name, image_size=32, mask=mask, mask_ratio=0.5 if mask != "none" else 0.0)
         m.set_grad_checkpointing(ckpt)
         opt = train.build_optimizer(m.train(), stage, rt)
+        loss = losses.ContrastiveLoss(m.cfg.loss, rt)
+        step = train.Step(rt, m, opt, loss, compiled=compiled)
         out, graphs = [], []
         for i in range(4):
-            out.append(train.train_step(rt, m, opt, images, tokens, train.lr_at(i, stage), fns=fns).item())
+            out.append(step(images, tokens, train.lr_at(i, stage)).item())
             graphs.append(counters["stats"]["unique_graphs"])
         return out, graphs
 
     torch._dynamo.reset()
     counters.clear()
-    compiled, graphs = run(train.StepFns.compiled(rt))
+    compiled, graphs = run(True)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert graphs == [graphs[0]] * 4 and graphs[0] >= 1, graphs
-    eager, _ = run(train.StepFns())
+    eager, _ = run(False)
     if mask == "none":
         assert compiled == pytest.approx(eager, abs=1e-5)
 
@@ -791,7 +851,7 @@ def test_two_compiled_processes_match_one(step_script, cpu_baseline, tmp_path):
             "--nproc",
             "2",
             "--master-port",
-            "29681",
+            str(free_port()),
             str(step_script),
             str(out),
             "4",
@@ -805,6 +865,7 @@ def test_two_compiled_processes_match_one(step_script, cpu_baseline, tmp_path):
         assert torch.allclose(two["rec"]["grads"][k], g, atol=1e-5, rtol=0), k
 
 
+@pytest.mark.slow
 def test_training_time_retrieval_eval(demo_small, tmp_path):
     """--eval-retrieval: image<->text recall at the end of the stage, in the log and metrics.jsonl."""
     out = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""xla_utils.py: device choice, launcher commands, RNG state round trips, host memory reuse."""
+"""xla_utils.py: device choice, launcher commands, the runtime class of each device, RNG state round trips,
+host memory reuse."""
 
 import os
 import random
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 import checkpoints
-import cli
 import xla_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,29 +58,52 @@ def test_launch_commands(capsys):
     assert shlex.split(capsys.readouterr().out)[-4:] == args
 
 
-def test_the_shared_parser_errors_in_one_line(capsys):
-    p = cli.ArgumentParser(prog="x.py")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("go").add_argument("--n", type=int)
-    for argv in ([], ["stop"], ["go", "--n", "many"]):
-        with pytest.raises(SystemExit) as exc:
-            p.parse_args(argv)
-        err = capsys.readouterr().err
-        assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+def test_init_runtime_starts_the_device_class():
+    rt = xla_utils.init_runtime("cpu")
+    assert type(rt) is xla_utils.CpuRuntime and rt.kind == "cpu" and rt.device == torch.device("cpu")
+    assert (rt.rank, rt.world_size, rt.num_devices, rt.is_master) == (0, 1, 1, True)
+    assert not (rt.distributed or rt.spmd) and rt.mesh is None
+    assert rt.describe() == "device: cpu (1 process(es))"
 
 
-def test_precision_and_device_flags_come_from_the_runtime():
-    cpu = xla_utils.Runtime("cpu", torch.device("cpu"))
-    cuda = xla_utils.Runtime("cuda", torch.device("cpu"))  # no GPU needed to ask what it would use
-    xla = xla_utils.Runtime("xla", torch.device("cpu"))
+def test_what_differs_between_devices_comes_from_their_classes():
+    """Each device's class answers for itself (no GPU or TPU needed to ask what it would use)."""
+    host = torch.device("cpu")
+    cpu = xla_utils.CpuRuntime(host)
+    cuda = xla_utils.CudaRuntime(host)
+    xla = xla_utils.XlaRuntime(host)
+    assert [rt.kind for rt in (cpu, cuda, xla)] == ["cpu", "cuda", "xla"]
     assert (cpu.precision(), cuda.precision(), xla.precision()) == ("fp32", "bf16", "fp32")
     assert cuda.precision("fp32") == "fp32" and cpu.precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         cpu.precision("fp16")
-    assert xla.optimizer_kwargs() == {"capturable": True} and cuda.optimizer_kwargs() == {"fused": True}
-    assert xla.count_dtype == torch.int32 and cpu.count_dtype == torch.int64
-    assert cuda.pin_memory and not cpu.pin_memory
+    assert cpu.optimizer_kwargs() == cuda.optimizer_kwargs() == {"fused": True}
+    assert xla.optimizer_kwargs() == {"capturable": True}
+    assert xla.count_dtype == torch.int32 and cpu.count_dtype == cuda.count_dtype == torch.int64
+    assert cuda.pin_memory and not cpu.pin_memory and not xla.pin_memory
+    assert xla.compile_count() >= 0 and cpu.compile_count() is None
     assert cpu.agree(True) and not cpu.agree(False)  # one process: its own decision
+    assert cpu.agree_each([True, False]) == xla.agree_each([True, False]) == [True, False]
+    assert cpu.all_gather_object({"a": 1}) == xla.all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+def test_only_the_cpu_runs_its_compiled_step_deterministically():
+    before = torch.are_deterministic_algorithms_enabled()
+    with xla_utils.CpuRuntime(torch.device("cpu")).deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with xla_utils.CudaRuntime(torch.device("cpu")).deterministic():
+        assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.slow
+def test_torch_xla_is_not_imported_with_the_module():
+    """Importing xla_utils (and starting a CPU runtime) leaves torch_xla unimported: it costs
+    seconds, and TensorFlow must be imported after it (import_tensorflow)."""
+    code = "import sys, xla_utils\nxla_utils.init_runtime('cpu')\nprint('torch_xla' in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"]
 
 
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
@@ -95,6 +118,7 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
 
 
+@pytest.mark.slow
 def test_a_cpu_runtime_reuses_freed_memory_instead_of_faulting_it_in_again():
     """glibc returns a freed 100 MB block (B/16's token-embedding gradient) to the OS, and the next
     step page-faults all of it in again; a CPU runtime keeps it for reuse (counted in minor page
