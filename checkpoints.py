@@ -130,6 +130,11 @@ def save_weights(weights: dict, path: str, metadata: dict | None = None):
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 
+def _step_dirs(root: str) -> list[str]:
+    """The step_NNNNNNNN checkpoint directories in root, oldest first."""
+    return sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+
+
 def write_checkpoint(
     root: str,
     name: str,
@@ -145,11 +150,10 @@ def write_checkpoint(
     ROOT/latest names it, then the step directories beyond the newest `keep` are deleted (except
     `protected` ones). `latest` always names a complete checkpoint, even when NAME is re-saved."""
     pointer = os.path.join(root, "latest")
-    steps = lambda: sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))  # noqa: E731
     if os.path.isdir(os.path.join(root, name)):
         # re-saving what `latest` may name (after --resume of an older one): point it at an older
         # complete checkpoint first, so that a kill in between never leaves it dangling
-        older = [d for d in steps() if d < name]
+        older = [d for d in _step_dirs(root) if d < name]
         if older:
             atomic_write_text(older[-1] + "\n", pointer)
         elif os.path.exists(pointer):
@@ -163,7 +167,7 @@ def write_checkpoint(
 
     path = atomic_dir(os.path.join(root, name), fill)
     atomic_write_text(name + "\n", pointer)
-    for d in steps()[:-keep]:
+    for d in _step_dirs(root)[:-keep]:
         if d not in protected:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     return path
@@ -172,12 +176,18 @@ def write_checkpoint(
 def remove_temporaries(parent: str) -> list[str]:
     """Delete what atomic_write / atomic_dir leave behind when a process is killed mid-write
     (.NAME.tmpPID). Call only while holding the run lock: then no other writer is active."""
+    if not os.path.isdir(parent):
+        return []
     gone = []
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        if re.fullmatch(r"\..+\.tmp\d+", name):
-            path = os.path.join(parent, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            gone.append(name)
+    for name in os.listdir(parent):
+        if not re.fullmatch(r"\..+\.tmp\d+", name):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        gone.append(name)
     return gone
 
 

@@ -124,8 +124,8 @@ def import_tensorflow():
     """TensorFlow, imported after torch_xla when that is installed: the reverse order aborts the
     process with an LLVM option clash (docs/platforms.md), so a later torch_xla import (an XLA
     run, an XLA eval) stays possible."""
-    first = TF_AFTER_XLA and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules
-    if first and importlib.util.find_spec("torch_xla") is not None:
+    xla_first = TF_AFTER_XLA and "tensorflow" not in sys.modules and "torch_xla" not in sys.modules
+    if xla_first and importlib.util.find_spec("torch_xla") is not None:
         os.environ.setdefault("PJRT_DEVICE", "CPU")
         _torch_xla()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

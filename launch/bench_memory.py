@@ -83,9 +83,9 @@ def main(argv=None) -> int:
         r = None
         try:
             r = bench_step.build(argparse.Namespace(**{**vars(a), "batch": batch}), rt, "ours", mode, size, ctx, mask)
-            bench_step.timed(rt, r, 1, precision)  # AdamW's state (and compilation)
+            bench_step.timed(rt, r, 1)  # AdamW's state (and compilation)
             rt.reset_peak_memory()
-            sec = bench_step.timed(rt, r, a.steps, precision)
+            sec = bench_step.timed(rt, r, a.steps)
             out = {"step_s": sec, "peak": rt.peak_memory(), "cfg": r["cfg"]}
             print(f"batch {batch}: {batch / sec:.1f} samples/s", flush=True)
             return out

@@ -100,3 +100,27 @@ def test_a_checkpoint_that_meets_a_full_disk_leaves_the_previous_one(tmp_path, m
     assert sorted(os.listdir(root)) == ["latest", "step_00000001"]  # no temporary, no torn step 2
     assert checkpoints.resolve_checkpoint(root).endswith("step_00000001")
     assert torch.equal(load_file(os.path.join(root, "step_00000001", "model.safetensors"))["w"], w["w"])
+
+
+def test_steps_beyond_keep_are_pruned_except_protected_ones(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    for step in (1, 2, 3, 4):
+        name = f"step_{step:08d}"
+        checkpoints.write_checkpoint(
+            root, name, {"w": torch.ones(2)}, {}, {"step": step}, {"step": step}, keep=2, protected={"step_00000001"}
+        )
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000003", "step_00000004"]
+    assert checkpoints.resolve_checkpoint(root).endswith("step_00000004")
+
+
+def test_remove_temporaries_deletes_only_what_a_killed_writer_left(tmp_path):
+    (tmp_path / ".train_state.pt.tmp123").write_bytes(b"half a file")
+    (tmp_path / ".step_00000004.tmp77").mkdir()
+    (tmp_path / ".step_00000004.tmp77" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "step_00000003").mkdir()
+    (tmp_path / ".lock").write_text("pid 1")
+    (tmp_path / "notes.tmp5").write_text("not hidden: not ours")
+    gone = checkpoints.remove_temporaries(str(tmp_path))
+    assert sorted(gone) == [".step_00000004.tmp77", ".train_state.pt.tmp123"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "notes.tmp5", "step_00000003"]
+    assert checkpoints.remove_temporaries(str(tmp_path / "absent")) == []

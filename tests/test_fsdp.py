@@ -106,7 +106,8 @@ def _two_processes(script, out, variants, port):
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     script = _script(tmp)
-    two, one = _two_processes(script, tmp / "two.pt", VARIANTS, port=free_port()), tmp / "one.pt"
+    two = _two_processes(script, tmp / "two.pt", VARIANTS, port=free_port())
+    one = tmp / "one.pt"
     p = subprocess.run(
         [PY, str(script), str(one), "ddp,ddp_ckpt_mask"],
         cwd=REPO,
@@ -203,7 +204,8 @@ def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path):
     _same_weights(fsdp["weights"], ddp["weights"])
 
 
-def _launch(out, *extra, port):
+def _launch(demo, out, *extra):
+    """train.py --shard fsdp on 2 processes: both tiny demo stages."""
     return [
         PY,
         "xla_utils.py",
@@ -211,9 +213,9 @@ def _launch(out, *extra, port):
         "--nproc",
         "2",
         "--master-port",
-        str(port),
+        str(free_port()),
         "train.py",
-        *tiny_demo_args_fsdp(out, *extra),
+        *tiny_demo_args(demo, out, "--shard", "fsdp", *extra),
     ]
 
 
@@ -242,16 +244,12 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     SIGKILLed after step 5 (checkpoint of step 3) and resumed, it ends with the uninterrupted FSDP
     run's losses, weights and AdamW moments bit for bit; its weights file holds full tensors that
     factory.create_model loads."""
-    global tiny_demo_args_fsdp
-    tiny_demo_args_fsdp = lambda out, *extra: tiny_demo_args(demo_small, out, "--shard", "fsdp", *extra)  # noqa: E731
     full = tmp_path / "full"
-    p = subprocess.run(
-        _launch(full, port=free_port()), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600
-    )
+    p = subprocess.run(_launch(demo_small, full), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        _launch(out, port=free_port()),
+        _launch(demo_small, out),
         cwd=REPO,
         env=env(),
         stdout=subprocess.DEVNULL,
@@ -274,7 +272,7 @@ def test_train_py_fsdp_kill_and_resume_is_bit_exact(demo_small, tmp_path):
     time.sleep(0.5)
     assert os.path.basename(_ckpt(out)) == "step_00000003"
     p = subprocess.run(
-        _launch(out, "--resume", "latest", port=free_port()),
+        _launch(demo_small, out, "--resume", "latest"),
         cwd=REPO,
         env=env(),
         capture_output=True,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import bench_memory
 import pytest
 
 import model
@@ -210,8 +211,6 @@ def test_bench_e2e_times_train_py_beside_the_step_alone(demo_small, tmp_path):
 def test_bench_memory_finds_the_largest_batch_that_fits(tmp_path):
     """launch/bench_memory.py: doubling then bisecting to the largest batch whose step does not run
     out of memory (within an eighth, multiples of 8); the CLI reports it with the planner's estimate."""
-    import bench_memory
-
     tried = []
 
     def probe_below(n):

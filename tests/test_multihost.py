@@ -169,7 +169,7 @@ torch.rand(3), random.random()                    # the RNG moved on since build
 st = {"step": 3, "stage_index": 0, "stage_name": stage.name, "stage_step": 3, "samples": 24,
       "config": "{}", "data": sr.loader.state_dict(), "stage_ends": []}
 mine = rt.rng_state()
-train.save_checkpoint(rt, run, sr.wmodel, sr.optimizer, st, stage)   # the real code path
+train.save_checkpoint(rt, run, sr.train_step.model, sr.train_step.optimizer, st, stage)   # the real code path
 want = [next(sr.batches) for _ in range(2)]       # the uninterrupted loader's next batches
 
 ckpt = os.path.join(train.checkpoint_root(out), "step_00000003")

@@ -78,8 +78,9 @@ def test_presets_follow_the_paper_recipe():
             assert cfg.vision.image_size == s.image_size
 
 
-@pytest.mark.slow
-def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
+def test_cli_overrides_and_dry_run(capsys):
+    """Stage flags apply to every selected stage, --set STAGE.FIELD to one; the lr rule follows the
+    overridden batch unless the lr itself is set; finetune.py selects the fine-tune stages."""
     rc = train.main(
         [
             "--cfg",
@@ -108,30 +109,6 @@ def test_cli_overrides_dry_run_and_errors(capsys, tmp_path):
     rc = train.main(["--cfg", "h14_v2", "--dry-run", "--pretrained", REPO], prog="finetune.py", finetune=True)
     assert rc == 0
     assert [json.loads(line)["name"] for line in capsys.readouterr().out.strip().splitlines()[1:]] == ["ft224", "ft336"]
-
-    for argv, needle in [
-        (["--cfg", "nope"], "valid: b16_i50_t16, l16_i17_t16"),
-        (["--cfg", "demo", "--set", "colour=1"], "valid: model, image_size"),
-        (["--cfg", "demo", "--batch-size", "many"], "bad value 'many' for batch_size"),
-        (["--cfg", "demo", "--stage", "ft9"], "unknown stage 'ft9'"),
-        (["--cfg", "demo", "--mask", "cutout"], "valid: none, random, grid, block"),
-        (
-            ["--cfg", "b16_i50_t16", "--stage", "pretrain", "--out", str(tmp_path / "a")],
-            "no training data; give --train-data",
-        ),
-        (["--cfg", "demo", "--train-data", "/nope/{0..3}.tar", "--out", str(tmp_path / "b")], "/nope/0.tar"),
-    ]:
-        assert train.main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
-
-    with pytest.raises(SystemExit) as exc:  # argparse errors: one line too
-        train.main([])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("error: ") and "--cfg" in err and err.count("\n") == 1
-
-    p = _run([PY, "finetune.py", "--cfg", "demo", "--pretrained", "/no/such/ckpt", "--train-data", REPO])
-    assert p.returncode == 2 and p.stderr.strip() == "error: --pretrained: no such file or directory: /no/such/ckpt"
 
 
 def test_dry_run_checks_what_a_run_would_reject_and_nothing_it_needs_not(capsys):
@@ -717,7 +694,7 @@ def test_training_eval_uses_the_trainers_runtime_and_precision(monkeypatch):
     stage = config.PRESETS["demo"].stages[0]
     m = factory.create_model(stage.model)
     sr = train.StageRun(0, stage, m, m, None, None, None)
-    log = train.RunLog(xla_utils.Runtime("cpu", torch.device("cpu"), rank=1), "/nonexistent")  # quiet
+    log = train.RunLog(xla_utils.CpuRuntime(torch.device("cpu"), rank=1), "/nonexistent")  # quiet
     ev = train.EvalSet("dir", ["a", "b"], ["{}"])
     train.run_eval(rt, log, sr, ev, 5, "bf16", config.RunConfig(cfg="demo"))
     assert seen["runtime"] is rt and seen["precision"] == "bf16"
