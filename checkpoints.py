@@ -9,6 +9,7 @@ full disk (warn, keep the previous checkpoint, go on) from a bug (traceback).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -17,10 +18,11 @@ import pathlib
 import re
 import shutil
 import socket
+import stat
 import time
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------- atomic files
@@ -167,7 +169,9 @@ def write_checkpoint(
 
     path = atomic_dir(os.path.join(root, name), fill)
     atomic_write_text(name + "\n", pointer)
-    for d in _step_dirs(root)[:-keep]:
+    # only the steps up to this one count: newer ones (a skipped corrupt checkpoint, a future left by
+    # resuming an older one) must never push out the checkpoint `latest` now names
+    for d in [d for d in _step_dirs(root) if d <= name][:-keep]:
         if d not in protected:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     return path
@@ -191,13 +195,121 @@ def remove_temporaries(parent: str) -> list[str]:
     return gone
 
 
+# ----------------------------------------------------------------------------- is a checkpoint whole?
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files are missing, torn, empty or hold non-finite values: `--resume latest`
+    steps back past it to an older one; named explicitly, it is refused in one line."""
+
+
+def _check_safetensors(file: str) -> None:
+    """A whole safetensors file: its size is the one its header gives, every float tensor is finite.
+    The tensors are read one at a time (never the whole model at once)."""
+    if not os.path.isfile(file):
+        raise CorruptCheckpoint(f"{file} is missing")
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        raw = f.read(n) if 0 < n <= min(100 * 2**20, size - 8) else b""  # safetensors caps headers at 100 MB
+    try:
+        header = json.loads(raw)
+        end = max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        what = "empty" if size == 0 else "not a readable safetensors file (no valid header)"
+        raise CorruptCheckpoint(f"{file} is {what}") from None
+    if size != 8 + n + end:
+        raise CorruptCheckpoint(f"{file} is truncated or torn: {size} bytes, its header says {8 + n + end}")
+    try:
+        with safe_open(file, "pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                t = f.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CorruptCheckpoint(f"{file} holds non-finite values (NaN/Inf) in {k}")
+    except SafetensorError as e:
+        raise CorruptCheckpoint(f"{file} is not a readable safetensors file ({e})") from None
+
+
+def _nonfinite(obj, where: str = "") -> str | None:
+    """The path of the first float tensor with NaN/Inf values inside nested dicts / lists, or None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _nonfinite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_checkpoint(path: str, train_state: dict) -> None:
+    """Raise CorruptCheckpoint unless the checkpoint directory `path` can be trained on: its weights
+    file whole and finite, its (already loaded) train state finite, so that a resumed run can save."""
+    _check_safetensors(os.path.join(path, "model.safetensors"))
+    bad = _nonfinite(train_state)
+    if bad is not None:
+        raise CorruptCheckpoint(f"{os.path.join(path, 'train_state.pt')} holds non-finite values (NaN/Inf) in {bad}")
+
+
+def older_checkpoints(path: str) -> list[str]:
+    """The step directories beside checkpoint `path` that are older than it, newest first."""
+    root, name = os.path.split(os.path.normpath(path))
+    return [os.path.join(root, d) for d in reversed(_step_dirs(root)) if d < name]
+
+
 # ----------------------------------------------------------------------------- the run lock, the resolver
+
+
+def _regular_file_or_absent(path: str, what: str) -> bool:
+    """Whether `path` exists; ValueError when it is anything but a regular file (a link, a FIFO, a
+    device, a directory): such a file is never opened, so it can neither block nor be written through."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ValueError(f"{what} {path} is {kind}: remove it")
+    return True
+
+
+POINTER_BYTES = 64  # "step_00000012\n" and room to spare; a pointer is never read further
+
+
+def read_pointer(pointer: str) -> str:
+    """The checkpoint directory name in a `latest` pointer: a regular file (never a link), of which
+    at most POINTER_BYTES are read; its content is never echoed (it may be any file)."""
+    if not _regular_file_or_absent(pointer, "the checkpoint pointer"):
+        raise FileNotFoundError(f"no checkpoint pointer {pointer}")
+    try:
+        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"the checkpoint pointer {pointer} cannot be opened ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in after the check above
+            raise ValueError(f"the checkpoint pointer {pointer} is not a regular file: remove it")
+        raw = os.read(fd, POINTER_BYTES + 1)
+    finally:
+        os.close(fd)
+    name = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > POINTER_BYTES or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        raise ValueError(f"{pointer} holds something that is not a checkpoint directory beside it (not shown)")
+    return name
+
+
+class LockBusy(ValueError):
+    """Another live process holds the lock."""
+
+
+# what a lock file of ours holds: shown in messages; anything else in the file is not shown
+_HOLDER = re.compile(r"pid \d+ on [\w.-]{1,100} since [\w: ]{1,40}")
 
 
 class RunLock:
     """OUT/.lock: one run per output directory. A POSIX record lock (fcntl.lockf) on the file, so
     the kernel drops it when the holder dies however it dies (a SIGKILL'd run leaves a stale file,
-    never a stale lock), and forked data-loader workers do not inherit it."""
+    never a stale lock), and forked data-loader workers do not inherit it. The file is a regular
+    file of its own, never a link: the lock writes into it."""
 
     def __init__(self, out: str):
         self.path = os.path.join(out, ".lock")
@@ -206,16 +318,27 @@ class RunLock:
 
     def acquire(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = os.read(fd, 200).decode(errors="replace").strip()
+        _regular_file_or_absent(self.path, "the lock file")
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:  # ELOOP: a link swapped in after the check above
+            raise ValueError(f"the lock file {self.path} cannot be opened ({e.strerror}): remove it") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would be written through
+                raise ValueError(f"the lock file {self.path} is not a regular file of its own: remove it")
+            raw = os.read(fd, 200).decode(errors="replace").strip()
+            holder = raw if _HOLDER.fullmatch(raw) else "an unrecognised record, not shown" if raw else ""
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise LockBusy(
+                    f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
+                    "stop it, or train into another --out"
+                ) from None
+        except BaseException:
             os.close(fd)
-            raise ValueError(
-                f"{os.path.dirname(self.path)} is in use by another run ({holder or 'unknown'}); "
-                "stop it, or train into another --out"
-            ) from None
+            raise
         self.previous = holder
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
@@ -224,7 +347,9 @@ class RunLock:
 
     def release(self):
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock; the file stays (harmless)
+            with contextlib.suppress(OSError):  # a clean end records no holder: nothing to take over
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the lock; the empty file stays (harmless)
             self.fd = None
 
 
@@ -233,20 +358,20 @@ def resolve_checkpoint(path: str) -> str:
     holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
     checkpoints/latest pointer file itself -> the checkpoint it names, a directory beside it."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
-        path = os.path.dirname(os.path.abspath(path))  # the pointer file itself
+    if os.path.basename(os.path.normpath(path)) == "latest" and not os.path.isdir(path):
+        pointers = [path]  # the pointer file itself (read_pointer refuses a link or a device)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     elif not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    for root in (path, os.path.join(path, "checkpoints")):
-        pointer = os.path.join(root, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                name = f.read().strip()
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-                raise ValueError(f"{pointer} names {name!r}, not a checkpoint directory beside it")
-            target = os.path.join(root, name)
+    else:
+        pointers = [os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")]
+    for pointer in pointers:
+        if os.path.lexists(pointer):
+            name = read_pointer(pointer)
+            target = os.path.join(os.path.dirname(os.path.abspath(pointer)), name)
             if not os.path.isdir(target):
                 raise FileNotFoundError(f"{pointer} names {name}, which does not exist")
             return target

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -41,7 +42,12 @@ log = logging.getLogger("clipa.data")
 DEFAULT_SHUFFLE = 1000  # samples per loader worker (raw JPEG bytes, ~10-50 KB each)
 END = 1 << 62  # "past the last shard" position
 PIPE_BYTES = 1 << 22  # a worker's batch tensors up to this size travel through its pipe (_pipe)
-ALL_BAD_LIMIT = 50  # this many failed decodes before the first good one: a bug, not bad data
+# The bad-data alarm: ALARM_SHARE or more bad among ALARM_WINDOW consecutive records of one reader
+# (or of `stats`' pass) is no longer scattered bad samples but a wrong format, a decoder that reads
+# nothing or a broken data set: the loader stops. The window is 10 img2dataset shards, so that a run
+# of bad records that real data holds (a shard of HTML error pages saved as .jpg) never stops a run.
+ALARM_WINDOW = 100_000
+ALARM_SHARE = 0.99
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -58,6 +64,45 @@ def mix(*xs: int) -> int:
         h = (h + 0x9E3779B97F4A7C15) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 29
     return h
+
+
+class BadDataAlarm(RuntimeError):
+    """The bad-data alarm: a window of records almost all bad (a wrong format or a broken set)."""
+
+    @staticmethod
+    def line_of(err: BaseException) -> str:
+        """The alarm's own line, also when a DataLoader worker raised it: the main process then gets
+        a copy whose text is the worker's whole traceback, the alarm's line last."""
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        return last.split("BadDataAlarm: ", 1)[-1]
+
+
+class BadShare:
+    """The alarm's count: records in consecutive windows of ALARM_WINDOW, the bad ones by reason."""
+
+    def __init__(self):
+        self.records = 0
+        self.bad: Counter = Counter()
+
+    def add(self, reason: str | None) -> str | None:
+        """One record, good (None) or skipped for `reason`; the alarm's line when it ends a window
+        that is ALARM_SHARE bad or more, else None."""
+        self.records += 1
+        if reason is not None:
+            self.bad[reason] += 1
+        if self.records < ALARM_WINDOW:
+            return None
+        n, bad = self.records, self.bad
+        self.records, self.bad = 0, Counter()
+        total = sum(bad.values())
+        if total < ALARM_SHARE * n:
+            return None
+        reasons = ", ".join(f"{k}: {v}" for k, v in bad.most_common(3))
+        return (
+            f"{total} of {n} consecutive records were bad ({reasons}): not scattered bad samples but a "
+            "wrong --format, images the decoder cannot read, or a broken data set (see `data.py stats`)"
+        )
 
 
 # ----------------------------------------------------------------------------- training loader
@@ -154,6 +199,8 @@ class _Shuffled:
 
     def __init__(self, cfg: _StreamCfg, g: int, snap: dict | None):
         self.cfg = cfg
+        self.g = g
+        self.window = BadShare()  # from the start of the epoch or of the resume
         self.base = mix(cfg.seed, cfg.epoch, g, 0xB0F)
         self.capacity = max(1, cfg.shuffle_buffer)
         self.stats = Counter(snap["stats"]) if snap else Counter()
@@ -166,6 +213,14 @@ class _Shuffled:
             self.buf, self.records = [], _reader_records(cfg, g, 0)
         # (pos, rec) of buf's entries, kept beside it: a cheap snapshot
         self.keys = [(e.pos, e.rec) for e in self.buf]
+
+    def count(self, reason: str | None):
+        """One record done: a good sample (None) or one skipped for `reason`; BadDataAlarm when it
+        ends a window of records that sets off the bad-data alarm (BadDataAlarm)."""
+        self.stats[reason or "samples"] += 1
+        alarm = self.window.add(reason)
+        if alarm:
+            raise BadDataAlarm(f"loader reader {self.g}: {alarm}")
 
     def log_once(self, reason: str, message: str, *args):
         if reason not in self.logged:
@@ -201,9 +256,9 @@ class _Shuffled:
             self.next = [pos, rec + 1]
             reason = e.raw.reason
             if reason is not None:
-                self.stats[reason] += 1
                 shard = self.cfg.plan.shards[e.sid]
                 self.log_once(reason, "skipping bad sample (%s): %s in %s", reason, e.raw.key, shard)
+                self.count(reason)
             elif self.capacity <= 1:
                 self.draws += 1
                 yield e
@@ -225,14 +280,10 @@ def _decode(cfg: _StreamCfg, e: _Entry, stream: _Shuffled) -> torch.Tensor | Non
         return cfg.transform(e.raw.image, rng)
     except Exception as ex:  # noqa: BLE001 - any decoder error means a bad image
         reason = transforms.skip_reason(ex)
-        stream.stats[reason] += 1
-        if stream.stats["bad_image"] >= ALL_BAD_LIMIT and not stream.stats["samples"]:
-            raise RuntimeError(
-                f"the first {stream.stats['bad_image']} images all failed to decode; last error: {type(ex).__name__}: {ex}"
-            ) from ex
         shard = cfg.plan.shards[e.sid]
         stream.log_once(reason, "skipping bad image (%s) %s in %s: %s", reason, e.raw.key, shard, ex)
-        return None
+    stream.count(reason)
+    return None
 
 
 def _worker_meta(wid: int, stream: _Shuffled, batches: int) -> dict:
@@ -263,7 +314,7 @@ def _worker_batches(cfg: _StreamCfg, wid: int):
         x = _decode(cfg, e, stream)
         if x is None:
             continue
-        stream.stats["samples"] += 1
+        stream.count(None)
         images.append(x)
         texts.append(e.raw.text)
         if len(images) < cfg.batch_size:
@@ -321,6 +372,10 @@ def _generator(*xs: int) -> torch.Generator:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # a stop signal to the process group reaches the workers too: the main process decides (it saves
+    # first) and the workers end with it, by the DataLoader's shutdown or the watchdog below
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker whose main process was killed would live on when a batch waits in the full pipe (its
     # queue's writer thread is joined at exit, and the worker itself holds the read end): leave then
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -762,7 +817,8 @@ def make_eval_loader(
 def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str = "train") -> dict:
     """Read every record (and decode every image as the train loader does, its transform at 16 px:
     mostly 1/8 DCT scale) and count good / bad ones by the loader's reasons. Bad data is counted,
-    never raised; `spec` may be a resolved Source."""
+    never raised; `spec` may be a resolved Source. "alarm": the loader's bad-data alarm (BadShare)
+    over the records in spec order, its first line or None."""
     t0 = time.time()
     src = resolve(spec, fmt, split)
     check = transforms.train_transform(16)
@@ -770,9 +826,20 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
     samples = 0
     empty = 0
     chars = 0
+    window = BadShare()
+    alarm = None
+
+    def count(reason: str | None):
+        nonlocal alarm
+        line = window.add(reason)
+        if line and alarm is None:
+            alarm = line
+            log.warning("the loader would stop here: %s", line)
+
     for path in src.shards:
         if not is_remote(path) and not os.path.exists(path):
             reasons["unreadable_shard"] += 1
+            count("unreadable_shard")
             log.warning("missing shard %s", path)
             continue
         n = 0
@@ -788,6 +855,7 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
                 chars += len(raw.text) if isinstance(raw.text, str) else 0
             else:
                 reasons[raw.reason] += 1
+            count(raw.reason)
         if n == 0:  # img2dataset: a shard whose downloads all failed (0 bytes / no members)
             empty += 1
     return {
@@ -798,6 +866,7 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
         "skipped": sum(reasons.values()),
         "skipped_by_reason": dict(sorted(reasons.items())),
         "mean_caption_chars": round(chars / max(samples, 1), 1),
+        "alarm": alarm,
         "seconds": round(time.time() - t0, 2),
     }
 

@@ -597,6 +597,23 @@ def _default_out(ckpt: str, dataset: str, task: str = "zeroshot") -> str:
     return os.path.join(folder if os.access(folder, os.W_OK) else os.getcwd(), name)
 
 
+def check_out(out: str, what: str = "--out") -> str:
+    """`out` if the result JSON can be written there later: not a directory, below a directory (the
+    nearest one that exists) that this process may write. Checked before the evaluation, whose
+    result would otherwise be lost at its end. Raises ValueError."""
+    if os.path.isdir(out):
+        raise ValueError(f"{what} {out} is a directory; give a FILE.json")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {out}: {parent} is a file, not a directory")
+    target = out if os.path.lexists(out) else parent
+    if not os.access(target, os.W_OK) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {out}: {target} is not writable")
+    return out
+
+
 def _parse_args(argv=None):
     p = cli.ArgumentParser(
         prog="eval_zeroshot.py",
@@ -691,6 +708,15 @@ def _inputs(args):
     captions = load_caption_set(args.retrieval) if args.retrieval else None
     if args.ckpt:
         checkpoints.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
+    out = check_out(
+        args.out
+        or _default_out(
+            args.ckpt or os.path.join(os.getcwd(), args.model),
+            dataset or args.retrieval,
+            "zeroshot" if dataset else "retrieval",
+        ),
+        "--out" if args.out else "the result file",
+    )
     templates = load_templates(args.templates)
     classnames = None
     if dataset is not None and (args.classnames or args.imagenet_val):
@@ -714,13 +740,13 @@ def _inputs(args):
         interpolation=args.interpolation,
         square_resize_only=args.square_resize_only,
     )
-    return dataset, classnames, templates, pre, net, name, captions
+    return dataset, classnames, templates, pre, net, name, captions, out
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     try:
-        dataset, classnames, templates, pre, net, name, captions = _inputs(args)
+        dataset, classnames, templates, pre, net, name, captions, out = _inputs(args)
         runtime = xla_utils.init_runtime(args.device)
     except (ValueError, OSError) as err:  # user input: missing / unreadable files, unknown names
         return cli.usage_error(err)
@@ -783,12 +809,13 @@ def main(argv=None) -> int:
             + (f", {r['skipped']} unreadable skipped" if r["skipped"] else "")
             + ")"
         )
-    out = args.out or _default_out(
-        args.ckpt or os.path.join(os.getcwd(), name), dataset or args.retrieval, "zeroshot" if dataset else "retrieval"
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+    except OSError as err:  # the directory changed during the evaluation, a full disk
+        print(f"error: the result could not be written to {out} ({err.strerror or err})", file=sys.stderr)
+        return 1
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

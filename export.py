@@ -44,6 +44,8 @@ OPENCLIP_NAMES = {
     ("v2", 1664, 48, 14, 1280, 32, 1280): "ViT-bigG-14-CLIPA",
 }
 WEIGHTS, CONFIG, CARD = "open_clip_model.safetensors", "open_clip_config.json", "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+EXPORT_FILES = (CONFIG, *TOKENIZER_FILES, WEIGHTS, CARD)  # everything a directory export may write
 
 
 def openclip_model_cfg(cfg: model.CLIPConfig) -> dict:
@@ -169,7 +171,7 @@ def write_wordpiece_tokenizer(out_dir: str, context_length: int) -> list[str]:
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)
     shutil.copyfile(tokenizer.BERT_VOCAB, os.path.join(out_dir, "vocab.txt"))
-    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]
+    return list(TOKENIZER_FILES)
 
 
 # ----------------------------------------------------------------------------- model card
@@ -355,18 +357,62 @@ def model_card(net: model.CLIP, name: str, ckpt=None, results: list[str] = (), n
 # ----------------------------------------------------------------------------- export
 
 
+def is_dir_target(out: str) -> bool:
+    """Whether `out` names a directory export: an existing directory or a path ending in '/'."""
+    return os.path.isdir(out) or out.endswith(("/", os.sep))
+
+
+def dir_files(cfg: model.CLIPConfig) -> list[str]:
+    """The files a directory export of this architecture writes."""
+    return [CONFIG, *(TOKENIZER_FILES if cfg.text.tokenizer == "wordpiece" else ()), WEIGHTS, CARD]
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    """Some file names, one line whatever they hold."""
+    shown = ", ".join(n if n.isprintable() else ascii(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_out_dir(out: str, force: bool) -> list[str]:
+    """The entries already in the export directory `out` ([] when it is new). One that holds anything
+    is refused without `force` (a user's README.md would be overwritten, an earlier export's files
+    left beside the new ones); an export file's name taken by a link or a directory always is.
+    Raises ValueError."""
+    if not os.path.isdir(out):
+        return []
+    present = sorted(os.listdir(out))
+    where = out.rstrip("/" + os.sep) or out
+    if present and not force:
+        raise ValueError(
+            f"{where} is not empty ({len(present)} entries: {_names(present)}); export into a new or empty "
+            "directory, or pass --force to replace the export's files in it"
+        )
+    for name in EXPORT_FILES:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+            raise ValueError(f"{path} is not a regular file (a link or a directory); move it away first")
+    return present
+
+
 def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
     """Write `net` as an OpenCLIP CLIP state dict. `out` ending in .safetensors -> safetensors file;
     an existing directory or a path ending in '/' -> OpenCLIP's 'local-dir:' directory (config,
     weights, tokenizer files for WordPiece models, README.md = `card` or a minimal one); else
-    torch.save. Returns what was written and how OpenCLIP loads it."""
+    torch.save. A directory loses an earlier export's files that this one does not write (a
+    WordPiece tokenizer beside BPE weights would be uploaded with them). Returns what was written,
+    what was removed and how OpenCLIP loads it."""
     cfg = net.cfg
     sd = {k: t.detach().contiguous() for k, t in factory.to_openclip_keys(net.state_dict()).items()}
     out = os.fspath(out)
-    as_dir = os.path.isdir(out) or out.endswith(("/", os.sep))
-    files = []
+    as_dir = is_dir_target(out)
+    files, removed = [], []
     if as_dir:
         os.makedirs(out, exist_ok=True)
+        for name in sorted(set(EXPORT_FILES) - set(dir_files(cfg))):
+            path = os.path.join(out, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+                removed.append(name)
         weights = os.path.join(out, WEIGHTS)
         with open(os.path.join(out, CONFIG), "w") as f:
             json.dump({"model_cfg": openclip_model_cfg(cfg), "preprocess_cfg": preprocess_cfg(cfg)}, f, indent=2)
@@ -386,6 +432,7 @@ def export_open_clip(net: model.CLIP, out, *, card: str | None = None) -> dict:
         "path": weights,
         "dir": out if as_dir else None,
         "files": files,
+        "removed": removed,
         "openclip_name": name,
         "kwargs": kwargs,
         "notes": notes,
@@ -412,11 +459,15 @@ def main(argv=None) -> int:
         metavar="JSON",
         help="eval_zeroshot.py result files for the card (those next to the checkpoint are found)",
     )
+    p.add_argument(
+        "--force", action="store_true", help="export into a directory that is not empty, replacing the export's files"
+    )
     args = p.parse_args(argv)
     parent = os.path.dirname(os.path.abspath(args.out))
     try:
         if not (os.path.isdir(parent) or args.out.endswith(("/", os.sep))):
             raise FileNotFoundError(f"output directory does not exist: {parent}")
+        present = check_out_dir(args.out, args.force) if is_dir_target(args.out) else []
         for r in args.results:
             if not os.path.isfile(r):
                 raise FileNotFoundError(f"results file not found: {r}")
@@ -430,6 +481,14 @@ def main(argv=None) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     _, _, notes = openclip_target(net.cfg)
     card = model_card(net, name, args.ckpt, args.results, notes)
+    if present:  # --force: say what goes
+        replaced = [f for f in dir_files(net.cfg) if f in present]
+        stale = [f for f in EXPORT_FILES if f in present and f not in dir_files(net.cfg)]
+        kept = [f for f in present if f not in EXPORT_FILES]
+        said = [f"replacing {_names(replaced)}"] if replaced else []
+        said += [f"removing {_names(stale)} (an earlier export's, not written by this one)"] if stale else []
+        said += [f"keeping {_names(kept)}"] if kept else []
+        print(f"warning: --force: in {args.out.rstrip('/' + os.sep)}: {'; '.join(said)}", file=sys.stderr)
     try:
         info = export_open_clip(net, args.out, card=card)
     except OSError as err:  # a full disk, a read-only directory

@@ -6,7 +6,9 @@ Sources (docs/data.md):
             streaming tar parser of our own (exact control over truncated / corrupt records).
   tfrecord  TFRecord shards of tf.train.Example with bytes features `jpg` and `txt`, read with tf.data.
   tfds      a TFDS dataset directory (tfds.builder_from_directory); its TFRecord files are read directly.
-The format comes from an explicit flag or from the files' first bytes, never from a path substring.
+The format comes from the files' first bytes, never from a path substring, and each shard is read by
+its own (a spec may mix tars and TFRecords); an explicit flag names the format of a shard whose first
+bytes show neither. Only regular files are opened as shards: a FIFO or a device is an unreadable shard.
 Readers never raise for bad data: a bad record comes out flagged with the reason (Raw.reason), so
 that loaders and `python data.py stats` can count and skip it. No size read from a shard is
 trusted: a tar member or TFRecord record is read only when it is at most MAX_RECORD_BYTES and fits
@@ -15,6 +17,8 @@ in the bytes left in the file, so a hostile length field costs nothing (see read
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob as globlib
 import io
 import itertools
@@ -23,12 +27,14 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import stat
 import struct
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,6 +42,7 @@ from typing import NamedTuple
 from PIL import Image
 
 import checkpoints
+import transforms
 import xla_utils
 
 log = logging.getLogger("clipa.shards")
@@ -46,6 +53,15 @@ TEXT_KEYS = ("txt", "caption", "text")
 # the most bytes one tar member or TFRecord record may hold (an image, a caption, a whole
 # tf.train.Example); a web image is ~10 KB-10 MB. Larger ones are bad data, never allocated.
 MAX_RECORD_BYTES = 64 << 20
+# the longest caption (UTF-8 bytes; characters for one given as text), checked before it is decoded:
+# alt-texts are ~50-300 bytes and long synthetic captions a few KB; a tokenizer spends under 0.1 s and
+# a few MB on one at the bound, minutes and GBs on a 20 MB one. Longer ones are skipped as caption_too_long.
+MAX_CAPTION_BYTES = 16 << 10
+# a caption of only these (whitespace, NULs, other control characters) tokenizes to an empty row
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*")
+# the most shard names one spec may expand to (a brace pattern is counted before it is expanded):
+# 3x DataComp's 12.8B pool in img2dataset's 10k-sample shards, ~400 MB of names
+MAX_SHARDS = 1 << 22
 
 
 # ----------------------------------------------------------------------------- local or remote files
@@ -57,9 +73,24 @@ def is_remote(path: str) -> bool:
 
 
 def _open(path: str):
+    """A shard for reading. A local one only when it is a regular file: a FIFO's open() would block
+    until a writer comes, a device's reads never end. Checked with stat() before opening, and again
+    on the open file (opened non-blocking, so that a FIFO swapped in meanwhile cannot block it)."""
     if is_remote(path):
+        if path.startswith("file://") and not stat.S_ISREG(os.stat(path[7:]).st_mode):
+            raise OSError(f"not a regular file: {path}")
         return xla_utils.import_tensorflow().io.gfile.GFile(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"not a regular file: {path}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=1 << 20)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_errors(path: str) -> tuple:
@@ -88,21 +119,54 @@ def _file_size(f) -> int | None:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`a{000..002}b{x,y}` -> 6 names; numeric ranges keep zero padding (braceexpand semantics)."""
+    """`a{000..002}b{x,y}` -> 6 names; numeric ranges keep zero padding (braceexpand semantics).
+    Raises ValueError when the pattern names more than MAX_SHARDS, counted before any name is made."""
+    if _brace_count(pattern, MAX_SHARDS) > MAX_SHARDS:
+        raise ValueError(f"{pattern!r} expands to more than {MAX_SHARDS:,} shard names")
+    return list(_brace_names(pattern))
+
+
+def _brace_options(body: str) -> tuple[int, Iterable[str]]:
+    """(how many, the options, lazily) of one innermost brace group's body."""
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if not rng:
+        options = body.split(",")
+        return len(options), options
+    a, b = rng.group(1), rng.group(2)
+    width = len(a) if a.startswith("0") or b.startswith("0") else 0
+    lo, hi = int(a), int(b)
+    step = 1 if hi >= lo else -1
+    numbers = range(lo, hi + step, step)
+    return len(numbers), (str(i).zfill(width) for i in numbers)
+
+
+def _brace_count(pattern: str, limit: int) -> int:
+    """How many names `pattern` expands to; once over `limit`, some count over it (stops early)."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        a, b = rng.group(1), rng.group(2)
-        width = len(a) if a.startswith("0") or b.startswith("0") else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    else:
-        options = body.split(",")
-    return [x for opt in options for x in expand_braces(head + opt + tail)]
+        return 1
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    n, options = _brace_options(m.group(1))
+    if "{" not in head and "}" not in head:  # no option can pair with a brace: each has the tail's count
+        return n * _brace_count(tail, limit)
+    if n > limit:  # each option adds at least one name
+        return n
+    total = 0  # nested braces: an option may complete an outer group, so count each (at most `limit`)
+    for opt in options:
+        total += _brace_count(head + opt + tail, limit - total)
+        if total > limit:
+            break
+    return total
+
+
+def _brace_names(pattern: str) -> Iterator[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        yield pattern
+        return
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    for opt in _brace_options(m.group(1))[1]:
+        yield from _brace_names(head + opt + tail)
 
 
 def _is_shard_name(name: str) -> bool:
@@ -118,6 +182,8 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for pat in patterns:
         for p in expand_braces(os.path.expanduser(pat)):
+            if len(out) > MAX_SHARDS:
+                raise ValueError(f"the data spec names more than {MAX_SHARDS:,} shards")
             if any(c in p for c in "*?["):
                 glob = xla_utils.import_tensorflow().io.gfile.glob if is_remote(p) else globlib.glob
                 hits = sorted(glob(p))
@@ -131,6 +197,8 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
                 out.extend(hits)
             else:
                 out.append(p)
+    if len(out) > MAX_SHARDS:
+        raise ValueError(f"the data spec names more than {MAX_SHARDS:,} shards")
     if not out:
         raise FileNotFoundError(f"empty data spec {spec!r}")
     local = [p for p in out if not is_remote(p)]
@@ -194,8 +262,18 @@ def _looks_tfrecord(head: bytes) -> bool:
     return len(head) >= 12 and struct.unpack("<I", head[8:12])[0] == _masked_crc32c(head[:8])
 
 
+def _sniff(head: bytes) -> str | None:
+    """'wds' | 'tfrecord' from a file's first 512 bytes, None when they show neither."""
+    if _looks_tar(head):
+        return "wds"
+    if _looks_tfrecord(head):
+        return "tfrecord"
+    return None
+
+
 def detect_format(paths: Sequence[str]) -> str:
-    """'wds' | 'tfrecord' | 'tfds' from the files' contents (first bytes), not from their names."""
+    """'wds' | 'tfrecord' | 'tfds' from the files' contents (first bytes), not from their names:
+    the first of the first 16 files that can be read and is not empty decides."""
     for p in paths[:16]:
         if find_tfds_dir(p):
             return "tfds"
@@ -208,12 +286,25 @@ def detect_format(paths: Sequence[str]) -> str:
             continue
         if not head:
             continue  # img2dataset writes a 0-byte shard when all its downloads failed
-        if _looks_tar(head):
-            return "wds"
-        if _looks_tfrecord(head):
-            return "tfrecord"
-        raise ValueError(f"{p}: neither a tar (webdataset) nor a TFRecord file; pass --format")
+        fmt = _sniff(head)
+        if fmt is None:
+            raise ValueError(f"{p}: neither a tar (webdataset) nor a TFRecord file; pass --format")
+        return fmt
     raise ValueError(f"cannot detect the format of {paths[0]!r}: no readable non-empty file; pass --format")
+
+
+def shard_format(path: str, default: str) -> str:
+    """The format of one shard of a spec that may mix tars and TFRecords: what its first bytes show,
+    else `default` (the spec's: detected from its first files or given with --format), which also
+    stands for a shard that cannot be opened (its reader then reports it)."""
+    if default == "tfds":
+        return default
+    try:
+        with _open(path) as f:
+            head = f.read(512)
+    except _read_errors(path):
+        return default
+    return _sniff(head) or default
 
 
 @dataclass
@@ -383,6 +474,13 @@ def _split_key(name: str) -> tuple[str, str]:
     return (os.path.join(d, stem) if d else stem), ext.lower()
 
 
+def _next_sample(key: str | None, parts: dict, k: str, ext: str) -> bool:
+    """Whether member k.ext starts a new sample after sample `key` holding `parts`: another key, or
+    an extension the sample already has (OpenCLIP's webdataset grouping: two adjacent samples with
+    one key are two samples; webdataset's own raises "duplicate file name")."""
+    return k != key or ext in parts
+
+
 def _make_raw(key: str, parts: dict, src: Source, truncated: bool = False) -> Raw:
     if any(v is None for v in parts.values()):  # a member over MAX_RECORD_BYTES, skipped
         return Raw(key, None, None, "oversized_member")
@@ -406,13 +504,15 @@ def _make_raw(key: str, parts: dict, src: Source, truncated: bool = False) -> Ra
         return Raw(key, None, None, "missing_image" if image is None else "missing_caption")
     if not image:
         return Raw(key, None, None, "empty_image")
+    if len(text) > MAX_CAPTION_BYTES:  # bytes, or characters of a text: each is at least one byte
+        return Raw(key, None, None, "caption_too_long")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             return Raw(key, None, None, "bad_caption_encoding")
     text = text.strip()
-    if not text:
+    if _BLANK.fullmatch(text):
         return Raw(key, None, None, "empty_caption")
     return Raw(key, image, text)
 
@@ -435,7 +535,7 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
         try:
             for name, data, _, _ in _tar_members(f):
                 k, ext = _split_key(name)
-                if k != key:
+                if _next_sample(key, parts, k, ext):
                     if key is not None:
                         yield _make_raw(key, parts, src)
                     key, parts = k, {}
@@ -461,8 +561,8 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
                         _make_raw(key, parts, src, truncated=True) if key is not None else Raw(path, None, None, reason)
                     )
                 return
-            cut_key = _split_key(name)[0]
-            if key is not None and cut_key != key:
+            cut_key, cut_ext = _split_key(name)
+            if key is not None and _next_sample(key, parts, cut_key, cut_ext):
                 yield _make_raw(key, parts, src)
             if isinstance(e, _Unreadable):
                 log.warning(
@@ -581,7 +681,8 @@ def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
 
 
 def read_shard(path: str, src: Source) -> Iterator[Raw]:
-    return read_wds(path, src) if src.fmt == "wds" else read_tfrecord(path, src)
+    """Samples of one shard, read by its own format (a spec may mix tars and TFRecords)."""
+    yield from (read_wds if shard_format(path, src.fmt) == "wds" else read_tfrecord)(path, src)
 
 
 # ----------------------------------------------------------------------------- resharding
@@ -596,6 +697,7 @@ def read_shard(path: str, src: Source) -> Iterator[Raw]:
 RESHARD_QUALITY = 95  # img2dataset's default: the re-encode adds little beyond the resize
 RESHARD_SETTINGS = ".reshard.json"
 RESHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # re-encoded in their own format; others kept
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def bound_image(
@@ -604,7 +706,8 @@ def bound_image(
     """(the image re-encoded with its longest side max_side, 'resized') or (None, 'within' | 'kept')
     when the bytes stay: already within max_side, or not a JPEG/PNG/WebP that decodes (the loader
     treats it as it did), or over max_pixels. Antialiased bicubic downscale of the whole image,
-    aspect kept, in its own format; L stays L, other modes become RGB as the loader converts them
+    aspect kept, in its own format; L stays L (16-bit grayscale becomes 8-bit L by the loader's
+    transforms.eight_bit), other modes become RGB as the loader converts them
     (before resizing, so alpha is dropped as the loader drops it); EXIF and ICC are not kept (the
     loader reads neither). A JPEG is decoded at a DCT scale that keeps >= 3x the target size."""
     try:
@@ -628,6 +731,7 @@ def bound_image(
     try:
         if fmt == "JPEG":
             img.draft(None, (3 * size[0], 3 * size[1]))
+        img = transforms.eight_bit(img)
         img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.BICUBIC).save(out, fmt, **save_options[fmt])
     except Exception:  # noqa: BLE001 - a corrupt image: the loader skips it as bad_image, so keep it
         return None, "kept"
@@ -686,7 +790,7 @@ def _rewrite_wds(path: str, out, src: Source, fix):
                 key = None
                 break
             k, ext = _split_key(m[0])
-            if k != key:
+            if _next_sample(key, parts, k, ext):
                 if key is not None:
                     flush(key, parts, members)
                 key, parts, members = k, {}, []
@@ -791,7 +895,7 @@ def _reshard_shard(job) -> dict:
         return bound_image(image, max_side, quality, max_pixels)[0]
 
     def write(tmp):
-        if src.fmt == "wds":
+        if shard_format(path, src.fmt) == "wds":
             with open(tmp, "wb") as out:
                 _rewrite_wds(path, out, src, fix)
         else:
@@ -804,6 +908,25 @@ def _reshard_shard(job) -> dict:
     except _read_errors(path) as e:
         return {"shard": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}"}
     return {"shard": path, **counts, "bytes_before": before, "bytes_after": os.path.getsize(dst)}
+
+
+def _die_with_parent(parent: int):
+    """A reshard pool worker's initializer: the worker ends when the reshard process does, even by
+    SIGKILL, instead of writing more shards into DST without its lock and then waiting forever on
+    a queue nobody feeds. Linux sends SIGKILL at the parent's death (prctl); elsewhere, and in case
+    the parent died before that was set, a thread watches the parent's id."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int):
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 @dataclass
@@ -861,7 +984,7 @@ def reshard_plan(
     os.makedirs(dst, exist_ok=True)
     try:
         lock = checkpoints.RunLock(dst).acquire()
-    except ValueError:
+    except checkpoints.LockBusy:
         raise ValueError(f"another reshard is writing {dst}") from None
     checkpoints.remove_temporaries(dst)
     checkpoints.atomic_write_text(json.dumps(settings) + "\n", record)
@@ -903,7 +1026,12 @@ def reshard(plan: ReshardPlan, progress: bool = True) -> dict:
         if plan.workers > 1 and len(jobs) > 1:
             if plan.src.fmt == "tfrecord":
                 xla_utils.import_tensorflow()  # once, before forking (as the loader does)
-            pool = ProcessPoolExecutor(min(plan.workers, len(jobs)), mp_context=multiprocessing.get_context("fork"))
+            pool = ProcessPoolExecutor(
+                min(plan.workers, len(jobs)),
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
+            )
             results = (fut.result() for fut in as_completed([pool.submit(_reshard_shard, j) for j in jobs]))
         else:
             results = map(_reshard_shard, jobs)

@@ -103,12 +103,17 @@ class _CachedWords:
     word-piece search) runs once per distinct word. Subclasses define _word_ids_uncached."""
 
     MAX_CACHE = 200_000  # entries; cleared when full (URLs and junk words never repeat)
+    # characters: a longer word (a URL, junk) is encoded every time, never kept, so that the cache
+    # stays ~100 MB at most (200,000 distinct 16 KB junk captions would fill GBs)
+    MAX_CACHED_WORD = 64
     _pinned: dict = {}  # entries that survive clearing
 
     def word_ids(self, word: str) -> tuple[int, ...]:
         ids = self.cache.get(word)
         if ids is None:
             ids = self._word_ids_uncached(word)
+            if len(word) > self.MAX_CACHED_WORD:
+                return ids
             if len(self.cache) >= self.MAX_CACHE:
                 self.cache.clear()
                 self.cache.update(self._pinned)
@@ -379,9 +384,11 @@ def syntax_select(words: list[str], keep: int) -> list[str]:
     for w in words:
         p = cache.get(w)
         if p is None:
-            if len(cache) >= _CachedWords.MAX_CACHE:
-                cache.clear()
-            p = cache[w] = word_priority(w)
+            p = word_priority(w)
+            if len(w) <= _CachedWords.MAX_CACHED_WORD:
+                if len(cache) >= _CachedWords.MAX_CACHE:
+                    cache.clear()
+                cache[w] = p
         prio.append(p)
     chosen = sorted(sorted(range(len(words)), key=prio.__getitem__)[:keep])
     return [words[i] for i in chosen]

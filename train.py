@@ -233,16 +233,38 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
 EXACT_RUN_FIELDS = ("seed", "workers", "accum_steps")
 
 
-def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
-    """--resume latest|DIR -> (checkpoint dir, its train state), checked against the preset and
-    against the settings the checkpoint was trained with."""
+def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict, str]:
+    """--resume latest|DIR -> (checkpoint dir, its train state, a note), checked against the preset
+    and against the settings the checkpoint was trained with. `latest` steps back past corrupt
+    checkpoints (torn, empty or non-finite files) to the newest whole one; the note names those
+    skipped. A corrupt checkpoint named explicitly is refused."""
     root = checkpoint_root(run.out)
-    if spec == "latest" and not os.path.isfile(os.path.join(root, "latest")):
+    if spec != "latest":
+        path = checkpoints.resolve_checkpoint(spec)
+        return path, _resume_state(path, run, stages), ""
+    if not os.path.lexists(os.path.join(root, "latest")):
         raise FileNotFoundError(f"--resume latest: no checkpoint in {root}")
-    path = checkpoints.resolve_checkpoint(root if spec == "latest" else spec)
+    newest = checkpoints.resolve_checkpoint(root)
+    skipped = []
+    for path in [newest, *checkpoints.older_checkpoints(newest)]:
+        try:
+            state = _resume_state(path, run, stages)
+        except checkpoints.CorruptCheckpoint as e:
+            skipped.append(f"{os.path.basename(path)} ({cli.first_line(e, 300)})")
+            continue
+        note = f"warning: --resume latest skipped {'; '.join(skipped)}: resuming from {path}" if skipped else ""
+        return path, state, note
+    raise checkpoints.CorruptCheckpoint(f"--resume latest: no whole checkpoint in {root}: {'; '.join(skipped)}")
+
+
+def _resume_state(path: str, run: RunConfig, stages) -> dict:
+    """The train state of checkpoint `path` if the run can continue from it (CorruptCheckpoint when
+    its files are missing, torn or not finite; ValueError when it belongs to another run)."""
     file = os.path.join(path, "train_state.pt")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"not a training checkpoint directory: {path}")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"not a training checkpoint directory (no train_state.pt): {path}")
+        raise checkpoints.CorruptCheckpoint(f"not a training checkpoint directory (no train_state.pt): {path}")
     try:
         with warnings.catch_warnings():  # torch warns about a foreign file before refusing it
             warnings.simplefilter("ignore")
@@ -251,7 +273,7 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
         saved_cfg = saved["run"]["cfg"]
     except Exception as e:  # refused pickle, truncated zip, another structure: not our train state
         reason = f"{type(e).__name__}: {cli.first_line(e, 160)}"
-        raise ValueError(f"{file} is not a readable train state ({reason})") from None
+        raise checkpoints.CorruptCheckpoint(f"{file} is not a readable train state ({reason})") from None
     preset = config.PRESETS[run.cfg].stages
     if saved_cfg != run.cfg or idx >= len(preset) or preset[idx].name != name:
         raise ValueError(
@@ -277,9 +299,10 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict]:
             f"{path} was trained with other settings ({'; '.join(changed)}): resuming would "
             f"not continue it exactly; pass --force-resume to continue anyway"
         )
+    checkpoints.check_checkpoint(path, state)  # whole and finite, or the run could never save
     if idx in now:
         factory.check_weights_fit(path, now[idx].model_config())
-    return path, state
+    return state
 
 
 # ----------------------------------------------------------------------------- logging
@@ -392,6 +415,7 @@ class Inputs:
 
     resume_path: str | None = None
     resume_state: dict | None = None
+    resume_note: str = ""  # the corrupt checkpoints --resume latest stepped back past
     eval: EvalSet | None = None
 
 
@@ -421,7 +445,7 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
         eval_zeroshot.check_eval_set(run.eval_data, inputs.eval.classnames)
         inputs.eval.templates = eval_zeroshot.load_templates(run.eval_templates)
     if run.resume:
-        inputs.resume_path, inputs.resume_state = load_resume_state(run.resume, run, stages)
+        inputs.resume_path, inputs.resume_state, inputs.resume_note = load_resume_state(run.resume, run, stages)
     elif run.pretrained:  # the first stage starts from it: its weights must fit that model
         factory.create_model(stages[0][1].model_config(), pretrained=run.pretrained)
     return inputs
@@ -474,8 +498,12 @@ def build_stage(
     resume_path: str | None,
 ) -> StageRun:
     """Model (from scratch, from `init`, or from the resumed checkpoint), optimizer, data."""
-    rt.seed(run.seed + 1000 * si + rt.rank)  # the same whether started here or resumed at the boundary
+    # the same initial weights on every rank: FSDP2 keeps each rank's own initialisation of its
+    # shard (and multi-host SPMD each host's copy of a replicated tensor), where DDP broadcasts rank 0's
+    rt.seed(run.seed + 1000 * si)
     model = factory.create_model(stage.model_config(), pretrained=resume_path if state is not None else init)
+    # then per rank (the image masks' draws); the same whether started here or resumed at the boundary
+    rt.seed(run.seed + 1000 * si + rt.rank)
     model.set_grad_checkpointing(run.grad_checkpointing)
     precision = rt.precision(run.precision)
     wmodel = rt.wrap_model(model.to(rt.device).train(), run.shard, precision)  # before AdamW
@@ -778,11 +806,15 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
             return cli.usage_error(e)
         if lock.previous:
             print(f"taking over the lock of a run that ended without releasing it ({lock.previous})", flush=True)
+        if inputs.resume_note and rt.is_master:
+            print(inputs.resume_note, file=sys.stderr, flush=True)
         if rt.is_master:
             checkpoints.remove_temporaries(checkpoint_root(run.out))  # left by a kill mid-save
         summary = run_training(rt, run, stages, inputs, cli.StopSignals().install())
     except RunStopped as e:
         return cli.usage_error(e, status=1)
+    except data.BadDataAlarm as e:
+        return cli.usage_error(data.BadDataAlarm.line_of(e), status=1)
     finally:
         lock.release()
         rt.shutdown()

@@ -13,6 +13,7 @@ Design:
   Resize + CenterCrop (or square Resize) up to rounding.
 - One pixel cap. An encoded image over MAX_IMAGE_PIXELS is refused from its header before any
   pixel is decoded (ImageTooLarge; the loaders count it as the skip "image_too_large").
+- 16-bit grayscale becomes 8-bit by its high byte (eight_bit), not by Pillow's clipping conversion.
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ def skip_reason(error: Exception) -> str:
     if isinstance(error, ImageTooLarge):
         return "image_too_large"
     return "bad_image"
+
+
+# Pillow's modes of 16-bit grayscale: PNG and TIFF (I;16...), 16-bit PGM and PIL images (I)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit L: the high byte of each level (clipped to 0..65535), as
+    Pillow reads 16-bit RGB. Pillow's own conversion clips at 255: nearly every pixel white. Other
+    images are returned as they are. The loaders, `stats` and the reshard pass all decode by it."""
+    if img.mode not in _SIXTEEN_BIT_MODES:
+        return img
+    levels = np.clip(np.asarray(img), 0, 0xFFFF).astype(np.uint16)
+    return Image.fromarray((levels >> 8).astype(np.uint8), "L")
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    img = eight_bit(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -263,9 +283,7 @@ class TrainTransform:
         s = self._scale_for(W, H, box)
         if s > 1 and not _jpeg_draft(img, (W // s, H // s)):
             s = 1
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return _resize_box(img, tuple(v / s for v in box), self.size)
+        return _resize_box(_rgb(img), tuple(v / s for v in box), self.size)
 
     def _jitter(self, x: torch.Tensor, rng) -> torch.Tensor:
         """Colour jitter at p=0.8, then grayscale at p=0.2."""
@@ -317,9 +335,7 @@ class EvalTransform:
     def __call__(self, src, rng=None) -> torch.Tensor:
         img = _open_image(src)
         box = self._box(*img.size)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return _to_uint8_chw(img.resize((self.size, self.size), self.resample, box=box))
+        return _to_uint8_chw(_rgb(img).resize((self.size, self.size), self.resample, box=box))
 
 
 def train_transform(image_size: int, scale=(0.4, 1.0), color_jitter: bool = False) -> TrainTransform:

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import types
@@ -784,6 +785,7 @@ def launch_command(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     rdzv_backend: str = "static",
+    max_restarts: int = 0,
 ) -> tuple[list[str], dict]:
     """The command (and extra environment) that starts SCRIPT on this machine.
 
@@ -795,12 +797,23 @@ def launch_command(
     Several nodes (CUDA/CPU): the same command on each with --nnodes N and its --node-rank, all
     naming node 0 as --master-addr. rdzv_backend 'static' (torchrun's default): ranks follow the
     node ranks; 'c10d': torchrun's c10d rendezvous at master_addr:master_port (node ranks are
-    assigned as nodes join; a restarted node rejoins)."""
+    assigned as nodes join; a restarted node rejoins).
+
+    max_restarts: torchrun's --max-restarts: a rank that fails (killed outright, say) stops the
+    others and starts them all again, up to N times; with train.py's --resume auto the new group
+    continues from the newest checkpoint."""
     kind = resolve_device(device)
     env = {}
+    if max_restarts < 0:
+        raise ValueError(f"--max-restarts {max_restarts}: give a count, 0 or more")
     if kind == "xla":
         if nproc not in (None, 1):
             raise ValueError("XLA uses one process per host (SPMD over its devices); drop --nproc")
+        if max_restarts:
+            raise ValueError(
+                "--max-restarts restarts torchrun's ranks, and XLA runs one process per host without "
+                "torchrun: re-run the command (with --resume auto) instead"
+            )
         pjrt_device = os.environ.get("PJRT_DEVICE")
         if not pjrt_device:
             pjrt_device = "TPU" if tpu_attached() else "CPU"
@@ -817,11 +830,71 @@ def launch_command(
     else:
         nodes = ["--rdzv_backend=c10d", f"--rdzv_endpoint={master_addr}:{master_port}", "--rdzv_id=clipa"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+    if max_restarts:
+        torchrun.append(f"--max-restarts={max_restarts}")
     cmd = [*torchrun, *nodes, script, "--device", kind, *args]
     if kind == "cpu":
         # each process gets its share of the cores instead of all of them fighting
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     return cmd, env
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def run_launched(cmd: list[str], env: dict) -> int:
+    """Run the launched command (torchrun, or the script itself under XLA) and wait for it; returns its
+    exit status (128 + N when signal N ended it, as a shell says).
+
+    The command runs in a process group of its own, so a stop signal (SIGTERM, SIGINT) to the
+    launcher or to its group (a scheduler, `timeout`, Ctrl-C) reaches it once, passed on from here: a
+    second SIGTERM would cut torchrun's shutdown short and with it the ranks' saves. torchrun sends it
+    to its ranks, which save the step they are at and exit, and waits for them (30 s, then SIGKILL).
+    Later stop signals are not passed on. Should the launcher die (SIGKILL), the command gets SIGTERM
+    (Linux's parent-death signal)."""
+    proc = None
+    received = []
+    passed = False
+
+    def pass_on():
+        nonlocal passed
+        if passed or proc is None or not received:
+            return
+        passed = True
+        name = signal.Signals(received[0]).name
+        print(f"launch: {name} passed to pid {proc.pid}; waiting for it to exit", file=sys.stderr, flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(received[0])
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        pass_on()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=_stop_with_parent(os.getpid()))
+        pass_on()  # a signal that came while the command started
+        status = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - status if status < 0 else status
+
+
+def _stop_with_parent(parent: int):
+    """A preexec_fn: the launched process gets SIGTERM when the launcher dies (Linux; None elsewhere)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+
+    def child():
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return child
 
 
 def main(argv=None) -> int:
@@ -844,6 +917,12 @@ def main(argv=None) -> int:
         "--slurm",
         action="store_true",
         help="take --nnodes, --node-rank and --master-addr from srun's SLURM_* variables",
+    )
+    lp.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="torchrun's: restart all ranks up to N times when one fails (use with train.py --resume auto)",
     )
     lp.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     lp.add_argument("script")
@@ -872,6 +951,7 @@ def main(argv=None) -> int:
             **nodes,
             master_port=a.master_port,
             rdzv_backend=a.rdzv_backend,
+            max_restarts=a.max_restarts,
         )
     except (ValueError, FileNotFoundError) as e:
         return cli.usage_error(e)
@@ -879,7 +959,7 @@ def main(argv=None) -> int:
         assignments = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
         print(" ".join(assignments + [shlex.quote(c) for c in cmd]))
         return 0
-    return subprocess.call(cmd, env={**os.environ, **env})
+    return run_launched(cmd, {**os.environ, **env})
 
 
 if __name__ == "__main__":

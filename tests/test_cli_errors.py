@@ -100,10 +100,12 @@ CASES = [
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--templates", f"{TMP}/templates.txt"], "placeholder"),
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--device", "gpu"], "invalid choice"),
     ("eval_zeroshot.py", RANDOM + ["--imagenet-val", f"{TMP}/val"], "2 classes but 1000 class names"),
+    ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--out", f"{TMP}/a_file/r.json"], "a_file is a file"),
     # export.py
     ("export.py", [NOPE, "out/"], "--to"),
     ("export.py", [NOPE, "--to", "open_clip", f"{TMP}/out/"], "not found"),
     ("export.py", [NOPE, "--to", "open_clip", NOPE + "/model.pt"], "output directory does not exist"),
+    ("export.py", [NOPE, "--to", "open_clip", f"{TMP}/val/"], "is not empty"),
     # factory.py
     ("factory.py", [], "required"),
     ("factory.py", ["tokenize", "--model", "ViT-Nope", "a dog"], "unknown model"),

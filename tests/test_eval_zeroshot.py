@@ -700,6 +700,15 @@ CLI_ERRORS = {  # case -> (arguments after --ckpt V1 where given, expected messa
         "notes.txt holds no captions",
     ),
     "bad_precision": (["--ckpt", "{v1}", "--data", "{folder}", "--precision", "fp16"], "invalid choice: 'fp16'"),
+    # --out is checked before the evaluation, not when the JSON is written at its end
+    "out_under_a_file": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--out", "{tmp}/notes.txt/r.json"],
+        "notes.txt is a file, not a directory",
+    ),
+    "out_is_a_directory": (
+        ["--ckpt", "{v1}", "--model", "ViT-Test-8-CL16", "--data", "{folder}", "--out", "{tmp}"],
+        "is a directory",
+    ),
 }
 
 
@@ -713,6 +722,24 @@ def test_cli_errors_are_one_line(case, folder, v1_ckpt, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.err.startswith("error: ") and out.err.count("\n") == 1 and not out.out, out.err
     assert expect in out.err, out.err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_an_unwritable_out_is_refused_before_any_work(folder, tmp_path, monkeypatch, capsys):
+    """--out in a read-only directory (or below one, not there yet): one line, exit 2, before the
+    model is built or an image read; a new directory below a writable one is fine."""
+    monkeypatch.setattr(Z, "create_model", lambda *a, **k: pytest.fail("built a model"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        for out in (ro / "r.json", ro / "new" / "r.json"):
+            assert _run_cli(["--random-init", "--model", "ViT-Test-8-CL16", "--data", folder, "--out", out]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: --out ") and "not writable" in err and err.count("\n") == 1, err
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o700)
 
 
 def test_cli_random_init_for_timing(folder, tmp_path):

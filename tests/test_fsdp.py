@@ -1,7 +1,9 @@
 """--shard fsdp on CUDA/CPU: FSDP2 (torch.distributed.fsdp.fully_shard) with 2 gloo processes
-trains exactly what DDP and one process train (losses, updated weights), with gradient
-checkpointing, image masking, exact accumulation and the compiled step; checkpoints hold full
-tensors (portable) and a kill-and-resume of train.py under FSDP continues bit for bit."""
+starts from the weights DDP and one process start from and trains exactly what they train (losses,
+updated weights), with gradient checkpointing, image masking, exact accumulation and the compiled
+step; checkpoints hold full tensors (portable) and a kill-and-resume of train.py under FSDP continues
+bit for bit. The models are built by train.build_stage, as the trainer builds them: seeding each
+rank by hand would hide a rank that initialises differently."""
 
 import os
 import signal
@@ -32,13 +34,12 @@ import sys, torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 from torch.distributed.fsdp import FSDPModule
-import config, factory, losses, train, xla_utils
+from torch.distributed.tensor import DTensor
+import config, train, xla_utils
 args = [a for a in sys.argv[1:] if a not in ("--device", "cpu")]      # launch adds --device cpu
-out, names = args[0], args[1].split(",")
+out, names, shards = args[0], args[1].split(","), args[2]
 rt = xla_utils.init_runtime("cpu")
 variants = [v for v in VARIANTS if v[0] in names]
-stage = config.Stage("t", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=2e-3, warmup=2,
-                    train_num_samples=8 * 100)
 g = torch.Generator().manual_seed(123)
 images = torch.randint(0, 256, (3, 8, 3, 32, 32), dtype=torch.uint8, generator=g)
 tokens = torch.randint(1, 49000, (3, 8, 16), generator=g)
@@ -48,14 +49,19 @@ res = {}
 for name, shard, ckpt, mask, accum, compiled in variants:
     torch._dynamo.reset()                              # each variant compiles (and counts) its own graphs
     counters.clear()
-    torch.manual_seed(0)                               # identical init on every rank
-    m = factory.create_model("ViT-Test-8-CL16", **(dict(mask="random", mask_ratio=0.25) if mask else {}))
-    m.set_grad_checkpointing(ckpt)
-    m.train()
-    wm = rt.wrap_model(m, shard)
-    opt = train.build_optimizer(m, stage, rt)
-    step = train.Step(rt, wm, opt, losses.ContrastiveLoss("softmax", rt), accum_steps=accum, compiled=compiled)
-    torch.manual_seed(7 + rt.rank)                     # the masks' draws: the same under DDP and FSDP
+    stage = config.Stage("t", model="ViT-Test-8-CL16", image_size=32, pos_embed="learnable", batch_size=8,
+                         lr=2e-3, warmup=2, train_num_samples=8 * 100, train_data=shards,
+                         **(dict(mask="random", mask_ratio=0.25) if mask else {}))
+    run = config.RunConfig(cfg="demo", workers=0, seed=3, shard=shard, grad_checkpointing=ckpt,
+                           accum_steps=accum, compile=compiled)
+    # the trainer's path: seeds, model, DDP / FSDP wrapper, optimizer, step
+    sr = train.build_stage(rt, run, 0, stage, init=None, state=None, resume_path=None)
+    step, wm, opt = sr.train_step, sr.train_step.model, sr.train_step.optimizer
+    m = sr.model
+    rng = rt.all_gather_object(torch.get_rng_state())  # each rank's, as build_stage left it: the masks' draws
+    # the full weights, gathered without the optimizer (full_state's FSDP optimizer state dict would
+    # initialise AdamW's step counts); copies, as the steps update the parameters in place
+    init = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in m.state_dict().items()}
     ls, graphs = [], []
     for i in range(3):
         loss = step(images[i][mine], tokens[i][mine], train.lr_at(i, stage))
@@ -64,6 +70,7 @@ for name, shard, ckpt, mask, accum, compiled in variants:
     weights, ostate = rt.full_state(wm, opt)
     sharded = [n for n, p in m.named_parameters() if hasattr(p, "to_local") and p.to_local().numel() < p.numel()]
     res[name] = {"losses": ls, "weights": weights, "fsdp": isinstance(wm, FSDPModule), "sharded": sharded,
+                 "init": init, "rng": rng,
                  "exp_avg": {k: v["exp_avg"] for k, v in ostate.get("state", {}).items()},
                  "graphs": graphs, "graph_breaks": sum(counters["graph_break"].values())}
 if rt.is_master:
@@ -77,8 +84,8 @@ def _script(tmp):
     return script
 
 
-def _two_processes(script, out, variants, port):
-    """The named variants' results from SCRIPT on 2 gloo processes."""
+def _two_processes(script, out, variants, port, shards):
+    """The named variants' results from SCRIPT on 2 gloo processes (shards: the loader's data)."""
     p = subprocess.run(
         [
             PY,
@@ -91,6 +98,7 @@ def _two_processes(script, out, variants, port):
             str(script),
             str(out),
             ",".join(v[0] for v in variants),
+            shards,
         ],
         cwd=REPO,
         env=env(),
@@ -103,13 +111,13 @@ def _two_processes(script, out, variants, port):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, demo_small):
     tmp = tmp_path_factory.mktemp("fsdp")
     script = _script(tmp)
-    two = _two_processes(script, tmp / "two.pt", VARIANTS, port=free_port())
+    two = _two_processes(script, tmp / "two.pt", VARIANTS, port=free_port(), shards=demo_small.train_wds)
     one = tmp / "one.pt"
     p = subprocess.run(
-        [PY, str(script), str(one), "ddp,ddp_ckpt_mask"],
+        [PY, str(script), str(one), "ddp,ddp_ckpt_mask", demo_small.train_wds],
         cwd=REPO,
         env=env(),
         capture_output=True,
@@ -139,6 +147,28 @@ def _same_weights(a, b, atol=1e-5):
         assert d.max() <= 2e-3 and (d > atol).sum() <= d.numel() // 1000, (k, d.max(), (d > atol).sum())
 
 
+def _bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_every_rank_starts_from_the_same_weights(results):
+    """train.build_stage on 2 gloo processes: --shard fsdp starts from the very weights --shard none
+    (DDP: rank 0's, broadcast) and one process start from, bit for bit. FSDP2 keeps each rank's own
+    initialisation of its shard, so a model drawn from a per-rank seed would be a patchwork. The RNG
+    build_stage leaves (the image masks' draws) differs between the ranks and is the same under DDP
+    and FSDP."""
+    two, one = results
+    for plain, fsdp in (("ddp", "fsdp"), ("ddp_ckpt_mask", "fsdp_ckpt_mask"), ("ddp", "fsdp_accum2")):
+        assert _bits(two[fsdp]["init"], two[plain]["init"]), (plain, fsdp)
+    assert _bits(two["fsdp"]["init"], one["ddp"]["init"]) and _bits(two["ddp"]["init"], one["ddp"]["init"])
+    for name in ("ddp", "fsdp", "ddp_ckpt_mask", "fsdp_ckpt_mask"):
+        rng = two[name]["rng"]
+        assert len(rng) == 2 and not torch.equal(rng[0], rng[1]), name
+    for plain, fsdp in (("ddp", "fsdp"), ("ddp_ckpt_mask", "fsdp_ckpt_mask")):
+        assert all(torch.equal(a, b) for a, b in zip(two[plain]["rng"], two[fsdp]["rng"]))
+
+
 @pytest.mark.slow
 def test_fsdp_really_shards(results):
     """Under FSDP every parameter but the scalar logit_scale (FSDP2 refuses scalars: replicated,
@@ -154,8 +184,8 @@ def test_fsdp_really_shards(results):
 @pytest.mark.slow
 @pytest.mark.parametrize("plain,fsdp", [("ddp", "fsdp"), ("ddp_ckpt_mask", "fsdp_ckpt_mask")])
 def test_fsdp_equals_ddp(results, plain, fsdp):
-    """Same seeds, same batches: FSDP's losses and updated weights are DDP's within 1e-5 (with
-    checkpointing and 25% random image masking too: the masks are drawn the same)."""
+    """Built by train.build_stage, same batches: FSDP's losses and updated weights are DDP's within
+    1e-5 (with checkpointing and 25% random image masking too: the masks are drawn the same)."""
     two, _ = results
     assert two[fsdp]["losses"] == pytest.approx(two[plain]["losses"], abs=1e-5)
     assert two[fsdp]["losses"][-1] != two[fsdp]["losses"][0]
@@ -185,14 +215,16 @@ def test_fsdp_optimizer_state_is_full_and_named(results):
 
 
 @pytest.mark.slow
-def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path):
+def test_fsdp_compiled_step_equals_compiled_ddp(tmp_path, demo_small):
     """--shard fsdp --compile on 2 gloo processes: the step compiles on its first call and never
     again as the lr changes (FSDP2's hooks run eagerly between the graphs: dynamo skips them), and
     trains what compiled DDP trains, losses and updated weights within 1e-5 over 3 steps; its losses
     are eager DDP's within 1e-5 too. Weights are compared with compiled DDP's: inductor's sums differ
     from eager's in the last bits, which Adam scales up to +-lr where a gradient is near its eps."""
     variants = [VARIANTS[0]] + COMPILED  # eager DDP, compiled DDP, compiled FSDP
-    two = _two_processes(_script(tmp_path), tmp_path / "two.pt", variants, port=free_port())
+    two = _two_processes(
+        _script(tmp_path), tmp_path / "two.pt", variants, port=free_port(), shards=demo_small.train_wds
+    )
     fsdp, ddp = two["fsdp_compiled"], two["ddp_compiled"]
     assert fsdp["fsdp"] and not ddp["fsdp"]
     for run in (fsdp, ddp):

@@ -6,7 +6,8 @@ both report exactly the planted counts by reason.
 What a planted thing counts as (a skip counts once, whether it loses one sample or a shard's rest):
   per sample  truncated JPEG, random bytes -> bad_image; zero-byte image -> empty_image; header
               claiming 60000x60000 (JPEG, PNG) -> image_too_large; no caption -> missing_caption;
-              blank caption -> empty_caption; invalid UTF-8 -> bad_caption_encoding
+              blank or all-NUL caption -> empty_caption; invalid UTF-8 -> bad_caption_encoding;
+              a 1 MiB caption without a space -> caption_too_long
   per shard   file cut inside its last sample -> truncated_record (earlier samples kept); tar
               member size 2^62 / 2^80 (GNU base-256) -> oversized_member, TFRecord length 2^62
               with a valid length CRC -> oversized_record (the rest of that shard: nothing
@@ -14,7 +15,8 @@ What a planted thing counts as (a skip counts once, whether it loses one sample 
               should be -> unreadable_shard
   nothing     a 0-byte shard (img2dataset writes one when all its downloads fail: no sample is
               lost; stats reports it under empty_shards), and a PNG stored as .jpg: Pillow reads
-              it by its content, so it is a GOOD sample and trains like any other
+              it by its content, so it is a GOOD sample and trains like any other; so are two
+              adjacent tar samples with the same key (both kept, as OpenCLIP's webdataset grouping)
 chmod 000 is not used for "unreadable": these tests may run as root, which reads such files."""
 
 import io
@@ -40,7 +42,7 @@ import transforms
 import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PER_SHARD = 60
+PER_SHARD = 80
 
 
 # ----------------------------------------------------------------------------- planted bytes
@@ -79,6 +81,8 @@ BAD = [
     ("b_nocaption", image_bytes(2, (32, 24)), None, "missing_caption"),
     ("b_emptycaption", image_bytes(3, (32, 24)), " \t ", "empty_caption"),
     ("b_latin1", image_bytes(4, (32, 24)), "caf\xe9 cr\xe8me".encode("latin-1"), "bad_caption_encoding"),
+    ("b_nulcaption", image_bytes(5, (32, 24)), b"\0" * 8, "empty_caption"),
+    ("b_longcaption", image_bytes(6, (32, 24)), b"x" * (1 << 20), "caption_too_long"),
 ]
 PER_SAMPLE = Counter(r for *_, r in BAD)
 
@@ -175,7 +179,11 @@ def _unreadable(d, ext: str):
 def wds_set(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile_wds")
     good = []
-    s, g = _samples("wds", 0, BAD[:4])
+    twins = [
+        ("twin", image_bytes(11, (32, 24)), "the first twin"),
+        ("twin", image_bytes(12, (32, 24)), "the second twin"),
+    ]
+    s, g = _samples("wds", 0, BAD[:4], extra_good=twins)
     _tarwriter_shard(d / "a.tar", s)
     good += g
     s, g = _samples("wds", 1, BAD[4:], extra_good=[("g_png", _png(1), "good png stored as jpg")])
@@ -431,3 +439,111 @@ def _png_of(jpeg: bytes) -> bytes:
     b = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(b, "PNG")
     return b.getvalue()
+
+
+# ----------------------------------------------------------------------------- keys, captions, images
+
+
+def _tar_of(path, members):
+    """A tar of (name, bytes) members in this order (tarfile: any names, repeats too)."""
+    with tarfile.open(path, "w") as tf:
+        for name, blob in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(blob)
+            tf.addfile(ti, io.BytesIO(blob))
+
+
+def _stats_and_loader(spec):
+    """`stats` and the loader (one reader, no shuffle: the shard's order) on the same spec."""
+    stats = data.dataset_stats(spec)
+    loader = data.make_train_loader(spec, None, 16, 1, num_workers=0, shuffle_buffer=1, repeat=False)
+    batches = list(loader)
+    assert stats["skipped_by_reason"] == loader.skipped
+    assert stats["samples"] == loader.samples == len(batches)
+    return stats, loader, batches
+
+
+def test_adjacent_samples_with_one_key_are_two_samples(tmp_path):
+    """A repeated member name starts a new sample (OpenCLIP's webdataset grouping; webdataset's own
+    raises "duplicate file name"): none is lost uncounted, and reshard bounds both images."""
+    a1, a2, b = image_bytes(1, (96, 72)), image_bytes(2, (96, 72)), image_bytes(3, (96, 72))
+    members = [("a.jpg", a1), ("a.txt", b"first a"), ("a.jpg", a2), ("a.txt", b"second a")]
+    members += [("b.jpg", b), ("b.txt", b"b"), ("b.txt", b"caption without an image")]
+    _tar_of(tmp_path / "dup.tar", members)
+    src = shards.Source("wds", [str(tmp_path / "dup.tar")])
+    got = [(r.key, r.text, r.reason) for r in shards.read_wds(src.shards[0], src)]
+    assert got == [("a", "first a", None), ("a", "second a", None), ("b", "b", None), ("b", None, "missing_image")]
+    _, loader, batches = _stats_and_loader(src.shards[0])
+    assert [caps[0] for _, caps in batches] == ["first a", "second a", "b"]
+    assert loader.skipped == {"missing_image": 1}
+    assert data.main(["reshard", src.shards[0], str(tmp_path / "out"), "--max-side", "24", "--workers", "1"]) == 0
+    out = list(shards.read_wds(str(tmp_path / "out" / "dup.tar"), src))
+    assert [(r.text, r.reason) for r in out] == [(t, r) for _, t, r in got]
+    assert [Image.open(io.BytesIO(r.image)).size for r in out[:3]] == [(24, 18)] * 3
+
+
+def test_a_caption_is_bounded_before_it_is_decoded(tmp_path):
+    """A caption over shards.MAX_CAPTION_BYTES is skipped unread as caption_too_long (the tokenizer
+    would spend minutes and GBs on a 20 MB one); one at the bound, in any script, is a caption."""
+    n = shards.MAX_CAPTION_BYTES
+    captions = [b"x" * n, b"x" * (n + 1), ("\u00e9" * (n // 2)).encode(), ("\u00e9" * (n // 2 + 1)).encode()]
+    captions += [b"a cat \0\0", b"\0\0\0\0", b"\0\n\t\x7f \x1b"]
+    _tar_of(
+        tmp_path / "c.tar",
+        [(f"{i}.{ext}", v) for i, c in enumerate(captions) for ext, v in (("jpg", _png(i)), ("txt", c))],
+    )
+    src = shards.Source("wds", [str(tmp_path / "c.tar")])
+    reasons = [r.reason for r in shards.read_wds(src.shards[0], src)]
+    assert reasons == [None, "caption_too_long", None, "caption_too_long", None, "empty_caption", "empty_caption"]
+    assert shards._make_raw("k", {"jpg": _png(0), "txt": "y" * (n + 1)}, src).reason == "caption_too_long"
+    stats, loader, _ = _stats_and_loader(src.shards[0])
+    assert loader.skipped == {"caption_too_long": 2, "empty_caption": 2}
+
+
+def test_16_bit_grayscale_trains_as_its_levels_in_loader_stats_and_reshard(tmp_path):
+    """A 16-bit grayscale PNG decodes to its high bytes (not white) in the loader and `stats`, and
+    the reshard pass writes the same levels."""
+    b = io.BytesIO()
+    Image.fromarray(np.full((150, 200), 100 * 256 + 37, np.uint16)).save(b, "PNG")
+    _tar_of(tmp_path / "g.tar", [("g.jpg", b.getvalue()), ("g.txt", b"a grey square")])
+    _, _, batches = _stats_and_loader(str(tmp_path / "g.tar"))
+    assert batches[0][0].unique().tolist() == [100]
+    assert (
+        data.main(["reshard", str(tmp_path / "g.tar"), str(tmp_path / "out"), "--max-side", "64", "--workers", "1"])
+        == 0
+    )
+    _, _, batches = _stats_and_loader(str(tmp_path / "out" / "g.tar"))
+    assert batches[0][0].unique().tolist() == [100]
+
+
+def _html_first(path, n_bad: int, n_good: int):
+    """A web crawl's shard: n_bad HTML error pages saved as .jpg, then n_good images."""
+    page = b"<!DOCTYPE html><html><body>404 Not Found</body></html>"
+    recs = [(f"p{i:04d}", page) for i in range(n_bad)] + [(f"q{i:04d}", _png(i)) for i in range(n_good)]
+    _tar_of(path, [(f"{k}.{ext}", v) for k, img in recs for ext, v in (("jpg", img), ("txt", k.encode()))])
+
+
+def test_a_run_of_bad_records_is_skipped_not_fatal(tmp_path):
+    """60 undecodable records before the first good one (the loader used to stop at 50): skipped and
+    counted, in the loader and in `stats` alike, and no alarm."""
+    _html_first(tmp_path / "h.tar", 60, 20)
+    stats, loader, batches = _stats_and_loader(str(tmp_path / "h.tar"))
+    assert len(batches) == 20 and loader.skipped == {"bad_image": 60}
+    assert stats["alarm"] is None
+
+
+def test_the_bad_share_alarm_is_the_same_in_loader_and_stats(tmp_path, monkeypatch):
+    """The alarm looks at windows of data.ALARM_WINDOW consecutive records: at data.ALARM_SHARE bad
+    or more, the loader stops (naming the reasons) and `stats` reports the same line."""
+    _html_first(tmp_path / "h.tar", 60, 20)
+    spec = str(tmp_path / "h.tar")
+    monkeypatch.setattr(data, "ALARM_WINDOW", 80)  # 75% bad: no alarm
+    assert data.dataset_stats(spec)["alarm"] is None
+    monkeypatch.setattr(data, "ALARM_WINDOW", 40)  # the first 40 records: all bad
+    alarm = data.dataset_stats(spec)["alarm"]
+    assert alarm.startswith("40 of 40 consecutive records were bad (bad_image: 40)")
+    for workers in (0, 1):  # raised in a worker, it reaches the main process as the worker's traceback
+        loader = data.make_train_loader(spec, None, 16, 1, num_workers=workers, shuffle_buffer=1, repeat=False)
+        with pytest.raises(data.BadDataAlarm) as e:
+            list(loader)
+        assert data.BadDataAlarm.line_of(e.value).endswith(alarm), workers

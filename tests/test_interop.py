@@ -19,6 +19,7 @@ import factory
 import model as M
 
 TANH = {"act_kwargs": {"approximate": "tanh"}}
+WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def oc_config(name, vision=None, text=None):
@@ -384,6 +385,54 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys):
         assert rc == 2 and captured.err.startswith("error: ") and msg in captured.err, captured.err
         assert captured.err.count("\n") == 1 and not captured.out
     assert not os.path.exists(out)
+
+
+def test_export_into_a_non_empty_directory_needs_force(tmp_path, capsys):
+    """A directory export into a directory that holds anything (a user's README.md, a clone's
+    .gitattributes, an earlier export) is refused in one line, exit 2, before the checkpoint is read
+    and with nothing written. --force replaces the export's files and says which, removes an earlier
+    export's files this one does not write (a WordPiece tokenizer under a BPE model) and keeps the
+    rest; a link in place of one of its files is refused, its target untouched."""
+    from safetensors.torch import save_file
+
+    net = M.CLIP(M.get_model_config("ViT-Test-8-CL16"))
+    ckpt = tmp_path / "w.safetensors"
+    save_file(net.state_dict(), str(ckpt), metadata=factory.weights_metadata("ViT-Test-8-CL16", net.cfg))
+    out = tmp_path / "hub"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    export.export_open_clip(factory.create_model("ViT-Test-8-CL32-GAP-BigVision"), str(out) + "/")  # WordPiece
+    (out / "README.md").write_text("my notes\n")
+    before = sorted(os.listdir(out))
+    assert "tokenizer.json" in before and "vocab.txt" in before
+    for target in (str(out) + "/", str(out)):
+        rc = export.main([str(tmp_path / "missing.pt"), "--to", "open_clip", target])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{out} is not empty" in err and "--force" in err, err
+    assert sorted(os.listdir(out)) == before and (out / "README.md").read_text() == "my notes\n"
+
+    assert export.main([str(ckpt), "--to", "open_clip", str(out) + "/", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "replacing" in err and "README.md" in err and "open_clip_config.json" in err, err
+    assert "removing" in err and "tokenizer.json" in err and "vocab.txt" in err, err
+    assert sorted(os.listdir(out)) == [".gitattributes", "README.md", "open_clip_config.json", WEIGHTS_FILE]
+    assert (out / "README.md").read_text().startswith("---") and (out / ".gitattributes").exists()
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("keep\n")
+    (out / "README.md").unlink()
+    (out / "README.md").symlink_to(secret)
+    assert export.main([str(ckpt), "--to", "open_clip", str(out) + "/", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "README.md is not a regular file" in err and err.count("\n") == 1, err
+    assert secret.read_text() == "keep\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export.main([str(ckpt), "--to", "open_clip", str(empty)]) == 0  # an empty directory needs no --force
+    assert "README.md" in os.listdir(empty)
 
 
 @pytest.mark.parametrize("width,grid", [(32, 8), (768, 7), (1280, 6)])

@@ -13,11 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # eval -> train; config.py turns presets into stages and the command line)
 ALLOWED = {
     "cli": set(),
+    "storage": set(),
     "checkpoints": set(),
     "tokenizer": set(),
     "transforms": set(),
     "xla_utils": {"cli"},
-    "shards": {"xla_utils", "checkpoints"},
+    "shards": {"xla_utils", "checkpoints", "transforms"},
     "losses": {"xla_utils"},
     "data": {"cli", "xla_utils", "shards", "transforms"},
     "model": {"cli", "xla_utils"},
@@ -49,6 +50,7 @@ BANNED = {
     "xla_utils": set(CORE) - {"cli"},
     "transforms": set(CORE),
     "cli": set(CORE),
+    "storage": set(CORE) - {"cli"},
     "checkpoints": set(CORE),
     "tokenizer": set(CORE),
 }

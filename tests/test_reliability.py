@@ -4,6 +4,7 @@ run into the same directory, a failing disk, non-finite losses, hostile checkpoi
 test drives the real train.py in a subprocess on the tiny demo configuration."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -16,6 +17,11 @@ import torch
 from runs import PY, REPO, env, losses, run, tiny_demo_args, train
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+import config
+import data
+import train as train_py
+import xla_utils
 
 pytestmark = pytest.mark.slow
 
@@ -302,3 +308,117 @@ def test_changed_settings_on_resume_need_force(demo_small, uninterrupted, tmp_pa
     assert "seed 0 -> 3" in p.stderr and "--force-resume" in p.stderr
     train(tiny_demo_args(demo_small, out, "--resume", "latest", "--seed", "3", "--force-resume"))
     assert os.path.basename(_latest(out)) == "step_00000012"
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+
+def _write_nan(ckpt_dir):
+    """A NaN written over the first value of a float32 tensor, in place (the file stays whole)."""
+    file = os.path.join(ckpt_dir, "model.safetensors")
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+        f.seek(8 + n + header[name]["data_offsets"][0])
+        f.write(torch.tensor([math.nan]).numpy().tobytes())
+
+
+def _cut(file, keep):
+    with open(file, "r+b") as f:
+        f.truncate(keep(os.path.getsize(file)))
+
+
+CORRUPTIONS = {
+    "weights truncated": (lambda d: _cut(d / "model.safetensors", lambda n: n // 2), "is truncated or torn"),
+    "weights empty": (lambda d: _cut(d / "model.safetensors", lambda n: 0), "model.safetensors is empty"),
+    "weights nan": (_write_nan, "holds non-finite values (NaN/Inf)"),
+    "state truncated": (lambda d: _cut(d / "train_state.pt", lambda n: n // 2), "is not a readable train state"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_is_stepped_back_past_or_refused_by_name(
+    demo_small, uninterrupted, tmp_path, capsys, kind
+):
+    """A torn, empty or non-finite newest checkpoint: --resume latest takes the newest whole one
+    before it with one line naming the one skipped; named explicitly, it is one line, exit 2."""
+    corrupt, needle = CORRUPTIONS[kind]
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "step_00000012"
+    corrupt(newest)
+    run_cfg, stages, _ = config.parse_args(tiny_demo_args(demo_small, out, "--resume", "latest"), "train.py", False)
+    path, state, note = train_py.load_resume_state("latest", run_cfg, stages)
+    assert path == str(out / "checkpoints" / "step_00000008") and state["step"] == 8
+    assert note.startswith("warning: --resume latest skipped step_00000012 (") and needle in note, note
+    assert "\n" not in note and note.endswith(f"resuming from {path}")
+    other = tmp_path / "other"
+    assert train_py.main(tiny_demo_args(demo_small, other, "--resume", str(newest))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (other / "metrics.jsonl").exists()
+    # nothing whole left to step back to: one line, exit 2
+    shutil.rmtree(out / "checkpoints" / "step_00000008")
+    assert train_py.main(tiny_demo_args(demo_small, out, "--resume", "latest")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume latest: no whole checkpoint in ") and err.count("\n") == 1, err
+
+
+def test_a_run_resumed_past_a_corrupt_checkpoint_ends_as_the_uninterrupted_one(demo_small, uninterrupted, tmp_path):
+    """A NaN in the newest checkpoint's weights: --resume latest says it skipped it, continues from
+    the one before, re-saves the step exactly; a clean run's lock leaves nothing to take over."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)  # with the lock file the clean run released
+    _write_nan(out / "checkpoints" / "step_00000012")
+    p = run([PY, "train.py", *tiny_demo_args(demo_small, out, "--resume", "latest")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = [x for x in p.stderr.splitlines() if x.startswith(("warning", "error"))]
+    assert len(said) == 1 and said[0].startswith("warning: --resume latest skipped step_00000012 ("), p.stderr
+    assert "taking over the lock" not in p.stdout
+    assert os.path.basename(_latest(out)) == "step_00000012"
+    a, b = _weights(_latest(out)), _weights(_latest(uninterrupted))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ----------------------------------------------------------------------------- links and devices
+
+
+def test_a_latest_pointer_to_another_file_is_refused_unread(demo_small, tmp_path, capsys):
+    """checkpoints/latest linked to /etc/passwd (or holding a copy of it): one line that shows none
+    of it, exit 2."""
+    for kind in ("link", "copy"):
+        out = tmp_path / kind
+        (out / "checkpoints").mkdir(parents=True)
+        pointer = out / "checkpoints" / "latest"
+        if kind == "link":
+            pointer.symlink_to("/etc/passwd")
+        else:
+            shutil.copyfile("/etc/passwd", pointer)
+        assert train_py.main(tiny_demo_args(demo_small, out, "--resume", "latest")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "latest" in err, err
+        assert "root:x" not in err and len(err) < 300, err
+
+
+def test_a_lock_file_that_is_a_link_is_refused_not_written_through(demo_small, tmp_path, capsys, monkeypatch):
+    """OUT/.lock (train.py) and DST/.lock (data.py reshard) as a symlink to a file of the user's:
+    one line, exit 2, the file untouched and nothing of it shown."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("root:x:0:0:the user's own file\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(precious)
+    p = run([PY, "train.py", *tiny_demo_args(demo_small, out)])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and ".lock" in p.stderr, p.stderr
+    assert "root:x" not in p.stderr + p.stdout and not (out / "metrics.jsonl").exists()
+    dst = tmp_path / "resharded"
+    dst.mkdir()
+    (dst / ".lock").symlink_to(precious)
+    monkeypatch.setattr(xla_utils, "TF_AFTER_XLA", xla_utils.TF_AFTER_XLA)  # data.main clears it
+    assert data.main(["reshard", demo_small.train_wds, str(dst), "--max-side", "64", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "symbolic link" in err and "root:x" not in err, err
+    assert not [n for n in os.listdir(dst) if n.endswith(".tar")]
+    assert precious.read_text() == "root:x:0:0:the user's own file\n"

@@ -3,19 +3,23 @@ TFRecordWriter) come back in their own format with every non-image field the sam
 images bounded, bad samples and a truncated tail copied as they were, so the loader reads the same
 samples and skips the same bad ones; a killed run resumes; bad invocations are one line."""
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 import webdataset as wds
 from captioned import image_bytes
 from PIL import Image
+from runs import env
 
 import data
 import shards
@@ -212,8 +216,8 @@ def test_unreadable_shard_fails_alone_and_an_empty_one_is_copied(sources, tmp_pa
     (d / "c.tar").write_bytes(b"")  # img2dataset: all downloads failed
     code, summary, _ = _reshard(capsys, f"{d}/*.tar", tmp_path / "o", "--max-side", N)
     assert code == 1 and (summary["written"], summary["failed"]) == (2, 1)
-    assert summary["failed_shards"][0].startswith(f"{d}/b.tar: IsADirectoryError")
-    assert "b.tar not resharded: IsADirectoryError" in caplog.text
+    assert summary["failed_shards"][0] == f"{d}/b.tar: OSError: not a regular file: {d}/b.tar"
+    assert "b.tar not resharded: OSError: not a regular file" in caplog.text
     assert sorted(os.listdir(tmp_path / "o")) == [".lock", ".reshard.json", "a.tar", "c.tar"]
     assert (tmp_path / "o" / "c.tar").read_bytes() == b""
     (d / "b.tar").rmdir()
@@ -276,6 +280,70 @@ def test_cli_end_to_end_with_progress_on_stderr(sources, tmp_path):
     assert (summary["shards"], summary["samples"], summary["images_resized"]) == (1, len(_samples(0)), GOOD + 2)
     assert (summary["bad_samples"], summary["images_kept"], summary["images_within"]) == (1, 1, 1)
     assert "1/1" in r.stderr and "MB" in r.stderr
+
+
+def _forks(pid: int) -> list[int]:
+    """Ids of the live processes that `pid` forked (its children with its command line, from /proc)."""
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = read(f"/proc/{d}/stat").rsplit(b")", 1)[1].split()
+            if (
+                int(fields[1]) == pid
+                and fields[0] != b"Z"
+                and read(f"/proc/{d}/cmdline") == read(f"/proc/{pid}/cmdline")
+            ):
+                kids.append(int(d))
+        except OSError:
+            continue
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_reshard_takes_its_workers_with_it(tmp_path):
+    """SIGKILL of `reshard --workers 2` (OOM killer, preemption): its pool workers end with it, instead
+    of writing more shards into DST without its lock and then waiting forever."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in range(12):
+        _tar(
+            src / f"{s:05d}.tar",
+            [{"__key__": f"{s}_{i}", "jpg": image_bytes(i, (900, 600)), "txt": "x"} for i in range(8)],
+        )
+    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "reshard", str(src), str(tmp_path / "o")]
+    log = open(tmp_path / "stderr", "wb")  # noqa: SIM115 - closed in the finally below
+    p = subprocess.Popen([*cmd, "--max-side", "32", "--workers", "2"], env=env(), stdout=log, stderr=log)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2 and p.poll() is None and time.time() < deadline:
+            workers = _forks(p.pid)
+            time.sleep(0.01)
+        assert len(workers) == 2, (tmp_path / "stderr").read_text()[-2000:]
+        p.kill()  # the workers hold shards to write and more in their queue
+        p.wait(timeout=60)
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "a reshard worker outlived its killed parent by 10 s"
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+        log.close()
 
 
 @pytest.mark.parametrize(

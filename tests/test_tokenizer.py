@@ -352,6 +352,23 @@ def test_word_cache_clears_when_full(monkeypatch):
     bpe.cache.update(bpe._pinned)
 
 
+@pytest.mark.parametrize("tk", T.TOKENIZERS)
+def test_long_words_are_not_cached(tk):
+    """A word over MAX_CACHED_WORD characters (a URL, junk: they never repeat) is encoded each time and
+    kept by neither the word nor the syntax-priority cache: distinct junk captions up to the shard
+    reader's caption bound would otherwise hold GBs in every loader worker."""
+    r = random.Random(2)
+    junk = ["".join(r.choice(string.ascii_lowercase) for _ in range(2000)) for _ in range(3)]
+    for tok, captions in (
+        (T.Tokenizer(tk, 8), junk),  # each junk word encoded
+        (T.Tokenizer(tk, 8, "syntax"), [f"a red dog on a mat in the sun {j}" for j in junk]),  # and ranked
+    ):
+        first = tok(captions)
+        assert not any(j in tok.backend.cache or j in T._PRIORITY_CACHE for j in junk)
+        assert torch.equal(tok(captions), first)
+    assert "dog" in tok.backend.cache and "dog" in T._PRIORITY_CACHE
+
+
 # ----------------------------------------------------------------------------- WordPiece
 
 

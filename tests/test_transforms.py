@@ -125,6 +125,40 @@ def test_other_image_modes_give_rgb_uint8():
     assert transforms.eval_transform(32)(gray.getvalue()).float().mean().round() == 77
 
 
+def _sixteen_bit(levels: np.ndarray, fmt: str) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(levels.astype(np.uint16)).save(b, fmt)
+    return b.getvalue()
+
+
+def test_16_bit_grayscale_keeps_its_levels():
+    """16-bit grayscale (PNG and TIFF: Pillow's I;16, 16-bit PGM: I, a PIL image in mode I) keeps the
+    high byte of each level, as Pillow reads 16-bit RGB; Pillow's convert('RGB') clips every level
+    over 255, which made such an image pure white."""
+    flat = np.full((72, 96), 100 * 256 + 37)
+    for src in (
+        _sixteen_bit(flat, "PNG"),
+        _sixteen_bit(flat, "TIFF"),
+        _sixteen_bit(flat, "PPM"),
+        Image.fromarray(flat.astype(np.int32)),
+    ):
+        for t in (
+            transforms.train_transform(32),
+            transforms.TrainTransform(32, use_simplejpeg=False),
+            transforms.eval_transform(32),
+            transforms.eval_transform(32, "bilinear", True),
+        ):
+            x = t(src, random.Random(0))
+            assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+            assert x.unique().tolist() == [100]
+    # a gradient decodes as its 8-bit image does
+    ramp = np.arange(72 * 96).reshape(72, 96) * 9
+    eight = Image.fromarray((ramp >> 8).astype(np.uint8), "L")
+    for t in (transforms.eval_transform(32, "bilinear", True), transforms.train_transform(32)):
+        got, want = t(_sixteen_bit(ramp, "PNG"), random.Random(1)), t(eight, random.Random(1))
+        assert (got.int() - want.int()).abs().max() <= 1
+
+
 def test_color_jitter_matches_torchvision_ops(photo):
     import torchvision.transforms.functional as F
 
