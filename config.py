@@ -401,7 +401,12 @@ class RunConfig:
     save_every: int = opt(1000, "checkpoint every N steps", min=1)
     save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save", min=0)
     keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)", min=1)
-    resume: str | None = opt(None, "'latest' (in --out) or a checkpoint directory")
+    resume: str | None = opt(
+        None,
+        "auto: the newest whole checkpoint in --out, or a fresh start when it has none (the command to "
+        "re-run after every stop); latest: the same, but an --out without checkpoints is an error; or a "
+        "checkpoint directory. Without it, an --out that holds checkpoints is refused",
+    )
     pretrained: str | None = opt(None, "weights for the first stage: checkpoint dir, .safetensors or OpenCLIP file")
     eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)", min=0)
     eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")

@@ -370,15 +370,31 @@ def _generator(*xs: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix(*xs, 0xD1) >> 1)
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker_init(_):
     torch.set_num_threads(1)
-    # a stop signal to the process group reaches the workers too: the main process decides (it saves
-    # first) and the workers end with it, by the DataLoader's shutdown or the watchdog below
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    # A stop signal to the process group (torchrun, `timeout`, Ctrl-C) or to every process of a job
+    # (SLURM, systemd) reaches the workers too: the main process decides (it saves first) and the
+    # workers end with it. Blocked here, before any thread of the worker starts, so that one thread
+    # takes them all (_stop_signals)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    threading.Thread(target=_stop_signals, args=(parent,), daemon=True).start()
     # A worker whose main process was killed would live on when a batch waits in the full pipe (its
     # queue's writer thread is joined at exit, and the worker itself holds the read end): leave then
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _stop_signals(parent: int):
+    """Stop signals from anyone but the main process are dropped; its own SIGTERM (multiprocessing's
+    terminate() of workers still alive when it exits) ends the worker, with status 0 as torch's own
+    SIGTERM handler does (the main process's SIGCHLD handler reports any other as a failure)."""
+    while True:
+        info = signal.sigwaitinfo(_STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
 
 
 def _exit_with_parent(parent: int):

@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ import factory
 import losses
 import model as model_lib
 import plan
+import storage
 import transforms
 import xla_utils
 from config import RunConfig, Stage
@@ -233,18 +235,35 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
 EXACT_RUN_FIELDS = ("seed", "workers", "accum_steps")
 
 
-def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict, str]:
-    """--resume latest|DIR -> (checkpoint dir, its train state, a note), checked against the preset
-    and against the settings the checkpoint was trained with. `latest` steps back past corrupt
+def saved_checkpoints(out: str) -> list[str]:
+    """What in OUT/checkpoints a run would resume from or write over: the `latest` pointer and the
+    step_NNNNNNNN directories, oldest first."""
+    root = checkpoint_root(out)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+    return names + ["latest"] if os.path.lexists(os.path.join(root, "latest")) else names
+
+
+def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str | None, dict | None, str]:
+    """--resume latest|auto|DIR -> (checkpoint dir, its train state, a note), checked against the
+    preset and against the settings the checkpoint was trained with. `latest` steps back past corrupt
     checkpoints (torn, empty or non-finite files) to the newest whole one; the note names those
-    skipped. A corrupt checkpoint named explicitly is refused."""
+    skipped. A corrupt checkpoint named explicitly is refused. `auto` is `latest` when --out holds a
+    checkpoint, else (None, None, ""): a fresh start, so that one command is re-run after every stop."""
     root = checkpoint_root(run.out)
-    if spec != "latest":
+    if spec not in ("latest", "auto"):
         path = checkpoints.resolve_checkpoint(spec)
         return path, _resume_state(path, run, stages), ""
-    if not os.path.lexists(os.path.join(root, "latest")):
+    if os.path.lexists(os.path.join(root, "latest")):
+        newest = checkpoints.resolve_checkpoint(root)
+    elif spec == "auto" and saved_checkpoints(run.out):
+        # killed between a first checkpoint's directory and its pointer: the directories are all there is
+        newest = os.path.join(root, saved_checkpoints(run.out)[-1])
+    elif spec == "auto":
+        return None, None, ""
+    else:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {root}")
-    newest = checkpoints.resolve_checkpoint(root)
     skipped = []
     for path in [newest, *checkpoints.older_checkpoints(newest)]:
         try:
@@ -252,9 +271,9 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str, dict, str
         except checkpoints.CorruptCheckpoint as e:
             skipped.append(f"{os.path.basename(path)} ({cli.first_line(e, 300)})")
             continue
-        note = f"warning: --resume latest skipped {'; '.join(skipped)}: resuming from {path}" if skipped else ""
+        note = f"warning: --resume {spec} skipped {'; '.join(skipped)}: resuming from {path}" if skipped else ""
         return path, state, note
-    raise checkpoints.CorruptCheckpoint(f"--resume latest: no whole checkpoint in {root}: {'; '.join(skipped)}")
+    raise checkpoints.CorruptCheckpoint(f"--resume {spec}: no whole checkpoint in {root}: {'; '.join(skipped)}")
 
 
 def _resume_state(path: str, run: RunConfig, stages) -> dict:
@@ -422,16 +441,24 @@ class Inputs:
 def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
     """Validate what the run will need (data, eval set, checkpoints) up front: a mistake costs a
     one-line error now, not a crash at the end of a stage. Raises ValueError / FileNotFoundError."""
+    check_paths(run)
     if run.pretrained and not os.path.exists(run.pretrained):
         raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         raise ValueError(f"--out {run.out} is a file, not a directory")
+    if not run.resume and saved_checkpoints(run.out):
+        # a fresh start would write over them, and pruning would then delete its own new checkpoints
+        raise ValueError(
+            f"--out {run.out} already holds checkpoints: pass --resume auto to continue that run, "
+            f"or train into another --out"
+        )
     for _, s in stages:
         if not s.train_data:
             raise ValueError(
                 f"stage {s.name} of preset {run.cfg}: no training data; give --train-data "
                 f"SPEC (webdataset tars, TFRecords or a TFDS dir)"
             )
+        storage.check_supported(s.train_data)
         data.resolve(s.train_data, s.train_format)
     inputs = Inputs()
     if run.eval_data or run.eval_retrieval:
@@ -446,9 +473,25 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
         inputs.eval.templates = eval_zeroshot.load_templates(run.eval_templates)
     if run.resume:
         inputs.resume_path, inputs.resume_state, inputs.resume_note = load_resume_state(run.resume, run, stages)
-    elif run.pretrained:  # the first stage starts from it: its weights must fit that model
+    if inputs.resume_state is None and run.pretrained:  # the first stage starts from it: its weights must fit
         factory.create_model(stages[0][1].model_config(), pretrained=run.pretrained)
     return inputs
+
+
+def check_paths(run: RunConfig) -> None:
+    """--out, --pretrained and --resume DIR are local (or mounted) paths for now: a URL is refused in one
+    line, never taken for a local directory named `gs:`; file:// URLs become the paths they name."""
+    for name in ("out", "pretrained", "resume"):
+        path = getattr(run, name)
+        if not path or (name == "resume" and path in ("latest", "auto")):
+            continue
+        storage.check_supported(path)
+        if storage.is_remote(path):
+            what = "output is" if name == "out" else "checkpoints are"
+            raise ValueError(
+                f"{config.flag(name)} {path}: remote {what} not supported yet; use a local or mounted path"
+            )
+        setattr(run, name, storage.local_path(path))
 
 
 def check_layout(rt: xla_utils.Runtime, run: RunConfig, stages, inputs: Inputs) -> None:

@@ -784,7 +784,7 @@ def launch_command(
     node_rank: int = 0,
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
-    rdzv_backend: str = "static",
+    rdzv_backend: str | None = None,
     max_restarts: int = 0,
 ) -> tuple[list[str], dict]:
     """The command (and extra environment) that starts SCRIPT on this machine.
@@ -795,13 +795,16 @@ def launch_command(
     (gcloud compute tpus tpu-vm ssh NAME --worker=all --command "...").
 
     Several nodes (CUDA/CPU): the same command on each with --nnodes N and its --node-rank, all
-    naming node 0 as --master-addr. rdzv_backend 'static' (torchrun's default): ranks follow the
-    node ranks; 'c10d': torchrun's c10d rendezvous at master_addr:master_port (node ranks are
-    assigned as nodes join; a restarted node rejoins).
+    naming node 0 as --master-addr. rdzv_backend 'static' (torchrun's default; the default here
+    without max_restarts): ranks follow the node ranks; 'c10d': torchrun's c10d rendezvous at
+    master_addr:master_port (node ranks are assigned as nodes join; a restarted node rejoins).
 
     max_restarts: torchrun's --max-restarts: a rank that fails (killed outright, say) stops the
     others and starts them all again, up to N times; with train.py's --resume auto the new group
-    continues from the newest checkpoint."""
+    continues from the newest checkpoint. It needs the c10d rendezvous, each round with a store
+    of its own: torch 2.9 hands a restarted group the store of the first, whose ranks' addresses
+    are stale (under 'static' always; under 'c10d' unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+    and the new group's process group hangs or fails to connect."""
     kind = resolve_device(device)
     env = {}
     if max_restarts < 0:
@@ -821,8 +824,15 @@ def launch_command(
         return [sys.executable, script, "--device", "xla", *args], env
     if nproc is None:
         nproc = torch.cuda.device_count() if kind == "cuda" else 1
+    if rdzv_backend is None:
+        rdzv_backend = "c10d" if max_restarts else "static"
     if rdzv_backend not in RENDEZVOUS:
         raise ValueError(f"unknown rendezvous {rdzv_backend!r}; choose {', '.join(RENDEZVOUS)}")
+    if max_restarts and rdzv_backend == "static":
+        raise ValueError(
+            "--max-restarts needs the c10d rendezvous: torchrun's static one hands the restarted "
+            "ranks the addresses of the ones they replace (drop --rdzv-backend static)"
+        )
     if not 0 <= node_rank < nnodes:
         raise ValueError(f"--node-rank {node_rank} is not in 0..{nnodes - 1} (--nnodes {nnodes})")
     if rdzv_backend == "static":
@@ -832,6 +842,7 @@ def launch_command(
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
     if max_restarts:
         torchrun.append(f"--max-restarts={max_restarts}")
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh store each round (see above)
     cmd = [*torchrun, *nodes, script, "--device", kind, *args]
     if kind == "cpu":
         # each process gets its share of the cores instead of all of them fighting
@@ -909,9 +920,10 @@ def main(argv=None) -> int:
     lp.add_argument("--master-port", type=int, default=29500)
     lp.add_argument(
         "--rdzv-backend",
-        default="static",
+        default=None,
         choices=RENDEZVOUS,
-        help="static: ranks by --node-rank; c10d: torchrun's c10d rendezvous at the master",
+        help="static (the default without --max-restarts): ranks by --node-rank; c10d (the default "
+        "with it): torchrun's c10d rendezvous at the master",
     )
     lp.add_argument(
         "--slurm",

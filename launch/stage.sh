@@ -3,7 +3,8 @@
 #   launch/stage.sh gpu|tpu PRESET STAGE [extra train.py/finetune.py flags...]
 # The per-experiment wrappers in launch/gpu/ and launch/tpu/ call this. Paths come from the environment:
 #   TRAIN_DATA   shards: /data/laion/{00000..41407}.tar, a TFRecord glob, or a TFDS directory (required)
-#   OUT          output directory: checkpoints, metrics.jsonl, logs (required)
+#   OUT          output directory: checkpoints, metrics.jsonl, logs (required); re-running the same
+#                command after a preemption continues from its newest checkpoint (--resume auto)
 #   PRETRAINED   checkpoint of the previous stage (required for fine-tune stages)
 #   IMAGENET_VAL ImageNet val/ ImageFolder or TFDS dir: zero-shot eval every EVAL_EVERY steps (optional)
 #   NPROC (GPUs per node, default: all visible), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node)
@@ -18,7 +19,8 @@ PYTHON="${PYTHON:-python}"
 
 [ -n "${TRAIN_DATA:-}" ] || die "TRAIN_DATA is not set (training shards, e.g. /data/laion400m/{00000..41407}.tar)"
 [ -n "${OUT:-}" ] || die "OUT is not set (output directory for checkpoints and logs)"
-args=(--cfg "$preset" --stage "$stage" --train-data "$TRAIN_DATA" --out "$OUT")
+# --resume auto: the same command starts the run and continues it from OUT's newest checkpoint after a stop
+args=(--cfg "$preset" --stage "$stage" --train-data "$TRAIN_DATA" --out "$OUT" --resume auto)
 script=train.py
 if [ "$stage" != "pretrain" ]; then   # every later stage starts from the previous stage's weights
   script=finetune.py

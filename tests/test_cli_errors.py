@@ -87,7 +87,24 @@ CASES = [
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/empty", "--out", f"{TMP}/o"], "no .tar/.tfrecord"),
     ("train.py", ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", f"{TMP}/a_file"], "is a file, not a dir"),
+    # train.py: where a run writes and what it reads checkpoints from
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "gs://bucket/run"], "remote output is not"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "s3://bucket/run"], "remote output is not"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "gs:/bucket/run"], "did you mean gs://"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "ftp://h/run"], "unsupported storage scheme"),
+    ("train.py", ["--cfg", "demo", "--pretrained", "hdfs://h/ckpt"], "unsupported storage scheme"),
+    ("train.py", ["--cfg", "demo", "--pretrained", "gs://bucket/ckpt"], "remote checkpoints are not supported"),
+    ("train.py", ["--cfg", "demo", "--resume", "ftp://h/ckpt"], "unsupported storage scheme"),
+    ("train.py", ["--cfg", "demo", "--resume", "s3://bucket/ckpt"], "remote checkpoints are not supported"),
+    ("train.py", ["--cfg", "demo", "--train-data", "ftp://h/{0..3}.tar", "--out", f"{TMP}/o"], "unsupported storage"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", f"{TMP}/ran"], "already holds checkpoints"),
     ("finetune.py", ["--cfg", "demo"], "--pretrained"),
+    (
+        "finetune.py",
+        ["--cfg", "demo", "--pretrained", f"{TMP}/val", "--out", f"{TMP}/ran"],
+        "already holds checkpoints",
+    ),
+    ("finetune.py", ["--cfg", "demo", "--pretrained", "gs://bucket/ckpt"], "remote checkpoints are not supported"),
     ("finetune.py", ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
     # eval_zeroshot.py
     ("eval_zeroshot.py", [], "required"),
@@ -160,6 +177,8 @@ def inputs(tmp_path_factory) -> str:
     (tmp / "a_file").write_text("x")
     (tmp / "templates.txt").write_text("a photo\n")
     (tmp / "empty").mkdir()
+    (tmp / "ran" / "checkpoints" / "step_00000003").mkdir(parents=True)  # an earlier run's output
+    (tmp / "ran" / "checkpoints" / "latest").write_text("step_00000003\n")
     for c in ("cat", "dog"):
         (tmp / "val" / c).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp / "val" / c / "0.png")

@@ -67,6 +67,7 @@ def test_dry_runs_resolve_to_the_paper_recipe(tmp_path):
             "command: " + ("torchrun --nproc_per_node" if plat == "gpu" else f"{sys.executable} xla_utils.py launch")
         )
         assert f"--cfg {preset} --stage {stage}" in command
+        assert "--resume auto" in command  # the same command continues after a preemption
         assert ("finetune.py" in command) == (stage != "pretrain")
         assert (f"--pretrained {pre}" in command) == (stage != "pretrain")
         resolved = json.loads(lines[-1])

@@ -39,6 +39,7 @@ ALLOWED = {
         "eval_zeroshot",
         "losses",
         "plan",
+        "storage",
     },
     "finetune": {"train"},
 }

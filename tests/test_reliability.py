@@ -183,11 +183,13 @@ def test_sigterm_and_sigint_save_then_exit(demo_small, uninterrupted, tmp_path, 
 
 def test_a_second_run_into_a_locked_directory_is_refused(demo_small, tmp_path):
     out = tmp_path / "run"
-    first = _start(tiny_demo_args(demo_small, out, "--set", "pretrain.train_num_samples=3200"))
+    # no checkpoint while the second starts: it would be refused for holding one before it reached the lock
+    args = tiny_demo_args(demo_small, out, "--set", "pretrain.train_num_samples=3200", "--save-every", "1000")
+    first = _start(args)
     try:
         assert _wait_for_step(first, str(out / "metrics.jsonl"), 1)
         before = (out / "metrics.jsonl").read_text()
-        second = run([PY, "train.py", *tiny_demo_args(demo_small, out)])
+        second = run([PY, "train.py", *args])
         assert second.returncode == 2
         assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1
         assert "is in use by another run (pid " in second.stderr
@@ -363,6 +365,29 @@ def test_a_corrupt_newest_checkpoint_is_stepped_back_past_or_refused_by_name(
     assert train_py.main(tiny_demo_args(demo_small, out, "--resume", "latest")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --resume latest: no whole checkpoint in ") and err.count("\n") == 1, err
+
+
+def test_resume_auto_takes_the_newest_whole_checkpoint_or_starts_fresh(demo_small, uninterrupted, tmp_path, capsys):
+    """--resume auto: `latest`'s rules when --out holds a checkpoint (a corrupt newest one stepped back
+    past, nothing whole left refused); the newest whole step directory when a kill came between the first
+    checkpoint and its pointer; nothing at all: a fresh start."""
+    out = tmp_path / "run"
+    run_cfg, stages, _ = config.parse_args(tiny_demo_args(demo_small, out, "--resume", "auto"), "train.py", False)
+    assert train_py.load_resume_state("auto", run_cfg, stages) == (None, None, "")
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    ck = out / "checkpoints"
+    _cut(ck / "step_00000012" / "model.safetensors", lambda n: n // 2)
+    path, state, note = train_py.load_resume_state("auto", run_cfg, stages)
+    assert path == str(ck / "step_00000008") and state["step"] == 8
+    assert note.startswith("warning: --resume auto skipped step_00000012 ("), note
+    (ck / "latest").unlink()
+    shutil.rmtree(ck / "step_00000012")
+    path, state, _ = train_py.load_resume_state("auto", run_cfg, stages)
+    assert path == str(ck / "step_00000008") and state["step"] == 8
+    _cut(ck / "step_00000008" / "model.safetensors", lambda n: 0)
+    assert train_py.main(tiny_demo_args(demo_small, out, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume auto: no whole checkpoint in ") and err.count("\n") == 1, err
 
 
 def test_a_run_resumed_past_a_corrupt_checkpoint_ends_as_the_uninterrupted_one(demo_small, uninterrupted, tmp_path):

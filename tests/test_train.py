@@ -476,6 +476,29 @@ def test_kill_and_resume_continue_identically(demo_small, uninterrupted, tmp_pat
 
 
 @pytest.mark.slow
+def test_resume_auto_is_one_command_to_rerun_after_every_stop(demo_small, uninterrupted, tmp_path):
+    """The same command with --resume auto: on an empty --out it trains from scratch; stopped at step 5
+    (as a preemption would stop it) and re-run, it continues from there and ends bit-identical to the
+    uninterrupted run; re-run once the run is done, it has nothing left to do."""
+    out = tmp_path / "run"
+    args = _tiny_demo_args(demo_small, out, "--resume", "auto")
+    first = _train([*args, "--max-steps", "5"])
+    assert "resuming from" not in first and "from scratch" in first
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    second = _train(args)
+    assert f"resuming from {out / 'checkpoints' / 'step_00000005'} (step 5," in second
+    want, _ = _losses(uninterrupted)
+    got, _ = _losses(out)
+    assert sorted(want) == list(range(1, 13)) and got == want
+    final = "checkpoints/step_00000012/model.safetensors"
+    with safe_open(str(uninterrupted / final), "pt") as a, safe_open(str(out / final), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    third = _train(args)
+    assert "nothing to run: the selected stages finished by step 12" in third
+    assert _losses(out)[0] == want
+
+
+@pytest.mark.slow
 def test_finetune_py_from_a_pretrain_checkpoint(demo_small, uninterrupted, tmp_path):
     """finetune.py loads a 32 px / 16-token pre-train checkpoint into the 64 px / 32-token model
     (position tables resized, learnable) and trains; an incompatible architecture is a one-line error."""
@@ -679,6 +702,72 @@ def test_eval_inputs_are_checked_before_the_first_step(demo_small, tmp_path, cap
     run, stages, _ = config.parse_args(base + ["--eval-classnames", names, "--eval-templates", "short"])
     inputs = train.check_inputs(run, stages)
     assert len(inputs.eval.templates) == 7 and len(inputs.eval.classnames) == 36
+
+
+def _tree(root) -> dict:
+    """Every path under root with its size and modification time: what "changes nothing" compares."""
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.lstat(os.path.join(d, n))[6:9]
+        for d, dirs, files in os.walk(root)
+        for n in dirs + files
+    }
+
+
+def test_a_run_into_an_out_with_checkpoints_needs_resume(demo_small, tmp_path, capsys):
+    """train.py and finetune.py without --resume into an --out that holds checkpoints (with or without
+    the `latest` pointer): one line naming --resume auto, exit 2, and the directory untouched (no lock
+    file, no metrics, no temporaries removed)."""
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    (ck / "step_00000003").mkdir(parents=True)
+    (ck / "step_00000003" / "model.safetensors").write_bytes(b"weights")
+    (ck / ".step_00000006.tmp123").mkdir()  # a kill mid-save: only a run that continues removes it
+    base = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--out", str(out)]
+    for pointer in (True, False):
+        if pointer:
+            (ck / "latest").write_text("step_00000003\n")
+        else:
+            (ck / "latest").unlink()
+        before = _tree(out)
+        for argv, finetune in [(base, False), (base + ["--pretrained", str(ck / "step_00000003")], True)]:
+            status = train.main(argv, prog="finetune.py" if finetune else "train.py", finetune=finetune)
+            err = capsys.readouterr().err
+            assert status == 2 and err.count("\n") == 1, err
+            assert err.startswith(f"error: --out {out} already holds checkpoints: pass --resume auto"), err
+            assert _tree(out) == before
+
+
+def test_finetune_with_resume_auto_on_an_empty_out_checks_pretrained(demo_small, tmp_path, capsys):
+    """finetune.py --resume auto on an empty --out is a fresh start from --pretrained: weights that do
+    not load are refused before the first step, as without --resume."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not weights")
+    out = tmp_path / "run"
+    argv = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--pretrained", str(junk), "--out", str(out)]
+    assert train.main([*argv, "--resume", "auto"], prog="finetune.py", finetune=True) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(junk) in err, err
+    assert not out.exists()
+
+
+def test_out_on_an_object_store_is_refused_not_made_local(demo_small, tmp_path, monkeypatch, capsys):
+    """--out gs://... or s3://... (remote checkpoints do not exist yet), a URL with a slash missing, or a
+    scheme nothing reads: one line, exit 2, and no local directory named `gs:` (or anything else)."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--resume", "auto"]
+    for out, needle in [
+        ("gs://bucket/run", "--out gs://bucket/run: remote output is not supported yet; use a local or mounted"),
+        ("s3://bucket/run", "--out s3://bucket/run: remote output is not supported yet"),
+        ("gs:/bucket/run", "did you mean gs://"),
+        ("ftp://host/run", "unsupported storage scheme ftp://"),
+    ]:
+        assert train.main(base + ["--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert os.listdir(tmp_path) == []
+    # file:// is the local file system: the run's paths are the paths it names
+    run, stages, _ = config.parse_args(base + ["--out", f"file://{tmp_path}/run"])
+    assert train.check_inputs(run, stages).resume_path is None and run.out == f"{tmp_path}/run"
 
 
 def test_training_eval_uses_the_trainers_runtime_and_precision(monkeypatch):

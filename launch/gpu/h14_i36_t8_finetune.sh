@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # CLIPA H/14 fine-tune at 224 px, 30% random masking -- stage 'finetune' of preset h14_i36_t8 on 8 GPUs with torchrun (NPROC to change).
 # Needs TRAIN_DATA and OUT, PRETRAINED; DRY_RUN=1 prints the command and resolved config.
+# Re-run it as it is after a preemption: it continues from the newest checkpoint in OUT (--resume auto).
 exec "$(dirname "$0")/../stage.sh" gpu h14_i36_t8 finetune "$@"
