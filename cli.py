@@ -42,7 +42,9 @@ class ArgumentParser(argparse.ArgumentParser):
 class StopSignals:
     """SIGTERM (preemption: the cloud's grace period) and SIGINT (Ctrl-C) ask a long run to stop:
     `received` is set and the run decides (with every rank) when to save and exit. A second Ctrl-C
-    interrupts at once; a second SIGTERM ends the process."""
+    interrupts at once. A second SIGTERM is the same request (SLURM and systemd signal every process
+    and torchrun passes on its own, so a rank gets two); the scheduler's SIGKILL ends a run that
+    outstays its grace period."""
 
     def __init__(self):
         self.received: int | None = None
@@ -54,4 +56,5 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.received = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)

@@ -176,13 +176,30 @@ def test_sigterm_to_the_launcher_reaches_every_rank(demo_small, two_ranks, tmp_p
 
 
 @pytest.mark.slow
+def test_sigterm_to_every_process_of_the_job_saves(demo_small, tmp_path):
+    """SLURM and systemd signal every process of a job: the launcher, torchrun, the ranks and their loader
+    workers. The ranks get it twice (directly and from torchrun) and still save; the workers ignore it."""
+    out = tmp_path / "run"
+
+    def everyone(p):
+        subprocess.run(["kill", "-TERM", str(p.pid), *map(str, _procs(str(out)))], check=False)
+
+    _stop_and_resume(demo_small, out, None, everyone, signal.SIGTERM, TORCHRUN_STOPPED)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_ctrl_c_or_a_killed_launcher_saves(demo_small, tmp_path, how):
     """Ctrl-C (SIGINT to the launcher's group): the ranks get SIGINT, save and exit 130. The launcher
     SIGKILLed: torchrun gets SIGTERM (the launcher's death signal), the ranks save and nothing is left."""
     if how == "sigint":
         _stop_and_resume(
-            demo_small, tmp_path / "run", None, lambda p: os.killpg(p.pid, signal.SIGINT), signal.SIGINT, 1
+            demo_small,
+            tmp_path / "run",
+            None,
+            lambda p: os.killpg(p.pid, signal.SIGINT),
+            signal.SIGINT,
+            TORCHRUN_STOPPED,
         )
     else:
         _stop_and_resume(demo_small, tmp_path / "run", None, lambda p: p.kill(), signal.SIGTERM, -signal.SIGKILL)
