@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import storage
+
 # ----------------------------------------------------------------------------- atomic files
 
 
@@ -42,18 +44,8 @@ def _fsync_dir(path: str):
 def atomic_write(path: str, write_fn) -> str:
     """Write a file atomically: write_fn(tmp_path) writes it, then fsync and rename over `path`.
     A reader (or a resumed run after a kill) sees the old file or the new one, never half of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(d)
+    storage.write_local_atomic(path, write_fn)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))  # the rename itself survives a power cut
     return path
 
 

@@ -714,7 +714,7 @@ def _fsync_dir(path: str):
             os.close(fd)
 
 
-def _local_atomic(path: str, write_fn) -> None:
+def write_local_atomic(path: str, write_fn) -> None:
     """write_fn(tmp) writes a temporary beside `path`, then fsync and rename over it: a reader, or a run
     resumed after a kill, sees the old file or the new one, never half of one."""
     d = os.path.dirname(os.path.abspath(path))
@@ -744,7 +744,7 @@ def write_bytes_atomic(path, data: bytes) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
 
-        _local_atomic(p, write)
+        write_local_atomic(p, write)
         return
     with _errors(path):
         _filesystem(s).pipe_file(_store_path(path), bytes(data))
@@ -756,7 +756,7 @@ def upload(local_file: str, path) -> None:
     path = _writable(os.fspath(path))
     s = scheme(path)
     if s in ("", "file"):
-        _local_atomic(local_path(path), lambda tmp: shutil.copyfile(local_file, tmp))
+        write_local_atomic(local_path(path), lambda tmp: shutil.copyfile(local_file, tmp))
         return
     with _errors(path):
         _filesystem(s).put_file(local_file, _store_path(path))
@@ -770,7 +770,7 @@ def download(path, local_file: str) -> None:
         with open_read(path) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, BUFFER)
 
-    _local_atomic(local_file, write)
+    write_local_atomic(local_file, write)
 
 
 def remove(path, recursive: bool = False) -> None:

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = {
     "cli": set(),
     "storage": set(),
-    "checkpoints": set(),
+    "checkpoints": {"storage"},
     "tokenizer": set(),
     "transforms": set(),
     "xla_utils": {"cli"},
@@ -52,7 +52,7 @@ BANNED = {
     "transforms": set(CORE),
     "cli": set(CORE),
     "storage": set(CORE) - {"cli"},
-    "checkpoints": set(CORE),
+    "checkpoints": set(CORE) - {"storage"},
     "tokenizer": set(CORE),
 }
 LAUNCH_MODULES = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "launch", "*.py"))}
