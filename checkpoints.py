@@ -2,23 +2,28 @@
 
 Atomic files and directories (write a temporary, fsync, rename), checkpoint directories (`latest`
 always names a complete one; pruned to --keep), the run lock (one run per output directory), and
-the one resolver of checkpoint paths. Host-only: the runtime (xla_utils) brings tensors to the host
+the one resolver of checkpoint paths; on an object store (s3://, gs://), checkpoints staged locally,
+uploaded, verified against their manifest, then committed by the `latest` object. Host-only: the runtime (xla_utils) brings tensors to the host
 first. Write failures surface as OSError, whatever library wrote, so that the trainer can tell a
 full disk (warn, keep the previous checkpoint, go on) from a bug (traceback).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import stat
+import tempfile
 import time
 
 import torch
@@ -283,6 +288,10 @@ def read_pointer(pointer: str) -> str:
         raw = os.read(fd, POINTER_BYTES + 1)
     finally:
         os.close(fd)
+    return _pointer_name(raw, pointer)
+
+
+def _pointer_name(raw: bytes, pointer: str) -> str:
     name = raw.decode("ascii", errors="replace").strip()
     if len(raw) > POINTER_BYTES or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise ValueError(f"{pointer} holds something that is not a checkpoint directory beside it (not shown)")
@@ -304,8 +313,12 @@ class RunLock:
     file of its own, never a link: the lock writes into it."""
 
     def __init__(self, out: str):
-        self.path = os.path.join(out, ".lock")
+        # a remote --out: the lock is the staging directory's (one per --out and machine), and OUT/.lock
+        # on the store records the holder, best effort: a store cannot lock (docs/reliability.md)
+        self.remote = os.path.join(out, ".lock") if storage.is_remote(out) else None
+        self.path = os.path.join(staging_dir(out) if self.remote else out, ".lock")
         self.fd = None
+        self.recorded = False  # our record is in OUT/.lock on the store
         self.previous = ""  # holder recorded in a stale lock file that was taken over
 
     def acquire(self):
@@ -332,10 +345,35 @@ class RunLock:
             os.close(fd)
             raise
         self.previous = holder
+        record = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+        os.pwrite(fd, record.encode(), 0)
         self.fd = fd
+        if self.remote:
+            try:
+                self._record_on_store(record)
+            except BaseException:
+                self.release()
+                raise
         return self
+
+    def _record_on_store(self, record: str):
+        """OUT/.lock on the store: the holder before us (a run that ended without releasing it: killed,
+        preempted, or still going on another machine) is said; ours is written. Also the first write
+        into --out, so that a store refusing writes fails here, before the first step."""
+        try:
+            raw = storage.read_bytes(self.remote, 200) if storage.exists(self.remote) else b""
+            storage.write_bytes_atomic(self.remote, record.encode())
+        except ValueError:  # over 200 bytes: not ours
+            raw = b"?"
+            storage.write_bytes_atomic(self.remote, record.encode())
+        except OSError as e:
+            raise ValueError(f"--out cannot be written: {e}") from None
+        self.recorded = True
+        text = raw.decode(errors="replace").strip()
+        if text:
+            holder = text if _HOLDER.fullmatch(text) else "an unrecognised record, not shown"
+            self.previous = f"{holder}, recorded in {self.remote}; if that run still goes on, stop one of the two"
 
     def release(self):
         if self.fd is not None:
@@ -343,13 +381,21 @@ class RunLock:
                 os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing drops the lock; the empty file stays (harmless)
             self.fd = None
+            if self.recorded:
+                with contextlib.suppress(OSError):
+                    storage.remove(self.remote)
+                self.recorded = False
 
 
-def resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str, weights_only: bool = False) -> str:
     """The one resolver of checkpoint paths: a file is returned as is; a checkpoint directory (one
     holding model.safetensors) as is; a run directory, its checkpoints/ directory or the
-    checkpoints/latest pointer file itself -> the checkpoint it names, a directory beside it."""
+    checkpoints/latest pointer file itself -> the checkpoint it names, a directory beside it. A URL
+    (s3://, gs://, http(s)://) is resolved the same way on the store and downloaded (fetch_checkpoint):
+    the local copy is returned; weights_only: only its model.safetensors."""
     path = os.fspath(path)
+    if storage.is_remote(path):
+        return fetch_checkpoint(path, weights_only)
     if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.basename(os.path.normpath(path)) == "latest" and not os.path.isdir(path):
@@ -368,3 +414,212 @@ def resolve_checkpoint(path: str) -> str:
                 raise FileNotFoundError(f"{pointer} names {name}, which does not exist")
             return target
     raise FileNotFoundError(f"no model.safetensors (or checkpoints/latest) in directory {path}")
+
+
+# ----------------------------------------------------------------------------- checkpoints on an object store
+#
+# An object store has no rename, so a checkpoint cannot appear at once. It is written whole to a local
+# staging directory first (as above), its files are uploaded to ROOT/NAME/, each checked by its size on
+# the store, then ROOT/NAME/manifest.json (every file's size and SHA-256) is uploaded and read back, and
+# only then ROOT/latest is written: the pointer is the commit. A checkpoint without its manifest is an
+# upload cut short: never named by `latest`, never resumed from, pruned later. A download is checked
+# against the manifest before anything is loaded.
+
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt", "meta.json")
+MANIFEST_BYTES = 1 << 16
+# fault injection for the tests: SIGKILL this process right after uploading NAME/FILE (a kill mid-save)
+KILL_AFTER_UPLOAD = "CLIPA_TEST_KILL_AFTER_UPLOAD"
+
+
+class IncompleteUpload(CorruptCheckpoint):
+    """A checkpoint on a store without its manifest: its upload was cut short."""
+
+
+def staging_dir(out: str) -> str:
+    """The local directory in which a run into the remote --out `out` writes its checkpoints and logs
+    before they are uploaded, and holds its run lock: $CLIPA_STAGING (default: the system's temporary
+    directory)/clipa-<hash of out>, so that two runs into one --out on one machine meet at the lock."""
+    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(os.environ.get("CLIPA_STAGING") or tempfile.gettempdir(), f"clipa-{digest}")
+
+
+def _digest(file: str) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _remote_size(url: str) -> int:
+    with storage.open_read(url) as f:  # opening asks for the length only: no byte of the body is read
+        return f.size()
+
+
+def remote_step_dirs(root: str) -> list[str]:
+    """The step_NNNNNNNN prefixes under the store prefix `root`, oldest first (complete or not)."""
+    try:
+        names = storage.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(d for d in names if re.fullmatch(r"step_\d{8}", d))
+
+
+def read_remote_pointer(pointer: str) -> str | None:
+    """The checkpoint name in the `latest` object on a store, None when there is none; at most
+    POINTER_BYTES are read and the content is never echoed."""
+    if not storage.exists(pointer):
+        return None
+    try:
+        raw = storage.read_bytes(pointer, POINTER_BYTES)
+    except ValueError:
+        raw = b"x" * (POINTER_BYTES + 1)
+    return _pointer_name(raw, pointer)
+
+
+def _read_manifest(url: str) -> dict:
+    """{file: {"size", "sha256"}} of the checkpoint at `url`; IncompleteUpload when it has no manifest."""
+    where = os.path.join(url, MANIFEST)
+    try:
+        raw = storage.read_bytes(where, MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise IncompleteUpload(f"{url} is incomplete (no {MANIFEST}: its upload was cut short)") from None
+    except ValueError:
+        raise CorruptCheckpoint(f"{where} is not a checkpoint manifest (over {MANIFEST_BYTES} bytes)") from None
+    try:
+        files = json.loads(raw)["files"]
+        ok = isinstance(files, dict) and all(
+            f in CHECKPOINT_FILES and isinstance(v["size"], int) and re.fullmatch(r"[0-9a-f]{64}", v["sha256"])
+            for f, v in files.items()
+        )
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok or "model.safetensors" not in files:
+        raise CorruptCheckpoint(f"{where} is not a checkpoint manifest (not shown)")
+    return files
+
+
+def _kill_point(name: str, file: str):
+    if os.environ.get(KILL_AFTER_UPLOAD) == f"{name}/{file}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_checkpoint(local_dir: str, root: str, *, keep: int, protected=()) -> str:
+    """Upload the complete local checkpoint directory `local_dir` to ROOT/NAME/, verify it, then point
+    ROOT/latest at it, then delete the step prefixes up to NAME beyond the newest `keep` (never NAME,
+    never `protected`, never one newer than NAME). Returns ROOT/NAME. OSError when the store fails:
+    `latest` then still names the previous complete checkpoint."""
+    name = os.path.basename(os.path.normpath(local_dir))
+    url = os.path.join(root, name)
+    pointer = os.path.join(root, "latest")
+    if read_remote_pointer(pointer) == name:
+        # re-saving what `latest` names (after resuming an older one): point it at an older complete
+        # checkpoint first, so that a kill during the upload never leaves it naming a half one
+        older = [d for d in remote_step_dirs(root) if d < name]
+        if older:
+            storage.write_bytes_atomic(pointer, (older[-1] + "\n").encode())
+        else:
+            storage.remove(pointer)
+    storage.remove(os.path.join(url, MANIFEST))  # an earlier upload's: NAME is incomplete until the new one
+    files = {}
+    for f in CHECKPOINT_FILES:
+        src = os.path.join(local_dir, f)
+        if not os.path.isfile(src):
+            continue
+        files[f] = _digest(src)
+        storage.upload(src, os.path.join(url, f))
+        got = _remote_size(os.path.join(url, f))
+        if got != files[f]["size"]:
+            raise OSError(f"{os.path.join(url, f)}: {got} bytes on the store, {files[f]['size']} written")
+        _kill_point(name, f)
+    manifest = json.dumps({"files": files}, indent=1).encode()
+    storage.write_bytes_atomic(os.path.join(url, MANIFEST), manifest)
+    if storage.read_bytes(os.path.join(url, MANIFEST), MANIFEST_BYTES) != manifest:
+        raise OSError(f"{os.path.join(url, MANIFEST)}: read back different from what was written")
+    _kill_point(name, MANIFEST)
+    storage.write_bytes_atomic(pointer, (name + "\n").encode())
+    for d in [d for d in remote_step_dirs(root) if d <= name][:-keep]:
+        if d != name and d not in protected:
+            storage.remove(os.path.join(root, d), recursive=True)
+    return url
+
+
+def download_checkpoint(url: str, dest: str, *, manifest: bool, weights_only: bool = False) -> str:
+    """The checkpoint directory `url` copied to the local directory `dest` (atomic), every file checked
+    against its manifest (sizes before the download, SHA-256 after). manifest=True (a run's own remote
+    --out): a checkpoint without one is IncompleteUpload; False: a checkpoint copied there by other tools
+    may have none, and is then checked only as a local one is. Returns dest."""
+    files = None
+    if manifest or storage.exists(os.path.join(url, MANIFEST)):
+        files = _read_manifest(url)
+    names = [f for f in CHECKPOINT_FILES if not weights_only or f == "model.safetensors"]
+    if files is not None:
+        names = [f for f in names if f in files]
+    else:
+        names = [f for f in names if f == "model.safetensors" or storage.exists(os.path.join(url, f))]
+
+    def fill(d):
+        for f in names:
+            src = os.path.join(url, f)
+            if files is not None:
+                got = _remote_size(src)
+                if got != files[f]["size"]:
+                    raise CorruptCheckpoint(f"{src} is {got} bytes, its manifest says {files[f]['size']}")
+            storage.download(src, os.path.join(d, f))
+            if files is not None and _digest(os.path.join(d, f)) != files[f]:
+                raise CorruptCheckpoint(f"{src} differs from its manifest (SHA-256)")
+
+    return atomic_dir(dest, fill)
+
+
+_FETCHED: dict[tuple, str] = {}
+_CACHE: list[str] = []  # this process's download directory, removed when it exits
+
+
+def download_dir() -> str:
+    """This process's directory for downloaded checkpoints (removed when it exits)."""
+    if not _CACHE or not _CACHE[0].endswith(f"-{os.getpid()}"):
+        base = os.environ.get("CLIPA_STAGING") or tempfile.gettempdir()
+        os.makedirs(base, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="clipa-fetch-", suffix=f"-{os.getpid()}", dir=base)
+        _CACHE[:] = [d]
+        atexit.register(lambda: os.getpid() == int(d.rsplit("-", 1)[1]) and shutil.rmtree(d, ignore_errors=True))
+    return _CACHE[0]
+
+
+def fetch_checkpoint(url: str, weights_only: bool = False) -> str:
+    """resolve_checkpoint for a URL (s3://, gs://, http(s)://): the checkpoint it names (a weights file; a
+    checkpoint directory; a run directory, its checkpoints/ or the latest pointer -> the checkpoint that
+    names) downloaded once per process to a local temporary directory. Returns the local path."""
+    storage.check_supported(url)
+    if storage.scheme(url) == "pipe":
+        raise ValueError(f"{url}: a checkpoint is read from a path or a URL, not from a pipe: command")
+    url = url.rstrip("/")
+    key = (url, weights_only)
+    if key in _FETCHED:
+        return _FETCHED[key]
+    target = None
+    if os.path.basename(url) == "latest":
+        pointers = [url]
+    elif storage.exists(os.path.join(url, "model.safetensors")):
+        target, pointers = url, []
+    else:
+        pointers = [os.path.join(url, "latest"), os.path.join(url, "checkpoints", "latest")]
+    for pointer in pointers:
+        if storage.exists(pointer):
+            target = os.path.join(os.path.dirname(pointer), read_remote_pointer(pointer))
+            break
+    dest = os.path.join(download_dir(), f"{len(_FETCHED)}")
+    if target is not None:
+        local = download_checkpoint(target, dest, manifest=False, weights_only=weights_only)
+    elif storage.isfile(url) and os.path.basename(url) != "latest":
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(url)) or "weights"
+        local = os.path.join(dest, name)
+        storage.download(url, local)
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    _FETCHED[key] = local
+    return local

@@ -9,6 +9,7 @@ and each dataclass checks itself in `__post_init__`. The recipe's numbers are ex
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ import losses
 import model as model_lib
 import shards
 import tokenizer as tokenizer_lib
+import trackers
 import xla_utils
 
 
@@ -56,6 +58,13 @@ class Stage:
     text_reduction: str | None = opt(
         None, "text token reduction (None: the model's)", choices=(None, *tokenizer_lib.REDUCTIONS)
     )
+    word_counts: str | None = opt(
+        None, "text_reduction frequency: the word counts of the training captions (`python data.py counts`)"
+    )
+    frequency_threshold: float = opt(
+        tokenizer_lib.FREQUENCY_THRESHOLD,
+        "text_reduction frequency: t of the drop probability 1 - sqrt(t / f(word)) (CLIPF's code: 1e-6)",
+    )
     pos_embed: str = opt("sincos", "image position embedding", choices=model_lib.POS_EMBEDS)
     mask: str = opt("none", "image token masking", choices=model_lib.MASK_STRATEGIES)
     mask_ratio: float = opt(0.0, "fraction of image patches masked")
@@ -68,6 +77,11 @@ class Stage:
     color_jitter: bool = opt(False, "colour jitter augmentation")
     scale_min: float = opt(0.4, "RandomResizedCrop scale=(scale_min, 1)")
     train_data: str = opt("", "training shards: webdataset tars, TFRecords or a TFDS dir")
+    train_data_weights: str = opt(
+        "",
+        "a weighted mixture: one positive weight per '::'-joined source of train_data (3::1: three samples "
+        "from the first for each from the second); empty: the sources' shards are read as one list",
+    )
     train_format: str | None = opt(
         None, "shard format (None: detected from the bytes)", choices=(None, *shards.FORMATS)
     )
@@ -90,11 +104,48 @@ class Stage:
             raise ValueError(
                 f"{where}train_num_samples {self.train_num_samples} < batch_size {self.batch_size} (no step to run)"
             )
+        weights = self.mixture_weights  # a weight that is not a positive number is an error here
+        sources = shards.split_sources(self.train_data)
+        if weights and self.train_data and len(weights) != len(sources):
+            raise ValueError(
+                f"{where}train_data_weights {self.train_data_weights!r} gives {len(weights)} weight(s) for "
+                f"{len(sources)} '::'-joined source(s) of train_data"
+            )
         if self.model:
             try:  # unknown model, a size the patch does not divide, a mask ratio out of range
                 model_lib.check_config(self.model_config())
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
+        if self.text_reduction == "frequency":
+            if not self.word_counts:
+                raise ValueError(
+                    f"{where}text_reduction frequency needs word counts: give --word-counts FILE "
+                    f"(written by `python data.py counts SPEC --out FILE`)"
+                )
+            if not 0 < self.frequency_threshold <= 1:
+                raise ValueError(f"{where}frequency_threshold must be in (0, 1], got {self.frequency_threshold}")
+            try:  # a missing, corrupt or oversized counts file, or one for the other tokenizer
+                if self.model:
+                    self.tokenizer()
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
+
+    @property
+    def mixture_weights(self) -> tuple[float, ...] | None:
+        """train_data_weights as numbers, None without a mixture; ValueError for a weight that is not
+        a positive number."""
+        if not self.train_data_weights:
+            return None
+        try:
+            weights = tuple(float(w) for w in self.train_data_weights.split("::"))
+        except ValueError:
+            weights = ()
+        if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(
+                f"stage {self.name}: train_data_weights {self.train_data_weights!r}: give one positive "
+                f"number per source, joined by '::' (e.g. 3::1)"
+            )
+        return weights
 
     @property
     def resolved_lr(self) -> float:
@@ -105,6 +156,17 @@ class Stage:
     @property
     def steps(self) -> int:
         return self.train_num_samples // self.batch_size
+
+    def tokenizer(self) -> tokenizer_lib.Tokenizer:
+        """The training tokenizer: the model's, at this stage's text length and reduction."""
+        text = self.model_config().text
+        return tokenizer_lib.Tokenizer(
+            text.tokenizer,
+            text.context_length,
+            self.text_reduction or text.reduction,
+            word_counts=self.word_counts,
+            threshold=self.frequency_threshold,
+        )
 
     def model_config(self) -> model_lib.CLIPConfig:
         cfg = model_lib.get_model_config(
@@ -398,6 +460,16 @@ class RunConfig:
     seed: int = opt(0, "random seed")
     workers: int = opt(2, "data loader workers per process", min=0)
     log_every: int = opt(10, "progress line every N steps", min=1)
+    decide_every: int = opt(
+        10,
+        "every N steps (and at each save and eval) the host reads the non-finite count and all processes "
+        "agree on stop signals and time-based saves; between them the steps never wait for the device",
+        min=1,
+    )
+    report_to: str = opt(
+        "tensorboard",
+        "experiment trackers, comma-separated: tensorboard, wandb (pip install wandb), or none",
+    )
     save_every: int = opt(1000, "checkpoint every N steps", min=1)
     save_minutes: float = opt(60.0, "... and when this many minutes passed since the last save", min=0)
     keep: int = opt(3, "checkpoints kept (older ones are deleted; each stage's last stays)", min=1)
@@ -410,6 +482,7 @@ class RunConfig:
     pretrained: str | None = opt(None, "weights for the first stage: checkpoint dir, .safetensors or OpenCLIP file")
     eval_every: int = opt(0, "zero-shot eval every N steps (0: only at the end of each stage)", min=0)
     eval_data: str | None = opt(None, "ImageFolder / TFDS dir for zero-shot eval")
+    eval_split: str | None = opt(None, "TFDS split of --eval-data (default: validation, else its only split)")
     eval_retrieval: str | None = opt(
         None,
         "captioned set for image-text retrieval eval (CLIP_benchmark wds / flickr30k / mscoco_captions root, "
@@ -435,6 +508,17 @@ class RunConfig:
     plan: bool = opt(False, "print each stage's per-device memory and a batch / accumulation / sharding plan")
     gpu_mem: float = opt(80.0, "--plan: memory per device in GB", min=1)
     devices: int = opt(8, "--plan: number of devices", min=1)
+    gpus_per_node: int = opt(8, "--plan: GPUs per node (one NVLink domain)", min=1)
+    nvlink_gbs: float = opt(450.0, "--plan: GB/s per GPU and direction within a node (450: H100's NVLink 4)", min=0.001)
+    network_gbs: float = opt(
+        50.0, "--plan: GB/s per GPU and direction between nodes (50: one 400 Gb/s InfiniBand NDR adapter)", min=0.001
+    )
+    mfu: float = opt(
+        0.5, "--plan: model-FLOPs utilisation the compute time assumes, in (0, 1] (default 0.5)", min=0.001
+    )
+    peak_tflops: float = opt(
+        989.0, "--plan: the GPU's dense peak TFLOP/s at the step's precision (989: H100 SXM, bf16)", min=0.001
+    )
     force_resume: bool = opt(
         False,
         "resume although stage settings, seed, workers, accumulation or world size differ from the "
@@ -445,6 +529,9 @@ class RunConfig:
         if self.cfg not in PRESETS:
             raise ValueError(f"unknown preset {self.cfg!r}; valid: {', '.join(PRESETS)}")
         _check_fields(self, flag)
+        if self.mfu > 1:
+            raise ValueError(f"--mfu is a fraction of the peak, in (0, 1]; got {self.mfu}")
+        trackers.parse_report_to(self.report_to)
         self.out = self.out or os.path.join("runs", self.cfg)
 
 
@@ -454,6 +541,12 @@ class RunConfig:
 def flag(name: str) -> str:
     """A field's command-line flag: accum_steps -> --accum-steps."""
     return "--" + name.replace("_", "-")
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help with its allowed values: the metavar V hides argparse's own list of choices."""
+    allowed = [str(c) for c in f.metadata.get("choices") or () if c is not None]
+    return f.metadata["help"] + (f" (one of: {', '.join(allowed)})" if allowed else "")
 
 
 def build_parser(prog: str, finetune: bool = False) -> cli.ArgumentParser:
@@ -467,14 +560,14 @@ def build_parser(prog: str, finetune: bool = False) -> cli.ArgumentParser:
     types = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         required = f.metadata.get("required", False) or (finetune and f.name == "pretrained")
-        kw = dict(dest=f.name, default=None, help=f.metadata["help"], required=required)
+        kw = dict(dest=f.name, default=None, help=_help(f), required=required)
         if types[f.name] is bool:
             p.add_argument(flag(f.name), action="store_true", **kw)
         else:
             p.add_argument(flag(f.name), metavar="V", choices=f.metadata.get("choices"), **kw)
     for f in STAGE_FIELDS.values():
         p.add_argument(
-            flag(f.name), dest=f"stage__{f.name}", default=None, metavar="V", help=f"stage field: {f.metadata['help']}"
+            flag(f.name), dest=f"stage__{f.name}", default=None, metavar="V", help=f"stage field: {_help(f)}"
         )
     p.add_argument(
         "--set",

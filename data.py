@@ -8,6 +8,7 @@ resumed run replays the very batches an uninterrupted one would have seen.
 
 CLI:  python data.py stats SPEC... [--format F] [--no-decode] [--split S]
       python data.py reshard SRC DST --max-side N [--quality Q] [--workers W]   (shards.py's pass)
+      python data.py counts SPEC... --out FILE [--tokenizer T] [--top N]   (frequency masking's counts)
 The demo dataset lives in launch/demo_data.py, the loader benchmark in launch/bench_data.py.
 """
 
@@ -33,9 +34,11 @@ import torch
 
 import cli
 import shards
+import storage
+import tokenizer as tokenizer_lib
 import transforms
 import xla_utils
-from shards import FORMATS, Raw, Source, find_tfds_dir, is_remote, read_shard, resolve
+from shards import FORMATS, MAX_RECORD_BYTES, Raw, Source, find_tfds_dir, is_remote, read_shard, read_shards, resolve
 
 log = logging.getLogger("clipa.data")
 
@@ -160,9 +163,12 @@ def _reader_records(cfg: _StreamCfg, g: int, start_pos: int) -> Iterator[tuple[i
     bad records included (entry.raw.reason set) so that positions never depend on content."""
     ids, stride = cfg.plan.assign(g)
     W = cfg.plan.readers
-    for pos in range(start_pos, len(ids)):
-        sid = ids[pos]
-        for rec, raw in enumerate(read_shard(cfg.plan.shards[sid], cfg.src)):
+    todo = ids[start_pos:]
+    # the next shard is opened while this one is read (read_shards): a store's latency stays hidden
+    for pos, sid, raws in zip(
+        range(start_pos, len(ids)), todo, read_shards([cfg.plan.shards[i] for i in todo], cfg.src)
+    ):
+        for rec, raw in enumerate(raws):
             if stride > 1 and (pos + rec) % W != g:
                 continue
             yield pos, rec, _Entry(pos, rec, sid, raw)
@@ -373,7 +379,7 @@ def _generator(*xs: int) -> torch.Generator:
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _worker_init(_):
+def worker_init(_):
     torch.set_num_threads(1)
     parent = os.getppid()
     # A stop signal to the process group (torchrun, `timeout`, Ctrl-C) or to every process of a job
@@ -557,7 +563,7 @@ class TrainLoader:
         if self.num_workers > 0:
             kw.update(
                 prefetch_factor=max(1, math.ceil(self.prefetch / self.batch_size)),
-                worker_init_fn=_worker_init,
+                worker_init_fn=worker_init,
                 persistent_workers=False,
             )
         # pin_memory rebuilds each (images, tokens, meta) item as a list with meta copied: _ordered
@@ -649,14 +655,25 @@ def make_train_loader(
     repeat: bool = True,
     split: str = "train",
     pin_memory: bool = False,
-) -> TrainLoader:
+    weights=None,
+) -> TrainLoader | MixtureLoader:
     """Training loader over webdataset / TFRecord / TFDS shards (see TrainLoader).
     shuffle_buffer: samples per worker (default $TFDS_SHUFFLE_SIZE or 1000); prefetch: samples
     per worker decoded ahead (default $TFDS_PREFETCH_SIZE or 2 batches). Host memory is about
     num_workers * (shuffle_buffer * JPEG size + prefetch * 3*H*W bytes).
     tokenizer: tokenizer.py Tokenizer (called per batch with a seeded rng); None yields captions.
     pin_memory: page-locked image batches, so that the copy to the device can be asynchronous
-    (the trainer passes xla_utils.Runtime.pin_memory: true on CUDA)."""
+    (the trainer passes xla_utils.Runtime.pin_memory: true on CUDA).
+    weights: one positive weight per '::'-joined source of spec: a MixtureLoader (weighted mixtures, below)."""
+    if weights:
+        per_source = dict(num_workers=num_workers, epoch=epoch, world_size=world_size, shuffle_buffer=shuffle_buffer)
+        per_source.update(prefetch=prefetch, scale=scale, color_jitter=color_jitter, split=split)
+        return _mixture_loader(
+            spec, weights, tokenizer, image_size, batch_size, fmt, seed, rank, state, repeat, pin_memory, per_source
+        )
+    if _mixture_state(state, rank) is not None:  # resumed with --force-resume after dropping the weights
+        log.warning("the loader state is a weighted mixture's: this single spec starts afresh")
+        state = None
     src = resolve(spec, fmt, split)
     shuffle_buffer = _env_int("TFDS_SHUFFLE_SIZE", DEFAULT_SHUFFLE) if shuffle_buffer is None else shuffle_buffer
     prefetch = _env_int("TFDS_PREFETCH_SIZE", 2 * batch_size) if prefetch is None else prefetch
@@ -678,19 +695,218 @@ def make_train_loader(
     )
 
 
+# ----------------------------------------------------------------------------- weighted mixtures
+#
+# `--train-data 'A::B' --train-data-weights 3::1`. Each source is a TrainLoader of its own (its own
+# shard plan, shuffle buffer, epochs and resume state, seeded apart from the others), and every batch
+# takes its rows from the sources in the weights' proportions. A source that reaches the end of its
+# epoch starts its next one (a new shard order and shuffle) while the others go on: a small source
+# with a large weight is repeated as often as its weight asks, as OpenCLIP's upsampling factors do.
+
+MIX_SALT = 0x313  # keys the mixture's draws and its sources' seeds apart from the loader's own
+
+
+def resolve_sources(spec, weights=None, fmt: str | None = None, split: str = "train") -> list[Source]:
+    """The sources a training spec reads: without weights one Source (the '::'-joined parts read as
+    one shard list), with weights one per part (or list item), each resolved on its own, so that
+    their formats may differ."""
+    if not weights:
+        return [resolve(spec, fmt, split)]
+    parts = shards.split_sources(spec) if isinstance(spec, str) else list(spec)
+    if len(parts) != len(weights):
+        raise ValueError(f"{len(weights)} mixture weight(s) for {len(parts)} '::'-joined source(s) of the data spec")
+    return [resolve(p, fmt, split) for p in parts]
+
+
+def mixture_counts(cdf: list[float], batch_size: int, u: float) -> list[int]:
+    """Rows per source in one batch, by systematic sampling: slot j (of batch_size) goes to the
+    source whose interval of the cumulative weights `cdf` (ending at 1.0) holds (j + u) / batch_size.
+    Each source gets its expected count rounded down or up, never further off; u in [0, 1) (a seeded
+    draw per batch) decides which, so the expected share is exactly the weight."""
+    ends = [math.ceil(batch_size * c - u) for c in cdf]  # slots before each source's interval ends
+    return [b - a for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def _mixture_state(state, rank: int) -> dict | None:
+    """Our rank's mixture state from a loader state (or the list of all ranks'); None when it is not
+    a mixture's."""
+    if isinstance(state, (list, tuple)):
+        mine = [s for s in state if isinstance(s, dict) and s.get("rank") == rank]
+        state = mine[0] if mine else (state[0] if state else None)
+    return state if isinstance(state, dict) and state.get("mixture") == 1 else None
+
+
+class MixtureLoader:
+    """Iterating yields (images uint8 [B,3,H,W], tokens LongTensor[B,T]) whose rows come from
+    several sources in fixed proportions, endlessly. A batch's rows per source follow from
+    mixture_counts with a draw keyed by (seed, rank, batch index) alone; source k's rows are the next
+    ones of its own TrainLoader, and the sources' rows follow each other in source order. The rest of
+    a source's batch waits for the next mixture batch. state_dict() holds, per source, its loader's
+    state from before the batch it is taking rows from and how many of those rows were used: a
+    resumed mixture pulls that batch again and continues with the next unused row, so it yields the
+    very batches an uninterrupted one would. .shares: each source's realised share of the rows so far
+    (this rank; carried over a resume); .samples / .skipped: summed over the sources."""
+
+    def __init__(self, loaders: list[TrainLoader], weights, *, seed: int, rank: int, pin_memory: bool, state):
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.cdf = [sum(self.weights[: k + 1]) for k in range(len(weights))]
+        self.cdf[-1] = 1.0  # rounding must not leave a slot without a source
+        self.loaders = loaders
+        self.batch_size = loaders[0].batch_size
+        self.seed = seed
+        self.rank = rank
+        self.pin_memory = pin_memory
+        n = len(loaders)
+        self._batches = 0
+        self.drawn = [0] * n  # rows taken from each source
+        self._its: list[Iterator | None] = [None] * n
+        self._rows: list[tuple | None] = [None] * n  # the (images, tokens) batch each source is taking rows from
+        self._used = [0] * n  # its rows taken (after a resume, before that batch is pulled again: to skip)
+        self._before: list[dict | None] = [None] * n  # the source's loader state from before that batch
+        self._epochs = [loader.epoch for loader in loaders]
+        if state is not None:
+            self._batches = int(state["batches"])
+            self.drawn = [int(d) for d in state["drawn"]]
+            self._used = [int(s["used"]) for s in state["sources"]]
+
+    @property
+    def shares(self) -> list[float]:
+        total = sum(self.drawn)
+        return [d / total if total else 0.0 for d in self.drawn]
+
+    @property
+    def samples(self) -> int:
+        return sum(loader.samples for loader in self.loaders)
+
+    @property
+    def skipped(self) -> dict:
+        c = sum((Counter(loader.skipped) for loader in self.loaders), Counter())
+        return dict(sorted(c.items()))
+
+    @property
+    def epochs(self) -> list[int]:
+        return [loader.epoch for loader in self.loaders]
+
+    def state_dict(self) -> dict:
+        sources = []
+        for k, loader in enumerate(self.loaders):
+            taking = self._rows[k] is not None
+            sources.append({"loader": self._before[k] if taking else loader.state_dict(), "used": self._used[k]})
+        return {
+            "mixture": 1,
+            "rank": self.rank,
+            "seed": self.seed,
+            "weights": list(self.weights),
+            "batches": self._batches,
+            "drawn": list(self.drawn),
+            "sources": sources,
+        }
+
+    def _take(self, k: int, n: int) -> list[tuple]:
+        """The next n rows of source k, as (images, tokens) pieces."""
+        pieces = []
+        while n > 0:
+            if self._rows[k] is None:
+                self._before[k] = self.loaders[k].state_dict()
+                if self._its[k] is None:
+                    self._its[k] = iter(self.loaders[k])
+                self._rows[k] = next(self._its[k])
+                if self.loaders[k].epoch != self._epochs[k]:
+                    self._epochs[k] = self.loaders[k].epoch
+                    log.info(
+                        "mixture source %d (rank %d) is exhausted: it starts its epoch %d",
+                        k,
+                        self.rank,
+                        self._epochs[k],
+                    )
+            images, tokens = self._rows[k]
+            a = self._used[k]
+            b = min(a + n, len(images))
+            pieces.append((images[a:b], tokens[a:b]))
+            n -= b - a
+            if b == len(images):
+                self._rows[k], self._used[k] = None, 0
+            else:
+                self._used[k] = b
+        return pieces
+
+    def __iter__(self):
+        while True:
+            u = mix(self.seed, self.rank, self._batches, MIX_SALT) / 2.0**64
+            counts = mixture_counts(self.cdf, self.batch_size, u)
+            pieces = [p for k, n in enumerate(counts) for p in self._take(k, n)]
+            images = torch.cat([x for x, _ in pieces])  # [B, 3, H, W]
+            if isinstance(pieces[0][1], torch.Tensor):
+                tokens = torch.cat([t for _, t in pieces])  # [B, T]
+            else:  # captions (no tokenizer)
+                tokens = [c for _, t in pieces for c in t]
+            if self.pin_memory:
+                images = images.pin_memory()
+                tokens = tokens.pin_memory() if isinstance(tokens, torch.Tensor) else tokens
+            self._batches += 1
+            self.drawn = [d + n for d, n in zip(self.drawn, counts)]
+            yield images, tokens
+
+
+def _mixture_loader(
+    spec, weights, tokenizer, image_size, batch_size, fmt, seed, rank, state, repeat, pin_memory, per_source
+) -> MixtureLoader:
+    """make_train_loader's weighted mixture: a TrainLoader per source (per_source: the arguments they
+    share), resumed from `state`'s per-source states when it is a mixture's of as many sources."""
+    weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive numbers, got {weights}")
+    if not repeat:
+        raise ValueError(
+            "a weighted mixture is endless (each source repeats on its own): repeat=False is not supported"
+        )
+    sources = resolve_sources(spec, weights, fmt, per_source["split"])
+    mine = _mixture_state(state, rank)
+    if state is not None and (mine is None or len(mine["sources"]) != len(sources)):
+        log.warning("the loader state is not that of a mixture of %d sources: the mixture starts afresh", len(sources))
+        mine = None
+    loaders = [
+        make_train_loader(
+            src,
+            tokenizer,
+            image_size,
+            batch_size,
+            seed=mix(seed, k, MIX_SALT) >> 2,  # each source its own shard orders, shuffles and crops
+            rank=rank,
+            state=mine["sources"][k]["loader"] if mine else None,
+            pin_memory=False,  # the mixed batch is pinned instead
+            **per_source,
+        )
+        for k, src in enumerate(sources)
+    ]
+    return MixtureLoader(loaders, weights, seed=seed, rank=rank, pin_memory=pin_memory, state=mine)
+
+
 # ----------------------------------------------------------------------------- evaluation loaders
 
 _IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
 
 
 def _image_folder(path: str) -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(d.name for d in os.scandir(path) if d.is_dir())
+    """(image path, label) of an ImageFolder tree (labels = sorted class folder names), and the class names.
+    On a store, a class is a prefix holding at least one file."""
+    if is_remote(path):
+        files = [f for f in storage.find(path) if "/" in f]
+        classes = sorted({f.split("/", 1)[0] for f in files})
+    else:
+        files = None
+        classes = sorted(d.name for d in os.scandir(path) if d.is_dir())
     if not classes:
         raise ValueError(f"{path}: no class sub-directories (expected an ImageFolder tree val/<class>/<image>)")
     items = []
-    for label, c in enumerate(classes):
-        for root, _, files in sorted(os.walk(os.path.join(path, c))):
-            items += [(os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(_IMG_EXTS)]
+    if files is not None:
+        label_of = {c: i for i, c in enumerate(classes)}
+        items = [(os.path.join(path, f), label_of[f.split("/", 1)[0]]) for f in files if f.lower().endswith(_IMG_EXTS)]
+    else:
+        for label, c in enumerate(classes):
+            for root, _, names in sorted(os.walk(os.path.join(path, c))):
+                items += [(os.path.join(root, f), label) for f in sorted(names) if f.lower().endswith(_IMG_EXTS)]
     if not items:
         raise ValueError(f"{path}: no images under the class directories")
     return items, classes
@@ -707,8 +923,7 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.items[i]
         try:
-            with open(path, "rb") as f:
-                return self.transform(f.read()), label
+            return self.transform(storage.read_bytes(path, MAX_RECORD_BYTES)), label
         except Exception as e:  # noqa: BLE001
             log.warning("skipping unreadable image %s: %s", path, e)
             return None, label
@@ -742,8 +957,8 @@ class _ShardEvalDataset(torch.utils.data.IterableDataset):
         plan = _Plan(self.src.shards, list(range(len(self.src.shards))), W)
         ids, stride = plan.assign(g)
         xs, ys, bad = [], [], 0
-        for pos, sid in enumerate(ids):
-            for rec, raw in enumerate(read_shard(self.src.shards[sid], self.src)):
+        for pos, raws in enumerate(read_shards([self.src.shards[i] for i in ids], self.src)):
+            for rec, raw in enumerate(raws):
                 if stride > 1 and (pos + rec) % W != g:
                     continue
                 if raw.reason is not None:
@@ -791,15 +1006,16 @@ def make_eval_loader(
     num_workers: int = 2,
     rank: int = 0,
     world_size: int = 1,
-    split: str = "validation",
+    split: str | None = None,
 ) -> tuple[EvalLoader, list[str]]:
     """ImageNet-style evaluation data: an ImageFolder tree (labels = sorted folder names) or a TFDS
-    directory (e.g. imagenet2012, split 'validation', labels from its ClassLabel feature).
-    Each rank reads a disjoint part. Returns (loader, class folder / label names in label order)."""
+    directory (e.g. imagenet2012, labels from its ClassLabel feature; split None: 'validation', else
+    the dataset's only split). Each rank reads a disjoint part. Returns (loader, class folder / label
+    names in label order)."""
     path = os.fspath(path)
     if fmt not in (None, "imagefolder", "tfds"):
         raise ValueError(f"unknown eval format {fmt!r}; choose imagefolder or tfds")
-    if not is_remote(path) and not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"no such evaluation directory: {path!r}")
     if fmt == "tfds" or (fmt is None and find_tfds_dir(path)):
         src = resolve(path, "tfds", split)
@@ -808,11 +1024,18 @@ def make_eval_loader(
         ds = _ShardEvalDataset(src, transform, batch_size, rank, world_size)
         xla_utils.import_tensorflow()
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=None, collate_fn=_identity, num_workers=num_workers, generator=_generator(rank)
+            ds,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=num_workers,
+            generator=_generator(rank),
+            worker_init_fn=worker_init,
         )
         return EvalLoader(dl, None), list(src.classes)
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise ValueError(f"{path}: not a directory (expected an ImageFolder tree or TFDS dir)")
+    if split is not None:
+        raise ValueError(f"{path}: an ImageFolder tree has no splits (a split is for a TFDS dir)")
     items, classes = _image_folder(path)
     n = len(items)
     part = items[rank * n // world_size : (rank + 1) * n // world_size]
@@ -823,6 +1046,7 @@ def make_eval_loader(
         num_workers=num_workers,
         collate_fn=_collate_eval,
         generator=_generator(rank),
+        worker_init_fn=worker_init,
     )
     return EvalLoader(dl, len(part)), classes
 
@@ -852,14 +1076,9 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
             alarm = line
             log.warning("the loader would stop here: %s", line)
 
-    for path in src.shards:
-        if not is_remote(path) and not os.path.exists(path):
-            reasons["unreadable_shard"] += 1
-            count("unreadable_shard")
-            log.warning("missing shard %s", path)
-            continue
+    for raws in read_shards(src.shards, src):  # a missing or unreadable shard: one unreadable_shard
         n = 0
-        for raw in read_shard(path, src):
+        for raw in raws:
             n += 1
             if raw.reason is None and decode:
                 try:
@@ -887,6 +1106,41 @@ def dataset_stats(spec, fmt: str | None = None, decode: bool = True, split: str 
     }
 
 
+def count_words(spec, kind: str = "clip_bpe", top: int = tokenizer_lib.COUNTS_TOP, fmt=None, split="train"):
+    """The word counts of a data set's captions (tokenizer.WordCounter), read once in spec order:
+    (tokenizer.WordCounts of the `top` most frequent words, a summary dict). Records the loader would
+    skip for their bytes (no caption, unreadable) are not counted; images are not decoded."""
+    t0 = time.time()
+    src = resolve(spec, fmt, split)
+    counter = tokenizer_lib.WordCounter(kind)
+    skipped = missing = 0
+    for path in src.shards:
+        if not is_remote(path) and not os.path.exists(path):
+            missing += 1
+            log.warning("missing shard %s", path)
+            continue
+        for raw in read_shard(path, src):
+            if raw.reason is None:
+                counter.add(raw.text)
+            else:
+                skipped += 1
+    counts = counter.result(top)
+    summary = {
+        "tokenizer": kind,
+        "shards": len(src.shards),
+        "missing_shards": missing,
+        "captions": counts.captions,
+        "skipped": skipped,
+        "words": counts.total,
+        "distinct_words": len(counter.counts),
+        "listed": len(counts.counts),
+        # every word rarer than this (the last listed) is never dropped: t below it is not fully covered
+        "last_listed_frequency": min(counts.counts.values()) / counts.total if counts.counts else None,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return counts, summary
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -905,12 +1159,46 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=int, default=shards.RESHARD_QUALITY, help="JPEG / WebP quality")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes")
     p.add_argument("--format", choices=FORMATS, default=None)
+    p = sub.add_parser("counts", help="count the words of the captions once: --text-reduction frequency's file")
+    p.add_argument("spec", nargs="+", help="the training shards (as --train-data): brace pattern, glob, directory")
+    p.add_argument("--out", required=True, help="the word counts file to write (JSON)")
+    p.add_argument(
+        "--tokenizer",
+        choices=tokenizer_lib.TOKENIZERS,
+        default="clip_bpe",
+        help="split words as the model's tokenizer does: clip_bpe (v1 and toy models, default) or wordpiece (v2)",
+    )
+    p.add_argument("--top", type=int, default=tokenizer_lib.COUNTS_TOP, help="most frequent words listed")
+    p.add_argument("--format", choices=FORMATS, default=None)
+    p.add_argument("--split", default="train", help="TFDS split")
     args = ap.parse_args(argv)
     xla_utils.TF_AFTER_XLA = False  # this process never uses XLA: skip the torch_xla import
     logging.basicConfig(level=logging.INFO, format="[data] %(message)s", stream=sys.stderr)
     if args.cmd == "reshard":
         return _reshard_command(args)
+    if args.cmd == "counts":
+        return _counts_command(args)
     return _stats_command(args)
+
+
+def _counts_command(args) -> int:
+    spec = args.spec[0] if len(args.spec) == 1 else args.spec
+    if not 1 <= args.top <= tokenizer_lib.MAX_COUNTS_WORDS:
+        return cli.usage_error(f"--top must be in 1..{tokenizer_lib.MAX_COUNTS_WORDS}, got {args.top}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir) or os.path.isdir(args.out):
+        return cli.usage_error(f"--out {args.out}: not a file in an existing directory")
+    try:  # a spec that does not resolve is the user's error; anything later is a bug or bad data
+        src = resolve(spec, args.format, args.split)
+    except (ValueError, OSError) as e:
+        return cli.usage_error(e)
+    counts, summary = count_words(src, args.tokenizer, args.top)
+    if not counts.total:
+        return cli.usage_error(f"no words in the captions of {summary['captions']} samples: nothing to count")
+    summary["sha256"] = tokenizer_lib.write_word_counts(args.out, counts)
+    summary["out"] = args.out
+    print(json.dumps(summary))
+    return 0
 
 
 def _stats_command(args) -> int:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import checkpoints
 import cli
 import data
+import storage
 import transforms
 import xla_utils
 from factory import NonFiniteWeightsWarning, config_from_metadata, create_model, get_tokenizer, read_metadata
@@ -39,17 +40,16 @@ from model import unwrap
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TEMPLATE_SETS = {"openai": "openai_templates.txt", "short": "short_templates.txt"}
+MAX_TEXT_BYTES = 64 << 20  # a class-name, template or caption annotation file (COCO's captions: ~20 MB)
 
 
 # ----------------------------------------------------------------------------- class names / templates
 
 
 def _read_lines(path: str, what: str) -> list[str]:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
-    lines = [line for line in lines if line.strip()]
+    lines = [line for line in storage.read_text(path, MAX_TEXT_BYTES).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{what} file is empty: {path}")
     return lines
@@ -74,16 +74,17 @@ def load_templates(name_or_path: str | None = "openai") -> list[str]:
     return templates
 
 
-def eval_classes(data_path, fmt: str | None = None) -> list[str]:
-    """Class folder names (ImageFolder) or ClassLabel names (TFDS) of an evaluation set, in label
-    order. Lists the folders / reads the TFDS info; no image is read."""
-    return data.make_eval_loader(data_path, None, 1, fmt=fmt, num_workers=0)[1]
+def eval_classes(data_path, fmt: str | None = None, split: str | None = None) -> list[str]:
+    """Class folder names (ImageFolder) or ClassLabel names (TFDS, split None: 'validation' or its
+    only split) of an evaluation set, in label order. Lists the folders / reads the TFDS info; no
+    image is read."""
+    return data.make_eval_loader(data_path, None, 1, fmt=fmt, num_workers=0, split=split)[1]
 
 
-def check_eval_set(data_path, classnames: list[str], fmt: str | None = None) -> None:
+def check_eval_set(data_path, classnames: list[str], fmt: str | None = None, split: str | None = None) -> None:
     """One-line ValueError unless the set at data_path has one class per name. Cheap (no image is
     read), so a training run checks its eval set before its first step, not after a stage."""
-    _check_class_count(data_path, eval_classes(data_path, fmt), classnames)
+    _check_class_count(data_path, eval_classes(data_path, fmt, split), classnames)
 
 
 def _check_class_count(data_path, classes: list[str], classnames: list[str]):
@@ -185,6 +186,7 @@ def evaluate(
     batch_size: int = 64,
     num_workers: int = 2,
     fmt: str | None = None,
+    split: str | None = None,
     preprocess: Preprocess | None = None,
     tokenizer=None,
     text_batch_size: int = 256,
@@ -199,6 +201,7 @@ def evaluate(
     precision: 'auto' | 'fp32' | 'bf16' autocast (runtime.precision decides auto).
     classnames: list or file path; None -> the 1000 ImageNet-1K names shipped in assets/.
     templates: list, 'openai' (80, default), 'short' (7) or a file path.
+    split: TFDS split (None: 'validation', else the dataset's only split).
     preprocess: None -> the model family's (Preprocess.for_model(model_cfg)).
     tokenizer: None -> the model's tokenizer at its context length, plain truncation.
     Returns dict(top1, top5, mean_per_class_recall, n, skipped = undecodable images) plus details.
@@ -224,6 +227,7 @@ def evaluate(
         num_workers=num_workers,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        split=split,
     )
     _check_class_count(data_path, classes, classnames)
 
@@ -337,16 +341,14 @@ class CaptionSet:
 def _flickr_items(ann: str, image_dir: str) -> list:
     """CLIP_benchmark's Flickr annotation file: a header line, then IMAGE.jpg,caption per line."""
     by_image: dict[str, list[str]] = {}
-    with open(ann, encoding="utf-8") as f:
-        f.readline()
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            image, sep, caption = line.partition(".jpg,")
-            if not sep:
-                raise ValueError(f"{ann}: line {line[:60]!r} is not IMAGE.jpg,caption")
-            by_image.setdefault(image + ".jpg", []).append(caption)
+    for line in storage.read_text(ann, MAX_TEXT_BYTES).splitlines()[1:]:
+        line = line.strip()
+        if not line:
+            continue
+        image, sep, caption = line.partition(".jpg,")
+        if not sep:
+            raise ValueError(f"{ann}: line {line[:60]!r} is not IMAGE.jpg,caption")
+        by_image.setdefault(image + ".jpg", []).append(caption)
     if not by_image:
         raise ValueError(f"{ann} holds no captions (expected a header line, then IMAGE.jpg,caption lines)")
     return [(os.path.join(image_dir, k), v) for k, v in by_image.items()]
@@ -355,8 +357,7 @@ def _flickr_items(ann: str, image_dir: str) -> list:
 def _coco_items(ann: str, image_dir: str) -> list:
     """A COCO captions file (images [{id, file_name}], annotations [{image_id, caption}]), in image
     id order as torchvision's CocoCaptions (which CLIP_benchmark uses) lists them."""
-    with open(ann, encoding="utf-8") as f:
-        d = json.load(f)
+    d = json.loads(storage.read_text(ann, MAX_TEXT_BYTES))
     try:
         names = {im["id"]: im["file_name"] for im in d["images"]}
         caps: dict = {i: [] for i in names}
@@ -378,24 +379,25 @@ def load_caption_set(path: str) -> CaptionSet:
     anything else                     shards (webdataset tars or TFRecords, as for training) whose
                                       records hold an image and a text: one caption per line"""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if storage.isdir(path):
         nshards = os.path.join(path, "test", "nshards.txt")
-        if os.path.isfile(nshards):
-            with open(nshards) as f:
-                n = int(f.read().strip() or 0)
+        if storage.isfile(nshards):
+            try:
+                n = int(storage.read_text(nshards, 64).strip() or 0)
+            except ValueError:
+                raise ValueError(f"{nshards} holds no shard count") from None
             if n < 1:
                 raise ValueError(f"{nshards} names no shards")
             spec = os.path.join(path, "test", f"{{0..{n - 1}}}.tar" if n > 1 else "0.tar")
             return CaptionSet("clip_benchmark-wds", source=data.resolve(spec))
         for name in ("coco_test_karpathy.json", "flickr30k_test_karpathy.txt"):
-            if os.path.isfile(os.path.join(path, name)):
+            if storage.isfile(os.path.join(path, name)):
                 return load_caption_set(os.path.join(path, name))
-    elif os.path.isfile(path) and path.endswith(".json"):
+    elif path.endswith(".json") and storage.isfile(path):
         d = os.path.dirname(path)
-        return CaptionSet(
-            "coco", _coco_items(path, os.path.join(d, "val2014") if os.path.isdir(os.path.join(d, "val2014")) else d)
-        )
-    elif os.path.isfile(path) and path.endswith(".txt"):
+        images = os.path.join(d, "val2014")
+        return CaptionSet("coco", _coco_items(path, images if storage.isdir(images) else d))
+    elif path.endswith(".txt") and storage.isfile(path):
         return CaptionSet("flickr", _flickr_items(path, os.path.dirname(path)))
     return CaptionSet("shards", source=data.resolve(path))
 
@@ -414,9 +416,8 @@ class _CaptionedDataset(torch.utils.data.IterableDataset):
             for i in range(g, len(self.cs.items), n):
                 path, caps = self.cs.items[i]
                 try:
-                    with open(path, "rb") as f:
-                        yield i, f.read(), caps
-                except OSError:
+                    yield i, storage.read_bytes(path, data.MAX_RECORD_BYTES), caps
+                except (OSError, ValueError):
                     yield i, None, None
             return
         shards = self.cs.source.shards
@@ -519,7 +520,7 @@ def evaluate_retrieval(
     tok = tokenizer or get_tokenizer(model_cfg, reduction="truncate")
     pre = preprocess or Preprocess.for_model(model_cfg)
     ds = _CaptionedDataset(cs, pre.transform(), batch_size, runtime.rank, runtime.world_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=data.worker_init)
     was_training = clip.training
     clip.eval()
     feats, ids, caps, bad = [], [], [], 0
@@ -638,6 +639,7 @@ def _parse_args(argv=None):
         "set: CLIP_benchmark's wds / mscoco_captions / flickr30k roots, or shards with captions",
     )
     p.add_argument("--format", choices=["imagefolder", "tfds"], default=None, help="default: detect")
+    p.add_argument("--split", help="TFDS split (default: validation, else the dataset's only split)")
     p.add_argument(
         "--classnames",
         metavar="FILE",
@@ -703,11 +705,11 @@ def _inputs(args):
     dataset = args.imagenet_val or args.data
     if dataset is None and args.retrieval is None:
         raise ValueError("give a classification set (--imagenet-val DIR or --data DIR), --retrieval DATA, or both")
-    if dataset is not None and not os.path.exists(dataset):
+    if dataset is not None and not storage.exists(dataset):
         raise FileNotFoundError(f"dataset not found: {dataset}")
     captions = load_caption_set(args.retrieval) if args.retrieval else None
     if args.ckpt:
-        checkpoints.resolve_checkpoint(args.ckpt)  # a mistyped path first, before any file is read
+        checkpoints.resolve_checkpoint(args.ckpt, weights_only=True)  # a mistyped path first (a URL: fetched)
     out = check_out(
         args.out
         or _default_out(
@@ -721,9 +723,9 @@ def _inputs(args):
     classnames = None
     if dataset is not None and (args.classnames or args.imagenet_val):
         classnames = load_classnames(args.classnames)
-        check_eval_set(dataset, classnames, args.format)
+        check_eval_set(dataset, classnames, args.format, args.split)
     elif dataset is not None:  # --data without --classnames: the folder (synset) names
-        classnames = [c.replace("_", " ") for c in eval_classes(dataset, args.format)]
+        classnames = [c.replace("_", " ") for c in eval_classes(dataset, args.format, args.split)]
     with warnings.catch_warnings(record=True) as caught:  # non-finite weights: one line each
         warnings.simplefilter("always", NonFiniteWeightsWarning)
         if args.random_init:
@@ -733,6 +735,8 @@ def _inputs(args):
             net, name = load_checkpoint_model(args.ckpt, args.model, args.force_image_size)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    for note in getattr(net, "resized_pos_tables", []):  # weights trained at another size: say so
+        print(f"warning: {args.ckpt}: {note}", file=sys.stderr)
     pre = Preprocess.for_model(
         net.cfg,
         image_mean=args.image_mean,
@@ -741,6 +745,11 @@ def _inputs(args):
         square_resize_only=args.square_resize_only,
     )
     return dataset, classnames, templates, pre, net, name, captions, out
+
+
+def _where(path: str) -> str:
+    """`path` as the results record it: a URL as it is, a local path made absolute."""
+    return path if storage.is_remote(path) else os.path.abspath(path)
 
 
 def main(argv=None) -> int:
@@ -772,20 +781,27 @@ def main(argv=None) -> int:
             limit=args.limit,
         )
         if dataset:
-            res = evaluate(net, cfg, dataset, classnames=classnames, templates=templates, fmt=args.format, **common)
-        if captions:
-            res["retrieval"] = dict(
-                evaluate_retrieval(net, cfg, captions, **common), dataset=os.path.abspath(args.retrieval)
+            res = evaluate(
+                net,
+                cfg,
+                dataset,
+                classnames=classnames,
+                templates=templates,
+                fmt=args.format,
+                split=args.split,
+                **common,
             )
+        if captions:
+            res["retrieval"] = dict(evaluate_retrieval(net, cfg, captions, **common), dataset=_where(args.retrieval))
     finally:
         runtime.shutdown()
     if not runtime.is_master:
         return 0
-    ckpt = os.path.abspath(args.ckpt) if args.ckpt else "random-init"
+    ckpt = "random-init" if not args.ckpt else _where(args.ckpt)
     res = dict(
         model=name,
         checkpoint=ckpt,
-        **({"dataset": os.path.abspath(dataset)} if dataset else {}),
+        **({"dataset": _where(dataset)} if dataset else {}),
         device=runtime.kind,
         nonfinite_weights=len(getattr(net, "nonfinite_weights", [])),
         **res,

@@ -58,8 +58,9 @@ def config_from_metadata(meta: dict | None) -> CLIPConfig | None:
 
 
 def _weights_file(path) -> str:
-    """The weights file of a checkpoint path (file, checkpoint dir, run dir, checkpoints dir)."""
-    path = checkpoints.resolve_checkpoint(path)
+    """The weights file of a checkpoint path (file, checkpoint dir, run dir, checkpoints dir; a URL on
+    s3://, gs:// or http(s)://: downloaded once per process, to a local file)."""
+    path = checkpoints.resolve_checkpoint(path, weights_only=True)
     if os.path.isdir(path):
         return os.path.join(path, "model.safetensors")
     return path
@@ -215,13 +216,34 @@ def _check_finite(model: CLIP, sd: dict, source: str) -> None:
         )
 
 
+def _resizes(sd: dict, cfg: CLIPConfig) -> list[str]:
+    """What fitting the position tables of `sd` (our names) to `cfg` changes, one phrase each: a
+    file evaluated at another size than it was trained at, which the caller may want to say."""
+    v, notes = cfg.vision, []
+    table = sd.get("visual.positional_embedding")
+    if table is not None and table.ndim == 2:
+        old = int(round(math.sqrt(table.shape[0] - 1)))
+        if old != v.grid:
+            how = "recomputed (sin-cos)" if v.pos_embed == "sincos" else "resized (bicubic)"
+            notes.append(
+                f"image position table {how} from {old}x{old} to {v.grid}x{v.grid} patches "
+                f"({old * v.patch_size} px -> {v.image_size} px)"
+            )
+    table = sd.get("text.positional_embedding")
+    if table is not None and table.ndim == 2 and table.shape[0] != cfg.text.context_length:
+        notes.append(f"text position table resized from {table.shape[0]} to {cfg.text.context_length} tokens")
+    return notes
+
+
 def _fitted_state(model: CLIP, sd: dict, source: str, strict: bool = True) -> tuple[dict, str]:
     """(state dict in our names with the position tables resized to `model`, layout), checked
-    against the model's keys and shapes - which a model on the meta device has without memory."""
+    against the model's keys and shapes - which a model on the meta device has without memory.
+    model.resized_pos_tables: what the fitting changed (see _resizes)."""
     layout = detect_layout(sd)
     sd = to_clipa_keys(sd)
     own = model.state_dict()
     v = model.cfg.vision
+    model.resized_pos_tables = _resizes(sd, model.cfg)
     if v.pos_embed == "sincos":
         sd["visual.positional_embedding"] = sincos_2d(v.width, v.grid)  # exact, never interpolated
     elif "visual.positional_embedding" in sd:

@@ -172,6 +172,17 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, pool="gap_cls"),
         text=TextConfig(context_length=32, width=128, layers=4, heads=4),
     ),
+    # the toy ladder of launch/sweep.py (width and depth grow together; the stage sets size, length, reduction)
+    **{
+        f"ViT-Toy{size}-8-CL16-GAP": CLIPConfig(
+            embed_dim=width,
+            vision=VisionConfig(
+                image_size=32, patch_size=8, width=width, layers=layers, heads=width // 32, pool="gap_cls"
+            ),
+            text=TextConfig(context_length=16, width=width, layers=layers, heads=width // 32),
+        )
+        for size, width, layers in (("S", 64, 2), ("M", 96, 3), ("L", 128, 4), ("XL", 192, 6))
+    },
     "ViT-Test-8-CL16": CLIPConfig(
         embed_dim=32,
         vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),

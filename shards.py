@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob as globlib
 import io
 import itertools
 import json
@@ -31,17 +30,21 @@ import signal
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import google_crc32c
+from google.protobuf.message import DecodeError
 from PIL import Image
 
 import checkpoints
+import storage
 import transforms
 import xla_utils
 
@@ -66,52 +69,81 @@ MAX_SHARDS = 1 << 22
 
 # ----------------------------------------------------------------------------- local or remote files
 
+HEAD_BYTES = 512  # a shard's first bytes, read when it is opened: they tell its format
+
 
 def is_remote(path: str) -> bool:
-    """gs://, s3://, ... paths: read through TensorFlow's gfile."""
-    return "://" in path
+    """s3://, gs://, http(s)://, pipe:... paths (storage.py reads them)."""
+    return storage.is_remote(path)
 
 
-def _open(path: str):
-    """A shard for reading. A local one only when it is a regular file: a FIFO's open() would block
-    until a writer comes, a device's reads never end. Checked with stat() before opening, and again
-    on the open file (opened non-blocking, so that a FIFO swapped in meanwhile cannot block it)."""
-    if is_remote(path):
-        if path.startswith("file://") and not stat.S_ISREG(os.stat(path[7:]).st_mode):
-            raise OSError(f"not a regular file: {path}")
-        return xla_utils.import_tensorflow().io.gfile.GFile(path, "rb")
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(f"not a regular file: {path}")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+class _Shard:
+    """An open shard whose first HEAD_BYTES are already read: they tell its format (a stream cannot be
+    read twice), and reading them while the previous shard is still being read hides a store's latency
+    (read_shards). read(n) returns n bytes until the end, seek(n, 1) skips forward, size() is the length
+    when it is known (None otherwise: sizes are then only capped)."""
+
+    def __init__(self, path: str, f):
+        self.path = path
+        self._f = f
+        self.head = f.read(HEAD_BYTES)
+        self._served = 0  # bytes of head already read
+
+    def read(self, n: int = -1) -> bytes:
+        left = len(self.head) - self._served
+        if not left:
+            return self._f.read(n)
+        take = left if n < 0 else min(n, left)
+        part = self.head[self._served : self._served + take]
+        self._served += take
+        if n < 0:
+            return part + self._f.read()
+        return part + self._f.read(n - take) if take < n else part
+
+    def seek(self, n: int, whence: int = 1) -> None:
+        if whence != 1 or n < 0:
+            raise io.UnsupportedOperation(f"{self.path}: shards are read forward only")
+        take = min(n, len(self.head) - self._served)
+        self._served += take
+        if n > take:
+            self._f.seek(n - take, 1)
+
+    def size(self) -> int | None:
+        return _file_size(self._f)
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_shard(path: str) -> _Shard:
+    """`path` (any scheme storage.py reads) opened, its first bytes read. A local one only when it is a
+    regular file: a FIFO's open() would block until a writer comes, a device's reads never end.
+    OSError (one line naming the path) when it cannot be opened or read."""
+    f = storage.open_read(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"not a regular file: {path}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=1 << 20)
+        return _Shard(path, f)
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
 
 
-def _read_errors(path: str) -> tuple:
-    """What reading `path` raises when the file cannot be read: OSError, and TensorFlow's
-    OpError (not an OSError) for gs://, s3://, ... paths."""
-    if is_remote(path):
-        return OSError, xla_utils.import_tensorflow().errors.OpError
-    return (OSError,)
-
-
 def _file_size(f) -> int | None:
-    """Bytes in the open file `f` (a regular local file or a gfile), None when it cannot tell
-    (a pipe, say)."""
+    """Bytes in the open file `f` (a regular local file, or a stream that knows its length), None when
+    it cannot tell (a pipe, a compressed HTTP body)."""
     try:
         st = os.fstat(f.fileno())
         return st.st_size if stat.S_ISREG(st.st_mode) else None
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         pass
     try:
         return int(f.size())
-    except Exception:  # noqa: BLE001 - any stream without a size: sizes are then only capped
+    except (AttributeError, TypeError, ValueError, OSError, io.UnsupportedOperation):
         return None
 
 
@@ -119,54 +151,12 @@ def _file_size(f) -> int | None:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`a{000..002}b{x,y}` -> 6 names; numeric ranges keep zero padding (braceexpand semantics).
-    Raises ValueError when the pattern names more than MAX_SHARDS, counted before any name is made."""
-    if _brace_count(pattern, MAX_SHARDS) > MAX_SHARDS:
-        raise ValueError(f"{pattern!r} expands to more than {MAX_SHARDS:,} shard names")
-    return list(_brace_names(pattern))
-
-
-def _brace_options(body: str) -> tuple[int, Iterable[str]]:
-    """(how many, the options, lazily) of one innermost brace group's body."""
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if not rng:
-        options = body.split(",")
-        return len(options), options
-    a, b = rng.group(1), rng.group(2)
-    width = len(a) if a.startswith("0") or b.startswith("0") else 0
-    lo, hi = int(a), int(b)
-    step = 1 if hi >= lo else -1
-    numbers = range(lo, hi + step, step)
-    return len(numbers), (str(i).zfill(width) for i in numbers)
-
-
-def _brace_count(pattern: str, limit: int) -> int:
-    """How many names `pattern` expands to; once over `limit`, some count over it (stops early)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return 1
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    n, options = _brace_options(m.group(1))
-    if "{" not in head and "}" not in head:  # no option can pair with a brace: each has the tail's count
-        return n * _brace_count(tail, limit)
-    if n > limit:  # each option adds at least one name
-        return n
-    total = 0  # nested braces: an option may complete an outer group, so count each (at most `limit`)
-    for opt in options:
-        total += _brace_count(head + opt + tail, limit - total)
-        if total > limit:
-            break
-    return total
-
-
-def _brace_names(pattern: str) -> Iterator[str]:
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        yield pattern
-        return
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    for opt in _brace_options(m.group(1))[1]:
-        yield from _brace_names(head + opt + tail)
+    """`a{000..002}b{x,y}` -> 6 names (webdataset's brace expansion: zero padding kept). ValueError when
+    the pattern names more than MAX_SHARDS, counted before any name is made."""
+    try:
+        return storage.expand_braces(pattern, MAX_SHARDS)
+    except ValueError as e:
+        raise ValueError(str(e).replace(" names", " shard names")) from None
 
 
 def _is_shard_name(name: str) -> bool:
@@ -174,35 +164,48 @@ def _is_shard_name(name: str) -> bool:
     return name.endswith((".tar", ".tfrec", ".record")) or ".tfrecord" in name
 
 
+def _directory_shards(path: str) -> list[str] | None:
+    """The shard files in directory (or store prefix) `path`, None when it is no directory."""
+    if storage.scheme(path) in storage.READ_ONLY or not storage.isdir(path) or find_tfds_dir(path):
+        return None
+    hits = [os.path.join(path, n) for n in storage.listdir(path) if _is_shard_name(n)]
+    if not hits:
+        raise FileNotFoundError(f"no .tar/.tfrecord shards in directory {path!r}")
+    return hits
+
+
+def split_sources(spec: str) -> list[str]:
+    """The '::'-joined parts of a spec: one shard list together, or the sources of a weighted mixture."""
+    return [p for p in str(spec).split("::") if p]
+
+
 def expand_spec(spec: str | Sequence[str]) -> list[str]:
-    """Shard list from brace patterns, globs, directories, '::'-joined patterns or a list.
-    Raises FileNotFoundError when nothing matches."""
+    """Shard list from brace patterns, globs (where the store can list), directories, '::'-joined
+    patterns or a list; local paths, s3://, gs://, http(s):// or pipe:COMMAND. Raises
+    FileNotFoundError when nothing matches, ValueError for a scheme storage.py does not read."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     patterns = [p for s in patterns for p in str(s).split("::") if p]
     out: list[str] = []
     for pat in patterns:
-        for p in expand_braces(os.path.expanduser(pat)):
+        pat = storage.check_supported(pat if is_remote(pat) else os.path.expanduser(pat))
+        names = expand_braces(pat)
+        for p in names:
             if len(out) > MAX_SHARDS:
                 raise ValueError(f"the data spec names more than {MAX_SHARDS:,} shards")
-            if any(c in p for c in "*?["):
-                glob = xla_utils.import_tensorflow().io.gfile.glob if is_remote(p) else globlib.glob
-                hits = sorted(glob(p))
-                if not hits:
-                    raise FileNotFoundError(f"no files match {p!r}")
-                out.extend(hits)
-            elif not is_remote(p) and os.path.isdir(p) and find_tfds_dir(p) is None:
-                hits = sorted(os.path.join(p, f) for f in os.listdir(p) if _is_shard_name(f))
-                if not hits:
-                    raise FileNotFoundError(f"no .tar/.tfrecord shards in directory {p!r}")
-                out.extend(hits)
-            else:
-                out.append(p)
+            if storage.has_glob(p):
+                out.extend(storage.glob(p))
+                continue
+            # a store is asked whether a name is a directory only when it is the pattern's one name: a
+            # 10,000-shard brace list costs no requests
+            maybe_dir = not is_remote(p) or (len(names) == 1 and not _is_shard_name(os.path.basename(p)))
+            hits = _directory_shards(p) if maybe_dir else None
+            out.extend(sorted(hits) if hits is not None else [p])
     if len(out) > MAX_SHARDS:
         raise ValueError(f"the data spec names more than {MAX_SHARDS:,} shards")
     if not out:
         raise FileNotFoundError(f"empty data spec {spec!r}")
     local = [p for p in out if not is_remote(p)]
-    if local and not any(os.path.exists(p) for p in local):
+    if local and not any(storage.exists(p) for p in local):
         raise FileNotFoundError(
             f"no such file: {local[0]!r}" + (f" (nor the other {len(local) - 1})" if len(local) > 1 else "")
         )
@@ -210,17 +213,29 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
 
 
 def find_tfds_dir(path: str) -> str | None:
-    """The TFDS version directory (holding dataset_info.json) at or up to 2 levels below path."""
-    if is_remote(path) or not os.path.isdir(path):
+    """The TFDS version directory (holding dataset_info.json) at or up to 2 levels below path (local or
+    on a store). A path holding several datasets (a TFDS data_dir) is ambiguous: ValueError naming them."""
+    if storage.scheme(path) in storage.READ_ONLY:
         return None
-    if os.path.exists(os.path.join(path, "dataset_info.json")):
+    if is_remote(path) and _is_shard_name(os.path.basename(path)):
+        return None  # a shard of a brace list: no listing request per shard
+    if not storage.isdir(path):
+        return None
+    if storage.exists(os.path.join(path, "dataset_info.json")):
         return path
     found = sorted(
-        globlib.glob(os.path.join(path, "*", "dataset_info.json"))
-        + globlib.glob(os.path.join(path, "*", "*", "dataset_info.json"))
+        _matches(os.path.join(path, "*", "dataset_info.json"))
+        + _matches(os.path.join(path, "*", "*", "dataset_info.json"))
     )
     if not found:
         return None
+    # the folders holding version folders: one per dataset (or per dataset config)
+    datasets = sorted({os.path.relpath(os.path.dirname(os.path.dirname(p)), path) for p in found})
+    if len(datasets) > 1:
+        raise ValueError(
+            f"{path} holds {len(datasets)} TFDS datasets ({', '.join(datasets)}): give one of them, "
+            f"e.g. {os.path.join(path, datasets[0])}"
+        )
 
     # newest version when several (e.g. imagenet2012/5.0.0 and 5.1.0)
     def version(p):
@@ -229,20 +244,16 @@ def find_tfds_dir(path: str) -> str | None:
     return os.path.dirname(max(found, key=version))
 
 
+def _matches(pattern: str) -> list[str]:
+    try:
+        return storage.glob(pattern)
+    except FileNotFoundError:
+        return []
+
+
 # TFRecord framing: uint64 length, masked crc32c(length), data, masked crc32c(data)
-_CRC_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-
-
 def _masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
+    crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -271,40 +282,41 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
+class FormatUnknown(ValueError):
+    """The shards' format cannot be told from their bytes. The message asks for --format (data.py's
+    flag); a caller with another flag names its own: `raise ValueError(e.asking("--train-format"))`."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(self.asking("--format"))
+
+    def asking(self, flag: str) -> str:
+        return f"{self.what}; pass {flag}"
+
+
 def detect_format(paths: Sequence[str]) -> str:
     """'wds' | 'tfrecord' | 'tfds' from the files' contents (first bytes), not from their names:
-    the first of the first 16 files that can be read and is not empty decides."""
+    the first of the first 16 files that can be read and is not empty decides. When none of them can
+    be read, the first one's error (one line: a missing object, a 403, an unreachable endpoint)."""
+    error = None
     for p in paths[:16]:
         if find_tfds_dir(p):
             return "tfds"
-        if not is_remote(p) and not os.path.exists(p):
-            continue
         try:
-            with _open(p) as f:
-                head = f.read(512)
-        except OSError:
+            with open_shard(p) as f:
+                head = f.head
+        except OSError as e:
+            error = error or e
             continue
         if not head:
             continue  # img2dataset writes a 0-byte shard when all its downloads failed
         fmt = _sniff(head)
         if fmt is None:
-            raise ValueError(f"{p}: neither a tar (webdataset) nor a TFRecord file; pass --format")
+            raise FormatUnknown(f"{p}: neither a tar (webdataset) nor a TFRecord file (CSV and others are not read)")
         return fmt
-    raise ValueError(f"cannot detect the format of {paths[0]!r}: no readable non-empty file; pass --format")
-
-
-def shard_format(path: str, default: str) -> str:
-    """The format of one shard of a spec that may mix tars and TFRecords: what its first bytes show,
-    else `default` (the spec's: detected from its first files or given with --format), which also
-    stands for a shard that cannot be opened (its reader then reports it)."""
-    if default == "tfds":
-        return default
-    try:
-        with _open(path) as f:
-            head = f.read(512)
-    except _read_errors(path):
-        return default
-    return _sniff(head) or default
+    if error is not None:
+        raise error
+    raise FormatUnknown(f"cannot detect the format of {paths[0]!r}: no readable non-empty file")
 
 
 @dataclass
@@ -335,25 +347,45 @@ def resolve(spec, fmt: str | None = None, split: str = "train") -> Source:
     return Source(fmt, shards)
 
 
-def _resolve_tfds(path, split: str) -> Source:
+def _resolve_tfds(path, split: str | None) -> Source:
+    """The TFDS dataset at or below path, split `split` (None: 'validation', else its only split). On a
+    store, its metadata files (not the shards) are copied to a temporary directory for TFDS to read."""
     path = path if isinstance(path, str) else list(path)[0]
-    if not is_remote(path) and not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"no such TFDS directory: {path!r}")
     d = find_tfds_dir(path) or path
+    if not is_remote(d):
+        return _tfds_source(d, d, split)
+    with tempfile.TemporaryDirectory(prefix="clipa-tfds-") as meta:
+        for name in storage.listdir(d):
+            if not _is_shard_name(name):
+                with open(os.path.join(meta, name), "wb") as f:
+                    f.write(storage.read_bytes(os.path.join(d, name), MAX_RECORD_BYTES))
+        return _tfds_source(meta, d, split)
+
+
+def _tfds_source(local: str, d: str, split: str | None) -> Source:
+    """Source of the TFDS dataset whose metadata is in local directory `local` and whose files are in `d`."""
     xla_utils.import_tensorflow()
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder_from_directory(d)
+        builder = tfds.builder_from_directory(local)
     except Exception as e:  # noqa: BLE001 - TFDS raises many types; report in one line
-        raise ValueError(f"{path}: not a TFDS dataset directory ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{d}: not a TFDS dataset directory ({type(e).__name__}: {e})") from None
     info = builder.info
+    splits = list(info.splits.keys())
+    if split is None:
+        if "validation" in splits or len(splits) != 1:
+            split = "validation"
+        else:
+            split = splits[0]
     if split not in info.splits:
-        raise ValueError(f"{d}: no split {split!r} (has {', '.join(info.splits.keys())})")
+        raise ValueError(f"{d}: no split {split!r} (has {', '.join(splits)}): name one")
     fmt_name = str(getattr(info, "file_format", "tfrecord")).lower()
     if "tfrecord" not in fmt_name:
         raise ValueError(f"{d}: TFDS file format {fmt_name} is not supported (tfrecord only)")
-    files = [os.fspath(p) for p in info.splits[split].filepaths]
+    files = [os.fspath(p) if local == d else os.path.join(d, os.path.basename(p)) for p in info.splits[split].filepaths]
     image_keys = []
     text_keys = []
     label_key = None
@@ -523,92 +555,95 @@ def read_wds(path: str, src: Source) -> Iterator[Raw]:
     sample flagged oversized_member. Once per shard, losing the rest of it: a size beyond the
     bytes left (oversized_member, or truncated_record when under the cap: a cut-off writer), a
     corrupt header (corrupt_shard), a file that cannot be opened or read (unreadable_shard)."""
-    errors = _read_errors(path)
-    try:
-        f = _open(path)
-    except errors as e:
-        yield Raw(path, None, None, "unreadable_shard")
-        log.warning("unreadable shard %s: %s", path, e)
-        return
+    yield from _read_opened(path, src, None, "wds")
+
+
+def _read_wds(path: str, f: _Shard, src: Source) -> Iterator[Raw]:
     key, parts = None, {}
-    with f:
-        try:
-            for name, data, _, _ in _tar_members(f):
-                k, ext = _split_key(name)
-                if _next_sample(key, parts, k, ext):
-                    if key is not None:
-                        yield _make_raw(key, parts, src)
-                    key, parts = k, {}
-                parts[ext] = data
-        except (_Truncated, _Unreadable) as e:
-            # the sample being read when the file ended is lost; earlier ones are intact
-            reason = e.args[0] if isinstance(e, _Unreadable) else "truncated_record"
-            name = e.args[-1] if e.args else None
-            if not name:  # between samples' members: the last sample may be whole
-                if isinstance(e, _Unreadable):
-                    log.warning(
-                        "%s: a member after key %s is over %d bytes and past the end of "
-                        "the file: rest of the shard skipped",
-                        path,
-                        key,
-                        MAX_RECORD_BYTES,
-                    )
-                    if key is not None:
-                        yield _make_raw(key, parts, src)
-                    yield Raw(key or path, None, None, reason)
-                else:
-                    yield (
-                        _make_raw(key, parts, src, truncated=True) if key is not None else Raw(path, None, None, reason)
-                    )
-                return
-            cut_key, cut_ext = _split_key(name)
-            if key is not None and _next_sample(key, parts, cut_key, cut_ext):
-                yield _make_raw(key, parts, src)
+    try:
+        for name, data, _, _ in _tar_members(f):
+            k, ext = _split_key(name)
+            if _next_sample(key, parts, k, ext):
+                if key is not None:
+                    yield _make_raw(key, parts, src)
+                key, parts = k, {}
+            parts[ext] = data
+    except (_Truncated, _Unreadable) as e:
+        # the sample being read when the file ended is lost; earlier ones are intact
+        reason = e.args[0] if isinstance(e, _Unreadable) else "truncated_record"
+        name = e.args[-1] if e.args else None
+        if not name:  # between samples' members: the last sample may be whole
             if isinstance(e, _Unreadable):
                 log.warning(
-                    "%s: member %s is over %d bytes and past the end of the file: rest of the shard skipped",
+                    "%s: a member after key %s is over %d bytes and past the end of "
+                    "the file: rest of the shard skipped",
                     path,
-                    name,
+                    key,
                     MAX_RECORD_BYTES,
                 )
-            yield Raw(cut_key, None, None, reason)
+                if key is not None:
+                    yield _make_raw(key, parts, src)
+                yield Raw(key or path, None, None, reason)
+            else:
+                yield (_make_raw(key, parts, src, truncated=True) if key is not None else Raw(path, None, None, reason))
             return
-        except ValueError as e:
-            log.warning("corrupt shard %s after key %s: %s", path, key, e)
-            yield Raw(key or path, None, None, "corrupt_shard")
-            return
-        except errors as e:
-            log.warning("unreadable shard %s after key %s: %s", path, key, e)
-            yield Raw(key or path, None, None, "corrupt_shard" if key is not None else "unreadable_shard")
-            return
+        cut_key, cut_ext = _split_key(name)
+        if key is not None and _next_sample(key, parts, cut_key, cut_ext):
+            yield _make_raw(key, parts, src)
+        if isinstance(e, _Unreadable):
+            log.warning(
+                "%s: member %s is over %d bytes and past the end of the file: rest of the shard skipped",
+                path,
+                name,
+                MAX_RECORD_BYTES,
+            )
+        yield Raw(cut_key, None, None, reason)
+        return
+    except ValueError as e:
+        log.warning("corrupt shard %s after key %s: %s", path, key, e)
+        yield Raw(key or path, None, None, "corrupt_shard")
+        return
+    except OSError as e:
+        log.warning("unreadable shard %s after key %s: %s", path, key, e)
+        yield Raw(key or path, None, None, "corrupt_shard" if key is not None else "unreadable_shard")
+        return
     if key is not None:
         yield _make_raw(key, parts, src)
 
 
-def _scan_tfrecord(f) -> tuple[list[int], str | None]:
-    """Check a TFRecord file's framing without reading record data (headers and seeks only):
-    (the end offset of each record framed soundly before the first bad one, None or why the file
-    ends there). A length is trusted only with its CRC, at most MAX_RECORD_BYTES and within the
-    file: tf.data would otherwise allocate what a hostile length asks for (2^62 bytes: a segfault)."""
+def _tfrecord_frames(f) -> Iterator[tuple[bytes | None, str | None, int]]:
+    """(record bytes, None, offset) for each record of a TFRecord stream, in one forward pass; where
+    the rest of the file cannot be read, a last (None, why, offset). A length is trusted only with its
+    CRC, at most MAX_RECORD_BYTES and within the file when its size is known: a hostile length costs
+    nothing. A record whose data fails its CRC is (None, "corrupt_record", offset) and reading goes on
+    (its length was sound, so the next record is found)."""
     end = _file_size(f)
-    pos = 0
-    ends = []
+    at = 0
     while True:
         head = f.read(12)
         if not head:
-            return ends, None
+            return
         if len(head) < 12:
-            return ends, "truncated_record"
+            yield None, "truncated_record", at
+            return
         length, crc = struct.unpack("<QI", head)
         if crc != _masked_crc32c(head[:8]):
-            return ends, "corrupt_record"
+            yield None, "corrupt_record", at
+            return
         if length > MAX_RECORD_BYTES:
-            return ends, "oversized_record"
-        pos += 12 + length + 4
-        if end is not None and pos > end:
-            return ends, "truncated_record"
-        f.seek(length + 4, 1)
-        ends.append(pos)
+            yield None, "oversized_record", at
+            return
+        if end is not None and at + 16 + length > end:
+            yield None, "truncated_record", at
+            return
+        data = f.read(length)
+        tail = f.read(4)
+        if len(data) < length or len(tail) < 4:
+            yield None, "truncated_record", at
+            return
+        ok = struct.unpack("<I", tail)[0] == _masked_crc32c(data)
+        yield (data, None, at) if ok else (None, "corrupt_record", at)
+        at += 16 + length
 
 
 def _example_parts(ex) -> dict:
@@ -622,67 +657,84 @@ def _example_parts(ex) -> dict:
     return parts
 
 
-def _tfrecord_items(path: str, src: Source) -> Iterator[tuple[Raw, bytes | None, int]]:
-    """(Raw, the record's bytes, its offset in the file) per record of a TFRecord shard; when the
-    rest of the file cannot be read, a last flagged Raw with None and the offset where it starts."""
-    tf = xla_utils.import_tensorflow()
-    from google.protobuf.message import DecodeError
-
+def _tfrecord_items(path: str, f: _Shard, src: Source) -> Iterator[tuple[Raw, bytes | None, int]]:
+    """(Raw, the record's bytes, its offset in the file) per record of the open TFRecord shard `f`;
+    when the rest of the file cannot be read, a last flagged Raw with None and the offset where it
+    starts. tf.train.Example parses the records; the framing is ours, so that any stream is read."""
+    example = xla_utils.import_tensorflow().train.Example
+    i = 0  # records so far, bad ones too
     try:
-        with _open(path) as f:
-            ends, tail = _scan_tfrecord(f)
-        ds = tf.data.TFRecordDataset(path)
-        it = iter((ds.take(len(ends)) if tail else ds).as_numpy_iterator())
-    except (tf.errors.OpError, OSError) as e:
-        log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0] if str(e) else e)
-        yield Raw(path, None, None, "unreadable_shard"), None, 0
-        return
-    i = 0
-    while True:
-        at = ends[i - 1] if i else 0
-        try:
-            rec = next(it)
-        except StopIteration:
-            if tail:
-                log.warning("%s: %s after record %d, the rest of the shard skipped", path, tail, i)
-                yield Raw(f"{path}#{i}", None, None, tail), None, at
-            return
-        except tf.errors.DataLossError as e:  # bad length/crc: the rest of the file is lost
-            yield (
-                Raw(
-                    f"{path}#{i}", None, None, "truncated_record" if "truncated" in str(e).lower() else "corrupt_record"
-                ),
-                None,
-                at,
-            )
-            return
-        except (tf.errors.OpError, OSError) as e:
-            log.warning("unreadable shard %s: %s", path, str(e).splitlines()[0])
-            yield Raw(path, None, None, "unreadable_shard"), None, at
-            return
-        key = f"{os.path.basename(path)}#{i}"
-        i += 1
-        try:
-            parts = _example_parts(tf.train.Example.FromString(rec))
-        except DecodeError:
-            yield Raw(key, None, None, "corrupt_record"), rec, at
-            continue
-        if "key" in parts and isinstance(parts["key"], bytes):
-            key = parts["key"].decode("utf-8", "replace")
-        yield _make_raw(key, parts, src), rec, at
+        for rec, reason, at in _tfrecord_frames(f):
+            key = f"{os.path.basename(path)}#{i}"
+            i += 1
+            if rec is None:
+                log.warning("%s: %s at byte %d (record %d)", path, reason, at, i - 1)
+                yield Raw(f"{path}#{i - 1}", None, None, reason), None, at
+                continue
+            try:
+                parts = _example_parts(example.FromString(rec))
+            except DecodeError:
+                yield Raw(key, None, None, "corrupt_record"), rec, at
+                continue
+            if "key" in parts and isinstance(parts["key"], bytes):
+                key = parts["key"].decode("utf-8", "replace")
+            yield _make_raw(key, parts, src), rec, at
+    except OSError as e:  # the store or the command failed mid-shard: the rest of it is lost
+        log.warning("unreadable shard %s after record %d: %s", path, i, e)
+        yield Raw(path, None, None, "unreadable_shard" if i == 0 else "corrupt_shard"), None, -1
 
 
 def read_tfrecord(path: str, src: Source) -> Iterator[Raw]:
-    """Samples of one TFRecord shard (tf.data), bad ones flagged (never raises for bad data).
-    The framing is checked first (_scan_tfrecord): tf.data reads only the soundly framed
-    records, and what ends the file early (truncated_record, corrupt_record, oversized_record)
-    is one skip for the rest of the shard, like a record whose data fails its CRC."""
-    return (raw for raw, _, _ in _tfrecord_items(path, src))
+    """Samples of one TFRecord shard, bad ones flagged (never raises for bad data). What ends the file
+    early (truncated_record, corrupt_record in a length, oversized_record) is one skip for the rest of
+    the shard; a record whose data fails its CRC is one skip."""
+    yield from _read_opened(path, src, None, "tfrecord")
+
+
+def _read_opened(path: str, src: Source, opened, fmt: str | None = None) -> Iterator[Raw]:
+    """The records of shard `path`: `opened` (a future of open_shard, or None to open it here), read by
+    `fmt` or else by what its first bytes show (a spec may mix tars and TFRecords; src.fmt decides for a
+    shard whose first bytes show neither)."""
+    try:
+        f = opened.result() if opened is not None else open_shard(path)
+    except OSError as e:
+        log.warning("unreadable shard %s: %s", path, e)
+        yield Raw(path, None, None, "unreadable_shard")
+        return
+    with f:
+        fmt = fmt or ("tfrecord" if src.fmt == "tfds" else _sniff(f.head) or src.fmt)
+        if fmt == "wds":
+            yield from _read_wds(path, f, src)
+        else:
+            yield from (raw for raw, _, _ in _tfrecord_items(path, f, src))
 
 
 def read_shard(path: str, src: Source) -> Iterator[Raw]:
     """Samples of one shard, read by its own format (a spec may mix tars and TFRecords)."""
-    yield from (read_wds if shard_format(path, src.fmt) == "wds" else read_tfrecord)(path, src)
+    yield from _read_opened(path, src, None)
+
+
+def read_shards(paths: Sequence[str], src: Source) -> Iterator[Iterator[Raw]]:
+    """read_shard of each of `paths` in turn, each shard opened (connection made, first bytes read) in a
+    background thread while the one before it is read: a store's per-shard latency (a request, a
+    command starting) is hidden behind the reading. Consume each shard's records before the next."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="clipa-shard-open")
+    ahead = None
+    try:
+        for i, path in enumerate(paths):
+            opened = ahead if ahead is not None else pool.submit(open_shard, path)
+            ahead = pool.submit(open_shard, paths[i + 1]) if i + 1 < len(paths) else None
+            yield _read_opened(path, src, opened)
+    finally:
+        if ahead is not None:
+            ahead.add_done_callback(_close_opened)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_opened(future) -> None:
+    """A shard opened ahead that nobody will read: closed (its connection or command let go)."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 # ----------------------------------------------------------------------------- resharding
@@ -755,7 +807,7 @@ def _rewrite_wds(path: str, out, src: Source, fix):
     image member gets fix(image) (None: unchanged) as its data, with its header's size and
     checksum. Members are copied from a second handle, in order; where reading stops (the
     end-of-archive marker, a truncated or corrupt tail) the rest of the file is copied as it is."""
-    with _open(path) as f, _open(path) as g:
+    with storage.open_read(path) as f, storage.open_read(path) as g:
         copied = 0  # bytes of g written to out
 
         def flush(key, parts, members):
@@ -814,11 +866,11 @@ def _rewrite_tfrecord(path: str, tmp: str, src: Source, fix):
     fix(image) (None: the record's bytes unchanged); a tail that cannot be read is copied as it is."""
     tf = xla_utils.import_tensorflow()
     tail = None
-    with tf.io.TFRecordWriter(tmp) as w:
-        for raw, rec, at in _tfrecord_items(path, src):
-            if rec is None:
-                if raw.reason == "unreadable_shard":
-                    raise OSError(f"cannot read {path}")
+    with open_shard(path) as f, tf.io.TFRecordWriter(tmp) as w:
+        for raw, rec, at in _tfrecord_items(path, f, src):
+            if raw.reason in ("unreadable_shard", "corrupt_shard"):
+                raise OSError(f"cannot read {path}")
+            if rec is None:  # the rest is copied as it is (a record that fails its CRC too): read alike
                 tail = at
                 break
             new = fix(raw.image) if raw.reason is None else None
@@ -829,8 +881,8 @@ def _rewrite_tfrecord(path: str, tmp: str, src: Source, fix):
                 rec = ex.SerializeToString()
             w.write(rec)
     if tail is not None:
-        with _open(path) as g, open(tmp, "ab") as out:
-            g.seek(tail)
+        with storage.open_read(path) as g, open(tmp, "ab") as out:
+            g.seek(tail, 1)
             _copy_bytes(g, out, None)
 
 
@@ -882,7 +934,8 @@ def verify_reshard(path: str, out: str, src: Source, max_side: int) -> Counter:
 
 
 def _file_bytes(path: str) -> int:
-    return xla_utils.import_tensorflow().io.gfile.stat(path).length if is_remote(path) else os.path.getsize(path)
+    with storage.open_read(path) as f:
+        return _file_size(f) or 0
 
 
 def _reshard_shard(job) -> dict:
@@ -895,7 +948,9 @@ def _reshard_shard(job) -> dict:
         return bound_image(image, max_side, quality, max_pixels)[0]
 
     def write(tmp):
-        if shard_format(path, src.fmt) == "wds":
+        with open_shard(path) as f:
+            fmt = _sniff(f.head) or src.fmt
+        if fmt == "wds":
             with open(tmp, "wb") as out:
                 _rewrite_wds(path, out, src, fix)
         else:
@@ -905,7 +960,7 @@ def _reshard_shard(job) -> dict:
     try:
         before = _file_bytes(path)
         checkpoints.atomic_write(dst, write)
-    except _read_errors(path) as e:
+    except OSError as e:
         return {"shard": path, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}"}
     return {"shard": path, **counts, "bytes_before": before, "bytes_after": os.path.getsize(dst)}
 

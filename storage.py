@@ -685,6 +685,36 @@ def listdir(path) -> list[str]:
         return sorted({os.path.basename(p.rstrip("/")) for p in fs.ls(prefix, detail=False)} - {""})
 
 
+def find(path, limit: int = MAX_NAMES) -> list[str]:
+    """The files below a directory or store prefix, at any depth, as sorted paths relative to it ('a/b.jpg').
+    FileNotFoundError when there is none; ValueError past `limit` files. Local: links are not followed
+    into other directories (os.walk's default)."""
+    path = check_supported(os.fspath(path))
+    s = scheme(path)
+    if s in READ_ONLY:
+        raise ValueError(f"{path}: {s}: cannot be listed")
+    if s in ("", "file"):
+        root = local_path(path)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such directory")
+        out = []
+        for d, _, files in os.walk(root):
+            out.extend(os.path.relpath(os.path.join(d, f), root) for f in files)
+            if len(out) > limit:
+                raise ValueError(f"{path} holds more than {limit:,} files")
+        return sorted(out)
+    with _errors(path):
+        prefix = _store_path(path).rstrip("/")
+        found = _filesystem(s).find(prefix)
+    base = prefix.split("://", 1)[-1] + "/"
+    out = sorted(p[len(base) :] for p in found if p.startswith(base))
+    if not out:
+        raise FileNotFoundError(f"{path}: nothing there")
+    if len(out) > limit:
+        raise ValueError(f"{path} holds more than {limit:,} files")
+    return out
+
+
 # ----------------------------------------------------------------------------- writing
 
 

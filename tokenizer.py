@@ -1,9 +1,11 @@
-"""Text tokenizers for CLIPA: CLIP BPE (v1 models), BERT WordPiece (v2 models), and the four text
-token reduction strategies of the papers (docs/recipe.md): truncate, random, block, syntax.
+"""Text tokenizers for CLIPA: CLIP BPE (v1 models), BERT WordPiece (v2 models), and the text token
+reduction strategies (docs/recipe.md): CLIPA's truncate, random, block, syntax, and CLIPF's word
+frequency masking, `frequency`, which reads a word counts file (`python data.py counts`).
 
     tok = Tokenizer("clip_bpe", context_length=8, reduction="syntax")   # training: syntax masking
     ids = tok(["a diagram", "a dog"], rng=random.Random(0))             # LongTensor [2, 8]
     Tokenizer("clip_bpe", 8)                                            # evaluation: truncation
+    Tokenizer("clip_bpe", 8, "frequency", word_counts="counts.json")    # frequency masking
 
 factory.get_tokenizer(model_name) builds the one a registered model implies. This module imports no
 other project module; its benchmark is launch/bench_tokenizer.py.
@@ -17,10 +19,16 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import heapq
 import html
+import json
+import math
 import os
 import random
+import stat
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import regex
@@ -31,7 +39,7 @@ BPE_VOCAB = os.path.join(ASSETS, "bpe_simple_vocab_16e6.txt.gz")
 BERT_VOCAB = os.path.join(ASSETS, "bert_base_uncased_vocab.txt")
 SYNTAX_TABLE = os.path.join(ASSETS, "syntax_priority.tsv.gz")
 
-REDUCTIONS = ("truncate", "random", "block", "syntax")
+REDUCTIONS = ("truncate", "random", "block", "syntax", "frequency")
 TOKENIZERS = ("clip_bpe", "wordpiece")
 
 # Part-of-speech priority of syntax masking (lower is kept first): nouns, adjectives, verbs, rest.
@@ -394,13 +402,183 @@ def syntax_select(words: list[str], keep: int) -> list[str]:
     return [words[i] for i in chosen]
 
 
+# ----------------------------------------------------------------------------- word frequency masking
+
+# t of CLIPF's P(w) = 1 - sqrt(t / f(w)): the value of the authors' code (they cite word2vec's
+# subsampling, where t is around 1e-5); see docs/recipe.md
+FREQUENCY_THRESHOLD = 1e-6
+COUNTS_FORMAT = "clipa-word-counts"
+COUNTS_TOP = 100_000  # words a counts file lists by default (the most frequent)
+MAX_COUNTS_WORDS = 1_000_000  # at most 1/t words can have f > t: t = 1e-6 never needs more
+MAX_COUNTS_BYTES = 64 << 20  # a counts file of MAX_COUNTS_WORDS words is ~20 MB
+MAX_COUNTING = 4_000_000  # distinct words held while counting; past it the rarest are dropped
+
+
+@dataclass(frozen=True)
+class WordCounts:
+    """A word counts file: the most frequent words of a set of captions, split into words the way
+    `tokenizer` splits them, and the number of all words (listed or not): f(w) = counts[w] / total."""
+
+    tokenizer: str
+    total: int
+    captions: int
+    counts: dict[str, int]  # most frequent first
+    sha256: str = ""  # of the file's bytes
+
+    def keep_probabilities(self, threshold: float) -> dict[str, float]:
+        """word -> its chance to survive, sqrt(t / f(w)), for the listed words with f(w) > t; every
+        other word always survives (a word not listed is at most as frequent as the last one)."""
+        cut = threshold * self.total
+        return {w: math.sqrt(threshold * (self.total / c)) for w, c in self.counts.items() if c > cut}
+
+
+class WordCounter:
+    """Counts the words of captions as Tokenizer(kind) splits them, in bounded memory: words longer
+    than _CachedWords.MAX_CACHED_WORD (URLs, junk) count only in the total, and past MAX_COUNTING
+    distinct words the rarest are dropped (their counts are then a little low; they are words far
+    rarer than any useful t)."""
+
+    def __init__(self, kind: str = "clip_bpe", max_words: int = MAX_COUNTING):
+        if kind not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {kind!r}; valid: {', '.join(TOKENIZERS)}")
+        self.kind, self.max_words = kind, max_words
+        self.counts: Counter = Counter()
+        self.total = self.captions = self.floor = 0
+
+    def add(self, text) -> None:
+        words = _backend(self.kind).words(_as_text(text))
+        self.captions += 1
+        self.total += len(words)
+        self.counts.update(w for w in words if len(w) <= _CachedWords.MAX_CACHED_WORD)
+        if len(self.counts) > self.max_words:
+            while len(self.counts) > self.max_words // 2:
+                self.floor += 1
+                self.counts = Counter({w: c for w, c in self.counts.items() if c > self.floor})
+
+    def result(self, top: int = COUNTS_TOP) -> WordCounts:
+        return WordCounts(self.kind, self.total, self.captions, dict(self.counts.most_common(top)))
+
+
+def write_word_counts(path: str, counts: WordCounts) -> str:
+    """Write the counts file (JSON, atomically); returns its sha256."""
+    blob = json.dumps(
+        {
+            "format": COUNTS_FORMAT,
+            "tokenizer": counts.tokenizer,
+            "total": counts.total,
+            "captions": counts.captions,
+            "counts": counts.counts,
+        },
+        ensure_ascii=False,
+    ).encode("utf-8")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _bad(path: str, why: str) -> ValueError:
+    return ValueError(f"word counts {path}: {why} (write one with `python data.py counts SPEC --out FILE`)")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_word_counts(path: str, identity: tuple) -> WordCounts:
+    with open(path, "rb") as f:
+        blob = f.read(MAX_COUNTS_BYTES + 1)
+    if len(blob) > MAX_COUNTS_BYTES:
+        raise _bad(path, f"over {MAX_COUNTS_BYTES >> 20} MiB")
+    try:
+        obj = json.loads(blob)
+    except (ValueError, RecursionError):
+        raise _bad(path, "not JSON") from None
+    if not isinstance(obj, dict) or obj.get("format") != COUNTS_FORMAT:
+        raise _bad(path, "not a word counts file")
+    kind, total, captions, counts = (obj.get(k) for k in ("tokenizer", "total", "captions", "counts"))
+    if kind not in TOKENIZERS:
+        raise _bad(path, f"unknown tokenizer; valid: {', '.join(TOKENIZERS)}")
+
+    def count(x) -> bool:
+        return type(x) is int and x >= 0
+
+    if not (count(total) and count(captions) and isinstance(counts, dict) and len(counts) <= MAX_COUNTS_WORDS):
+        raise _bad(path, "total, captions or counts missing or not counts")
+    if not all(count(c) and c > 0 for c in counts.values()) or sum(counts.values()) > total:
+        raise _bad(path, "the counts are not positive integers adding up to at most the total")
+    return WordCounts(kind, total, captions, counts, hashlib.sha256(blob).hexdigest())
+
+
+def read_word_counts(path: str) -> WordCounts:
+    """A counts file, checked: a regular file of at most MAX_COUNTS_BYTES holding what
+    write_word_counts writes. Read once per process while the file stays the same. Every problem is
+    a one-line ValueError that does not echo the file's content."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _bad(path, e.strerror or "not readable") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(path, "not a regular file")
+    if st.st_size > MAX_COUNTS_BYTES:
+        raise _bad(path, f"over {MAX_COUNTS_BYTES >> 20} MiB")
+    try:
+        return _read_word_counts(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError as e:
+        raise _bad(path, e.strerror or "not readable") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _keep_table(path: str, sha256: str, threshold: float) -> dict[str, float]:
+    # per process (a data loader worker loads it on its first batch): the tokenizer pickles small
+    counts = read_word_counts(path)
+    if counts.sha256 != sha256:  # changed since the run checked it: the masks would differ
+        raise _bad(path, f"changed since it was checked (sha256 {counts.sha256[:12]}, expected {sha256[:12]})")
+    return counts.keep_probabilities(threshold)
+
+
+def frequency_select(word_ids: list[tuple[int, ...]], keep: list[float], k: int, rng) -> list[int]:
+    """CLIPF word frequency masking of one caption: each word survives with probability keep[i]
+    (is dropped with P(w) = 1 - sqrt(t / f(w))), then the survivors are cut to k ids.
+
+    One uniform draw u per word orders the words by s = u / keep: the survivors are exactly the words
+    with s < 1. The row takes whole words in that order, skipping a word whose ids no longer fit,
+    and puts them back in sentence order. So when the survivors fill more than k ids, the cut keeps
+    a uniformly random subset of them (a survivor's s is uniform on [0, 1), whatever its word); when
+    they fill fewer, dropped words are put back, those closest to surviving first, until the row is
+    full: a row is as full as its caption allows, as with the other reductions, and a caption that
+    fits whole is kept whole (as in the CLIPF authors' code). Returns the content ids."""
+    n = len(word_ids)
+    if sum(map(len, word_ids)) <= k:
+        return [i for ids in word_ids for i in ids]
+    score = [rng.random() / p for p in keep]
+    chosen, room = [], k
+    for j in sorted(range(n), key=score.__getitem__):
+        m = len(word_ids[j])
+        if m <= room:
+            chosen.append(j)
+            room -= m
+            if room == 0:
+                break
+    if not chosen:  # every word is longer than the row: the first in the order, cut
+        return list(word_ids[min(range(n), key=score.__getitem__)][:k])
+    chosen.sort()
+    return [i for j in chosen for i in word_ids[j]]
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
 class Tokenizer:
     """Callable: texts -> LongTensor[N, context_length] with one text token reduction strategy."""
 
-    def __init__(self, tokenizer: str = "clip_bpe", context_length: int = 77, reduction: str = "truncate"):
+    def __init__(
+        self,
+        tokenizer: str = "clip_bpe",
+        context_length: int = 77,
+        reduction: str = "truncate",
+        word_counts: str | None = None,
+        threshold: float = FREQUENCY_THRESHOLD,
+    ):
+        """word_counts, threshold: the counts file and t of `frequency` masking (unused otherwise)."""
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
         if reduction not in REDUCTIONS:
@@ -414,6 +592,19 @@ class Tokenizer:
         self.content_length = context_length - (2 if tokenizer == "clip_bpe" else 1)
         if reduction == "syntax":
             syntax_table()  # fail now, not in a data loader worker, if the table is missing
+        self.word_counts, self.threshold, self.counts_sha256 = None, threshold, None
+        if reduction == "frequency":
+            if not word_counts:
+                raise ValueError("text reduction frequency needs a word counts file (`python data.py counts`)")
+            if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+                raise ValueError(f"frequency threshold t must be in (0, 1], got {threshold!r}")
+            counts = read_word_counts(word_counts)  # fail now, not in a worker
+            if counts.tokenizer != tokenizer:
+                raise ValueError(
+                    f"word counts {word_counts} split words for {counts.tokenizer}, this model's tokenizer is "
+                    f"{tokenizer}: count again with --tokenizer {tokenizer}"
+                )
+            self.word_counts, self.counts_sha256 = os.path.abspath(word_counts), counts.sha256
 
     @property
     def backend(self):
@@ -424,10 +615,13 @@ class Tokenizer:
         return self.backend.vocab_size
 
     def __repr__(self):
-        return f"Tokenizer({self.tokenizer!r}, context_length={self.context_length}, reduction={self.reduction!r})"
+        extra = f", word_counts={self.word_counts!r}, threshold={self.threshold:g}" if self.word_counts else ""
+        return (
+            f"Tokenizer({self.tokenizer!r}, context_length={self.context_length}, reduction={self.reduction!r}{extra})"
+        )
 
     def __call__(self, texts, rng: random.Random | None = None) -> torch.LongTensor:
-        """Tokenize a caption or a list of captions. `rng` drives random/block masking; None -> the
+        """Tokenize a caption or a list of captions. `rng` drives random/block/frequency masking; None -> the
         `random` module (seeded per worker by torch's DataLoader, so workers differ reproducibly)."""
         texts = _as_list(texts)
         if rng is None:
@@ -453,6 +647,12 @@ class Tokenizer:
             return bk.encode_words(bk.words(text), limit=k)
         if self.reduction == "syntax":
             return bk.encode_words(syntax_select(bk.words(text), k), limit=k)
+        if self.reduction == "frequency":
+            table = _keep_table(self.word_counts, self.counts_sha256, self.threshold)
+            words = bk.words(text)
+            cache = bk.cache
+            ids = [cache.get(w) or bk.word_ids(w) for w in words]
+            return frequency_select(ids, [table.get(w, 1.0) for w in words], k, rng)
         ids = bk.encode_words(bk.words(text))
         n = len(ids)
         if n <= k:

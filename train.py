@@ -39,7 +39,9 @@ import factory
 import losses
 import model as model_lib
 import plan
+import shards
 import storage
+import trackers
 import transforms
 import xla_utils
 from config import RunConfig, Stage
@@ -77,14 +79,16 @@ def lr_at(step: int, stage: Stage) -> float:
 
 class Step:
     """One optimizer step, built once per stage: the model, its optimizer, the loss and the compiled
-    graphs. step(images, tokens, lr) takes this rank's batch (uint8 images [b,3,H,W] and tokens [b,T]
-    on the host) and returns the global batch's loss, on the device; the caller marks
-    rt.step_boundary after it.
+    graphs. step(images, tokens, lr) takes this rank's batch (uint8 images [b,3,H,W] and tokens [b,T],
+    on the host or already on the device) and returns the global batch's loss, on the device; the
+    caller marks rt.step_boundary after it.
 
-    accum_steps K > 1: the exact full-batch gradient in K chunks (see _accumulate). skip_nonfinite:
-    drop the update when any rank's loss is not finite (a host read before the optimizer step).
-    compiled: the forward and the loss torch.compile'd (once per stage: shapes are static) and run
-    with deterministic kernels, since compiled scatter-adds would make a resumed run differ."""
+    Nothing in it waits for the device. When any rank's loss is not finite the update is dropped on
+    the device (rt.optimizer_step) and counted in `tally`, which the host reads at its decision
+    points (nonfinite()). accum_steps K > 1: the exact full-batch gradient in K chunks (see
+    _accumulate). compiled: the forward and the loss torch.compile'd (once per stage: shapes are
+    static) and run with deterministic kernels, since compiled scatter-adds would make a resumed run
+    differ."""
 
     def __init__(
         self,
@@ -95,7 +99,6 @@ class Step:
         *,
         precision: str = "fp32",
         accum_steps: int = 1,
-        skip_nonfinite: bool = False,
         compiled: bool = False,
     ):
         self.rt = rt
@@ -104,10 +107,13 @@ class Step:
         self.loss = loss
         self.precision = precision
         self.accum_steps = accum_steps
-        self.skip_nonfinite = skip_nonfinite
         self.features = rt.compile(self._features) if compiled else self._features
         self.batch_loss = rt.compile(self._batch_loss) if compiled else self._batch_loss
         self.context = rt.deterministic if compiled else contextlib.nullcontext
+        # on the device, since the step was built: [steps, dropped steps, the first and the last
+        # dropped one (1-based step numbers; 0: none)]; cumulative, so every step runs one graph
+        self.tally = torch.zeros(4, dtype=rt.count_dtype, device=rt.device)
+        self._read = 0  # dropped steps the host has seen
 
     def _features(self, images: torch.Tensor, tokens: torch.Tensor) -> losses.Features:
         """uint8 images [b,3,H,W] and tokens [b,T] on the device -> what the loss needs, in fp32."""
@@ -126,20 +132,34 @@ class Step:
             group["lr"] = lr
         if images.shape[0] % self.accum_steps:
             raise ValueError(f"per-rank batch {images.shape[0]} is not divisible by --accum-steps {self.accum_steps}")
-        images, tokens = self.rt.to_device(images, tokens)
+        if images.device != self.rt.device:  # a host batch (the loop's feed hands over device ones)
+            images, tokens = self.rt.to_device(images, tokens)
         with self.context():  # the backward too: it is compiled lazily, on its first call
             if self.accum_steps == 1:
                 loss = self.batch_loss(images, tokens)
                 loss.backward()
             else:
                 loss = self._accumulate(images, tokens)
-        skip = self.skip_nonfinite and self.rt.agree(not math.isfinite(loss.item()))
-        if not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
         with torch.no_grad():
+            drop = self.rt.any_on_device(~torch.isfinite(loss))
+            self.rt.optimizer_step(self.optimizer, drop)
+            self.optimizer.zero_grad(set_to_none=True)
             model_lib.unwrap(self.model).logit_scale.clamp_(0, math.log(100))
-        return loss.detach()
+            n, bad, first, last = self.tally.unbind()
+            n = n + 1
+            hit = drop.to(self.tally.dtype)
+            self.tally = torch.stack(
+                [n, bad + hit, torch.where(drop & (bad == 0), n, first), torch.where(drop, n, last)]
+            )
+        return loss
+
+    def nonfinite(self) -> tuple[int, int, int]:
+        """A host read of the tally (one transfer): (steps dropped since the last call, the first ever
+        and the last dropped step, 1-based over this Step's calls)."""
+        _, bad, first, last = self.tally.tolist()
+        new, self._read = bad - self._read, bad
+        return new, first, last
 
     def _accumulate(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Gradient of the full-batch loss in K chunks (feature caching, as OpenCLIP accumulates): a
@@ -182,6 +202,46 @@ def checkpoint_root(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
+def local_out(out: str) -> str:
+    """Where the run writes first: --out itself, or for a remote --out (s3://, gs://) its local staging
+    directory, from which checkpoints and logs are uploaded at every save and at the end."""
+    return checkpoints.staging_dir(out) if storage.is_remote(out) else out
+
+
+def upload_logs(run: RunConfig) -> None:
+    """A remote --out: metrics.jsonl and the TensorBoard files copied from the staging directory to the
+    store (master only). A failure warns: training goes on, the next save tries again."""
+    if not storage.is_remote(run.out):
+        return
+    local = local_out(run.out)
+    names = ["metrics.jsonl", trackers.RUN_FILE]
+    for d, _, files in os.walk(os.path.join(local, "tensorboard")):  # event files, one folder per run id
+        names += sorted(os.path.relpath(os.path.join(d, f), local) for f in files)
+    try:
+        for name in names:
+            if os.path.isfile(os.path.join(local, name)):
+                storage.upload(os.path.join(local, name), os.path.join(run.out, name))
+    except OSError as e:
+        print(f"warning: logs not uploaded ({e}); training goes on", file=sys.stderr, flush=True)
+
+
+def fetch_logs(run: RunConfig) -> None:
+    """A remote --out: its metrics.jsonl (and the trackers' run id, which a resumed run continues) copied
+    into the staging directory before the run appends to it (a fresh machine has none; the store's is
+    the one that counts). ValueError when the store fails."""
+    if not storage.is_remote(run.out):
+        return
+    try:
+        for name in ("metrics.jsonl", trackers.RUN_FILE):
+            remote, local = os.path.join(run.out, name), os.path.join(local_out(run.out), name)
+            if os.path.exists(local):
+                os.remove(local)  # a failed download then leaves none, which the end of the run cannot upload
+            if storage.exists(remote):
+                storage.download(remote, local)
+    except OSError as e:
+        raise ValueError(f"--out {run.out}: {e}") from None
+
+
 class RunStopped(Exception):
     """The run cannot go on (non-finite loss or weights, checkpoint not written): one line, exit 1."""
 
@@ -210,16 +270,22 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
             )
             meta = {k: v for k, v in state.items() if k != "config"}
             meta.update(model=stage.model, time=datetime.datetime.now(datetime.UTC).isoformat())
+            remote = storage.is_remote(run.out)
             path = checkpoints.write_checkpoint(
-                checkpoint_root(run.out),
+                checkpoint_root(local_out(run.out)),  # a remote --out: staged, then uploaded below
                 f"step_{state['step']:08d}",
                 weights,
                 factory.weights_metadata(stage.model, model_lib.unwrap(model).cfg),
                 train_state,
                 meta,
-                keep=run.keep,
+                keep=1 if remote else run.keep,
                 protected=state["stage_ends"],
             )
+            if remote:
+                path = checkpoints.publish_checkpoint(
+                    path, checkpoint_root(run.out), keep=run.keep, protected=state["stage_ends"]
+                )
+                upload_logs(run)
     except OSError as e:
         print(
             f"warning: checkpoint of step {state['step']} not written ({e}); the previous one stays",
@@ -235,10 +301,19 @@ def save_checkpoint(rt, run: RunConfig, model, optimizer, state: dict, stage: St
 EXACT_RUN_FIELDS = ("seed", "workers", "accum_steps")
 
 
+def word_counts_sha256(stages) -> dict[str, str]:
+    """Stage name -> sha256 of the word counts file its frequency masking reads: recorded in the run's
+    config (checkpoints) and metrics, and compared on resume (the path alone may name other counts)."""
+    return {s.name: s.tokenizer().counts_sha256 for _, s in stages if s.text_reduction == "frequency"}
+
+
 def saved_checkpoints(out: str) -> list[str]:
     """What in OUT/checkpoints a run would resume from or write over: the `latest` pointer and the
     step_NNNNNNNN directories, oldest first."""
     root = checkpoint_root(out)
+    if storage.is_remote(out):  # complete or not: an upload cut short would be written over as well
+        names = checkpoints.remote_step_dirs(root)
+        return names + ["latest"] if storage.exists(os.path.join(root, "latest")) else names
     if not os.path.isdir(root):
         return []
     names = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
@@ -253,8 +328,10 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str | None, di
     checkpoint, else (None, None, ""): a fresh start, so that one command is re-run after every stop."""
     root = checkpoint_root(run.out)
     if spec not in ("latest", "auto"):
-        path = checkpoints.resolve_checkpoint(spec)
+        path = checkpoints.resolve_checkpoint(spec)  # a URL: downloaded
         return path, _resume_state(path, run, stages), ""
+    if storage.is_remote(run.out):
+        return _remote_resume_state(spec, run, stages)
     if os.path.lexists(os.path.join(root, "latest")):
         newest = checkpoints.resolve_checkpoint(root)
     elif spec == "auto" and saved_checkpoints(run.out):
@@ -273,6 +350,38 @@ def load_resume_state(spec: str, run: RunConfig, stages) -> tuple[str | None, di
             continue
         note = f"warning: --resume {spec} skipped {'; '.join(skipped)}: resuming from {path}" if skipped else ""
         return path, state, note
+    raise checkpoints.CorruptCheckpoint(f"--resume {spec}: no whole checkpoint in {root}: {'; '.join(skipped)}")
+
+
+def _remote_resume_state(spec: str, run: RunConfig, stages) -> tuple[str | None, dict | None, str]:
+    """load_resume_state for a remote --out. `latest` on the store names the newest committed checkpoint
+    (newer step prefixes are uploads it never committed: ignored); each candidate is downloaded and
+    checked against its manifest before it is read, then as a local one is. Without `latest` (killed
+    during or right after the first upload) the newest complete step prefix; for `auto` none complete
+    (only uploads cut short) is a fresh start. Returns the local copy's path."""
+    root = checkpoint_root(run.out)
+    names = checkpoints.remote_step_dirs(root)
+    newest = checkpoints.read_remote_pointer(os.path.join(root, "latest"))
+    if newest is None and not names:
+        if spec == "auto":
+            return None, None, ""
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {root}")
+    candidates = ([newest] if newest else []) + [d for d in reversed(names) if newest is None or d < newest]
+    skipped, only_cut_short = [], True
+    for name in candidates:
+        url = os.path.join(root, name)
+        try:
+            dest = os.path.join(checkpoints.download_dir(), "resume", name)
+            path = checkpoints.download_checkpoint(url, dest, manifest=True)
+            state = _resume_state(path, run, stages)
+        except checkpoints.CorruptCheckpoint as e:
+            only_cut_short &= isinstance(e, checkpoints.IncompleteUpload)
+            skipped.append(f"{name} ({cli.first_line(e, 300)})")
+            continue
+        note = f"warning: --resume {spec} skipped {'; '.join(skipped)}: resuming from {url}" if skipped else ""
+        return path, state, note
+    if spec == "auto" and newest is None and only_cut_short:
+        return None, None, f"warning: --resume auto: {root} holds only uploads cut short: starting fresh"
     raise checkpoints.CorruptCheckpoint(f"--resume {spec}: no whole checkpoint in {root}: {'; '.join(skipped)}")
 
 
@@ -311,8 +420,12 @@ def _resume_state(path: str, run: RunConfig, stages) -> dict:
         changed += [
             f"{name}.{k} {then[k]} -> {v}"
             for k, v in dataclasses.asdict(now[idx]).items()
-            if k in then and then[k] != v
+            if k in then and then[k] != v and k != "word_counts"  # its content is compared below
         ]
+        sha_then = saved.get("word_counts_sha256", {}).get(name)
+        sha_now = word_counts_sha256([(idx, now[idx])]).get(name)
+        if sha_then != sha_now:
+            changed.append(f"{name}.word_counts sha256 {str(sha_then)[:12]} -> {str(sha_now)[:12]}")
     if changed and not run.force_resume:
         raise ValueError(
             f"{path} was trained with other settings ({'; '.join(changed)}): resuming would "
@@ -329,22 +442,28 @@ def _resume_state(path: str, run: RunConfig, stages) -> dict:
 
 class RunLog:
     """What a run reports: lines on the master's stdout, records in OUT/metrics.jsonl (each with the
-    invocation's run id, so that steps re-run after a resume stay apart) and TensorBoard when it is
-    installed. A failing disk never stops training through its logs: the failure is reported once."""
+    invocation's run id, so that steps re-run after a resume stay apart) and their numbers to the
+    --report-to trackers (trackers.py; config: the resolved run, resume_step: the checkpoint's step
+    when resuming). A failing disk never stops training through its logs: the failure is reported once."""
 
-    def __init__(self, rt: xla_utils.Runtime, out: str):
+    def __init__(
+        self,
+        rt: xla_utils.Runtime,
+        out: str,
+        report_to: tuple[str, ...] = (),
+        config: dict | None = None,
+        resume_step: int | None = None,
+    ):
         self.rt = rt
         self.file = None
-        self.tb = None
+        self.trackers: list[trackers.Tracker] = []
         self._warned = False
         self.run_id = os.urandom(4).hex()  # not from the seeded RNGs: those must stay untouched
         if rt.is_master:
             os.makedirs(out, exist_ok=True)
             self.file = open(os.path.join(out, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the run
-            with contextlib.suppress(Exception):  # tensorboard not installed: no TensorBoard logs
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+            config = {**(config or {}), "invocation": self.run_id}
+            self.trackers = trackers.open_trackers(report_to, out, config, resume_step)
         self.start_interval(0)
 
     def start_interval(self, stage_step: int):
@@ -363,18 +482,34 @@ class RunLog:
         try:
             self.file.write(json.dumps({**rec, "run": self.run_id}) + "\n")
             self.file.flush()
-            if self.tb is not None:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        self.tb.add_scalar(k, v, rec["step"])
         except OSError as e:
             if not self._warned:
                 print(f"warning: metrics not written ({e}); training goes on", file=sys.stderr, flush=True)
                 self._warned = True
+        # the trackers get the record's numbers (bools and wall-clock time are no curves)
+        scalars = {
+            k: v
+            for k, v in rec.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")
+        }
+        for t in self.trackers:
+            t.log(rec["step"], scalars)
 
-    def progress(self, stage: Stage, loss, scale, lr: float, step: int, stage_step: int, samples: int, skipped: int):
+    def progress(
+        self,
+        stage: Stage,
+        loss,
+        scale,
+        lr: float,
+        step: int,
+        stage_step: int,
+        samples: int,
+        skipped: int,
+        shares: list[float] | None = None,
+    ):
         """One progress record. A step closure: it runs once the step's values exist on the host (XLA:
-        after the graph ran), and reads host values only (a device op here would be another graph)."""
+        after the graph ran), and reads host values only (a device op here would be another graph).
+        shares: a weighted mixture's realised share per source (the master's loader, since the stage began)."""
         now = time.time()
         dt = now - self._t
         steps_done = stage_step - self._step
@@ -407,14 +542,18 @@ class RunLog:
         if compiles is not None:
             rec["compiles"] = compiles
             line += f" | compiles {compiles}"
+        if shares is not None:
+            rec.update({f"source_share_{k}": share for k, share in enumerate(shares)})
+            line += " | sources " + "/".join(f"{100 * share:.1f}" for share in shares) + "%"
         self.record(rec)
         self.info(line)
 
     def close(self):
-        for f in (self.file, self.tb):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
+        for t in self.trackers:
+            t.close()
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -442,7 +581,8 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
     """Validate what the run will need (data, eval set, checkpoints) up front: a mistake costs a
     one-line error now, not a crash at the end of a stage. Raises ValueError / FileNotFoundError."""
     check_paths(run)
-    if run.pretrained and not os.path.exists(run.pretrained):
+    trackers.check_installed(trackers.parse_report_to(run.report_to))
+    if run.pretrained and not storage.exists(run.pretrained):
         raise FileNotFoundError(f"--pretrained: no such file or directory: {run.pretrained}")
     if os.path.exists(run.out) and not os.path.isdir(run.out):
         raise ValueError(f"--out {run.out} is a file, not a directory")
@@ -459,17 +599,20 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
                 f"SPEC (webdataset tars, TFRecords or a TFDS dir)"
             )
         storage.check_supported(s.train_data)
-        data.resolve(s.train_data, s.train_format)
+        try:
+            data.resolve_sources(s.train_data, s.mixture_weights, s.train_format)
+        except shards.FormatUnknown as e:  # its message asks for data.py's --format
+            raise ValueError(e.asking("--train-format")) from None
     inputs = Inputs()
     if run.eval_data or run.eval_retrieval:
         inputs.eval = EvalSet(run.eval_data, [], [], run.eval_retrieval)
         if run.eval_retrieval:
             eval_zeroshot.load_caption_set(run.eval_retrieval)  # a readable captioned set
     if run.eval_data:
-        if not os.path.exists(run.eval_data):
+        if not storage.exists(run.eval_data):
             raise FileNotFoundError(f"--eval-data: no such directory: {run.eval_data}")
         inputs.eval.classnames = eval_zeroshot.load_classnames(run.eval_classnames)
-        eval_zeroshot.check_eval_set(run.eval_data, inputs.eval.classnames)
+        eval_zeroshot.check_eval_set(run.eval_data, inputs.eval.classnames, split=run.eval_split)
         inputs.eval.templates = eval_zeroshot.load_templates(run.eval_templates)
     if run.resume:
         inputs.resume_path, inputs.resume_state, inputs.resume_note = load_resume_state(run.resume, run, stages)
@@ -479,19 +622,26 @@ def check_inputs(run: RunConfig, stages: list[tuple[int, Stage]]) -> Inputs:
 
 
 def check_paths(run: RunConfig) -> None:
-    """--out, --pretrained and --resume DIR are local (or mounted) paths for now: a URL is refused in one
-    line, never taken for a local directory named `gs:`; file:// URLs become the paths they name."""
+    """--out: a local path, s3:// or gs:// (its bucket must exist and answer to the credentials given);
+    --pretrained and --resume CKPT: a local path, s3://, gs:// or http(s)://. Anything else is refused in
+    one line, never taken for a local directory named `gs:`; file:// URLs become the paths they name."""
     for name in ("out", "pretrained", "resume"):
         path = getattr(run, name)
         if not path or (name == "resume" and path in ("latest", "auto")):
             continue
         storage.check_supported(path)
-        if storage.is_remote(path):
-            what = "output is" if name == "out" else "checkpoints are"
-            raise ValueError(
-                f"{config.flag(name)} {path}: remote {what} not supported yet; use a local or mounted path"
-            )
-        setattr(run, name, storage.local_path(path))
+        s = storage.scheme(path)
+        if name == "out" and s in storage.READ_ONLY:
+            raise ValueError(f"--out {path}: {s}: is read only; write to a local path, s3:// or gs://")
+        if s == "pipe":
+            raise ValueError(f"{config.flag(name)} {path}: checkpoints are read from a path or a URL, not a pipe:")
+        if not storage.is_remote(path):
+            setattr(run, name, storage.local_path(path))
+    if storage.is_remote(run.out):
+        try:
+            storage.makedirs(run.out)  # the bucket exists and the credentials reach it, before any work
+        except OSError as e:
+            raise ValueError(f"--out {run.out}: {e}") from None
 
 
 def check_layout(rt: xla_utils.Runtime, run: RunConfig, stages, inputs: Inputs) -> None:
@@ -524,7 +674,7 @@ class StageRun:
     stage: Stage
     model: torch.nn.Module  # the CLIP itself
     train_step: Step  # its wrapper (DDP / FSDP when distributed), optimizer and loss
-    loader: data.TrainLoader
+    loader: data.TrainLoader | data.MixtureLoader
     batches: Iterator  # over the loader
     stage_step: int = 0
     samples: int = 0
@@ -558,16 +708,16 @@ def build_stage(
         losses.ContrastiveLoss(stage.loss, rt),
         precision=precision,
         accum_steps=run.accum_steps,
-        skip_nonfinite=run.nonfinite == "skip",
         compiled=run.compile,
     )
-    tok = factory.get_tokenizer(stage.model, context_length=stage.context_length, reduction=stage.text_reduction)
+    tok = stage.tokenizer()  # frequency masking: the counts file checked against the recorded sha256
     loader = data.make_train_loader(
         stage.train_data,
         tok,
         stage.image_size,
         stage.batch_size // rt.world_size,
         fmt=stage.train_format,
+        weights=stage.mixture_weights,
         num_workers=run.workers,
         seed=run.seed + si,
         rank=rt.rank,
@@ -594,7 +744,13 @@ def run_training(
 ) -> dict:
     """Run the selected stages (resuming where inputs say); returns a summary dict."""
     signals = signals or cli.StopSignals()
-    log = RunLog(rt, run.out)
+    log = RunLog(  # a remote --out: uploaded at every save and at the end
+        rt,
+        local_out(run.out),
+        trackers.parse_report_to(run.report_to),
+        {"run": dataclasses.asdict(run), "stages": [dataclasses.asdict(s) for _, s in stages]},
+        inputs.resume_state["step"] if inputs.resume_state else None,
+    )
     precision = rt.precision(run.precision)
     log.info(f"{rt.describe()}; precision {precision}; preset {run.cfg}; out {run.out}")
     resume = inputs.resume_state
@@ -607,7 +763,14 @@ def run_training(
     stage_ends = list(resume["stage_ends"]) if resume else []
     prev_ckpt = run.pretrained
     summary = {"stages": [], "device": rt.kind, "stopped_by": None}
-    config_json = json.dumps({"run": dataclasses.asdict(run), "stages": [dataclasses.asdict(s) for _, s in stages]})
+    counts_sha = word_counts_sha256(stages)
+    config_json = json.dumps(
+        {
+            "run": dataclasses.asdict(run),
+            "stages": [dataclasses.asdict(s) for _, s in stages],
+            "word_counts_sha256": counts_sha,
+        }
+    )
     try:
         for pos, (si, stage) in enumerate(stages):
             state = None
@@ -643,6 +806,12 @@ def run_training(
                 f"{stage.warmup} steps {stage.steps} | from "
                 f"{'step ' + str(sr.stage_step) if state else init or 'scratch'}"
             )
+            if stage.name in counts_sha:  # which word counts the frequency masking reads
+                rec = {"step": step, "stage": stage.name, "word_counts": stage.word_counts}
+                log.record({**rec, "word_counts_sha256": counts_sha[stage.name]})
+                log.info(
+                    f"frequency masking t={stage.frequency_threshold:g}: {stage.word_counts} ({counts_sha[stage.name]})"
+                )
             result = run_stage(
                 rt,
                 run,
@@ -686,13 +855,48 @@ def run_stage(
     signals: cli.StopSignals,
 ) -> dict:
     """Step one built stage to its end (or --max-steps, or a stop signal), saving and evaluating
-    on the way."""
+    on the way.
+
+    The steps are queued without waiting for the device: the host reads the step's values only on
+    logging steps (the progress record) and at decision points, every --decide-every steps and at
+    each save, eval and the last step, where every process agrees on stopping (signal, non-finite
+    loss) and on a time-based save. A non-finite step's update was already dropped on the device;
+    a save point decides first, so no checkpoint holds a state after a non-finite loss under
+    --nonfinite stop. The feed moves the next batch to the device while the step runs."""
     stage = sr.stage
     t_start = last_save = time.time()
     saved_at = sr.stage_step if resumed else -1  # stage step of the newest checkpoint
+    decided_at = None  # stage step of the latest decision
+    base_step, base_stage_step = step, sr.stage_step  # the Step's tally numbers its steps from here
     log.start_interval(sr.stage_step)
+    feed = rt.device_batches(sr.batches, sr.loader)
+
+    def decide() -> tuple[bool, bool]:
+        """One host read of the non-finite tally, one agreed collective: (stop, late)."""
+        nonlocal decided_at
+        decided_at = sr.stage_step
+        new, first, last = sr.train_step.nonfinite()
+        nonfinite, stop, late = rt.agree_each(
+            [new > 0, signals.received is not None, time.time() - last_save > run.save_minutes * 60]
+        )
+        if nonfinite and run.nonfinite == "stop":
+            raise RunStopped(
+                f"the loss is not finite at step {base_step + first} ({stage.name} step "
+                f"{base_stage_step + first}): stopped without saving; the newest good checkpoint stays "
+                f"in {checkpoint_root(run.out)} (lower the lr, or --nonfinite skip)"
+            )
+        if nonfinite and new == 1:
+            log.info(f"warning: the loss is not finite at step {base_step + last}: its update was skipped")
+        elif nonfinite:
+            log.info(
+                f"warning: the loss was not finite at {new} steps up to step {base_step + last}: "
+                f"their updates were skipped"
+            )
+        return stop, late
 
     def checkpoint() -> bool:
+        if decided_at != sr.stage_step:  # never save a state the host has not checked
+            decide()
         st = {
             "step": step,
             "stage_index": sr.index,
@@ -700,7 +904,7 @@ def run_stage(
             "stage_step": sr.stage_step,
             "samples": sr.samples,
             "config": config_json,
-            "data": sr.loader.state_dict(),
+            "data": feed.state_dict(),  # after the last batch stepped on, not the one moved ahead
             "stage_ends": list(stage_ends),
         }
         return save_checkpoint(rt, run, sr.train_step.model, sr.train_step.optimizer, st, stage) is not None
@@ -708,65 +912,63 @@ def run_stage(
     finished = True
     stopped_by = None
     first = True
-    while sr.stage_step < stage.steps:
-        if run.max_steps is not None and step >= run.max_steps:
-            finished = False
-            break
-        # the batch, the update
-        t0 = time.time()
-        images, tokens = next(sr.batches)
-        log.data_wait += time.time() - t0
-        lr = lr_at(sr.stage_step, stage)
-        t0 = time.time()
-        loss = sr.train_step(images, tokens, lr)
-        step += 1
-        sr.stage_step += 1
-        sr.samples += stage.batch_size
-        # the progress record, once the step's values exist on the host
-        if sr.stage_step % run.log_every == 0 or sr.stage_step in (1, stage.steps):
-            rt.add_step_closure(
-                log.progress,
-                (
-                    stage,
-                    loss,
-                    sr.model.logit_scale.detach(),
-                    lr,
-                    step,
-                    sr.stage_step,
-                    sr.samples,
-                    sum(sr.loader.skipped.values()),
-                ),
-            )
-        rt.step_boundary()
-        # decisions that gate a collective are agreed by every process: one host read per step
-        nonfinite, stop, late = rt.agree_each(
-            [
-                not math.isfinite(loss.item()),
-                signals.received is not None,
-                sr.stage_step % 10 == 0 and time.time() - last_save > run.save_minutes * 60,
-            ]
-        )
-        if run.compile and first:
-            log.info(f"compiled the step in {time.time() - t0:.1f}s (torch.compile, once per stage)")
-        first = False
-        if nonfinite and run.nonfinite == "stop":
-            raise RunStopped(
-                f"the loss is not finite at step {step} ({stage.name} step {sr.stage_step}): "
-                f"stopped without saving; the newest good checkpoint stays in "
-                f"{checkpoint_root(run.out)} (lower the lr, or --nonfinite skip)"
-            )
-        if nonfinite:
-            log.info(f"warning: the loss is not finite at step {step}: its update was skipped")
-        if stop:
-            stopped_by = signals.received or signal.SIGTERM
-            finished = False
-            break
-        if run.eval_every and sr.stage_step % run.eval_every == 0 and eval_set:
-            run_eval(rt, log, sr, eval_set, step, precision, run)
-        if (sr.stage_step % run.save_every == 0 or late) and sr.stage_step < stage.steps:
-            if checkpoint():
-                saved_at = sr.stage_step
-            last_save = time.time()
+    try:
+        while sr.stage_step < stage.steps:
+            if run.max_steps is not None and step >= run.max_steps:
+                finished = False
+                break
+            # the batch, the update
+            t0 = time.time()
+            images, tokens = next(feed)
+            log.data_wait += time.time() - t0
+            lr = lr_at(sr.stage_step, stage)
+            t0 = time.time()
+            loss = sr.train_step(images, tokens, lr)
+            step += 1
+            sr.stage_step += 1
+            sr.samples += stage.batch_size
+            # the progress record, once the step's values exist on the host
+            if sr.stage_step % run.log_every == 0 or sr.stage_step in (1, stage.steps):
+                rt.add_step_closure(
+                    log.progress,
+                    (
+                        stage,
+                        loss,
+                        sr.model.logit_scale.detach(),
+                        lr,
+                        step,
+                        sr.stage_step,
+                        sr.samples,
+                        sum(sr.loader.skipped.values()),
+                        sr.loader.shares if isinstance(sr.loader, data.MixtureLoader) else None,
+                    ),
+                )
+            rt.step_boundary()
+            if run.compile and first:
+                log.info(f"compiled the step in {time.time() - t0:.1f}s (torch.compile, once per stage)")
+            first = False
+            end = sr.stage_step == stage.steps or (run.max_steps is not None and step >= run.max_steps)
+            if not end:  # the next batch travels while this step runs
+                t0 = time.time()
+                feed.prefetch()
+                log.data_wait += time.time() - t0
+            evaluate = bool(run.eval_every and sr.stage_step % run.eval_every == 0 and eval_set)
+            save = sr.stage_step % run.save_every == 0 and sr.stage_step < stage.steps
+            if not (end or evaluate or save or sr.stage_step % run.decide_every == 0):
+                continue
+            stop, late = decide()
+            if stop:
+                stopped_by = signals.received or signal.SIGTERM
+                finished = False
+                break
+            if evaluate:
+                run_eval(rt, log, sr, eval_set, step, precision, run)
+            if (save or late) and sr.stage_step < stage.steps:
+                if checkpoint():
+                    saved_at = sr.stage_step
+                last_save = time.time()
+    finally:
+        feed.close()
 
     if finished:
         stage_ends.append(f"step_{step:08d}")  # kept by --keep pruning: the next stage's init
@@ -805,7 +1007,13 @@ def run_eval(rt, log: RunLog, sr: StageRun, ev: EvalSet, step: int, precision: s
     res = {}
     if ev.data:
         res = eval_zeroshot.evaluate(
-            sr.model, sr.model.cfg, ev.data, classnames=ev.classnames, templates=ev.templates, **kw
+            sr.model,
+            sr.model.cfg,
+            ev.data,
+            classnames=ev.classnames,
+            templates=ev.templates,
+            split=run.eval_split,
+            **kw,
         )
         log.info(f"step {step} zero-shot: top1 {res['top1']:.4f} top5 {res['top5']:.4f} (n={res['n']})")
     if ev.retrieval:
@@ -833,11 +1041,21 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
             print(config.flops_table(stages))
             return 0
         if run.plan:
-            print(plan.report(stages, gpu_mem=run.gpu_mem, devices=run.devices))
+            links = plan.Links(run.nvlink_gbs * 1e9, run.network_gbs * 1e9, run.gpus_per_node)
+            print(
+                plan.report(
+                    stages,
+                    gpu_mem=run.gpu_mem,
+                    devices=run.devices,
+                    links=links,
+                    mfu=run.mfu,
+                    peak_tflops=run.peak_tflops,
+                )
+            )
             return 0
         inputs = check_inputs(run, stages)
         rt = xla_utils.init_runtime(run.device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # user input: a missing file, a refused or unreachable store
         return cli.usage_error(e)
     lock = checkpoints.RunLock(run.out)
     try:
@@ -845,6 +1063,7 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
             check_layout(rt, run, stages, inputs)
             if rt.is_master:
                 lock.acquire()
+                fetch_logs(run)  # a remote --out: its metrics.jsonl, which this run appends to
         except ValueError as e:
             return cli.usage_error(e)
         if lock.previous:
@@ -852,13 +1071,17 @@ def main(argv=None, prog="train.py", finetune=False) -> int:
         if inputs.resume_note and rt.is_master:
             print(inputs.resume_note, file=sys.stderr, flush=True)
         if rt.is_master:
-            checkpoints.remove_temporaries(checkpoint_root(run.out))  # left by a kill mid-save
+            checkpoints.remove_temporaries(checkpoint_root(local_out(run.out)))  # left by a kill mid-save
         summary = run_training(rt, run, stages, inputs, cli.StopSignals().install())
     except RunStopped as e:
         return cli.usage_error(e, status=1)
+    except trackers.TrackerError as e:  # a tracker could not start (before the first step)
+        return cli.usage_error(e)
     except data.BadDataAlarm as e:
         return cli.usage_error(data.BadDataAlarm.line_of(e), status=1)
     finally:
+        if lock.fd is not None:
+            upload_logs(run)  # a remote --out: the records since the last save
         lock.release()
         rt.shutdown()
     if summary["stopped_by"]:

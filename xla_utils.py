@@ -36,6 +36,8 @@ import signal
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -309,6 +311,16 @@ class Runtime:
         dist.all_gather_object(out, obj)
         return out
 
+    def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A device flag (bool scalar) that is true on every process if it is true on any of them,
+        without the host reading it: an all-reduce(max) queued on the device (under SPMD the step's
+        values already are the global batch's)."""
+        if not self._grouped:
+            return flag
+        t = flag.to(self.count_dtype)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t > 0
+
     def agree(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any of them (see agree_each)."""
         return self.agree_each([flag])[0]
@@ -383,6 +395,20 @@ class Runtime:
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Host batch -> device."""
         return [t.to(self.device) for t in tensors]
+
+    def device_batches(self, batches: Iterator, loader) -> DeviceBatches:
+        """The training loop's feed: the loader's batches on the device (see DeviceBatches). Here
+        (the CPU) the host is the device: each batch passes through as it is."""
+        return DeviceBatches(self, batches, loader)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, drop: torch.Tensor):
+        """optimizer.step(), dropped on the device where the bool scalar `drop` is true: no host read.
+        Fused AdamW takes it as `found_inf` (as GradScaler passes it): the weights, both moments and
+        the step count stay as they were, weight decay included; with drop false its result is the
+        plain step's, bit for bit."""
+        optimizer.found_inf = drop.to(torch.float32)
+        optimizer.grad_scale = None
+        optimizer.step()
 
     # -- step boundary and compilation
     def step_boundary(self):
@@ -522,6 +548,10 @@ class CudaRuntime(Runtime):
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return [t.to(self.device, non_blocking=True) for t in tensors]
 
+    def device_batches(self, batches: Iterator, loader) -> DeviceBatches:
+        """The next batch copied from pinned memory on a side stream while the current step runs."""
+        return CudaBatches(self, batches, loader)
+
     def synchronize(self):
         torch.cuda.synchronize(self.device)
 
@@ -597,6 +627,25 @@ class XlaRuntime(Runtime):
         """capturable: AdamW's step count and bias corrections stay on the device (no per-step host
         scalars in the graph)."""
         return {"capturable": True}
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, drop: torch.Tensor):
+        """torch_xla has no fused AdamW: the step runs and each parameter and state tensor is then
+        selected between its new and its old value in the same graph (a select the compiler fuses
+        into the update; the old values are the graph's inputs anyway). A state created by this
+        step is zero before it: a dropped first step leaves AdamW as if it had not run."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        old = {id(p): p.detach().clone() for p in params}
+        old_state = {
+            (id(p), k): v.detach().clone() for p in params for k, v in optimizer.state[p].items() if torch.is_tensor(v)
+        }
+        optimizer.step()
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.where(drop, old[id(p)], p))
+                for k, v in optimizer.state[p].items():
+                    if torch.is_tensor(v):
+                        before = old_state.get((id(p), k))
+                        v.copy_(torch.where(drop, torch.zeros_like(v) if before is None else before, v))
 
     # -- collectives between hosts, through the mesh
     def barrier(self):
@@ -693,6 +742,11 @@ class XlaRuntime(Runtime):
         self.xla.xs.mark_sharding(copy, self.mesh, (None,) * copy.dim())
         return copy
 
+    def device_batches(self, batches: Iterator, loader) -> DeviceBatches:
+        """The next batch sent to the device by a background thread while the current step runs (as
+        torch_xla's MpDeviceLoader does)."""
+        return XlaBatches(self, batches, loader)
+
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Under SPMD each host passes its local rows; dimension 0 is sharded over the mesh
         ('minibatch' sharding assembles the global batch across hosts)."""
@@ -741,6 +795,110 @@ class XlaRuntime(Runtime):
         super().set_rng_state(state)
         if "xla" in state:
             self.xla.xm.set_rng_state(state["xla"], device=self.device)
+
+
+# ----------------------------------------------------------------------------- the feed
+
+
+class DeviceBatches:
+    """The loader's (images, tokens) batches on the device, for the training loop: next(feed) hands
+    out the next batch; feed.prefetch(), called once the step has been queued, starts moving the one
+    after it (a no-op here: the CPU's batches pass through); feed.state_dict() is the loader's state
+    after the last batch handed out, never after one moved ahead, so a checkpoint resumes exactly."""
+
+    def __init__(self, rt: Runtime, batches: Iterator, loader):
+        self.rt = rt
+        self.batches = batches  # over the loader
+        self.loader = loader  # its state_dict()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[torch.Tensor]:
+        return self.rt.to_device(*next(self.batches))
+
+    def prefetch(self):
+        """Start moving the next batch to the device (while the step just queued runs)."""
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def close(self):
+        """Stop moving batches (the end of the stage)."""
+
+
+class AheadBatches(DeviceBatches):
+    """One batch ahead: prefetch() takes the next host batch, notes the loader's state after it and
+    starts its transfer (_start); next() finishes the transfer of the batch moved ahead (_finish),
+    or moves one now when none is."""
+
+    def __init__(self, rt: Runtime, batches: Iterator, loader):
+        super().__init__(rt, batches, loader)
+        self._ahead = None  # (the transfer under way, the loader state after its batch)
+        self._state = None  # the loader state after the last batch handed out
+
+    def __next__(self) -> list[torch.Tensor]:
+        if self._ahead is None:
+            self.prefetch()
+        if self._ahead is None:
+            raise StopIteration
+        pending, self._state = self._ahead
+        self._ahead = None
+        return self._finish(pending)
+
+    def prefetch(self):
+        if self._ahead is not None:
+            return
+        batch = next(self.batches, None)
+        if batch is not None:
+            self._ahead = (self._start(batch), self.loader.state_dict())
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self._state is None else self._state
+
+    def _start(self, batch):
+        raise NotImplementedError
+
+    def _finish(self, pending) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class CudaBatches(AheadBatches):
+    """Copies from pinned memory on a side stream; the step's stream waits for the copy's event."""
+
+    def __init__(self, rt: Runtime, batches: Iterator, loader):
+        super().__init__(rt, batches, loader)
+        self.stream = torch.cuda.Stream(rt.device)
+
+    def _start(self, batch):
+        with torch.cuda.stream(self.stream):
+            tensors = [t.to(self.rt.device, non_blocking=True) for t in batch]
+        return tensors, self.stream.record_event()
+
+    def _finish(self, pending) -> list[torch.Tensor]:
+        tensors, copied = pending
+        compute = torch.cuda.current_stream(self.rt.device)
+        compute.wait_event(copied)
+        for t in tensors:
+            t.record_stream(compute)  # allocated on the side stream: not reused while the step reads it
+        return tensors
+
+
+class XlaBatches(AheadBatches):
+    """Sends each batch from a background thread (torch_xla's transfers are thread-safe)."""
+
+    def __init__(self, rt: Runtime, batches: Iterator, loader):
+        super().__init__(rt, batches, loader)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="to_device")
+
+    def _start(self, batch):
+        return self.pool.submit(self.rt.to_device, *batch)
+
+    def _finish(self, pending) -> list[torch.Tensor]:
+        return pending.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 RUNTIMES = {"cpu": CpuRuntime, "cuda": CudaRuntime, "xla": XlaRuntime}

@@ -1,7 +1,7 @@
 """CLIPA's trade-off on a laptop CPU, end to end, with no downloads.
 
     python launch/demo.py [--out demo_out] [--pretrain-samples 6400] [--finetune-samples 1600]
-                          [--only KEY,...] [--workers 1] [--n-train 10000] [--n-val 1080]
+                          [--only KEY,...] [--workers 1] [--n-train 10000] [--n-val 1080] [--seeds 1]
 
 1. launch/demo_data.py writes the embedded procedural dataset (webdataset tar + TFRecord shards, and a held-out
    ImageFolder zero-shot set of 36 "<colour> <shape>" classes).
@@ -9,7 +9,8 @@
    pre-train and fine-tune stages one after the other), then eval_zeroshot.py scores it.
 3. A table (variant, image/text tokens, training GFLOPs, wall time, zero-shot top-1/top-5, image->text
    and text->image retrieval R@1 on the held-out images' captions) is printed
-   and saved as JSON, with a PNG of loss curves and accuracy against compute.
+   and saved as JSON, with a PNG of loss curves and accuracy against compute. With --seeds N each
+   variant is trained N times (seeds 0..N-1: weights and data order) and the table gives mean +- std.
 
 Variants (the `demo` preset of train.py, changed only by command-line overrides):
 - CLIPA: pre-train at 32 px (16 patches + CLS = I17) with 8 syntax-masked text tokens (T8), then a
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -211,6 +213,69 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+METRICS = ("top1", "top5", "i2t_r1", "t2i_r1")
+
+
+def train_and_score(a, ds, name: str, argv: list[str], row: dict) -> dict:
+    """Train one variant with one seed (train.py) and score it (eval_zeroshot.py) in a.out/name, or reuse
+    the finished run there when its command, data and code are unchanged."""
+    out = os.path.join(a.out, name)
+    done = os.path.join(out, "result.json")
+    key = fingerprint(argv + ["--workers", str(a.workers)], {"n_train": ds.n_train, "n_val": ds.n_val})
+    if os.path.exists(done):  # a second run reuses finished variants of the same command and code
+        with open(done) as f:
+            prev = json.load(f)
+        if prev.get("fingerprint") == key:
+            print("    reusing the finished run in " + out, flush=True)
+            return dict(prev, curve=loss_curve(out))
+    if os.path.exists(out):  # unfinished, or another command / code: start again, clean
+        print("    starting again in " + out + " (unfinished, or its command or code changed)", flush=True)
+        shutil.rmtree(out)
+    train_cmd = [sys.executable, "train.py", *argv, "--out", out, "--workers", str(a.workers)]
+    train_s = run(train_cmd + ["--log-every", "25", "--save-every", "100000"], os.path.join(a.out, name + ".log"))
+    eval_json = os.path.join(out, "zeroshot.json")
+    run(
+        [
+            sys.executable,
+            "eval_zeroshot.py",
+            "--ckpt",
+            checkpoints.resolve_checkpoint(out),
+            "--data",
+            ds.val_dir,
+            "--retrieval",
+            ds.val_captions,
+            "--classnames",
+            os.path.join(ds.root, "classnames.txt"),
+            "--templates",
+            os.path.join(ds.root, "templates.txt"),
+            "--device",
+            "cpu",
+            "--out",
+            eval_json,
+            "--no-progress",
+            "--workers",
+            str(a.workers),
+        ],
+        os.path.join(a.out, name + "_eval.log"),
+    )
+    with open(eval_json) as f:
+        ev = json.load(f)
+    r = {
+        **row,
+        "wall_s": train_s,
+        "top1": 100 * ev["top1"],
+        "top5": 100 * ev["top5"],
+        "i2t_r1": 100 * ev["retrieval"]["image_to_text_R@1"],
+        "t2i_r1": 100 * ev["retrieval"]["text_to_image_R@1"],
+        "argv": argv,
+        "fingerprint": key,
+        "curve": loss_curve(out),
+    }
+    with open(done, "w") as f:
+        json.dump(r, f, indent=1)
+    return r
+
+
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="launch/demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "demo_out"))
@@ -220,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per training run")
     ap.add_argument("--n-train", type=int, default=10000, help="demo training pairs to generate")
     ap.add_argument("--n-val", type=int, default=1080, help="held-out images (a multiple of 36)")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per variant (seeds 0..N-1); N > 1: mean +- std")
     a = ap.parse_args(argv)
     keys = [v.key for v in variants(32, 32, "", "wds")]
     only = a.only.split(",") if a.only else keys
@@ -231,6 +297,8 @@ def main(argv=None) -> int:
     ):
         if n < 32:
             return cli.usage_error(f"{name} must be >= 32 (one batch), got {n}")
+    if a.seeds < 1:
+        return cli.usage_error(f"--seeds must be >= 1, got {a.seeds}")
     if a.workers < 0 or a.n_val % 36:
         return cli.usage_error(f"--workers must be >= 0 and --n-val a multiple of 36 (got {a.workers}, {a.n_val})")
     if set(only) - set(keys):
@@ -246,102 +314,46 @@ def main(argv=None) -> int:
         f"images in {len(ds.classnames)} classes ({time.time() - t0:.0f}s)",
         flush=True,
     )
-    tmpl = os.path.join(ds.root, "templates.txt")
-    names = os.path.join(ds.root, "classnames.txt")
-
     vs = [v for v in variants(a.pretrain_samples, a.finetune_samples, ds.train_wds, "wds") if v.key in only]
     results = []
     for i, v in enumerate(vs, 1):
-        out = os.path.join(a.out, v.key)
         toks, gflops, samples = tokens_and_flops(v.argv)
         print(
             f"[demo] 2/3 variant {i}/{len(vs)}: {v.label} ({samples} samples, {gflops / 1e3:.1f} training TFLOPs)",
             flush=True,
         )
-        done = os.path.join(out, "result.json")
-        key = fingerprint(v.argv + ["--workers", str(a.workers)], {"n_train": ds.n_train, "n_val": ds.n_val})
-        if os.path.exists(done):  # a second run reuses finished variants of the same command and code
-            with open(done) as f:
-                prev = json.load(f)
-            if prev.get("fingerprint") == key:
-                results.append(dict(prev, curve=loss_curve(out)))
-                print("    reusing the finished run in " + out, flush=True)
-                continue
-        if os.path.exists(out):  # unfinished, or another command / code: start again, clean
-            print("    starting again in " + out + " (unfinished, or its command or code changed)", flush=True)
-            shutil.rmtree(out)
-        train_s = run(
-            [
-                sys.executable,
-                "train.py",
-                *v.argv,
-                "--out",
-                out,
-                "--workers",
-                str(a.workers),
-                "--log-every",
-                "25",
-                "--save-every",
-                "100000",
-            ],
-            os.path.join(a.out, v.key + ".log"),
-        )
-        eval_json = os.path.join(out, "zeroshot.json")
-        run(
-            [
-                sys.executable,
-                "eval_zeroshot.py",
-                "--ckpt",
-                checkpoints.resolve_checkpoint(out),
-                "--data",
-                ds.val_dir,
-                "--retrieval",
-                ds.val_captions,
-                "--classnames",
-                names,
-                "--templates",
-                tmpl,
-                "--device",
-                "cpu",
-                "--out",
-                eval_json,
-                "--no-progress",
-                "--workers",
-                str(a.workers),
-            ],
-            os.path.join(a.out, v.key + "_eval.log"),
-        )
-        with open(eval_json) as f:
-            ev = json.load(f)
-        r = {
-            "key": v.key,
-            "label": v.label,
-            "tokens": " -> ".join(toks),
-            "train_gflops": gflops,
-            "samples": samples,
-            "wall_s": train_s,
-            "top1": 100 * ev["top1"],
-            "top5": 100 * ev["top5"],
-            "i2t_r1": 100 * ev["retrieval"]["image_to_text_R@1"],
-            "t2i_r1": 100 * ev["retrieval"]["text_to_image_R@1"],
-            "argv": v.argv,
-            "fingerprint": key,
-            "curve": loss_curve(out),
-        }
-        with open(done, "w") as f:
-            json.dump(r, f, indent=1)
+        runs = []
+        for seed in range(a.seeds):  # seed 0 is the preset's own: its directory and command stay as they were
+            name = v.key if seed == 0 else f"{v.key}_seed{seed}"
+            argv = v.argv + (["--seed", str(seed)] if seed else [])
+            runs.append(train_and_score(a, ds, name, argv, dict(key=v.key, label=v.label, tokens=" -> ".join(toks))))
+            runs[-1].update(train_gflops=gflops, samples=samples, seed=seed)
+        r = dict(runs[0])
+        if a.seeds > 1:  # the row: mean and sample std over the seeds; each seed's figures beside them
+            for m in METRICS:
+                vals = [x[m] for x in runs]
+                r[m], r[m + "_std"] = statistics.fmean(vals), statistics.stdev(vals)
+            r["runs"] = [{k: x[k] for k in ("seed", "wall_s", *METRICS)} for x in runs]
         results.append(r)
 
+    spread = a.seeds > 1
+    w = 11 if spread else 6  # "21.7 +- 1.2"
+
+    def cell(r, m, width):
+        return f"{r[m]:.1f} +- {r[m + '_std']:.1f}".rjust(width) if spread else f"{r[m]:{width}.1f}"
+
     head = (
-        f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>6s} "
-        f"{'top-5':>6s} {'I->T R@1':>8s} {'T->I R@1':>8s}"
+        f"{'variant':46s} {'tokens (img/text)':24s} {'train TFLOPs':>12s} {'wall s':>7s} {'top-1':>{w}s} "
+        f"{'top-5':>{w}s} {'I->T R@1':>{max(w, 8)}s} {'T->I R@1':>{max(w, 8)}s}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} "
-            f"{r['wall_s']:7.0f} {r['top1']:6.1f} {r['top5']:6.1f} {r['i2t_r1']:8.1f} {r['t2i_r1']:8.1f}"
+            f"{r['label']:46s} {r['tokens']:24s} {r['train_gflops'] / 1e3:12.1f} {r['wall_s']:7.0f} "
+            + " ".join(cell(r, m, width) for m, width in zip(METRICS, (w, w, max(w, 8), max(w, 8))))
         )
+    if spread:
+        lines.append(f"(mean +- sample std over seeds 0..{a.seeds - 1}; wall s: seed 0)")
     table = "\n".join(lines)
     print(
         "[demo] 3/3 results: zero-shot on the held-out set "

@@ -8,6 +8,8 @@
 #   PRETRAINED   checkpoint of the previous stage (required for fine-tune stages)
 #   IMAGENET_VAL ImageNet val/ ImageFolder or TFDS dir: zero-shot eval every EVAL_EVERY steps (optional)
 #   NPROC (GPUs per node, default: all visible), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node)
+#   MAX_RESTARTS gpu: torchrun's --max-restarts (default 0; more uses its c10d rendezvous): a rank that
+#                dies outright restarts the group, which continues from the newest checkpoint (--resume auto)
 #   PYTHON       interpreter (default: python)
 #   DRY_RUN=1    print the resolved command and the resolved stage config, run nothing
 set -euo pipefail
@@ -35,8 +37,13 @@ case "$platform" in
   gpu)
     nproc="${NPROC:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}"
     [ "$nproc" -ge 1 ] 2>/dev/null || nproc=8
-    cmd=(torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
-         --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
+    if [ "${MAX_RESTARTS:-0}" = "0" ]; then
+      nodes=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+    else  # restarted ranks meet again through the c10d store (the static rendezvous cannot re-form a group)
+      nodes=(--max-restarts "$MAX_RESTARTS" --rdzv_backend c10d --rdzv_id clipa
+             --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}")
+    fi
+    cmd=(torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" "${nodes[@]}"
          "$script" "${args[@]}" --device cuda "$@") ;;
   tpu)
     cmd=("$PYTHON" xla_utils.py launch "$script" "${args[@]}" --device xla "$@") ;;

@@ -101,7 +101,7 @@ def test_bench_tokenizer_cli_prints_a_row_per_tokenizer():
     ours = [
         f"ours {tk} {red} (ctx {ctx})"
         for tk, ctx in (("clip_bpe", 16), ("clip_bpe", 8), ("wordpiece", 32))
-        for red in ("truncate", "random", "block", "syntax")
+        for red in ("truncate", "random", "block", "syntax", "frequency")
     ]
     refs = ["open_clip SimpleTokenizer (ctx 16)", "open_clip HFTokenizer, v2 config (ctx 32)"]
     unicode = ["ours clip_bpe truncate (ctx 16)", "ours wordpiece truncate (ctx 32)"] + refs

@@ -8,11 +8,13 @@ import os
 import bench_data
 import bench_e2e
 import bench_memory
+import bench_remote
 import bench_step
 import bench_tokenizer
 import demo
 import demo_data
 import pytest
+import sweep
 from PIL import Image
 from runs import PY, REPO, run
 
@@ -47,8 +49,10 @@ MAINS = {
     "launch/bench_data.py": bench_data.main,
     "launch/bench_e2e.py": bench_e2e.main,
     "launch/bench_memory.py": bench_memory.main,
+    "launch/bench_remote.py": bench_remote.main,
     "launch/bench_step.py": bench_step.main,
     "launch/bench_tokenizer.py": bench_tokenizer.main,
+    "launch/sweep.py": sweep.main,
 }
 
 TINY = ["--cfg", "demo", "--dry-run"]
@@ -71,6 +75,9 @@ CASES = [
     ("train.py", TINY + ["--mask-ratio", "1.5"], "mask ratio must be in [0, 1)"),
     ("train.py", TINY + ["--mask", "cutout"], "valid: none, random, grid, block"),
     ("train.py", TINY + ["--text-reduction", "magic"], "text_reduction='magic'"),
+    ("train.py", TINY + ["--text-reduction", "frequency"], "needs word counts: give --word-counts"),
+    ("train.py", TINY + ["--text-reduction", "frequency", "--word-counts", NOPE], "No such file"),
+    ("train.py", TINY + ["--text-reduction", "frequency", "--word-counts", f"{TMP}/a_file"], "not JSON"),
     ("train.py", TINY + ["--context-length", "0"], "context_length must be >= 1"),
     ("train.py", TINY + ["--model", "ViT-Nope"], "unknown model 'ViT-Nope'"),
     ("train.py", TINY + ["--stage", "ft9"], "unknown stage 'ft9'"),
@@ -82,20 +89,21 @@ CASES = [
     ("train.py", TINY + ["--workers", "-1"], "--workers must be >= 0"),
     ("train.py", TINY + ["--device", "tpu"], "invalid choice: 'tpu'"),
     ("train.py", TINY + ["--precision", "fp16"], "invalid choice: 'fp16'"),
+    ("train.py", TINY + ["--report-to", "tensorboard,mlflow"], "unknown tracker 'mlflow'"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/pairs.csv", "--out", f"{TMP}/o"], "; pass --train-format"),
     ("train.py", ["--cfg", "demo", "--train-data", NOPE + "/{0..3}.tar"], "/nonexistent/path/0.tar"),
     ("train.py", ["--cfg", "b16_i50_t16", "--stage", "pretrain"], "no training data"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/empty", "--out", f"{TMP}/o"], "no .tar/.tfrecord"),
     ("train.py", ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", f"{TMP}/a_file"], "is a file, not a dir"),
     # train.py: where a run writes and what it reads checkpoints from
-    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "gs://bucket/run"], "remote output is not"),
-    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "s3://bucket/run"], "remote output is not"),
+    ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "http://h/run"], "http: is read only"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "gs:/bucket/run"], "did you mean gs://"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", "ftp://h/run"], "unsupported storage scheme"),
     ("train.py", ["--cfg", "demo", "--pretrained", "hdfs://h/ckpt"], "unsupported storage scheme"),
-    ("train.py", ["--cfg", "demo", "--pretrained", "gs://bucket/ckpt"], "remote checkpoints are not supported"),
+    ("train.py", ["--cfg", "demo", "--pretrained", "pipe:cat ckpt"], "not a pipe:"),
     ("train.py", ["--cfg", "demo", "--resume", "ftp://h/ckpt"], "unsupported storage scheme"),
-    ("train.py", ["--cfg", "demo", "--resume", "s3://bucket/ckpt"], "remote checkpoints are not supported"),
+    ("train.py", ["--cfg", "demo", "--resume", "pipe:cat ckpt"], "not a pipe:"),
     ("train.py", ["--cfg", "demo", "--train-data", "ftp://h/{0..3}.tar", "--out", f"{TMP}/o"], "unsupported storage"),
     ("train.py", ["--cfg", "demo", "--train-data", f"{TMP}/val", "--out", f"{TMP}/ran"], "already holds checkpoints"),
     ("finetune.py", ["--cfg", "demo"], "--pretrained"),
@@ -104,7 +112,7 @@ CASES = [
         ["--cfg", "demo", "--pretrained", f"{TMP}/val", "--out", f"{TMP}/ran"],
         "already holds checkpoints",
     ),
-    ("finetune.py", ["--cfg", "demo", "--pretrained", "gs://bucket/ckpt"], "remote checkpoints are not supported"),
+    ("finetune.py", ["--cfg", "demo", "--pretrained", "pipe:cat ckpt"], "not a pipe:"),
     ("finetune.py", ["--cfg", "demo", "--pretrained", NOPE], "--pretrained: no such file"),
     # eval_zeroshot.py
     ("eval_zeroshot.py", [], "required"),
@@ -116,6 +124,7 @@ CASES = [
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--batch-size", "0"], "--batch-size must be >= 1"),
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--templates", f"{TMP}/templates.txt"], "placeholder"),
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--device", "gpu"], "invalid choice"),
+    ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--split", "test"], "an ImageFolder tree has no splits"),
     ("eval_zeroshot.py", RANDOM + ["--imagenet-val", f"{TMP}/val"], "2 classes but 1000 class names"),
     ("eval_zeroshot.py", RANDOM + ["--data", f"{TMP}/val", "--out", f"{TMP}/a_file/r.json"], "a_file is a file"),
     # export.py
@@ -137,6 +146,10 @@ CASES = [
     ("data.py", ["stats"], "required"),
     ("data.py", ["stats", NOPE + "/{0..1}.tar"], "/nonexistent/path/0.tar"),
     ("data.py", ["stats", f"{TMP}/a_file", "--format", "zip"], "invalid choice"),
+    ("data.py", ["stats", f"{TMP}/pairs.csv"], "; pass --format"),
+    ("data.py", ["counts", f"{TMP}/a_file"], "required: --out"),
+    ("data.py", ["counts", NOPE + "/{0..1}.tar", "--out", f"{TMP}/c.json"], "/nonexistent/path/0.tar"),
+    ("data.py", ["counts", f"{TMP}/a_file", "--out", f"{TMP}/c.json", "--tokenizer", "spm"], "invalid choice"),
     # xla_utils.py
     ("xla_utils.py", ["launch", "nope.py"], "script not found"),
     ("xla_utils.py", ["launch", "--device", "xla", "--nproc", "4", "train.py"], "one process per host"),
@@ -147,6 +160,11 @@ CASES = [
     ("launch/demo.py", ["--n-val", "100"], "a multiple of 36"),
     ("launch/demo.py", ["--pretrain-samples", "0"], "--pretrain-samples must be >= 32"),
     ("launch/demo.py", ["--out", f"{TMP}/a_file"], "is a file"),
+    ("launch/demo.py", ["--seeds", "0"], "--seeds must be >= 1"),
+    ("launch/sweep.py", ["--sizes", "S,XXL"], "unknown size 'XXL'"),
+    ("launch/sweep.py", ["--image-px", "20"], "multiple of the patch size 8"),
+    ("launch/sweep.py", ["--reductions", "syntax,nope"], "unknown reduction 'nope'"),
+    ("launch/sweep.py", ["--out", f"{TMP}/a_file"], "is a file"),
     ("launch/demo_data.py", [], "required"),
     ("launch/demo_data.py", [f"{TMP}/d", "--n-val", "10"], "multiple of 36"),
     ("launch/bench_data.py", ["synth", f"{TMP}/s", "--size", "big"], "400x300"),
@@ -154,6 +172,8 @@ CASES = [
     ("launch/bench_e2e.py", [], "--train-data"),
     ("launch/bench_e2e.py", ["--train-data", NOPE, "--steps", "0"], "--steps, --rounds and --log-every must be >= 1"),
     ("launch/bench_e2e.py", ["--train-data", NOPE + "/{0..1}.tar"], "/nonexistent/path/0.tar"),
+    ("launch/bench_remote.py", ["--rounds", "0"], "--steps, --rounds and --log-every must be >= 1"),
+    ("launch/bench_remote.py", ["--steps", "x"], "--steps"),
     ("launch/bench_memory.py", ["--setting", "84"], "SIZE/CTX"),
     ("launch/bench_memory.py", ["--start", "0"], "--start, --limit and --steps must be >= 1"),
     ("launch/bench_memory.py", ["--model", "ViT-Nope"], "unknown model"),
@@ -176,6 +196,7 @@ def inputs(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("inputs")
     (tmp / "a_file").write_text("x")
     (tmp / "templates.txt").write_text("a photo\n")
+    (tmp / "pairs.csv").write_text("filepath\ttitle\nimages/0.jpg\ta dog\n")  # OpenCLIP's csv dataset
     (tmp / "empty").mkdir()
     (tmp / "ran" / "checkpoints" / "step_00000003").mkdir(parents=True)  # an earlier run's output
     (tmp / "ran" / "checkpoints" / "latest").write_text("step_00000003\n")

@@ -143,6 +143,48 @@ def test_stats_cli_reports_a_bad_spec_in_one_line(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: argument --format") and err.count("\n") == 1
 
 
+def test_counts_cli_counts_the_words_of_the_captions(tiny_shards, tmp_path, capsys):
+    """`data.py counts`: each caption "caption KEY of a thing" (KEY 9 digits) split as the tokenizer
+    splits it (CLIP BPE: one word per digit; WordPiece: the number is one word); the TFRecord copy of
+    the shards gives the same file; the file is what frequency masking reads."""
+    d, truth = tiny_shards
+    n = len(truth)
+    out = {}
+    for tk, fmt in (("clip_bpe", "tar"), ("clip_bpe", "tfrecord"), ("wordpiece", "tar")):
+        out[tk, fmt] = str(tmp_path / f"{tk}_{fmt}.json")
+        assert data.main(["counts", str(d / f"*.{fmt}"), "--out", out[tk, fmt], "--tokenizer", tk]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["captions"] == n and summary["shards"] == N_SHARDS and summary["skipped"] == 0
+    bpe = tokenizer.read_word_counts(out["clip_bpe", "tar"])
+    assert (bpe.tokenizer, bpe.total, bpe.captions) == ("clip_bpe", n * (4 + 9), n)
+    assert all(bpe.counts[w] == n for w in ("caption", "of", "a", "thing"))
+    assert sum(bpe.counts[str(i)] for i in range(10)) == 9 * n and bpe.counts["0"] >= 6 * n
+    assert open(out["clip_bpe", "tfrecord"], "rb").read() == open(out["clip_bpe", "tar"], "rb").read()
+    wp = tokenizer.read_word_counts(out["wordpiece", "tar"])
+    assert wp.total == 5 * n and all(wp.counts[key] == 1 for key in truth)
+    assert set(list(wp.counts)[:4]) == {"caption", "of", "a", "thing"}  # most frequent first
+    # --top keeps the most frequent words and the total of all
+    assert data.main(["counts", str(d / "*.tar"), "--out", str(tmp_path / "top.json"), "--top", "3"]) == 0
+    top = tokenizer.read_word_counts(str(tmp_path / "top.json"))
+    assert len(top.counts) == 3 and top.total == bpe.total and json.loads(capsys.readouterr().out)["listed"] == 3
+    tok = tokenizer.Tokenizer("clip_bpe", 8, "frequency", word_counts=out["clip_bpe", "tar"])
+    assert tok(list(truth.values())[0][1]).shape == (1, 8)
+
+
+def test_counts_cli_bad_input_is_one_line(tiny_shards, tmp_path, capsys):
+    d, _ = tiny_shards
+    for args, match in (
+        ([str(tmp_path / "none.tar"), "--out", str(tmp_path / "c.json")], "no such file"),
+        ([str(d / "*.tar"), "--out", str(tmp_path / "no" / "c.json")], "not a file in an existing directory"),
+        ([str(d / "*.tar"), "--out", str(tmp_path)], "not a file in an existing directory"),
+        ([str(d / "*.tar"), "--out", str(tmp_path / "c.json"), "--top", "0"], "--top must be"),
+    ):
+        assert data.main(["counts", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "c.json")
+
+
 # ----------------------------------------------------------------------------- bad samples
 
 
@@ -222,7 +264,7 @@ def test_corrupt_tfrecord_counts(tmp_path):
         "missing_caption": 1,
         "truncated_record": 1,
     }
-    # a flipped byte inside record 2: its CRC fails; tf.data cannot read past it, the shard ends there
+    # a flipped byte inside record 2: its data fails its CRC; its length was sound, so the records after it are read
     _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": image_bytes(i), "txt": b"caption"} for i in range(5)])
     blob, off = bytearray((tmp_path / "u.tfrecord").read_bytes()), 0
     for _ in range(2):
@@ -230,7 +272,7 @@ def test_corrupt_tfrecord_counts(tmp_path):
     blob[off + 12 + 40] ^= 0xFF
     (tmp_path / "u.tfrecord").write_bytes(bytes(blob))
     out = data.dataset_stats(str(tmp_path / "u.tfrecord"))
-    assert (out["samples"], out["skipped_by_reason"]) == (2, {"corrupt_record": 1})
+    assert (out["samples"], out["skipped_by_reason"]) == (4, {"corrupt_record": 1})
 
 
 # ----------------------------------------------------------------------------- sharding / order / resume

@@ -1,6 +1,7 @@
 """The README's first command: launch/demo.py drives the real train.py and eval_zeroshot.py."""
 
 import json
+import statistics
 
 import pytest
 from runs import PY, run
@@ -53,3 +54,23 @@ def test_demo_end_to_end_table_json_png_and_reuse(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("reusing the finished run") == 3
     assert "stage pretrain" not in r2.stdout
+
+
+def test_demo_seeds_give_each_row_its_mean_and_std(tmp_path):
+    r = _demo(tmp_path, "--only", "clipa_syntax", "--seeds", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.load(open(tmp_path / "results.json"))
+    (row,) = res["results"]
+    runs = row["runs"]
+    assert [x["seed"] for x in runs] == [0, 1]
+    for m in ("top1", "top5", "i2t_r1", "t2i_r1"):
+        vals = [x[m] for x in runs]
+        assert row[m] == pytest.approx(statistics.fmean(vals)) and row[m + "_std"] == pytest.approx(
+            statistics.stdev(vals)
+        )
+    assert f"{row['top1']:.1f} +- {row['top1_std']:.1f}" in res["table"] and "mean +- sample std" in res["table"]
+    # seed 0 keeps the one-seed demo's directory and command; seed 1 is its own run, trained differently
+    first = json.load(open(tmp_path / "clipa_syntax" / "result.json"))
+    second = json.load(open(tmp_path / "clipa_syntax_seed1" / "result.json"))
+    assert "--seed" not in first["argv"] and second["argv"][-2:] == ["--seed", "1"]
+    assert [p["loss"] for p in first["curve"]] != [p["loss"] for p in second["curve"]]

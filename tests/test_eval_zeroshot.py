@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from runs import env, free_port
+from runs import PY, env, free_port, losses, run, tiny_demo_args, train
 
 import data
 import eval_zeroshot as Z
@@ -405,8 +405,9 @@ def test_xla_matches_cpu_with_one_compile_per_graph(folder, cpu):
         assert xla[k] == on_cpu[k], k
 
 
-def _tfds_copy(folder, root):
-    """The ImageFolder as a TFDS dataset (split 'validation'), same JPEG bytes, same label order."""
+def _tfds_copy(folder, root, splits=("validation",), name="zs_val"):
+    """The ImageFolder as a TFDS dataset named `name` in data_dir `root`, each of `splits` holding it
+    whole: same JPEG bytes, same label order."""
     import tensorflow_datasets as tfds
 
     classes = sorted(os.listdir(folder))
@@ -426,15 +427,16 @@ def _tfds_copy(folder, root):
             )
 
         def _split_generators(self, dl_manager):
-            return {"validation": self._generate_examples()}
+            return {split: self._generate_examples() for split in splits}
 
         def _generate_examples(self):
             for label, c in enumerate(classes):
                 for f in sorted(os.listdir(os.path.join(folder, c))):
                     yield f"{c}/{f}", {"image": os.path.join(folder, c, f), "label": label}
 
+    ZsVal.name = name
     ZsVal(data_dir=str(root)).download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return os.path.join(str(root), "zs_val")
+    return os.path.join(str(root), name)
 
 
 def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
@@ -468,6 +470,103 @@ def test_tfds_validation_split_gives_the_imagefolder_result(folder, tmp_path):
     for k in ("top1", "top5", "mean_per_class_recall", "n"):
         assert results[0][k] == results[1][k], k
     assert results[1]["n"] == 24 and 0 < results[1]["top1"] < 1 and results[1]["top5"] < 1
+
+
+def test_weights_of_another_size_are_resized_with_one_warning_line(folder, tmp_path, capsys):
+    """A weights file trained at 48 px, evaluated as the registry's 32 px model: the learned position
+    table is resized and the run says from what to what; at its own size, nothing is said."""
+    torch.manual_seed(3)
+    ckpt = tmp_path / "w48.pt"
+    torch.save(factory.create_model("ViT-Test-8-CL16", image_size=48).state_dict(), ckpt)
+    args = ["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", "--data", folder, "--classnames", _names_file(tmp_path)]
+    args += ["--templates", "short", "--limit", "1"]
+    assert _run_cli([*args, "--out", tmp_path / "a.json"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == [
+        f"warning: {ckpt}: image position table resized (bicubic) from 6x6 to 4x4 patches (48 px -> 32 px)"
+    ]
+    assert _run_cli([*args, "--force-image-size", "48", "--out", tmp_path / "b.json"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tfds_root(folder, tmp_path_factory):
+    """A TFDS data_dir with two datasets, neither with a 'validation' split: only_test (split test)
+    and two_splits (train and test), each holding the `folder` set."""
+    root = tmp_path_factory.mktemp("tfds_root")
+    _tfds_copy(folder, root, ("test",), "only_test")
+    _tfds_copy(folder, root, ("train", "test"), "two_splits")
+    return root
+
+
+def _score(tmp_path, data_args, name="r"):
+    """(exit status, result JSON or None) of eval_zeroshot.py on a fixed perturbed test model."""
+    torch.manual_seed(7)
+    ckpt = tmp_path / "w.pt"
+    if not ckpt.exists():
+        torch.save(_perturb(factory.create_model("ViT-Test-8-CL16"), 7).state_dict(), ckpt)
+    out = tmp_path / f"{name}.json"
+    args = ["--ckpt", ckpt, "--model", "ViT-Test-8-CL16", *data_args, "--classnames", _names_file(tmp_path)]
+    status = _run_cli([*args, "--templates", "short", "--out", out])
+    return status, (json.loads(out.read_text()) if status == 0 else None)
+
+
+def test_tfds_split_defaults_to_the_only_split_and_is_chosen_with_split(folder, tfds_root, tmp_path, capsys):
+    """A set with only a test split is scored on it; --split picks one of several; without it, a set
+    with several splits and no 'validation' is a one-line error listing them. Each TFDS result equals
+    the ImageFolder's (the same images)."""
+    status, want = _score(tmp_path, ["--data", folder], "folder")
+    assert status == 0
+    for name, data_args in (
+        ("default", ["--data", tfds_root / "only_test"]),
+        ("chosen", ["--data", tfds_root / "two_splits", "--split", "test"]),
+    ):
+        status, got = _score(tmp_path, data_args, name)
+        assert status == 0, capsys.readouterr().err
+        assert got["n"] == 24 and got["top1"] == want["top1"] and got["top5"] == want["top5"], name
+    capsys.readouterr()
+    for data_args, expect in (
+        (["--data", tfds_root / "two_splits"], "no split 'validation' (has train, test): name one"),
+        (["--data", tfds_root / "two_splits", "--split", "val"], "no split 'val' (has train, test)"),
+        (["--data", folder, "--split", "test"], "an ImageFolder tree has no splits"),
+    ):
+        assert _score(tmp_path, data_args)[0] == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and "\n" not in err, err
+
+
+def test_a_tfds_data_dir_with_several_datasets_asks_for_one(tfds_root, tmp_path, capsys):
+    """Not the first dataset found, silently: one line naming them, exit 2."""
+    assert _score(tmp_path, ["--data", tfds_root, "--format", "tfds"])[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds 2 TFDS datasets (only_test, two_splits): give one of them" in err and "\n" not in err, err
+    with pytest.raises(ValueError, match="holds 2 TFDS datasets"):
+        data.make_eval_loader(str(tfds_root), None, 1, num_workers=0)
+
+
+@pytest.mark.slow
+def test_training_evaluates_the_eval_split(demo_small, tfds_root, tmp_path):
+    """train.py --eval-split: the zero-shot eval at the stage's end reads that split; a set whose
+    default split is ambiguous is refused before the first step, in one line."""
+    args = [
+        "--stage",
+        "pretrain",
+        "--set",
+        "pretrain.train_num_samples=32",
+        "--eval-data",
+        str(tfds_root / "two_splits"),
+        "--eval-classnames",
+        _names_file(tmp_path),
+        "--eval-templates",
+        "short",
+    ]
+    p = run([PY, "train.py", *tiny_demo_args(demo_small, tmp_path / "refused", *args)])
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith("(has train, test): name one"), p.stderr
+    out = tmp_path / "run"
+    stdout = train(tiny_demo_args(demo_small, out, *args, "--eval-split", "test"))
+    assert "zero-shot: top1" in stdout
+    evals = [r for r in losses(out)[1] if "eval_top1" in r]
+    assert len(evals) == 1 and evals[0]["eval_n"] == 24
 
 
 def _dist_worker(rank, world, port, folder, sd, out_dir, captions=None):

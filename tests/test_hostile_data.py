@@ -401,7 +401,7 @@ def test_huge_tfrecord_length_is_not_handed_to_tf_data(tmp_path):
 
 
 def test_unreadable_remote_shard_is_a_skip_not_an_exception(tmp_path):
-    """Remote paths are read through TensorFlow's gfile, whose errors are no OSError."""
+    """A file:// URL is read as the local file it names; a missing one is a skip."""
     src = shards.Source("wds", [])
     url = "file://" + str(tmp_path / "gone.tar")
     assert [r.reason for r in shards.read_wds(url, src)] == ["unreadable_shard"]

@@ -20,7 +20,7 @@ ALLOWED = {
     "xla_utils": {"cli"},
     "shards": {"xla_utils", "checkpoints", "transforms"},
     "losses": {"xla_utils"},
-    "data": {"cli", "xla_utils", "shards", "transforms"},
+    "data": {"cli", "xla_utils", "shards", "transforms", "tokenizer"},
     "model": {"cli", "xla_utils"},
     "factory": {"cli", "checkpoints", "model", "tokenizer", "transforms"},
     "eval_zeroshot": {"cli", "xla_utils", "checkpoints", "data", "transforms", "model", "factory"},

@@ -19,6 +19,7 @@ from runs import PY, REPO, env, free_port, losses, tiny_demo_args
 from test_reliability import _latest, _wait_for_step, _weights
 
 import data
+import transforms
 import xla_utils
 
 STEPS = 16  # global batch 16 over 2 ranks
@@ -349,4 +350,28 @@ def test_loader_workers_outlive_stop_signals(tmp_path):
         subprocess.run(["kill", sig, *map(str, workers)], check=True)
     time.sleep(0.5)
     got += [caps for _, caps in batches]
+    assert got == want
+
+
+def test_eval_loader_workers_outlive_stop_signals(tmp_path):
+    """The same for the evaluation loaders (an eval set during training): a stop signal to the process group
+    does not kill their workers mid-evaluation."""
+    folder = tmp_path / "val"
+    for i in range(12):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (folder / f"c{i % 3}" / f"{i}.jpg").write_bytes(image_bytes(i))
+
+    def labels(loader):
+        return [y.tolist() for _, y in loader]
+
+    want = labels(data.make_eval_loader(str(folder), transforms.eval_transform(16), 2, num_workers=2)[0])
+    before = _children()
+    batches = iter(data.make_eval_loader(str(folder), transforms.eval_transform(16), 2, num_workers=2)[0])
+    got = [next(batches)[1].tolist()]
+    workers = _children() - before
+    assert len(workers) == 2, workers
+    for sig in ("-TERM", "-INT"):
+        subprocess.run(["kill", sig, *map(str, workers)], check=True)
+    time.sleep(0.5)
+    got += labels(batches)
     assert got == want

@@ -2,6 +2,7 @@
 transformers' pure-Python BertTokenizer (WordPiece), plus the reduction strategies' contracts and
 factory.get_tokenizer for every registered model."""
 
+import json
 import os
 import pickle
 import random
@@ -458,9 +459,30 @@ def test_random_and_block_masking(tk, ctx, reduction):
     assert torch.equal(a, tok(caps))
 
 
-def test_short_captions_are_not_masked():
+@pytest.fixture(scope="module")
+def counts_files(tmp_path_factory):
+    """tokenizer -> a word counts file of alt-text-like captions, split as that tokenizer splits."""
+    root = tmp_path_factory.mktemp("counts")
+    files = {}
+    for tk in T.TOKENIZERS:
+        wc = T.WordCounter(tk)
+        for cap in synthetic_captions(2000, seed=11):
+            wc.add(cap)
+        files[tk] = str(root / f"{tk}.json")
+        T.write_word_counts(files[tk], wc.result())
+    return files
+
+
+def _tokenizer(tk, ctx, reduction, counts_files, threshold=1e-3):
+    """Tokenizer(tk, ctx, reduction), with counts for frequency masking."""
+    if reduction != "frequency":
+        return T.Tokenizer(tk, ctx, reduction)
+    return T.Tokenizer(tk, ctx, reduction, word_counts=counts_files[tk], threshold=threshold)
+
+
+def test_short_captions_are_not_masked(counts_files):
     for red in T.REDUCTIONS:
-        tok = T.Tokenizer("clip_bpe", 16, red)
+        tok = _tokenizer("clip_bpe", 16, red, counts_files)
         assert torch.equal(
             tok(["a dog on a bed"], rng=random.Random(0)), T.Tokenizer("clip_bpe", 16)(["a dog on a bed"])
         )
@@ -581,8 +603,8 @@ WEIRD = [
 
 @pytest.mark.parametrize("tk", T.TOKENIZERS)
 @pytest.mark.parametrize("reduction", T.REDUCTIONS)
-def test_weird_inputs_do_not_crash(tk, reduction):
-    tok = T.Tokenizer(tk, 8, reduction)
+def test_weird_inputs_do_not_crash(tk, reduction, counts_files):
+    tok = _tokenizer(tk, 8, reduction, counts_files)
     out = tok(WEIRD, rng=random.Random(0))
     assert out.shape == (len(WEIRD), 8)
     empty = out[WEIRD.index("")].tolist()
@@ -608,6 +630,173 @@ def test_bad_arguments_are_one_line_errors():
         factory.get_tokenizer("ViT-B-16-CL16", reduction="nope")
     with pytest.raises(ValueError, match="unknown model"):
         factory.get_tokenizer("ViT-Nope")
+
+
+# ----------------------------------------------------------------------------- frequency masking
+
+# one token each for both tokenizers (a BPE whole-word entry, a WordPiece vocabulary word); the
+# generated corpus holds each FREQUENT word FREQUENT_COUNTS times and each RARE word 5 times
+FREQUENT = ("the", "a", "of", "photo", "dog", "on", "in", "red")
+FREQUENT_COUNTS = (4000, 2000, 1000, 500, 250, 125, 60, 30)
+RARE = ("apple", "bridge", "candle", "desert", "engine", "forest", "garden", "harbor", "island", "jacket", "kettle")
+RARE += ("ladder", "mirror", "needle")
+T_TEST = 2e-3  # a threshold count of 2e-3 x 8,035 words = 16: every FREQUENT word is above it, every RARE one below
+
+
+def _generated_counts(tmp_path, tk) -> tuple[str, dict[str, float]]:
+    """A corpus of known word counts, counted by WordCounter into a counts file: (its path, word ->
+    the survival chance the formula gives, min(1, sqrt(t / f)), from the counts the corpus was made with)."""
+    words = [w for w, c in zip(FREQUENT, FREQUENT_COUNTS) for _ in range(c)] + [w for w in RARE for _ in range(5)]
+    random.Random(0).shuffle(words)
+    wc = T.WordCounter(tk)
+    for i in range(0, len(words), 10):
+        wc.add(" ".join(words[i : i + 10]))
+    counts = wc.result()
+    assert counts.total == len(words) == 8035 and counts.captions == 804
+    assert counts.counts == {**dict(zip(FREQUENT, FREQUENT_COUNTS)), **dict.fromkeys(RARE, 5)}
+    path = str(tmp_path / f"{tk}.json")
+    T.write_word_counts(path, counts)
+    keep = {w: min(1.0, (T_TEST / (c / len(words))) ** 0.5) for w, c in counts.counts.items()}
+    assert all(keep[w] == 1.0 for w in RARE) and all(keep[w] < 0.75 for w in FREQUENT)
+    return path, keep
+
+
+@pytest.mark.parametrize("tk", T.TOKENIZERS)
+def test_frequency_masking_keeps_words_at_the_formula_rate(tk, tmp_path):
+    """K rare words and one frequent word w, K content slots. The rare words always survive the drop;
+    w survives with p = sqrt(t / f(w)) and is then one of K + 1 survivors for K slots, each equally
+    likely to be cut: w is kept with probability p K / (K + 1), a rare word with 1 - p / (K + 1)."""
+    path, keep = _generated_counts(tmp_path, tk)
+    ctx = 8
+    tok = T.Tokenizer(tk, ctx, "frequency", word_counts=path, threshold=T_TEST)
+    k, n = tok.content_length, 4000
+    ids = {w: tok.backend.word_ids(w)[0] for w in FREQUENT + RARE}
+    r = random.Random(1)
+    for w in FREQUENT:
+        caps = []
+        for _ in range(n):
+            words = r.sample(RARE, k)
+            words.insert(r.randrange(k + 1), w)
+            caps.append(" ".join(words))
+        rows = [_content(row, tk) for row in tok(caps, rng=random.Random(2)).tolist()]
+        assert all(len(row) == k for row in rows)  # every row full
+        kept = sum(ids[w] in row for row in rows) / n
+        rare_kept = sum(len(row) - (ids[w] in row) for row in rows) / (n * k)
+        p = keep[w]
+        for got, want in ((kept, p * k / (k + 1)), (rare_kept, 1 - p / (k + 1))):
+            sd = (want * (1 - want) / n) ** 0.5
+            assert abs(got - want) < 5 * sd + 1e-9, (w, p, got, want)
+
+
+@pytest.mark.parametrize("tk", T.TOKENIZERS)
+def test_frequency_masking_keeps_rare_words_and_fills_the_row(tk, tmp_path):
+    """3 rare words and the 4 most frequent ones, 6 slots, at t = 6.3e-4 (a word seen 5 times is just
+    rare; the 4 frequent ones survive with p = 0.04 to 0.1): the rare words are in every row, and the
+    dropped frequent words fill it up, those that came closest to surviving first, so each frequent
+    word is kept the less often the more frequent it is."""
+    path, _ = _generated_counts(tmp_path, tk)
+    ctx = 8 if tk == "clip_bpe" else 7
+    tok = T.Tokenizer(tk, ctx, "frequency", word_counts=path, threshold=6.3e-4)
+    ids = {w: tok.backend.word_ids(w)[0] for w in FREQUENT + RARE}
+    r = random.Random(3)
+    caps, rares = [], []
+    for _ in range(3000):
+        words = r.sample(RARE, 3) + list(FREQUENT[:4])
+        r.shuffle(words)
+        caps.append(" ".join(words))
+        rares.append({ids[w] for w in words if w in RARE})
+    rows = [_content(row, tk) for row in tok(caps, rng=random.Random(4)).tolist()]
+    assert all(len(row) == 6 and rare <= set(row) for row, rare in zip(rows, rares))
+    rate = [sum(ids[w] in row for row in rows) / len(rows) for w in FREQUENT[:4]]
+    assert rate == sorted(rate) and rate[-1] - rate[0] > 0.3, rate
+
+
+def test_frequency_keep_probabilities_are_the_formula():
+    counts = T.WordCounts("clip_bpe", total=10_000, captions=100, counts={"a": 900, "dog": 100, "zebra": 1})
+    got = counts.keep_probabilities(1e-3)  # f(w) > t for "a" and "dog" only
+    assert got == pytest.approx({"a": (1e-3 / 0.09) ** 0.5, "dog": (1e-3 / 0.01) ** 0.5})
+    assert counts.keep_probabilities(0.5) == {}
+
+
+@pytest.mark.parametrize("tk,ctx", [("clip_bpe", 8), ("clip_bpe", 16), ("wordpiece", 8)])
+def test_frequency_masking_contract(tk, ctx, counts_files):
+    """Like the other reductions: whole words of the caption in their order, a caption that fits kept
+    whole, a row full but for less than a word; the same rows for the same rng seed (the loader seeds
+    one per batch from seed, epoch and position), other rows for another seed."""
+    caps = synthetic_captions(300, seed=3) + ["a dog", "", "word " * 200]
+    full = T.Tokenizer(tk, 1000, "truncate")
+    tok = _tokenizer(tk, ctx, "frequency", counts_files)
+    out = tok(caps, rng=random.Random(7))
+    assert out.shape == (len(caps), ctx)
+    k = tok.content_length
+    masked = 0
+    for cap, row in zip(caps, out.tolist()):
+        all_ids = _content(full([cap])[0].tolist(), tk)
+        kept = _content(row, tk)
+        assert _is_subsequence(kept, all_ids)
+        if len(all_ids) <= k:
+            assert kept == all_ids
+        else:
+            longest = max(len(tok.backend.word_ids(w)) for w in tok.backend.words(cap))
+            assert k - longest < len(kept) <= k
+            masked += kept != all_ids[:k]
+    assert masked > 100
+    assert torch.equal(out, tok(caps, rng=random.Random(7)))
+    assert not torch.equal(out, tok(caps, rng=random.Random(8)))
+    again = pickle.loads(pickle.dumps(tok))
+    assert torch.equal(again(caps, rng=random.Random(7)), out)
+
+
+def test_frequency_tokenizer_pickles_small(counts_files):
+    blob = pickle.dumps(_tokenizer("clip_bpe", 8, "frequency", counts_files))
+    assert len(blob) < 1000  # the counts load once per worker process, not through the pipe
+
+
+def test_word_counter_is_bounded():
+    wc = T.WordCounter("clip_bpe", max_words=100)
+    for i in range(1000):  # a distinct letter word each time (CLIP BPE splits digits apart)
+        wc.add(f"a dog w{''.join(string.ascii_lowercase[int(d)] for d in str(i))} " + "x" * 100)
+    assert len(wc.counts) <= 100 and wc.counts["a"] == wc.counts["dog"] == 1000 and wc.floor >= 1
+    assert wc.total == 4000 and wc.captions == 1000  # the long junk word counts in the total only
+    assert "x" * 100 not in wc.counts
+
+
+def test_bad_word_counts_are_one_line_errors(tmp_path, counts_files, monkeypatch):
+    def refused(path, match, **kw):
+        with pytest.raises(ValueError, match=match) as e:
+            T.Tokenizer(kw.get("tk", "clip_bpe"), 8, "frequency", word_counts=str(path), threshold=kw.get("t", 1e-3))
+        assert "\n" not in str(e.value) and "SECRET" not in str(e.value)
+
+    refused(tmp_path / "nope.json", "No such file")
+    refused(tmp_path, "not a regular file")
+    (tmp_path / "junk.json").write_text("SECRET stuff\n" * 10)
+    refused(tmp_path / "junk.json", "not JSON")
+    (tmp_path / "other.json").write_text('{"SECRET": 1}')
+    refused(tmp_path / "other.json", "not a word counts file")
+    good = {"format": T.COUNTS_FORMAT, "tokenizer": "clip_bpe", "total": 10, "captions": 2, "counts": {"a": 3}}
+    for change, match in (
+        ({"counts": {"a": -1}}, "positive"),
+        ({"counts": {"a": 11}}, "at most the total"),
+        ({"total": "10"}, "missing or not counts"),
+        ({"tokenizer": "SECRET"}, "unknown tokenizer"),
+    ):
+        (tmp_path / "c.json").write_text(json.dumps({**good, **change}))
+        refused(tmp_path / "c.json", match)
+    refused(counts_files["wordpiece"], "count again with --tokenizer clip_bpe")
+    refused(counts_files["clip_bpe"], r"threshold t must be in \(0, 1\]", t=0)
+    with pytest.raises(ValueError, match="needs a word counts file"):
+        T.Tokenizer("clip_bpe", 8, "frequency")
+    monkeypatch.setattr(T, "MAX_COUNTS_BYTES", 100)
+    refused(counts_files["clip_bpe"], "over 0 MiB")
+
+
+def test_a_counts_file_changed_after_the_check_is_refused(tmp_path, counts_files):
+    path = tmp_path / "c.json"
+    path.write_bytes(open(counts_files["clip_bpe"], "rb").read())
+    tok = T.Tokenizer("clip_bpe", 8, "frequency", word_counts=str(path), threshold=2e-3)
+    T.write_word_counts(str(path), T.WordCounts("clip_bpe", 10, 1, {"dog": 5}))
+    with pytest.raises(ValueError, match="changed since it was checked"):
+        tok(["a dog"], rng=random.Random(0))
 
 
 # ----------------------------------------------------------------------------- factory.get_tokenizer

@@ -23,10 +23,13 @@ from runs import train as _train
 from safetensors import safe_open
 
 import config
+import data
 import eval_zeroshot
+import export
 import factory
 import losses
 import model
+import tokenizer
 import train
 import xla_utils
 
@@ -139,14 +142,17 @@ def test_dry_run_checks_what_a_run_would_reject_and_nothing_it_needs_not(capsys)
 
 def _sample_text(name: str, annotation, choices, low=0) -> str:
     """A valid command-line value for a field, other than its default."""
-    if choices:
+    if choices and name != "text_reduction":  # its last, frequency, needs a counts file (tested below)
         return str(choices[-1])
     samples = {
+        "text_reduction": "block",
         "model": "ViT-Tiny-8-CL32-GAP",
         "stage": "finetune",
         "cfg": "demo",
         "train_format": "wds",
+        "train_data_weights": "2",
         "eval_templates": "short",
+        "report_to": "wandb,tensorboard",
     }
     if name in samples:
         return samples[name]
@@ -189,6 +195,15 @@ def test_every_option_is_settable_from_the_command_line():
         assert [getattr(s, name) for _, s in stages] == [want, want], flag
     run, _, _ = config.parse_args(["--cfg", "demo"])
     assert run == config.RunConfig(cfg="demo", out=os.path.join("runs", "demo"))  # defaults: the dataclass's
+
+
+def test_help_lists_the_allowed_values():
+    """A flag shown as `--device V` hides argparse's list of choices: its help names them."""
+    usage = " ".join(config.build_parser("train.py").format_help().split())
+    assert "--device V where to train (one of: auto, cuda, xla, cpu)" in usage
+    for f in [*dataclasses.fields(config.RunConfig), *config.STAGE_FIELDS.values()]:
+        allowed = [str(c) for c in f.metadata.get("choices") or () if c is not None]
+        assert not allowed or f"(one of: {', '.join(allowed)})" in usage, f.name
 
 
 def test_flops_table_is_derived_from_the_presets(capsys):
@@ -751,13 +766,14 @@ def test_finetune_with_resume_auto_on_an_empty_out_checks_pretrained(demo_small,
 
 
 def test_out_on_an_object_store_is_refused_not_made_local(demo_small, tmp_path, monkeypatch, capsys):
-    """--out gs://... or s3://... (remote checkpoints do not exist yet), a URL with a slash missing, or a
-    scheme nothing reads: one line, exit 2, and no local directory named `gs:` (or anything else)."""
+    """--out on a read-only scheme (http://, pipe:; s3:// and gs:// are written: tests/test_remote_checkpoints.py),
+    a URL with a slash missing, or a scheme nothing reads: one line, exit 2, and no local directory named
+    `gs:` (or anything else)."""
     monkeypatch.chdir(tmp_path)
     base = ["--cfg", "demo", "--train-data", demo_small.train_wds, "--resume", "auto"]
     for out, needle in [
-        ("gs://bucket/run", "--out gs://bucket/run: remote output is not supported yet; use a local or mounted"),
-        ("s3://bucket/run", "--out s3://bucket/run: remote output is not supported yet"),
+        ("http://127.0.0.1:1/run", "--out http://127.0.0.1:1/run: http: is read only; write to a local path, s3://"),
+        ("pipe:cat run", "--out pipe:cat run: pipe: is read only"),
         ("gs:/bucket/run", "did you mean gs://"),
         ("ftp://host/run", "unsupported storage scheme ftp://"),
     ]:
@@ -957,3 +973,72 @@ def test_training_time_retrieval_eval(demo_small, tmp_path):
         )
         == 2
     )
+
+
+# ----------------------------------------------------------------------------- frequency masking
+
+
+def test_frequency_reduction_needs_a_good_counts_file(tmp_path, capsys):
+    """--text-reduction frequency without --word-counts, or with a missing, corrupt or other tokenizer's
+    file, or a threshold out of (0, 1], is refused in one line (exit 2) before anything is built."""
+    counts = tokenizer.WordCounts("clip_bpe", total=100, captions=10, counts={"a": 20, "dog": 5})
+    tokenizer.write_word_counts(str(tmp_path / "ok.json"), counts)
+    tokenizer.write_word_counts(str(tmp_path / "wp.json"), dataclasses.replace(counts, tokenizer="wordpiece"))
+    (tmp_path / "bad.json").write_text("{ not json")
+    base = ["--cfg", "demo", "--stage", "pretrain", "--text-reduction", "frequency", "--dry-run"]
+    for extra, match in (
+        ([], "needs word counts: give --word-counts FILE"),
+        (["--word-counts", str(tmp_path / "none.json")], "No such file"),
+        (["--word-counts", str(tmp_path / "bad.json")], "not JSON"),
+        (["--word-counts", str(tmp_path / "wp.json")], "count again with --tokenizer clip_bpe"),
+        (["--word-counts", str(tmp_path / "ok.json"), "--frequency-threshold", "2"], "must be in (0, 1]"),
+    ):
+        assert train.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: stage pretrain: ") and match in err and err.count("\n") == 1, err
+    assert train.main([*base, "--word-counts", str(tmp_path / "ok.json")]) == 0
+    stage = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert (stage["text_reduction"], stage["word_counts"], stage["frequency_threshold"]) == (
+        "frequency",
+        str(tmp_path / "ok.json"),
+        1e-6,
+    )
+
+
+@pytest.mark.slow
+def test_frequency_masking_trains_resumes_exactly_and_exports(demo_small, tmp_path, capsys):
+    """Word counts of the demo shards, then 8 pre-train steps with frequency masking: stopped at step 5
+    and resumed, the run ends bit-identical to an uninterrupted one; the run records the counts file's
+    sha256, a resume with other counts is refused in one line, and the checkpoint exports."""
+    counts = str(tmp_path / "counts.json")
+    assert data.main(["counts", demo_small.train_wds, "--out", counts]) == 0
+    sha = json.loads(capsys.readouterr().out)["sha256"]
+
+    def args(out, *extra):
+        return _tiny_demo_args(
+            demo_small, out, "--stage", "pretrain", "--text-reduction", "frequency", "--word-counts", counts, *extra
+        )
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    stdout = _train(args(full))
+    assert f"frequency masking t=1e-06: {counts} ({sha})" in stdout
+    _train(args(part, "--max-steps", "5"))
+    _train(args(part, "--resume", "auto"))
+    want, recs = _losses(full)
+    assert sorted(want) == list(range(1, 9)) and _losses(part)[0] == want
+    assert [r["word_counts_sha256"] for r in recs if "word_counts_sha256" in r] == [sha]
+    final = "checkpoints/step_00000008/model.safetensors"
+    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    state = torch.load(str(part / "checkpoints" / "step_00000008" / "train_state.pt"), weights_only=True)
+    assert json.loads(state["config"])["word_counts_sha256"] == {"pretrain": sha}
+    # other counts under the same name: refused, unless --force-resume
+    assert data.main(["counts", demo_small.train_wds, "--out", counts, "--top", "5"]) == 0
+    p = _run([PY, "train.py", *args(part, "--resume", "latest")])
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"pretrain.word_counts sha256 {sha[:12]} -> " in p.stderr and "--force-resume" in p.stderr
+    capsys.readouterr()
+    assert (
+        export.main([str(part / "checkpoints" / "step_00000008"), "--to", "open_clip", str(tmp_path / "x") + "/"]) == 0
+    )
+    assert "frequency" in (tmp_path / "x" / "README.md").read_text()
