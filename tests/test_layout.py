@@ -14,19 +14,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALLOWED = {
     "cli": set(),
     "storage": set(),
+    "trackers": set(),
     "checkpoints": {"storage"},
     "tokenizer": set(),
     "transforms": set(),
     "xla_utils": {"cli"},
-    "shards": {"xla_utils", "checkpoints", "transforms"},
+    "shards": {"xla_utils", "checkpoints", "storage", "transforms"},
     "losses": {"xla_utils"},
-    "data": {"cli", "xla_utils", "shards", "transforms", "tokenizer"},
+    "data": {"cli", "xla_utils", "shards", "storage", "transforms", "tokenizer"},
     "model": {"cli", "xla_utils"},
     "factory": {"cli", "checkpoints", "model", "tokenizer", "transforms"},
-    "eval_zeroshot": {"cli", "xla_utils", "checkpoints", "data", "transforms", "model", "factory"},
+    "eval_zeroshot": {"cli", "xla_utils", "checkpoints", "data", "storage", "transforms", "model", "factory"},
     "export": {"cli", "checkpoints", "model", "factory", "tokenizer"},
     "plan": {"xla_utils", "data", "transforms", "model"},
-    "config": {"cli", "xla_utils", "shards", "losses", "model", "tokenizer"},
+    "config": {"cli", "xla_utils", "shards", "losses", "model", "tokenizer", "trackers"},
     "train": {
         "cli",
         "xla_utils",
@@ -39,7 +40,9 @@ ALLOWED = {
         "eval_zeroshot",
         "losses",
         "plan",
+        "shards",
         "storage",
+        "trackers",
     },
     "finetune": {"train"},
 }
@@ -54,6 +57,7 @@ BANNED = {
     "storage": set(CORE) - {"cli"},
     "checkpoints": set(CORE) - {"storage"},
     "tokenizer": set(CORE),
+    "trackers": set(CORE),
 }
 LAUNCH_MODULES = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "launch", "*.py"))}
 
