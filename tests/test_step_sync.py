@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from runs import PY, run, tiny_demo_args
+from runs import PY, free_port, run, tiny_demo_args
 from runs import losses as losses_of
 from safetensors import safe_open
 
@@ -33,44 +33,46 @@ class NanAt(losses.ContrastiveLoss):
         return out * float("nan") if self.calls in self.bad else out
 
 
-def _steps(rt, bad, batches, weight_decay=0.2):
-    """Weights and AdamW state after stepping through `batches`, the loss NaN at the calls in `bad`."""
+STAGE = config.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=4, lr=1e-3, warmup=1,
+                     weight_decay=0.2, train_num_samples=40)  # fmt: skip
+
+
+def _batches(n=4):
+    g = torch.Generator().manual_seed(5)
+    shapes = ((4, 3, 32, 32), (4, 16))
+    return [
+        (
+            torch.randint(0, 256, shapes[0], dtype=torch.uint8, generator=g),
+            torch.randint(1, 4000, shapes[1], generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+def _steps(rt, bad, batches, at=None):
+    """(weights, AdamW, Step) after one step on each of `batches` (at the schedule's steps `at`,
+    default 0, 1, ...), the loss NaN at the calls numbered in `bad`."""
     torch.manual_seed(0)
-    m = factory.create_model("ViT-Test-8-CL16").train()
-    stage = config.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=4, lr=1e-3, warmup=1,
-                         weight_decay=weight_decay, train_num_samples=40)  # fmt: skip
-    opt = train.build_optimizer(m, stage, rt)
+    m = factory.create_model("ViT-Test-8-CL16").to(rt.device).train()
+    opt = train.build_optimizer(m, STAGE, rt)
     step = train.Step(rt, m, opt, NanAt(m.cfg.loss, rt, bad))
-    for i, (images, tokens) in enumerate(batches):
-        step(images, tokens, train.lr_at(i, stage))
-    state = {k: v for p, s in opt.state.items() for k, v in s.items()}
-    return {k: v.clone() for k, v in m.state_dict().items()}, opt, step, state
+    for i, (images, tokens) in zip(at or range(len(batches)), batches):
+        step(images, tokens, train.lr_at(i, STAGE))
+        rt.step_boundary()
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, opt, step
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_is_dropped_on_the_device_as_if_it_had_not_run():
     """The 2nd of 4 steps has a NaN loss: the weights and AdamW's moments and step counts equal those
     of the 3 finite steps alone, bit for bit (weight decay did not move them either), and the tally
     the host reads at its next decision point names step 2, once."""
     rt = xla_utils.init_runtime("cpu")
-    g = torch.Generator().manual_seed(5)
-    batches = [
-        (
-            torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(1, 4000, (4, 16), generator=g),
-        )
-        for _ in range(4)
-    ]
-    w_drop, opt_drop, step, _ = _steps(rt, {2}, batches)
-    # the same finite batches without the dropped one; the schedule's lr of the dropped call is skipped too
-    torch.manual_seed(0)
-    m = factory.create_model("ViT-Test-8-CL16").train()
-    stage = config.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=4, lr=1e-3, warmup=1,
-                         weight_decay=0.2, train_num_samples=40)  # fmt: skip
-    opt = train.build_optimizer(m, stage, rt)
-    ref = train.Step(rt, m, opt, losses.ContrastiveLoss(m.cfg.loss, rt))
-    for i in (0, 2, 3):
-        ref(*batches[i], train.lr_at(i, stage))
-    assert all(torch.equal(w_drop[k], v) for k, v in m.state_dict().items())
+    batches = _batches()
+    w_drop, opt_drop, step = _steps(rt, {2}, batches)
+    # the same finite batches without the dropped one, at the same points of the schedule
+    w_ref, opt, _ = _steps(rt, set(), [batches[i] for i in (0, 2, 3)], at=(0, 2, 3))
+    assert all(torch.equal(v, w_ref[k]) for k, v in w_drop.items())
     for p_drop, p in zip(opt_drop.param_groups[1]["params"], opt.param_groups[1]["params"]):
         a, b = opt_drop.state[p_drop], opt.state[p]
         assert float(a["step"]) == float(b["step"]) == 3.0
@@ -78,13 +80,13 @@ def test_a_nonfinite_step_is_dropped_on_the_device_as_if_it_had_not_run():
     assert step.nonfinite() == (1, 2, 2)
     assert step.nonfinite() == (0, 2, 2)  # read once
     # all finite: the same weights as the plain optimizer step (bit for bit), nothing dropped
-    w_all, _, clean, _ = _steps(rt, set(), batches)
+    w_all, _, clean = _steps(rt, set(), batches)
     torch.manual_seed(0)
     m2 = factory.create_model("ViT-Test-8-CL16").train()
-    opt2 = train.build_optimizer(m2, stage, rt)
+    opt2 = train.build_optimizer(m2, STAGE, rt)
     for i, (images, tokens) in enumerate(batches):
         for group in opt2.param_groups:
-            group["lr"] = train.lr_at(i, stage)
+            group["lr"] = train.lr_at(i, STAGE)
         image, text, scale = m2(transforms.normalize(images, m2.cfg.image_mean, m2.cfg.image_std), tokens)
         losses.ContrastiveLoss(m2.cfg.loss, rt)(losses.Features(image, text, scale, m2.logit_bias)).backward()
         opt2.step()
@@ -194,3 +196,74 @@ def test_xla_resume_is_bit_exact_with_the_batch_moved_ahead(demo_small, tmp_path
     final = "checkpoints/step_00000008/model.safetensors"
     with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+RANKS_SCRIPT = r"""
+import sys, torch
+import config, factory, losses, train, xla_utils
+class NanOnRank1(losses.ContrastiveLoss):      # rank 1's 2nd loss is NaN, rank 0's never
+    calls = 0
+    def __call__(self, f):
+        self.calls += 1
+        out = super().__call__(f)
+        return out * float("nan") if self.rt.rank == 1 and self.calls == 2 else out
+rt = xla_utils.init_runtime("cpu")
+torch.manual_seed(0)
+m = factory.create_model("ViT-Test-8-CL16").train()
+stage = config.Stage("s", model="ViT-Test-8-CL16", image_size=32, batch_size=8, lr=1e-3, warmup=1,
+                     train_num_samples=80)
+opt = train.build_optimizer(m, stage, rt)
+step = train.Step(rt, rt.wrap_model(m), opt, NanOnRank1(m.cfg.loss, rt))
+g = torch.Generator().manual_seed(rt.rank)
+for i in range(3):
+    step(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
+         torch.randint(1, 4000, (4, 16), generator=g), train.lr_at(i, stage))
+steps = sorted({float(s["step"]) for s in opt.state.values()})
+torch.save({"weights": m.state_dict(), "tally": step.nonfinite(), "steps": steps}, f"{sys.argv[-1]}.{rt.rank}")
+rt.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_drops_the_update_on_every_rank(tmp_path):
+    """2 gloo processes (DDP), rank 1's 2nd loss NaN, rank 0's finite: both drop that update (the flag
+    is all-reduced on the device), so the replicas stay identical, AdamW counts 2 steps on each, and
+    both tallies name step 2."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    out = tmp_path / "r"
+    p = run([PY, "xla_utils.py", "launch", "--nproc", "2", "--master-port", str(free_port()), str(script), str(out)])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r0, r1 = (torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1))
+    assert r0["tally"] == r1["tally"] == (1, 2, 2)
+    assert r0["steps"] == r1["steps"] == [2.0]
+    assert all(torch.equal(v, r1["weights"][k]) for k, v in r0["weights"].items())
+    assert all(torch.isfinite(v).all() for v in r0["weights"].values())
+
+
+XLA_DROP_SCRIPT = r"""
+import sys, torch
+import test_step_sync as t, xla_utils
+rt = xla_utils.init_runtime("xla")
+batches = t._batches()
+w_drop, opt_drop, step = t._steps(rt, {2}, batches)
+w_ref, opt, _ = t._steps(rt, set(), [batches[i] for i in (0, 2, 3)], at=(0, 2, 3))
+states = [{k: v.cpu() for k, v in o.state[p].items()} for o in (opt_drop, opt) for p in o.param_groups[1]["params"][:3]]
+torch.save({"drop": w_drop, "ref": w_ref, "tally": step.nonfinite(), "states": states}, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_xla_drops_a_nonfinite_step_in_its_graph(tmp_path):
+    """XLA (PJRT's CPU client) has no fused AdamW: the update is selected away inside the graph. The
+    2nd of 4 steps NaN: the weights and AdamW state equal those of the 3 finite steps alone."""
+    script = tmp_path / "xla_drop.py"
+    script.write_text(XLA_DROP_SCRIPT)
+    p = run([PY, str(script), str(tmp_path / "r.pt")])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert r["tally"] == (1, 2, 2)
+    assert all(torch.equal(v, r["ref"][k]) for k, v in r["drop"].items())
+    for a, b in zip(r["states"][:3], r["states"][3:]):
+        assert float(a["step"]) == float(b["step"]) == 3.0
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
