@@ -405,7 +405,12 @@ class Runtime:
         """optimizer.step(), dropped on the device where the bool scalar `drop` is true: no host read.
         Fused AdamW takes it as `found_inf` (as GradScaler passes it): the weights, both moments and
         the step count stay as they were, weight decay included; with drop false its result is the
-        plain step's, bit for bit."""
+        plain step's, bit for bit. An optimizer that takes no found_inf (an unfused one, SGD) is
+        decided on the host instead: one read of `drop`."""
+        if not optimizer.defaults.get("fused"):
+            if not bool(drop):
+                optimizer.step()
+            return
         optimizer.found_inf = drop.to(torch.float32)
         optimizer.grad_scale = None
         optimizer.step()
