@@ -327,6 +327,21 @@ def test_a_trainer_that_fails_ends_its_workers(tmp_path):
     assert p.returncode == 1 and p.stderr.rstrip().endswith("RuntimeError: a bug in the trainer"), p.stderr[-2000:]
 
 
+def _wait_until_signals_blocked(pids, timeout=30.0):
+    """Until each process blocks SIGTERM and SIGINT (a loader worker's first act, worker_init): a worker
+    still starting on a loaded machine would otherwise meet the signal with torch's default handler."""
+    want = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while True:
+            with open(f"/proc/{pid}/status") as f:
+                blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+            if blocked & want == want:
+                break
+            assert time.monotonic() < deadline, f"worker {pid} never blocked the stop signals"
+            time.sleep(0.05)
+
+
 def _write_shard(path):
     with wds.TarWriter(str(path)) as w:
         for j in range(48):
@@ -346,6 +361,7 @@ def test_loader_workers_outlive_stop_signals(tmp_path):
     got = [next(batches)[1]]
     workers = _children() - before
     assert len(workers) == 2, workers
+    _wait_until_signals_blocked(workers)
     for sig in ("-TERM", "-INT"):  # from another process, as a scheduler's (their parent's own SIGTERM ends them)
         subprocess.run(["kill", sig, *map(str, workers)], check=True)
     time.sleep(0.5)
@@ -370,6 +386,7 @@ def test_eval_loader_workers_outlive_stop_signals(tmp_path):
     got = [next(batches)[1].tolist()]
     workers = _children() - before
     assert len(workers) == 2, workers
+    _wait_until_signals_blocked(workers)
     for sig in ("-TERM", "-INT"):
         subprocess.run(["kill", sig, *map(str, workers)], check=True)
     time.sleep(0.5)
