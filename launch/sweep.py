@@ -441,6 +441,11 @@ def plot(rows: list[dict], g: Grid, out_dir: str) -> list[str]:
                     capsize=2,
                     label=red,
                 )
+            t_max = max(g.text_tokens)
+            at = (size, g.ref_px, t_max, base)
+            full = [r for r in rows if (r["size"], r["image_px"], r["text_tokens"], r["reduction"]) == at]
+            if full:  # the untouched captions: what the reductions are cutting down from
+                a.axhline(full[0]["top1"], color="grey", ls="--", lw=1, label=f"T{t_max} ({base})")
             a.set_xticks(range(len(shorter)), [f"T{t}" for t in shorter])
             a.set_title(f"{size}: {toy_model(size)}", fontsize=8)
         ax[0, 0].set_ylabel("zero-shot top-1 (%)")

@@ -11,6 +11,8 @@ import pytest
 import sweep
 from runs import PY, run
 
+import model as M
+
 
 def _grid(**kw):
     base = dict(
@@ -83,8 +85,6 @@ def test_train_argv_is_the_demo_pretrain_stage_with_the_cells_overrides():
 
 
 def test_toy_ladder_grows_in_width_and_depth():
-    import model as M
-
     cfgs = [M.get_model_config(sweep.toy_model(s)) for s in sweep.TOY_SIZES]
     assert len(cfgs) >= 3
     for small, big in zip(cfgs, cfgs[1:]):
