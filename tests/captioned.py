@@ -2,7 +2,8 @@
 a seed. A small learnable image-caption set (coloured shapes, PNG), written in every layout our
 evaluations and CLIP_benchmark read, from the same bytes: an ImageFolder for classification,
 CLIP_benchmark's webdataset classification and retrieval roots, its flickr30k and mscoco_captions roots,
-and plain webdataset shards with one caption per line (plus one undecodable image)."""
+and plain webdataset shards with one caption per line (plus one undecodable image). write_wds and
+write_tfrecord: shards as webdataset's TarWriter and TensorFlow's TFRecordWriter write them."""
 
 import io
 import json
@@ -10,7 +11,10 @@ import os
 import tarfile
 
 import numpy as np
+import webdataset as wds
 from PIL import Image, ImageDraw
+
+import xla_utils
 
 COLOURS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (225, 205, 40)}
 SHAPES = ("square", "circle", "triangle")
@@ -157,3 +161,19 @@ def write_layouts(root: str, pairs) -> dict:
             members += [("bad.jpg", b"\xff\xd8 not a jpeg"), ("bad.txt", b"a broken image")]
         _tar(os.path.join(p["shards"], f"{s:05d}.tar"), members)
     return p
+
+
+def write_wds(path, samples):
+    """A webdataset tar of `samples` (dicts with __key__ and one entry per member), by webdataset itself."""
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+def write_tfrecord(path, records):
+    """A TFRecord file of tf.train.Examples, one bytes feature per entry of each record, by TensorFlow."""
+    tf = xla_utils.import_tensorflow()
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for feats in records:
+            feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())

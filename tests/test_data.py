@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from captioned import image_bytes
+from captioned import image_bytes, write_tfrecord, write_wds
 from PIL import Image
 from runs import env
 
@@ -24,29 +24,8 @@ import data
 import shards
 import tokenizer
 import transforms
-import xla_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _write_wds(path, samples):
-    import webdataset as wds
-
-    with wds.TarWriter(str(path)) as w:
-        for s in samples:
-            w.write(s)
-
-
-def _write_tfrecord(path, records):
-    tf = xla_utils.import_tensorflow()
-    with tf.io.TFRecordWriter(str(path)) as w:
-        for feats in records:
-            ex = tf.train.Example(
-                features=tf.train.Features(
-                    feature={k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}
-                )
-            )
-            w.write(ex.SerializeToString())
 
 
 N_SHARDS, PER_SHARD = 5, 12
@@ -65,8 +44,8 @@ def tiny_shards(tmp_path_factory):
             truth[key] = (jpg, cap)
             samples.append({"__key__": key, "jpg": jpg, "txt": cap, "json": json.dumps({"key": key})})
             recs.append({"jpg": jpg, "txt": cap.encode(), "key": key.encode()})
-        _write_wds(d / f"{s:05d}.tar", samples)
-        _write_tfrecord(d / f"{s:05d}.tfrecord", recs)
+        write_wds(d / f"{s:05d}.tar", samples)
+        write_tfrecord(d / f"{s:05d}.tfrecord", recs)
     return d, truth
 
 
@@ -204,13 +183,13 @@ def corrupt(tmp_path_factory):
     samples = (
         good[:5] + bad + good[5:] + [{"__key__": "b_last", "jpg": image_bytes(95, (400, 300)), "txt": "caption x"}]
     )
-    _write_wds(d / "a.tar", samples)
+    write_wds(d / "a.tar", samples)
     blob = (d / "a.tar").read_bytes()
     # cut inside the last sample's jpg member (img2dataset killed mid-write)
     cut = blob.rfind(b"b_last.jpg") + 512 + 2000
     (d / "a.tar").write_bytes(blob[:cut])
     (d / "b.tar").write_bytes(b"")  # img2dataset: all downloads of a shard failed
-    _write_wds(d / "c.tar", [{"__key__": "c0", "jpg": image_bytes(50), "txt": "caption c0"}])
+    write_wds(d / "c.tar", [{"__key__": "c0", "jpg": image_bytes(50), "txt": "caption c0"}])
     raw = bytearray((d / "c.tar").read_bytes())
     raw[700:1400] = os.urandom(700)  # corrupt the second header onwards
     (d / "d.tar").write_bytes(bytes(raw[:512]) + b"\x00" * 100 + b"garbage" * 300)
@@ -252,7 +231,7 @@ def test_corrupt_tfrecord_counts(tmp_path):
     recs[2] = {"jpg": b"GIF89a nonsense", "txt": b"caption bad"}
     recs[3] = {"jpg": image_bytes(3), "txt": b"\xff\xfe\xfa"}
     recs[4] = {"jpg": image_bytes(4)}
-    _write_tfrecord(tmp_path / "t.tfrecord", recs)
+    write_tfrecord(tmp_path / "t.tfrecord", recs)
     blob = (tmp_path / "t.tfrecord").read_bytes()
     (tmp_path / "t.tfrecord").write_bytes(blob[:-50])  # truncated last record
     out = data.dataset_stats(str(tmp_path / "t.tfrecord"))
@@ -265,7 +244,7 @@ def test_corrupt_tfrecord_counts(tmp_path):
         "truncated_record": 1,
     }
     # a flipped byte inside record 2: its data fails its CRC; its length was sound, so the records after it are read
-    _write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": image_bytes(i), "txt": b"caption"} for i in range(5)])
+    write_tfrecord(tmp_path / "u.tfrecord", [{"jpg": image_bytes(i), "txt": b"caption"} for i in range(5)])
     blob, off = bytearray((tmp_path / "u.tfrecord").read_bytes()), 0
     for _ in range(2):
         off += 16 + int.from_bytes(blob[off : off + 8], "little")

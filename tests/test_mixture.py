@@ -9,32 +9,15 @@ import json
 
 import pytest
 import torch
-from captioned import image_bytes
+from captioned import image_bytes, write_tfrecord, write_wds
 from runs import losses, tiny_demo_args, train
 from safetensors import safe_open
 
 import config
 import data
 import train as train_py
-import xla_utils
 
 BATCH = 8
-
-
-def _write_wds(path, samples):
-    import webdataset as wds
-
-    with wds.TarWriter(str(path)) as w:
-        for s in samples:
-            w.write(s)
-
-
-def _write_tfrecord(path, samples):
-    tf = xla_utils.import_tensorflow()
-    with tf.io.TFRecordWriter(str(path)) as w:
-        for s in samples:
-            feats = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in s.items()}
-            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ def sources(tmp_path_factory):
                 else:
                     samples.append({"jpg": jpg, "txt": cap.encode()})
             ext = "tar" if fmt == "wds" else "tfrecord"
-            (_write_wds if fmt == "wds" else _write_tfrecord)(root / name / f"{s:03d}.{ext}", samples)
+            (write_wds if fmt == "wds" else write_tfrecord)(root / name / f"{s:03d}.{ext}", samples)
         specs[name] = str(root / name / f"{{000..{n_shards - 1:03d}}}.{'tar' if fmt == 'wds' else 'tfrecord'}")
     return specs
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from runs import PY, REPO, env, free_port
+from runs import PY, REPO, env, free_port, run
 
 import config
 import model
@@ -127,14 +127,7 @@ def test_communication_grows_past_the_compute_it_hides_behind():
 
 @pytest.mark.slow
 def test_train_py_plan_prints_every_stage():
-    p = subprocess.run(
-        [PY, "train.py", "--cfg", "h14_v2", "--plan", "--gpu-mem", "80", "--devices", "8"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run([PY, "train.py", "--cfg", "h14_v2", "--plan", "--gpu-mem", "80", "--devices", "8"], timeout=120)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("memory plan: 8 device(s) x 80 GB")
@@ -145,34 +138,16 @@ def test_train_py_plan_prints_every_stage():
     comm = lines[lines.index("") + 1 :]
     assert comm[0].startswith("communication per step") and "NVLink 450 GB/s, network 50 GB/s" in comm[0]
     assert [r.split("|")[1].strip() for r in comm[3:]] == ["pretrain", "ft224", "ft336"]
-    p = subprocess.run(
+    p = run(
         [PY, "train.py", "--cfg", "b16_i50_t16", "--plan", "--devices", "512", "--network-gbs", "25", "--mfu", "0.4"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
     assert "network 25 GB/s per GPU, 8 GPUs per node; compute at 40% MFU" in p.stdout
     assert p.stdout.strip().splitlines()[-1].endswith("| comm |")  # the fine-tune stage at 512 GPUs
-    p = subprocess.run(
-        [PY, "train.py", "--cfg", "demo", "--plan", "--devices", "0"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run([PY, "train.py", "--cfg", "demo", "--plan", "--devices", "0"], timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == "error: --devices must be >= 1, got 0"
-    p = subprocess.run(
-        [PY, "train.py", "--cfg", "demo", "--plan", "--mfu", "1.5"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run([PY, "train.py", "--cfg", "demo", "--plan", "--mfu", "1.5"], timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == "error: --mfu is a fraction of the peak, in (0, 1]; got 1.5"
 
 

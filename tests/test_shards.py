@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from captioned import image_bytes
+from captioned import image_bytes, write_tfrecord, write_wds
 
 import data
 import shards
@@ -19,24 +19,11 @@ PER_SHARD = 6
 
 
 def _write_wds(path, samples):
-    import webdataset as wds
-
-    with wds.TarWriter(str(path)) as w:
-        for key, jpg, cap in samples:
-            w.write({"__key__": key, "jpg": jpg, "txt": cap})
+    write_wds(path, [{"__key__": key, "jpg": jpg, "txt": cap} for key, jpg, cap in samples])
 
 
 def _write_tfrecord(path, samples):
-    tf = xla_utils.import_tensorflow()
-    with tf.io.TFRecordWriter(str(path)) as w:
-        for key, jpg, cap in samples:
-            feats = {"jpg": jpg, "txt": cap.encode(), "key": key.encode()}
-            ex = tf.train.Example(
-                features=tf.train.Features(
-                    feature={k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in feats.items()}
-                )
-            )
-            w.write(ex.SerializeToString())
+    write_tfrecord(path, [{"jpg": jpg, "txt": cap.encode(), "key": key.encode()} for key, jpg, cap in samples])
 
 
 @pytest.fixture(scope="module")
