@@ -216,6 +216,16 @@ def plot(results: list[dict], path: str) -> None:
 METRICS = ("top1", "top5", "i2t_r1", "t2i_r1")
 
 
+def eval_command(run_dir: str, ds, templates: str, out_json: str, workers: int, retrieval: bool) -> list[str]:
+    """eval_zeroshot.py on the demo's held-out images (and, with retrieval, their captions) for the newest
+    checkpoint of run_dir, on the CPU, writing its results to out_json."""
+    cmd = [sys.executable, "eval_zeroshot.py", "--ckpt", checkpoints.resolve_checkpoint(run_dir), "--data", ds.val_dir]
+    if retrieval:
+        cmd += ["--retrieval", ds.val_captions]
+    cmd += ["--classnames", os.path.join(ds.root, "classnames.txt"), "--templates", templates, "--device", "cpu"]
+    return cmd + ["--out", out_json, "--no-progress", "--workers", str(workers)]
+
+
 def train_and_score(a, ds, name: str, argv: list[str], row: dict) -> dict:
     """Train one variant with one seed (train.py) and score it (eval_zeroshot.py) in a.out/name, or reuse
     the finished run there when its command, data and code are unchanged."""
@@ -235,27 +245,7 @@ def train_and_score(a, ds, name: str, argv: list[str], row: dict) -> dict:
     train_s = run(train_cmd + ["--log-every", "25", "--save-every", "100000"], os.path.join(a.out, name + ".log"))
     eval_json = os.path.join(out, "zeroshot.json")
     run(
-        [
-            sys.executable,
-            "eval_zeroshot.py",
-            "--ckpt",
-            checkpoints.resolve_checkpoint(out),
-            "--data",
-            ds.val_dir,
-            "--retrieval",
-            ds.val_captions,
-            "--classnames",
-            os.path.join(ds.root, "classnames.txt"),
-            "--templates",
-            os.path.join(ds.root, "templates.txt"),
-            "--device",
-            "cpu",
-            "--out",
-            eval_json,
-            "--no-progress",
-            "--workers",
-            str(a.workers),
-        ],
+        eval_command(out, ds, os.path.join(ds.root, "templates.txt"), eval_json, a.workers, retrieval=True),
         os.path.join(a.out, name + "_eval.log"),
     )
     with open(eval_json) as f:

@@ -215,25 +215,7 @@ def run_cell(c: Cell, a, ds, templates: str, counts: str, fingerprint: str) -> d
     train_s = time.time() - t0
     eval_json = os.path.join(out, "zeroshot.json")
     run_quiet(
-        [
-            sys.executable,
-            "eval_zeroshot.py",
-            "--ckpt",
-            checkpoints.resolve_checkpoint(out),
-            "--data",
-            ds.val_dir,
-            "--classnames",
-            os.path.join(ds.root, "classnames.txt"),
-            "--templates",
-            templates,
-            "--device",
-            "cpu",
-            "--out",
-            eval_json,
-            "--no-progress",
-            "--workers",
-            "0",
-        ],
+        demo.eval_command(out, ds, templates, eval_json, 0, retrieval=False),
         os.path.join(out, "eval.log"),
         a.threads,
     )
