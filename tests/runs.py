@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 
+import torch
+from safetensors import safe_open
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 # XLA on the CPU: cheaper compiles (the graphs are tiny; the default LLVM passes dominate)
@@ -74,3 +77,10 @@ def tiny_demo_args(demo, out, *extra):
         str(out),
         *extra,
     ]
+
+
+def same_weights(a, b) -> bool:
+    """Whether two safetensors weight files hold the same tensors, bit for bit."""
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        keys = set(fa.keys())
+        return keys == set(fb.keys()) and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in keys)

@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 from captioned import image_bytes, write_tfrecord, write_wds
-from runs import losses, tiny_demo_args, train
-from safetensors import safe_open
+from runs import losses, same_weights, tiny_demo_args, train
 
 import config
 import data
@@ -204,5 +203,4 @@ def test_train_py_on_a_mixture_resumes_bit_exact(demo_small, tmp_path):
 
     assert shares(got_recs) == shares(want_recs) and set(shares(want_recs).values()) == {(0.75, 0.25)}
     final = "checkpoints/step_00000012/model.safetensors"
-    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert same_weights(full / final, part / final)

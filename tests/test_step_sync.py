@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from runs import PY, free_port, run, tiny_demo_args
+from runs import PY, free_port, run, same_weights, tiny_demo_args
 from runs import losses as losses_of
-from safetensors import safe_open
 
 import config
 import factory
@@ -194,8 +193,7 @@ def test_xla_resume_is_bit_exact_with_the_batch_moved_ahead(demo_small, tmp_path
     got, _ = losses_of(part)
     assert sorted(want) == list(range(1, 9)) and got == want
     final = "checkpoints/step_00000008/model.safetensors"
-    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert same_weights(full / final, part / final)
 
 
 RANKS_SCRIPT = r"""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 from open_clip_train.scheduler import cosine_lr
-from runs import PY, free_port
+from runs import PY, free_port, same_weights
 from runs import env as _env
 from runs import losses as _losses
 from runs import run as _run
@@ -506,8 +506,7 @@ def test_resume_auto_is_one_command_to_rerun_after_every_stop(demo_small, uninte
     got, _ = _losses(out)
     assert sorted(want) == list(range(1, 13)) and got == want
     final = "checkpoints/step_00000012/model.safetensors"
-    with safe_open(str(uninterrupted / final), "pt") as a, safe_open(str(out / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert same_weights(uninterrupted / final, out / final)
     third = _train(args)
     assert "nothing to run: the selected stages finished by step 12" in third
     assert _losses(out)[0] == want
@@ -914,8 +913,7 @@ def test_compiled_train_py_resumes_bit_exact(demo_small, tmp_path):
     got, _ = _losses(part)
     assert sorted(want) == list(range(1, 13)) and got == want
     final = "checkpoints/step_00000012/model.safetensors"
-    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert same_weights(full / final, part / final)
 
 
 @pytest.mark.slow
@@ -1028,8 +1026,7 @@ def test_frequency_masking_trains_resumes_exactly_and_exports(demo_small, tmp_pa
     assert sorted(want) == list(range(1, 9)) and _losses(part)[0] == want
     assert [r["word_counts_sha256"] for r in recs if "word_counts_sha256" in r] == [sha]
     final = "checkpoints/step_00000008/model.safetensors"
-    with safe_open(str(full / final), "pt") as a, safe_open(str(part / final), "pt") as b:
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+    assert same_weights(full / final, part / final)
     state = torch.load(str(part / "checkpoints" / "step_00000008" / "train_state.pt"), weights_only=True)
     assert json.loads(state["config"])["word_counts_sha256"] == {"pretrain": sha}
     # other counts under the same name: refused, unless --force-resume
